@@ -1,0 +1,303 @@
+"""The models.toml schema, where the file is looked up, and how its problems are reported.
+
+The file has three tables: ``[settings]``, ``[models.NAME]`` (one per model, tagged by
+``backend``) and ``[ensembles.NAME]`` (layers of agents plus an aggregator). Every table
+forbids unknown keys, because a misspelt key silently ignored (``n_ctxx = 8192``) is a run that
+quietly overflows memory later.
+
+Errors are collected, not raised one at a time: schema problems from pydantic and reference
+problems (an agent naming a model that does not exist) are reported together, each with its key
+path, in one :class:`~localmoa.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import platformdirs
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from localmoa.errors import ConfigError
+
+__all__ = [
+    "Agent",
+    "Config",
+    "Ensemble",
+    "FakeModel",
+    "LlamaCppModel",
+    "ModelConfig",
+    "Settings",
+    "find_config",
+    "load_config",
+    "parse_config",
+    "user_config_dir",
+]
+
+CONFIG_NAME = "models.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Settings(_Strict):
+    """Run-wide settings: ``[settings]``."""
+
+    memory_budget: Literal["auto"] | ByteSize = "auto"
+    """"auto" = detected device memory minus a safety margin (see localmoa.hardware), or a size
+    such as "12GiB" used exactly as given."""
+    max_parallel_calls: PositiveInt | None = None
+    """Upper bound on calls running at once; unset = one per resident model."""
+    max_calls_per_second: PositiveInt | None = None
+    """Rate limit on call starts (useful when a backend is a shared server); unset = none."""
+
+
+class LlamaCppModel(_Strict):
+    """A GGUF file run in process by llama.cpp (llama-cpp-python)."""
+
+    backend: Literal["llamacpp"]
+    path: Path
+    """GGUF file; ``~`` is expanded, relative paths are relative to the config file."""
+    n_ctx: PositiveInt = 4096
+    n_gpu_layers: int = -1
+    """Layers offloaded to the GPU: -1 = all (ignored by CPU-only builds)."""
+    n_batch: PositiveInt = 512
+    n_threads: PositiveInt | None = None
+    use_mmap: bool = True
+    seed: int | None = None
+    """Sampling seed for reproducible answers; unset = random."""
+    memory: ByteSize | None = None
+    """Overrides the estimate from the GGUF header; the planner uses it as-is."""
+
+
+class FakeModel(_Strict):
+    """A model that answers from a script, for trying plans and for tests (no weights at all)."""
+
+    backend: Literal["fake"]
+    memory: ByteSize
+    reply: str = "{model} has considered: {prompt}"
+    """Reply template; ``{model}`` and ``{prompt}`` (the last user message) are filled in."""
+    load_seconds: NonNegativeFloat = 0.0
+    seconds_per_token: NonNegativeFloat = 0.0
+    fail: str | None = None
+    """When set, every call to this model fails with this message."""
+
+
+ModelConfig = Annotated[LlamaCppModel | FakeModel, Field(discriminator="backend")]
+BACKENDS = ("llamacpp", "fake")
+
+
+class Agent(_Strict):
+    """One agent in a layer: a model plus optional per-agent sampling and system prompt.
+
+    In TOML either a model name (``"qwen"``) or an inline table
+    (``{model = "qwen", temperature = 0.2}``).
+    """
+
+    model: str
+    system_prompt: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: PositiveInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+
+class Ensemble(_Strict):
+    """Layers of proposer agents, then one aggregator that writes the answer."""
+
+    layers: list[Annotated[list[Agent], Field(min_length=1)]] = Field(min_length=1)
+    aggregator: Agent
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    max_tokens: PositiveInt = 512
+
+
+class Config(_Strict):
+    """A whole models.toml, plus where it came from (to resolve relative paths)."""
+
+    settings: Settings = Settings()
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    ensembles: dict[str, Ensemble] = Field(default_factory=dict)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("models")
+    @classmethod
+    def _models_present(cls, models: dict[str, Any]) -> dict[str, Any]:
+        if not models:
+            raise ValueError("no models defined: add at least one [models.NAME] table")
+        return models
+
+    def ensemble(self, name: str) -> Ensemble:
+        """The named ensemble, or a ConfigError listing the ones that exist."""
+        try:
+            return self.ensembles[name]
+        except KeyError:
+            known = ", ".join(sorted(self.ensembles)) or "none defined"
+            where = f"{self.source}: " if self.source else ""
+            raise ConfigError(
+                f'{where}no ensemble "{name}" (defined: {known}); '
+                f"add [ensembles.{name}] or pass --ensemble with one of those"
+            ) from None
+
+
+def user_config_dir() -> Path:
+    """Where the user's models.toml lives: ``$LOCALMOA_HOME`` if set, else the platform dir."""
+    home = os.environ.get("LOCALMOA_HOME")
+    return Path(home) if home else Path(platformdirs.user_config_dir("localmoa"))
+
+
+def find_config(explicit: Path | None = None, *, cwd: Path | None = None) -> Path:
+    """``--config FILE``, else ./models.toml, else the user config dir's models.toml."""
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"config file {explicit} does not exist; check the --config path")
+        return explicit
+    candidates = [(cwd or Path.cwd()) / CONFIG_NAME, user_config_dir() / CONFIG_NAME]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = " and ".join(str(c) for c in candidates)
+    raise ConfigError(
+        f"no {CONFIG_NAME} found (looked at {looked}); create one from the commented example "
+        "in the localmoa repository, or pass --config FILE"
+    )
+
+
+def load_config(explicit: Path | None = None) -> Config:
+    """Find, read and validate models.toml."""
+    path = find_config(explicit)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_config(raw, source=path)
+
+
+def parse_config(raw: Mapping[str, Any], *, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document; every problem is reported in one ConfigError."""
+    problems: list[str] = []
+    config: Config | None = None
+    try:
+        config = Config.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        problems.extend(_describe(error, raw) for error in exc.errors())
+    problems.extend(_reference_problems(raw))
+    if problems:
+        where = str(source) if source else CONFIG_NAME
+        unique = list(dict.fromkeys(problems))
+        noun = "problem" if len(unique) == 1 else f"{len(unique)} problems"
+        raise ConfigError(f"{where}: {noun}:\n" + "\n".join(f"  {p}" for p in unique))
+    assert config is not None
+    return _resolve_paths(config)
+
+
+def _resolve_paths(config: Config) -> Config:
+    base = config.source.parent if config.source else Path.cwd()
+    models: dict[str, LlamaCppModel | FakeModel] = {}
+    for name, model in config.models.items():
+        if isinstance(model, LlamaCppModel):
+            path = model.path.expanduser()
+            model = model.model_copy(update={"path": path if path.is_absolute() else base / path})
+        models[name] = model
+    return config.model_copy(update={"models": models})
+
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
+    """One pydantic error as ``key.path: message`` in the TOML's own terms."""
+    loc = list(error["loc"])
+    # A tagged union puts the tag in the path (models.qwen.llamacpp.path): drop it.
+    if len(loc) >= 3 and loc[0] == "models" and loc[2] in BACKENDS:
+        del loc[2]
+    path = _key_path(loc) or "(top level)"
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key{_allowed_keys(loc, raw)}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    if kind == "union_tag_invalid":
+        return f'{path}.backend: unknown backend "{ctx.get("tag")}" (choose one of: {", ".join(BACKENDS)})'
+    if kind == "union_tag_not_found":
+        return f"{path}.backend: required key is missing (choose one of: {', '.join(BACKENDS)})"
+    if kind == "byte_size" or kind == "byte_size_unit" or kind == "literal_error" and "memory" in str(
+        loc[-1]
+    ):
+        return f'{path}: not a size: {error.get("input")!r} (write e.g. "512MiB" or "12GiB")'
+    message = str(error["msg"])
+    if message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    return f"{path}: {message}"
+
+
+def _allowed_keys(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
+    owner: type[BaseModel] | None = None
+    if loc[:1] == ["settings"]:
+        owner = Settings
+    elif loc[:1] == ["models"] and len(loc) >= 3:
+        model = raw.get("models", {}).get(loc[1], {})
+        tag = model.get("backend") if isinstance(model, dict) else None
+        owner = {"llamacpp": LlamaCppModel, "fake": FakeModel}.get(str(tag))
+    elif loc[:1] == ["ensembles"] and len(loc) == 3:
+        owner = Ensemble
+    elif loc[:1] == ["ensembles"] and len(loc) > 3:
+        owner = Agent
+    elif len(loc) == 1:
+        return " (top-level tables are [settings], [models.NAME], [ensembles.NAME])"
+    if owner is None:
+        return ""
+    keys = [k for k, f in owner.model_fields.items() if not f.exclude]
+    return f" (allowed: {', '.join(keys)})"
+
+
+def _agents(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Every agent in the raw document with its key path, tolerating malformed shapes."""
+    ensembles = raw.get("ensembles")
+    if not isinstance(ensembles, dict):
+        return
+    for name, ensemble in ensembles.items():
+        if not isinstance(ensemble, dict):
+            continue
+        layers = ensemble.get("layers")
+        if isinstance(layers, list):
+            for i, layer in enumerate(layers):
+                if isinstance(layer, list):
+                    for j, agent in enumerate(layer):
+                        yield f"ensembles.{name}.layers[{i}][{j}]", agent
+        if "aggregator" in ensemble:
+            yield f"ensembles.{name}.aggregator", ensemble["aggregator"]
+
+
+def _reference_problems(raw: Mapping[str, Any]) -> list[str]:
+    models = raw.get("models")
+    known = set(models) if isinstance(models, dict) else set()
+    problems = []
+    for path, agent in _agents(raw):
+        name = agent.get("model") if isinstance(agent, dict) else agent
+        if isinstance(name, str) and name not in known:
+            listed = ", ".join(sorted(known)) or "none defined"
+            problems.append(f'{path}: unknown model "{name}" (defined: {listed})')
+    return problems

@@ -1,0 +1,68 @@
+"""Every error localmoa raises, as one tree.
+
+    LocalMoaError
+    ├── UserError                 exit 2: the user can fix it; shown as one line, no traceback
+    │   ├── ConfigError           models.toml missing, malformed, or inconsistent
+    │   ├── ModelFileError        a GGUF file is missing, unreadable or corrupt
+    │   └── BudgetError           a bad memory budget, or a model that cannot fit in it
+    └── RunError                  exit 1: something failed while the ensemble ran
+        ├── BackendError          a backend could not load a model or answer a call
+        └── LayerFailedError      every agent of a layer failed, so nothing can be passed on
+
+Messages name the thing (file, key path, model), say what is wrong, and say what to do next.
+Foreign exceptions (llama.cpp, gguf, tomllib, pydantic) are translated at the boundary where they
+occur, with ``raise ... from exc`` so ``--debug`` users still see the cause.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BudgetError",
+    "ConfigError",
+    "LayerFailedError",
+    "LocalMoaError",
+    "ModelFileError",
+    "RunError",
+    "UserError",
+]
+
+
+class LocalMoaError(Exception):
+    """Base of every error localmoa raises on purpose."""
+
+    exit_code = 1
+
+
+class UserError(LocalMoaError):
+    """A mistake in what the user gave us: config, files, flags."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """models.toml is missing, is not valid TOML, or does not match the schema."""
+
+
+class ModelFileError(UserError):
+    """A model file is missing, unreadable, or not a usable GGUF file."""
+
+
+class BudgetError(UserError):
+    """The memory budget is malformed, or a model alone does not fit in it."""
+
+
+class RunError(LocalMoaError):
+    """The run could not complete."""
+
+
+class BackendError(RunError):
+    """A backend failed to load a model or to answer a call."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(f'model "{model}": {message}')
+        self.model = model
+
+
+class LayerFailedError(RunError):
+    """No agent of a layer produced a usable answer, so the next layer has nothing to read."""

@@ -1,0 +1,370 @@
+"""Plan, before anything loads, which models are resident together and in which order.
+
+Pure and deterministic: an ensemble's stages, each model's bytes and the budget go in; an ordered
+list of waves comes out. No I/O, no clock, no backend.
+
+The problem. A run is a sequence of stages: layers 1..L, then the aggregator as stage L+1. Stage
+k calls a multiset of models; let D_k be its distinct set. Stage k+1 needs every answer of stage
+k, so stages run in order. A *wave* is a set of models resident together (its bytes within the
+budget) and the calls run in it. The cost to minimise is the number of loads.
+
+Why a search over stage boundaries is exact. Within a stage we may assume, without raising the
+number of loads (the exhaustive comparison in tests/test_planner.py checks this):
+
+1. models of D_k already resident when the stage starts run in its first wave, for free;
+2. every other model of D_k is loaded exactly once in the stage (each fits alone, checked first),
+   so stage k costs exactly |D_k \\ R| loads, where R is what was resident when it started;
+3. what the stage leaves resident for later is C ∪ E: C ⊆ R carried through the whole stage
+   (idle or not), E ⊆ D_k \\ R loaded in the stage's last wave. Evicting a model and reloading
+   it in the same stage never beats reloading it in the next one.
+
+So the total is Σ_k |D_k \\ R_{k-1}| and the only choice that matters is R_k = C ∪ E at each
+boundary, subject to: bytes(C ∪ E) ≤ budget, and every other model loaded in the stage fits beside
+C. A dynamic programme over boundary states R_k finds the minimum. Ties are broken by fewer bytes
+loaded (load time is proportional to bytes), then by fewer waves (more concurrency); waves within a
+stage come from an exact bin packing of the stage's loads around C, P (resident models that run
+first and then leave) and E.
+
+Beyond small ensembles the enumeration is capped: at most ``MAX_EXACT_BITS`` candidate models per
+boundary are enumerated exhaustively (else a few greedy choices: soonest next use, then smallest,
+are tried) and at most ``MAX_FRONTIER`` boundary states are kept. Whatever is pruned, a stage never
+costs more than |D_k| loads, so a plan always has ``loads ≤ Σ_k |D_k|``; ``Plan.optimal`` says
+whether nothing was pruned, in which case ``loads`` is the proven minimum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+from pydantic import BaseModel, Field
+
+from localmoa.errors import BudgetError
+
+__all__ = ["Plan", "Wave", "format_bytes", "make_plan"]
+
+MAX_EXACT_BITS = 12
+MAX_FRONTIER = 256
+MAX_EXACT_PACK = 10
+
+
+class Wave(BaseModel):
+    """Models resident together, the calls run while they are, and the swaps before it."""
+
+    layer: int = Field(description="1-based stage; the aggregator is layer L+1")
+    resident: list[str] = Field(description="every model resident during this wave")
+    runs: list[str] = Field(description="one entry per call run in this wave")
+    load: list[str] = Field(description="models loaded before this wave")
+    unload: list[str] = Field(description="models unloaded before this wave (before the loads)")
+    bytes: int = Field(description="sum of the resident models' bytes")
+
+
+class Plan(BaseModel):
+    """An ordered list of waves that covers every call of every stage once."""
+
+    budget_bytes: int
+    loads: int
+    lower_bound: int = Field(description="distinct models: no plan can load fewer")
+    optimal: bool = Field(description="loads is the proven minimum (the search was not pruned)")
+    bytes_loaded: int
+    waves: list[Wave]
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable binary size: 1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One stage's choice: what was resident at its start, carried set C, loads kept E."""
+
+    start: int
+    carry: int
+    keep: int
+
+
+Cost = tuple[int, int, int]  # (loads, bytes loaded, waves)
+
+
+def make_plan(stages: Sequence[Sequence[str]], sizes: Mapping[str, int], budget: int) -> Plan:
+    """Plan ``stages`` (model names per call, in call order) under ``budget`` bytes.
+
+    Raises BudgetError when the budget is not positive or a model alone exceeds it.
+    """
+    if budget <= 0:
+        raise BudgetError(f"the memory budget must be positive, got {budget} bytes")
+    if not stages or any(not stage for stage in stages):
+        raise ValueError("every stage must call at least one model")
+    names = list(dict.fromkeys(model for stage in stages for model in stage))
+    for name in names:
+        if sizes[name] > budget:
+            raise BudgetError(
+                f'model "{name}" needs {format_bytes(sizes[name])} but the memory budget is '
+                f"{format_bytes(budget)}, so it can never be loaded; raise the budget "
+                "(--memory-budget or settings.memory_budget), lower the model's n_ctx, "
+                "or use a smaller quantization"
+            )
+    return _Planner(stages, names, [sizes[n] for n in names], budget).solve()
+
+
+class _Planner:
+    def __init__(
+        self, stages: Sequence[Sequence[str]], names: list[str], size: list[int], budget: int
+    ) -> None:
+        self.stages = stages
+        self.names = names
+        self.size = size
+        self.budget = budget
+        index = {name: i for i, name in enumerate(names)}
+        self.demand = [_mask(index[m] for m in stage) for stage in stages]
+        self.future = [0] * len(stages)
+        for k in range(len(stages) - 2, -1, -1):
+            self.future[k] = self.future[k + 1] | self.demand[k + 1]
+        self.next_use = [
+            [next((j for j in range(k + 1, len(stages)) if self.demand[j] >> i & 1), len(stages))
+             for i in range(len(names))]
+            for k in range(len(stages))
+        ]
+        self.pruned = False
+        self.bytes_of = cache(self._bytes)
+        self.pack = cache(self._pack)
+
+    def _bytes(self, mask: int) -> int:
+        return sum(self.size[i] for i in _bits(mask))
+
+    def solve(self) -> Plan:
+        frontier: dict[int, tuple[Cost, tuple[_Step, ...]]] = {0: ((0, 0, 0), ())}
+        for k in range(len(self.demand)):
+            nxt: dict[int, tuple[Cost, tuple[_Step, ...]]] = {}
+            for start, (cost, steps) in frontier.items():
+                for step, (loads, loaded, waves) in self._choices(k, start):
+                    total = (cost[0] + loads, cost[1] + loaded, cost[2] + waves)
+                    end = step.carry | step.keep
+                    if end not in nxt or total < nxt[end][0]:
+                        nxt[end] = (total, (*steps, step))
+            frontier = self._prune(nxt)
+        cost, steps = min(frontier.values(), key=lambda v: v[0])
+        return self._render(cost, steps)
+
+    def _prune(
+        self, states: dict[int, tuple[Cost, tuple[_Step, ...]]]
+    ) -> dict[int, tuple[Cost, tuple[_Step, ...]]]:
+        """Drop states a superset matches or beats on loads and bytes: from a superset every
+        later choice is still open (drop the extras at once), so it is never worse."""
+        kept: list[tuple[int, tuple[Cost, tuple[_Step, ...]]]] = []
+        for mask, (cost, steps) in sorted(states.items(), key=lambda kv: (kv[1][0], -kv[0])):
+            if not any(
+                other & mask == mask and c[0] <= cost[0] and c[1] <= cost[1]
+                for other, (c, _) in kept
+            ):
+                kept.append((mask, (cost, steps)))
+        if len(kept) > MAX_FRONTIER:
+            self.pruned = True
+            del kept[MAX_FRONTIER:]
+        return dict(kept)
+
+    def _choices(self, k: int, start: int) -> Iterator[tuple[_Step, Cost]]:
+        new = self.demand[k] & ~start
+        loads, loaded = new.bit_count(), self.bytes_of(new)
+        for carry, keep in self._candidates(k, start, new):
+            step = _Step(start, carry, keep)
+            # First-fit decreasing ranks the choices; the chosen path is packed exactly later.
+            yield step, (loads, loaded, len(self._bins(k, step, exact=False)))
+
+    def _feasible(self, new: int, carry: int, keep: int) -> bool:
+        """C ∪ E fits, and every other model loaded in the stage fits beside C."""
+        held = self.bytes_of(carry)
+        if held + self.bytes_of(keep) > self.budget:
+            return False
+        rest = new & ~keep
+        return not rest or held + max(self.size[i] for i in _bits(rest)) <= self.budget
+
+    def _candidates(self, k: int, start: int, new: int) -> Iterator[tuple[int, int]]:
+        """Maximal feasible (C, E) choices: a superset end state is never worse, so a choice
+        that could take one more model without breaking feasibility is skipped."""
+        keepable, loadable = start & self.future[k], new & self.future[k]
+        feasible = self._feasible
+        if (keepable | loadable).bit_count() <= MAX_EXACT_BITS:
+            for carry in _submasks(keepable):
+                for keep in _submasks(loadable):
+                    if (
+                        feasible(new, carry, keep)
+                        and not any(feasible(new, carry | 1 << i, keep)
+                                    for i in _bits(keepable & ~carry))
+                        and not any(feasible(new, carry, keep | 1 << i)
+                                    for i in _bits(loadable & ~keep))
+                    ):
+                        yield carry, keep
+            return
+        # Too many to enumerate: greedy picks, soonest next use first (Belady), then smallest.
+        self.pruned = True
+        yield 0, 0
+        for order in (
+            lambda i: (self.next_use[k][i], self.size[i], i),
+            lambda i: (self.size[i], self.next_use[k][i], i),
+        ):
+            carry = keep = 0
+            for i in sorted(_bits(keepable | loadable), key=order):
+                if keepable >> i & 1 and feasible(new, carry | 1 << i, keep):
+                    carry |= 1 << i
+                elif loadable >> i & 1 and feasible(new, carry, keep | 1 << i):
+                    keep |= 1 << i
+            yield carry, keep
+
+    def _bins(self, k: int, step: _Step, *, exact: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        first = self.demand[k] & step.start
+        rest = self.demand[k] & ~step.start & ~step.keep
+        return self.pack(
+            self.budget - self.bytes_of(step.carry), self.bytes_of(first & ~step.carry),
+            first != 0, self.bytes_of(step.keep), step.keep != 0, rest, exact,
+        )
+
+    def _pack(
+        self, cap: int, first_fill: int, has_first: bool, last_fill: int, has_last: bool,
+        rest: int, exact: bool,
+    ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """Fewest waves for the stage: bins of ``cap`` bytes, the first holding the resident
+        runners (``first_fill``), the last the models kept for later (``last_fill``)."""
+        items = sorted(_bits(rest), key=lambda i: (-self.size[i], i))
+        layouts: list[list[tuple[str, int]]] = []
+        if has_first and has_last and first_fill + last_fill <= cap:
+            layouts.append([("both", first_fill + last_fill)])
+        specials = [("first", first_fill)] if has_first else []
+        if has_last:
+            specials.append(("last", last_fill))
+        layouts.append(specials)
+        best: tuple[tuple[str, tuple[int, ...]], ...] = ()
+        for layout in layouts:
+            bins = self._fill(cap, layout, items, exact)
+            if bins[0][0] == "both" and len(bins) > 1:
+                continue  # the one bin both first and last cannot have company
+            if not best or len(bins) < len(best):
+                best = bins
+        return best
+
+    def _fill(
+        self, cap: int, layout: list[tuple[str, int]], items: list[int], exact: bool
+    ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        size = self.size
+        kinds = [kind for kind, _ in layout]
+        fills = [fill for _, fill in layout]
+        members: list[list[int]] = [[] for _ in layout]
+        if not exact or len(items) > MAX_EXACT_PACK:  # first-fit decreasing
+            for i in items:
+                slot = next((b for b, f in enumerate(fills) if f + size[i] <= cap), None)
+                if slot is None:
+                    kinds.append("plain")
+                    fills.append(0)
+                    members.append([])
+                    slot = len(fills) - 1
+                fills[slot] += size[i]
+                members[slot].append(i)
+            return _ordered(kinds, members)
+        best: list[tuple[list[str], list[list[int]]]] = []
+        limit = [len(layout) + len(items) + 1]
+
+        def place(n: int) -> None:
+            if len(fills) >= limit[0]:
+                return
+            if n == len(items):
+                limit[0] = len(fills)
+                best[:] = [(list(kinds), [list(m) for m in members])]
+                return
+            i, tried = items[n], set()
+            for b in range(len(fills)):
+                key = (kinds[b], fills[b]) if kinds[b] == "plain" else (kinds[b], b)
+                if fills[b] + size[i] <= cap and key not in tried:
+                    tried.add(key)
+                    fills[b] += size[i]
+                    members[b].append(i)
+                    place(n + 1)
+                    members[b].pop()
+                    fills[b] -= size[i]
+            kinds.append("plain")
+            fills.append(size[i])
+            members.append([i])
+            place(n + 1)
+            kinds.pop()
+            fills.pop()
+            members.pop()
+
+        place(0)
+        return _ordered(*best[0])
+
+    def _render(self, cost: Cost, steps: tuple[_Step, ...]) -> Plan:
+        waves: list[Wave] = []
+        resident = 0
+        for k, step in enumerate(steps):
+            demand = self.demand[k]
+            first = demand & step.start
+            for kind, items in self._bins(k, step, exact=True):
+                mask = step.carry | _mask(items)
+                runs = _mask(items)
+                if kind in ("first", "both"):
+                    mask |= step.start & demand
+                    runs |= first
+                if kind in ("last", "both"):
+                    mask |= step.keep
+                    runs |= step.keep
+                waves.append(
+                    Wave(
+                        layer=k + 1,
+                        resident=self._names(mask),
+                        runs=[m for m in self.stages[k] if runs >> self.names.index(m) & 1],
+                        load=self._names(mask & ~resident),
+                        unload=self._names(resident & ~mask),
+                        bytes=self.bytes_of(mask),
+                    )
+                )
+                resident = mask
+        return Plan(
+            budget_bytes=self.budget,
+            loads=cost[0],
+            lower_bound=len(self.names),
+            optimal=not self.pruned,
+            bytes_loaded=cost[1],
+            waves=waves,
+        )
+
+    def _names(self, mask: int) -> list[str]:
+        return [self.names[i] for i in _bits(mask)]
+
+
+def _ordered(
+    kinds: list[str], members: list[list[int]]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Special first bin first, the kept-for-later bin last, plain bins between."""
+    rank = {"first": 0, "both": 0, "plain": 1, "last": 2}
+    pairs = sorted(zip(kinds, members, strict=True), key=lambda p: rank[p[0]])
+    return tuple((kind, tuple(sorted(m))) for kind, m in pairs)
+
+
+def _mask(indices: Iterator[int] | Sequence[int] | tuple[int, ...]) -> int:
+    mask = 0
+    for i in indices:
+        mask |= 1 << i
+    return mask
+
+
+def _bits(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+def _submasks(mask: int) -> Iterator[int]:
+    """Every subset of ``mask``, largest first (keeping more is the likelier winner)."""
+    sub = mask
+    while True:
+        yield sub
+        if sub == 0:
+            return
+        sub = (sub - 1) & mask

@@ -1,0 +1,117 @@
+"""What a person sees on stderr while a run goes: executor events rendered with rich.
+
+On a terminal, a live table with one row per call (state, tokens, seconds) and a line per swap;
+elsewhere (CI, pipes, files), one plain line per event, so logs stay readable. The answer itself
+never goes through here: the CLI streams it to stdout.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from localmoa.executor import (
+    CallFinished,
+    CallPiece,
+    CallStarted,
+    Event,
+    ModelLoaded,
+    ModelUnloaded,
+    WaveStarted,
+)
+from localmoa.moa import Call
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """Turns executor events into stderr output; call :meth:`close` when the run ends."""
+
+    def __init__(self, console: Console, *, show_layers: bool, n_waves: int) -> None:
+        self.console = console
+        self.show_layers = show_layers
+        self.n_waves = n_waves
+        self.rows: dict[tuple[int, int], list[str]] = {}
+        self.swaps: list[str] = []
+        self.live: Live | None = None
+        if console.is_terminal:
+            self.live = Live(self._render(), console=console, auto_refresh=False, transient=False)
+            self.live.start()
+
+    def __call__(self, event: Event) -> None:
+        match event:
+            case WaveStarted(number=n, wave=wave):
+                swap = []
+                if wave.unload:
+                    swap.append("unload " + ", ".join(wave.unload))
+                if wave.load:
+                    swap.append("load " + ", ".join(wave.load))
+                line = f"wave {n + 1}/{self.n_waves} · layer {wave.layer}"
+                self._say(line + (": " + "; ".join(swap) if swap else ": models already resident"))
+            case ModelLoaded(model=model, seconds=seconds):
+                self._say(f"  loaded {model} in {seconds:.2f}s")
+            case ModelUnloaded():
+                pass
+            case CallStarted(call=call):
+                self.rows[(call.layer, call.index)] = [self._who(call), "running", "0", ""]
+                self._refresh()
+            case CallPiece(call=call):
+                row = self.rows[(call.layer, call.index)]
+                row[2] = str(int(row[2]) + 1)
+                if self.live is not None and not call.is_aggregator:
+                    self._refresh()
+            case CallFinished(call=call, record=record):
+                state = "ok" if record.ok else f"failed: {record.error}"
+                self.rows[(call.layer, call.index)] = [
+                    self._who(call), state, str(record.tokens), f"{record.seconds:.2f}s"
+                ]
+                if self.live is None:
+                    self.console.print(
+                        f"  {self._who(call)}: {state}, {record.tokens} tokens, "
+                        f"{record.seconds:.2f}s",
+                        markup=False, highlight=False, soft_wrap=True,
+                    )
+                else:
+                    self._refresh()
+                if self.show_layers and not call.is_aggregator:
+                    self.console.print(
+                        Panel(escape(record.text or "(no text)"), title=escape(self._who(call)))
+                    )
+
+    def pause(self) -> None:
+        """Stop redrawing before the answer streams to the same terminal."""
+        if self.live is not None:
+            self.live.refresh()
+            self.live.stop()
+            self.live = None
+
+    close = pause
+
+    @staticmethod
+    def _who(call: Call) -> str:
+        role = "aggregator" if call.is_aggregator else f"layer {call.layer}"
+        return f"{role} · {call.model}"
+
+    def _say(self, line: str) -> None:
+        self.swaps.append(line)
+        if self.live is None:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render(), refresh=True)
+
+    def _render(self) -> Group:
+        table = Table(box=None, pad_edge=False, show_header=bool(self.rows))
+        for column in ("call", "state", "tokens", "time"):
+            table.add_column(column)
+        for who, state, tokens, seconds in self.rows.values():
+            style = "green" if state == "ok" else "red" if state.startswith("failed") else "yellow"
+            table.add_row(who, Text(state, style=style), tokens, seconds)
+        return Group(Text("\n".join(self.swaps[-3:]), style="dim"), table)
