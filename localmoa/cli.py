@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from localmoa.backends import default_backends
@@ -40,7 +41,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except LocalMoaError as exc:
             kind = "error" if isinstance(exc, UserError) else "run failed"
-            _stderr().print(f"[bold red]localmoa: {kind}:[/] {exc}", soft_wrap=True, markup=True)
+            _stderr().print(f"[bold red]localmoa: {kind}:[/] {escape(str(exc))}", soft_wrap=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             _stderr().print("localmoa: interrupted; every model was unloaded", markup=False)

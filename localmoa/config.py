@@ -21,8 +21,10 @@ from typing import Annotated, Any, Literal
 import platformdirs
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
+    TypeAdapter,
     Field,
     NonNegativeFloat,
     PositiveInt,
@@ -50,6 +52,25 @@ __all__ = [
 CONFIG_NAME = "models.toml"
 
 
+def _size(value: Any) -> Any:
+    """A byte size from "12GiB", "512MB" or a plain integer of bytes; "auto" passes through."""
+    if value == "auto" or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        try:
+            size = int(TypeAdapter(ByteSize).validate_python(value))
+        except ValidationError:
+            size = 0
+        if size > 0:
+            return size
+    raise ValueError(f'not a size: {value!r} (write e.g. "512MiB" or "12GiB")')
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,7 +78,7 @@ class _Strict(BaseModel):
 class Settings(_Strict):
     """Run-wide settings: ``[settings]``."""
 
-    memory_budget: Literal["auto"] | ByteSize = "auto"
+    memory_budget: Annotated[Literal["auto"] | int, BeforeValidator(_size)] = "auto"
     """"auto" = detected device memory minus a safety margin (see localmoa.hardware), or a size
     such as "12GiB" used exactly as given."""
     max_parallel_calls: PositiveInt | None = None
@@ -80,7 +101,7 @@ class LlamaCppModel(_Strict):
     use_mmap: bool = True
     seed: int | None = None
     """Sampling seed for reproducible answers; unset = random."""
-    memory: ByteSize | None = None
+    memory: Size | None = None
     """Overrides the estimate from the GGUF header; the planner uses it as-is."""
 
 
@@ -88,7 +109,7 @@ class FakeModel(_Strict):
     """A model that answers from a script, for trying plans and for tests (no weights at all)."""
 
     backend: Literal["fake"]
-    memory: ByteSize
+    memory: Size
     reply: str = "{model} has considered: {prompt}"
     """Reply template; ``{model}`` and ``{prompt}`` (the last user message) are filled in."""
     load_seconds: NonNegativeFloat = 0.0
@@ -132,7 +153,7 @@ class Config(_Strict):
     """A whole models.toml, plus where it came from (to resolve relative paths)."""
 
     settings: Settings = Settings()
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict, validate_default=True)
     ensembles: dict[str, Ensemble] = Field(default_factory=dict)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -243,10 +264,10 @@ def _describe(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
         return f'{path}.backend: unknown backend "{ctx.get("tag")}" (choose one of: {", ".join(BACKENDS)})'
     if kind == "union_tag_not_found":
         return f"{path}.backend: required key is missing (choose one of: {', '.join(BACKENDS)})"
-    if kind == "byte_size" or kind == "byte_size_unit" or kind == "literal_error" and "memory" in str(
-        loc[-1]
-    ):
-        return f'{path}: not a size: {error.get("input")!r} (write e.g. "512MiB" or "12GiB")'
+    if kind == "too_short" and loc[-1:] == ["layers"]:
+        return f"{path}: needs at least one layer of agents"
+    if kind == "too_short" and loc[-2:-1] == ["layers"]:
+        return f"{path}: a layer needs at least one agent (a model name or {{model = ...}})"
     message = str(error["msg"])
     if message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")

@@ -14,7 +14,7 @@ from localmoa.errors import BudgetError
 from localmoa.hardware import Budget, resolve_budget
 from localmoa.memory import Footprint, estimate, read_gguf
 from localmoa.moa import Call, calls_for
-from localmoa.planner import Plan, format_bytes, make_plan
+from localmoa.planner import Plan, make_plan
 
 __all__ = ["Prepared", "footprint", "prepare"]
 
@@ -59,5 +59,5 @@ def prepare(
             budget.bytes,
         )
     except BudgetError as exc:
-        raise BudgetError(f"{exc} [budget {format_bytes(budget.bytes)}: {budget.detail}]") from None
+        raise BudgetError(f"{exc} (budget from {budget.detail})") from None
     return Prepared(ensemble, stages, footprints, budget, plan)

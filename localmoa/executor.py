@@ -167,7 +167,7 @@ class Executor:
                     *(self._call(c, conversation, references, broken) for c in calls)
                 )
                 if last_wave[wave.layer] == number:
-                    references = self._usable(wave.layer, records)
+                    references = self._usable(wave.layer, records, final=wave.layer == len(stages))
         finally:
             # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
             await asyncio.shield(self._unload_all(resident))
@@ -191,12 +191,13 @@ class Executor:
         resident.clear()
 
     @staticmethod
-    def _usable(layer: int, records: list[CallRecord]) -> list[str]:
+    def _usable(layer: int, records: list[CallRecord], *, final: bool) -> list[str]:
         done = sorted((r for r in records if r.layer == layer), key=lambda r: r.index)
         usable = [r.text for r in done if r.ok and r.text.strip()]
         if not usable:
-            why = "; ".join(f"{r.model}: {r.error or 'empty answer'}" for r in done)
-            raise LayerFailedError(f"every agent of layer {layer} failed ({why})")
+            why = "; ".join(r.error or f'model "{r.model}": empty answer' for r in done)
+            what = "the aggregator" if final else f"every agent of layer {layer}"
+            raise LayerFailedError(f"{what} failed ({why})")
         return usable
 
     async def _call(

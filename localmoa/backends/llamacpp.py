@@ -116,14 +116,18 @@ class LlamaCppBackend(Backend):
         if not config.path.is_file():
             raise ModelFileError(f"{config.path}: file not found (model {name})")
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"localmoa-{name}")
-        loop = asyncio.get_running_loop()
+        loading = asyncio.get_running_loop().run_in_executor(worker, _construct, config)
         try:
-            llama, measured = await loop.run_in_executor(worker, _construct, config)
-        except (ValueError, RuntimeError, OSError) as exc:
-            worker.shutdown(wait=False)
-            raise BackendError(name, f"llama.cpp could not load {config.path}: {exc}") from exc
-        except BaseException:
-            worker.shutdown(wait=False)
+            llama, measured = await asyncio.shield(loading)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                # Cancelled mid-load (Ctrl-C): a load cannot be interrupted, so let it finish
+                # and free it rather than leave a model in memory that nobody will close.
+                with contextlib.suppress(Exception):
+                    (await loading)[0].close()
+            worker.shutdown(wait=True)
+            if isinstance(exc, ValueError | RuntimeError | OSError):
+                raise BackendError(name, f"llama.cpp could not load {config.path}: {exc}") from exc
             raise
         self._models[name] = _Loaded(llama, worker, measured)
 

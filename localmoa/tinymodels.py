@@ -1,0 +1,187 @@
+"""Small GGUF models with random weights, so tests and the demo run real llama.cpp on CPU.
+
+The output of these models is noise, but everything around it is real: GGUF parsing, weight
+loading, KV cache, chat templates, sampling, threading and memory use. That makes them the
+integration fixture for the backends and the memory estimate, with nothing to download.
+
+Shape of the file (llama architecture, every tensor F32):
+
+- a byte-level SentencePiece-style vocabulary: ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
+  ``<0x00>``..``<0xFF>`` and a few whole-word pieces, so any text tokenizes and any reply
+  detokenizes;
+- a small Jinja chat template over system/user/assistant messages ending with an assistant cue,
+  so ``Llama.create_chat_completion`` works as with a real instruct model;
+- norm weights of one and all other weights N(0, 0.02): the logits stay nearly flat, so sampling
+  wanders over the whole vocabulary and hits end-of-sequence only about once in ``n_vocab``
+  tokens.
+
+Tensors are generated and written one at a time (``GGUFWriter`` in its streaming mode), so
+writing the 300 MB preset needs only about one tensor's worth of extra memory. The same spec
+gives the same bytes: one ``numpy.random.default_rng(seed)`` draws every tensor in file order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["PRESETS", "TinySpec", "write_tiny_model"]
+
+_SPECIALS = ("<unk>", "<s>", "</s>")
+_WORDS = ("▁", "▁the", "▁a", "▁and", "▁of", "▁to", "▁is", "▁in")
+BASE_VOCAB = len(_SPECIALS) + 256 + len(_WORDS)
+"""Vocabulary size without padding pieces: specials, byte tokens and a few words."""
+
+_WEIGHT_STD = 0.02
+
+# Role tags are plain text (they tokenize to byte pieces); ``eos_token`` closes each turn the way
+# real templates do, and the trailing assistant cue is what the model continues.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape and seed of a random llama model.
+
+    ``n_vocab`` pads the vocabulary with extra word pieces beyond the base byte-level one
+    (``BASE_VOCAB`` tokens), to reproduce the embedding and output costs of real vocabularies.
+    """
+
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    n_ctx_train: int = 4096
+    seed: int = 0
+    n_vocab: int = BASE_VOCAB
+
+    def __post_init__(self) -> None:
+        if min(self.n_layer, self.n_embd, self.n_head, self.n_head_kv, self.n_ff) < 1:
+            raise ValueError(f"every dimension of {self} must be positive")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd must split into n_head heads of even size: {self}")
+        if self.n_head % self.n_head_kv:
+            raise ValueError(f"n_head must be a multiple of n_head_kv: {self}")
+        if self.n_vocab < BASE_VOCAB:
+            raise ValueError(f"n_vocab must be at least {BASE_VOCAB}: {self}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_params(self) -> int:
+        """Number of weights; the file holds 4 bytes per weight plus a small header."""
+        kv = self.n_head_kv * self.head_dim
+        per_block = 2 * self.n_embd * self.n_embd + 2 * kv * self.n_embd
+        per_block += 3 * self.n_ff * self.n_embd + 2 * self.n_embd
+        return self.n_layer * per_block + 2 * self.n_vocab * self.n_embd + self.n_embd
+
+
+PRESETS: dict[str, TinySpec] = {
+    # Test fixtures: under 2 MB each, load in milliseconds; distinct seeds so agents differ.
+    "tiny-a": TinySpec(seed=0),
+    "tiny-b": TinySpec(n_layer=2, n_embd=96, n_head=4, n_head_kv=2, n_ff=192, seed=1),
+    "tiny-c": TinySpec(n_layer=3, n_embd=128, n_head=8, n_head_kv=4, n_ff=256, seed=2),
+    # Benchmarks of real load and swap cost.
+    "large-100m": TinySpec(n_layer=8, n_embd=512, n_head=8, n_head_kv=4, n_ff=1536, seed=10),
+    "large-300m": TinySpec(n_layer=8, n_embd=1024, n_head=16, n_head_kv=4, n_ff=2304, seed=11),
+}
+"""Named specs; ``tiny-*`` for tests and the demo, ``large-*`` (~100 MB, ~300 MB) for benchmarks."""
+
+
+def write_tiny_model(path: str | os.PathLike[str], spec: TinySpec = TinySpec()) -> Path:
+    """Write a random-weight GGUF model for ``spec`` to ``path`` and return the path.
+
+    The file is written in place (no temporary copy); an existing file is overwritten.
+    """
+    out = Path(path)
+    writer = gguf.GGUFWriter(out, arch="llama")
+    try:
+        _add_metadata(writer, spec)
+        for name, shape, _ in _tensor_plan(spec):
+            nbytes = int(np.prod(shape)) * 4
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        rng = np.random.default_rng(spec.seed)
+        for _, shape, is_norm in _tensor_plan(spec):
+            writer.write_tensor_data(_tensor(rng, shape, is_norm))
+    finally:
+        writer.close()
+    return out
+
+
+def _add_metadata(writer: gguf.GGUFWriter, spec: TinySpec) -> None:
+    writer.add_name(
+        f"localmoa-tiny-{spec.n_layer}L-{spec.n_embd}d-v{spec.n_vocab}-seed{spec.seed}"
+    )
+    writer.add_description("random weights — output is noise (localmoa test model)")
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    pad = [f"▁w{i}" for i in range(spec.n_vocab - BASE_VOCAB)]
+    tokens = [*_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *_WORDS, *pad]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(_WORDS) + len(pad))
+    # SentencePiece merges by score: prefer whole words, then padding pieces, bytes last.
+    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS) + len(pad))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(_CHAT_TEMPLATE)
+
+
+def _tensor_plan(spec: TinySpec) -> Iterator[tuple[str, tuple[int, ...], bool]]:
+    """Yield (name, numpy shape, is_norm) for every tensor, in file order."""
+    e, kv = spec.n_embd, spec.n_head_kv * spec.head_dim
+    yield "token_embd.weight", (spec.n_vocab, e), False
+    for i in range(spec.n_layer):
+        yield f"blk.{i}.attn_norm.weight", (e,), True
+        yield f"blk.{i}.attn_q.weight", (e, e), False
+        yield f"blk.{i}.attn_k.weight", (kv, e), False
+        yield f"blk.{i}.attn_v.weight", (kv, e), False
+        yield f"blk.{i}.attn_output.weight", (e, e), False
+        yield f"blk.{i}.ffn_norm.weight", (e,), True
+        yield f"blk.{i}.ffn_gate.weight", (spec.n_ff, e), False
+        yield f"blk.{i}.ffn_up.weight", (spec.n_ff, e), False
+        yield f"blk.{i}.ffn_down.weight", (e, spec.n_ff), False
+    yield "output_norm.weight", (e,), True
+    yield "output.weight", (spec.n_vocab, e), False
+
+
+def _tensor(
+    rng: np.random.Generator, shape: tuple[int, ...], is_norm: bool
+) -> npt.NDArray[np.float32]:
+    if is_norm:
+        return np.ones(shape, dtype=np.float32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise *= _WEIGHT_STD
+    return noise

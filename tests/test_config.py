@@ -1,0 +1,127 @@
+"""models.toml: schema, lookup order, and one message listing every problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from localmoa.config import Agent, FakeModel, LlamaCppModel, find_config, load_config
+from localmoa.errors import ConfigError
+
+GOOD = """
+[settings]
+memory_budget = "12GiB"
+
+[models.qwen]
+backend = "llamacpp"
+path = "models/qwen.gguf"
+n_ctx = 8192
+
+[models.llama]
+backend = "llamacpp"
+path = "~/llama.gguf"
+memory = "6GiB"
+
+[models.gemma]
+backend = "fake"
+memory = "512MiB"
+
+[ensembles.default]
+layers = [["qwen", "llama", "gemma"], ["qwen", {model = "llama", temperature = 0.2, system_prompt = "Be brief."}, "gemma"]]
+aggregator = "qwen"
+temperature = 0.7
+max_tokens = 512
+"""
+
+
+def test_valid_file_parses_with_defaults_and_resolved_paths(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, GOOD))
+    assert config.settings.memory_budget == 12 * (1 << 30)
+    qwen, llama, gemma = (config.models[n] for n in ("qwen", "llama", "gemma"))
+    assert isinstance(qwen, LlamaCppModel) and qwen.path == tmp_path / "models/qwen.gguf"
+    assert qwen.n_ctx == 8192 and qwen.memory is None and qwen.n_gpu_layers == -1
+    assert isinstance(llama, LlamaCppModel) and llama.path == Path.home() / "llama.gguf"
+    assert llama.memory == 6 * (1 << 30)
+    assert isinstance(gemma, FakeModel) and gemma.memory == 512 * (1 << 20)
+    ensemble = config.ensemble("default")
+    assert ensemble.layers[1][1] == Agent(model="llama", temperature=0.2, system_prompt="Be brief.")
+    assert ensemble.aggregator == Agent(model="qwen")
+
+
+def test_every_problem_is_listed_with_its_key_path(tmp_path: Path) -> None:
+    bad = GOOD.replace('n_ctx = 8192', 'n_ctxx = 8192').replace(
+        '"qwen", {model', '"qwen", {modle = "x", model'
+    ).replace('["qwen", "llama", "gemma"], [', '["qwen", "llama", "gemmma"], [')
+    bad = bad.replace('memory_budget = "12GiB"', 'memory_budget = "twelve"')
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, bad))
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'models.toml'}: 4 problems:")
+    assert "models.qwen.n_ctxx: unknown key (allowed: backend, path, n_ctx," in message
+    assert "ensembles.default.layers[1][1].modle: unknown key" in message
+    assert 'ensembles.default.layers[0][2]: unknown model "gemmma" (defined: gemma, llama, qwen)' in message
+    assert "settings.memory_budget: not a size: 'twelve'" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("x = [", "not valid TOML: "),
+        ('[models.a]\nbackend = "llamacp"\npath = "a"', 'models.a.backend: unknown backend "llamacp"'),
+        ('[models.a]\npath = "a"', "models.a.backend: required key is missing"),
+        ('[models.a]\nbackend = "llamacpp"', "models.a.path: required key is missing"),
+        ('[models.a]\nbackend = "fake"\nmemory = "-1GiB"', "models.a.memory: not a size"),
+        ("[settings]\n", "models: no models defined"),
+        ('[model.a]\nbackend = "fake"', "model: unknown key (top-level tables are [settings]"),
+        (
+            '[models.a]\nbackend = "fake"\nmemory = 1\n[ensembles.default]\nlayers = [[]]\naggregator = "a"',
+            "ensembles.default.layers[0]: a layer needs at least one agent",
+        ),
+        (
+            '[models.a]\nbackend = "fake"\nmemory = 1\n[ensembles.default]\nlayers = [["a"]]',
+            "ensembles.default.aggregator: required key is missing",
+        ),
+        (
+            '[models.a]\nbackend = "fake"\nmemory = 1\n[ensembles.default]\nlayers = [["a"]]\n'
+            'aggregator = {model = "a", temperature = 3}',
+            "ensembles.default.aggregator.temperature: Input should be less than or equal to 2",
+        ),
+    ],
+)
+def test_bad_files_name_the_culprit(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=None) as caught:
+        load_config(write_config(tmp_path, text))
+    assert expected in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+
+
+def test_unknown_ensemble_lists_the_defined_ones(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, GOOD))
+    with pytest.raises(ConfigError, match=r'no ensemble "fast" \(defined: default\); add \[ensembles.fast\]'):
+        config.ensemble("fast")
+
+
+def test_lookup_order_flag_then_cwd_then_user_dir(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    user = write_config(home, GOOD)
+    assert find_config() == user
+    local = write_config(tmp_path, GOOD)
+    assert find_config() == local
+    explicit = tmp_path / "other.toml"
+    explicit.write_text(GOOD)
+    assert find_config(explicit) == explicit
+
+
+def test_missing_files_say_where_we_looked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no models.toml found .looked at .*models.toml and .*home"):
+        find_config()
+    with pytest.raises(ConfigError, match="nope.toml does not exist; check the --config path"):
+        find_config(tmp_path / "nope.toml")
+
+
+def test_example_models_toml_in_the_repository_is_valid() -> None:
+    example = Path(__file__).parents[1] / "models.toml"
+    config = load_config(example)
+    assert "default" in config.ensembles

@@ -1,0 +1,162 @@
+"""The executor with the shipped fake backend: residency, references, failures, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from localmoa.backends.base import ChatMessage, ChatRequest
+from localmoa.backends.fake import FakeBackend
+from localmoa.config import Agent, Ensemble, FakeModel
+from localmoa.errors import LayerFailedError
+from localmoa.executor import CallPiece, Event, Executor, RunResult
+from localmoa.moa import AGGREGATE_PROMPT, calls_for, stages_of
+from localmoa.planner import make_plan
+
+GiB = 1 << 30
+QUESTION = [ChatMessage(role="user", content="Why is the sky blue?")]
+
+
+class CountingFake(FakeBackend):
+    """Records the most streams open at once, overall and per model."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.active: dict[str, int] = {}
+        self.most_at_once = 0
+        self.most_per_model = 0
+
+    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[str]:
+        self.active[name] = self.active.get(name, 0) + 1
+        self.most_at_once = max(self.most_at_once, sum(self.active.values()))
+        self.most_per_model = max(self.most_per_model, self.active[name])
+        try:
+            async for piece in super().chat(name, request):
+                yield piece
+        finally:
+            self.active[name] -= 1
+
+
+def fake_models(*names: str, **overrides: dict[str, Any]) -> dict[str, FakeModel]:
+    return {
+        n: FakeModel(backend="fake", memory=GiB, **overrides.get(n, {})) for n in names
+    }
+
+
+async def run(
+    ensemble: Ensemble,
+    models: dict[str, FakeModel],
+    budget: int,
+    backend: FakeBackend | None = None,
+    **kwargs: Any,
+) -> tuple[RunResult, FakeBackend]:
+    backend = backend or FakeBackend(capacity=budget)
+    sizes = {n: int(m.memory) for n, m in models.items()}
+    plan = make_plan(stages_of(ensemble), sizes, budget)
+    executor = Executor(models, {"fake": backend}, **kwargs)
+    return await executor.run(calls_for(ensemble), plan, QUESTION), backend
+
+
+THREE = Ensemble(layers=[["a", "b", "c"], ["a", "b", "c"]], aggregator=Agent(model="a"))
+
+
+async def test_follows_the_plan_within_capacity_and_unloads_at_the_end() -> None:
+    result, backend = await run(THREE, fake_models("a", "b", "c"), int(2.5 * GiB))
+    loads = [m for kind, m in backend.events if kind == "load"]
+    planned = [m for wave in result.plan.waves for m in wave.load]
+    assert loads == planned and result.loads == len(loads) == 4
+    assert backend.peak_bytes <= int(2.5 * GiB)
+    assert backend.resident == {}
+    assert len(result.calls) == 7 and all(c.ok for c in result.calls)
+    assert result.answer == "a has considered: Why is the sky blue?"
+
+
+async def test_later_layers_see_numbered_references_once() -> None:
+    result, backend = await run(THREE, fake_models("a", "b", "c"), 3 * GiB)
+    first = [r for n, r in backend.requests[:3]]
+    later = [r for n, r in backend.requests[3:]]
+    assert all(r.messages == QUESTION for r in first)
+    for request in later:
+        system, user = request.messages
+        assert system.role == "system" and system.content.count(AGGREGATE_PROMPT) == 1
+        for i, model in enumerate("abc", start=1):
+            assert f"{i}. {model} has considered: Why is the sky blue?" in system.content
+        assert user == QUESTION[0]
+
+
+async def test_failed_proposer_is_left_out_and_never_quoted() -> None:
+    models = fake_models("a", "b", "c", b={"fail": "CUDA error: out of memory"})
+    result, backend = await run(THREE, models, 3 * GiB)
+    failed = [c for c in result.calls if not c.ok]
+    assert [(c.layer, c.model) for c in failed] == [(1, "b"), (2, "b")]
+    assert failed[0].error == 'model "b": CUDA error: out of memory'
+    for _, request in backend.requests:
+        assert all("CUDA error" not in m.content for m in request.messages)
+    aggregator_request = backend.requests[-1][1]
+    assert "2. c has considered" in aggregator_request.messages[0].content
+    assert "3." not in aggregator_request.messages[0].content
+    assert result.answer
+
+
+async def test_a_layer_with_no_usable_answer_stops_the_run_and_unloads() -> None:
+    models = fake_models("a", "b", "c", a={"fail": "boom"}, b={"fail": "bang"}, c={"reply": " "})
+    backend = FakeBackend(capacity=3 * GiB)
+    with pytest.raises(LayerFailedError, match="every agent of layer 1 failed .*a.*boom.*b.*bang"):
+        await run(THREE, models, 3 * GiB, backend)
+    assert backend.resident == {}
+
+
+async def test_calls_to_one_model_are_serialized_and_different_models_overlap() -> None:
+    models = fake_models("a", "b", a={"seconds_per_token": 0.001}, b={"seconds_per_token": 0.001})
+    ensemble = Ensemble(layers=[["a", "a", "b", "b"]], aggregator=Agent(model="a"))
+    backend = CountingFake(capacity=2 * GiB)
+    await run(ensemble, models, 2 * GiB, backend)
+    assert backend.most_per_model == 1
+    assert backend.most_at_once == 2
+
+
+async def test_max_parallel_calls_bounds_concurrency() -> None:
+    models = fake_models("a", "b", a={"seconds_per_token": 0.001}, b={"seconds_per_token": 0.001})
+    ensemble = Ensemble(layers=[["a", "b"]], aggregator=Agent(model="a"))
+    backend = CountingFake(capacity=2 * GiB)
+    await run(ensemble, models, 2 * GiB, backend, max_parallel_calls=1)
+    assert backend.most_at_once == 1
+
+
+async def test_agent_settings_override_the_ensemble_defaults() -> None:
+    ensemble = Ensemble(
+        layers=[["a", Agent(model="b", temperature=0.1, max_tokens=3, system_prompt="Be brief.")]],
+        aggregator=Agent(model="a", max_tokens=50),
+        temperature=0.9,
+        max_tokens=7,
+    )
+    _, backend = await run(ensemble, fake_models("a", "b"), 2 * GiB)
+    by_model = [(n, r.temperature, r.max_tokens) for n, r in backend.requests]
+    assert by_model == [("a", 0.9, 7), ("b", 0.1, 3), ("a", 0.9, 50)]
+    b_request = backend.requests[1][1]
+    assert b_request.messages[0] == ChatMessage(role="system", content="Be brief.")
+
+
+async def test_cancelling_a_run_unloads_everything() -> None:
+    models = fake_models("a", "b", a={"seconds_per_token": 0.01}, b={"seconds_per_token": 0.01})
+    ensemble = Ensemble(layers=[["a", "b"]], aggregator=Agent(model="a"))
+    backend = FakeBackend(capacity=2 * GiB)
+    streaming = asyncio.Event()
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, CallPiece):
+            streaming.set()
+
+    plan = make_plan(stages_of(ensemble), {"a": GiB, "b": GiB}, 2 * GiB)
+    executor = Executor(models, {"fake": backend}, on_event=on_event)
+    task = asyncio.create_task(executor.run(calls_for(ensemble), plan, QUESTION))
+    await streaming.wait()
+    assert backend.resident  # models are loaded mid-run
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backend.resident == {}
+    assert backend.events[-2:] in ([("unload", "b"), ("unload", "a")], [("unload", "a"), ("unload", "b")])
