@@ -196,8 +196,13 @@ def _print_plan(prepared: Prepared) -> None:
     for i, wave in enumerate(plan.waves, start=1):
         layer = "aggregator" if wave.layer == n_layers + 1 else str(wave.layer)
         waves.add_row(
-            str(i), layer, ", ".join(wave.unload) or "-", ", ".join(wave.load) or "-",
-            ", ".join(wave.resident), ", ".join(wave.runs), format_bytes(wave.bytes),
+            str(i),
+            layer,
+            ", ".join(wave.unload) or "-",
+            ", ".join(wave.load) or "-",
+            ", ".join(wave.resident),
+            ", ".join(wave.runs),
+            format_bytes(wave.bytes),
         )
     console.print(waves)
     proof = "optimal" if plan.optimal else "heuristic: at most one load per call"

@@ -24,10 +24,10 @@ from pydantic import (
     BeforeValidator,
     ByteSize,
     ConfigDict,
-    TypeAdapter,
     Field,
     NonNegativeFloat,
     PositiveInt,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -256,14 +256,15 @@ def _describe(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
         del loc[2]
     path = _key_path(loc) or "(top level)"
     kind, ctx = error["type"], error.get("ctx") or {}
+    choices = ", ".join(BACKENDS)
     if kind == "extra_forbidden":
         return f"{path}: unknown key{_allowed_keys(loc, raw)}"
     if kind == "missing":
         return f"{path}: required key is missing"
     if kind == "union_tag_invalid":
-        return f'{path}.backend: unknown backend "{ctx.get("tag")}" (choose one of: {", ".join(BACKENDS)})'
+        return f'{path}.backend: unknown backend "{ctx.get("tag")}" (choose one of: {choices})'
     if kind == "union_tag_not_found":
-        return f"{path}.backend: required key is missing (choose one of: {', '.join(BACKENDS)})"
+        return f"{path}.backend: required key is missing (choose one of: {choices})"
     if kind == "too_short" and loc[-1:] == ["layers"]:
         return f"{path}: needs at least one layer of agents"
     if kind == "too_short" and loc[-2:-1] == ["layers"]:
@@ -281,7 +282,8 @@ def _allowed_keys(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
     elif loc[:1] == ["models"] and len(loc) >= 3:
         model = raw.get("models", {}).get(loc[1], {})
         tag = model.get("backend") if isinstance(model, dict) else None
-        owner = {"llamacpp": LlamaCppModel, "fake": FakeModel}.get(str(tag))
+        by_tag: dict[str, type[BaseModel]] = {"llamacpp": LlamaCppModel, "fake": FakeModel}
+        owner = by_tag.get(str(tag))
     elif loc[:1] == ["ensembles"] and len(loc) == 3:
         owner = Ensemble
     elif loc[:1] == ["ensembles"] and len(loc) > 3:

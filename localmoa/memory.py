@@ -108,9 +108,7 @@ def read_gguf(path: Path) -> GGUFFacts:
     n_head = int(max(n_head_raw) if isinstance(n_head_raw, list) else n_head_raw)
     n_head_kv_raw = field(f"{arch}.attention.head_count_kv", n_head_raw)
     n_head_kv_total = (
-        int(sum(n_head_kv_raw))
-        if isinstance(n_head_kv_raw, list)
-        else int(n_head_kv_raw) * n_layer
+        int(sum(n_head_kv_raw)) if isinstance(n_head_kv_raw, list) else int(n_head_kv_raw) * n_layer
     )
     head_dim = n_embd // max(n_head, 1)
     tokens = reader.get_field("tokenizer.ggml.tokens")

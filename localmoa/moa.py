@@ -84,7 +84,9 @@ def build_request(
     if references is not None:
         numbered = "\n\n".join(f"{i}. {text.strip()}" for i, text in enumerate(references, 1))
         system_parts.append(f"{AGGREGATE_PROMPT}\n\n{numbered}")
-    messages = [ChatMessage(role="system", content="\n\n".join(system_parts))] if system_parts else []
+    messages = (
+        [ChatMessage(role="system", content="\n\n".join(system_parts))] if system_parts else []
+    )
     return ChatRequest(
         messages=[*messages, *turns], temperature=call.temperature, max_tokens=call.max_tokens
     )

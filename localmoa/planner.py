@@ -128,8 +128,10 @@ class _Planner:
         for k in range(len(stages) - 2, -1, -1):
             self.future[k] = self.future[k + 1] | self.demand[k + 1]
         self.next_use = [
-            [next((j for j in range(k + 1, len(stages)) if self.demand[j] >> i & 1), len(stages))
-             for i in range(len(names))]
+            [
+                next((j for j in range(k + 1, len(stages)) if self.demand[j] >> i & 1), len(stages))
+                for i in range(len(names))
+            ]
             for k in range(len(stages))
         ]
         self.pruned = False
@@ -196,10 +198,12 @@ class _Planner:
                 for keep in _submasks(loadable):
                     if (
                         feasible(new, carry, keep)
-                        and not any(feasible(new, carry | 1 << i, keep)
-                                    for i in _bits(keepable & ~carry))
-                        and not any(feasible(new, carry, keep | 1 << i)
-                                    for i in _bits(loadable & ~keep))
+                        and not any(
+                            feasible(new, carry | 1 << i, keep) for i in _bits(keepable & ~carry)
+                        )
+                        and not any(
+                            feasible(new, carry, keep | 1 << i) for i in _bits(loadable & ~keep)
+                        )
                     ):
                         yield carry, keep
             return
@@ -222,13 +226,24 @@ class _Planner:
         first = self.demand[k] & step.start
         rest = self.demand[k] & ~step.start & ~step.keep
         return self.pack(
-            self.budget - self.bytes_of(step.carry), self.bytes_of(first & ~step.carry),
-            first != 0, self.bytes_of(step.keep), step.keep != 0, rest, exact,
+            self.budget - self.bytes_of(step.carry),
+            self.bytes_of(first & ~step.carry),
+            first != 0,
+            self.bytes_of(step.keep),
+            step.keep != 0,
+            rest,
+            exact,
         )
 
     def _pack(
-        self, cap: int, first_fill: int, has_first: bool, last_fill: int, has_last: bool,
-        rest: int, exact: bool,
+        self,
+        cap: int,
+        first_fill: int,
+        has_first: bool,
+        last_fill: int,
+        has_last: bool,
+        rest: int,
+        exact: bool,
     ) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Fewest waves for the stage: bins of ``cap`` bytes, the first holding the resident
         runners (``first_fill``), the last the models kept for later (``last_fill``)."""
@@ -337,9 +352,7 @@ class _Planner:
         return [self.names[i] for i in _bits(mask)]
 
 
-def _ordered(
-    kinds: list[str], members: list[list[int]]
-) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _ordered(kinds: list[str], members: list[list[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Special first bin first, the kept-for-later bin last, plain bins between."""
     rank = {"first": 0, "both": 0, "plain": 1, "last": 2}
     pairs = sorted(zip(kinds, members, strict=True), key=lambda p: rank[p[0]])

@@ -67,13 +67,18 @@ class Progress:
             case CallFinished(call=call, record=record):
                 state = "ok" if record.ok else f"failed: {record.error}"
                 self.rows[(call.layer, call.index)] = [
-                    self._who(call), state, str(record.tokens), f"{record.seconds:.2f}s"
+                    self._who(call),
+                    state,
+                    str(record.tokens),
+                    f"{record.seconds:.2f}s",
                 ]
                 if self.live is None:
                     self.console.print(
                         f"  {self._who(call)}: {state}, {record.tokens} tokens, "
                         f"{record.seconds:.2f}s",
-                        markup=False, highlight=False, soft_wrap=True,
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
                     )
                 else:
                     self._refresh()

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
 
 GiB = 1 << 30
@@ -115,7 +114,9 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path: Path, case: str, exp
     elif case == "malformed toml":
         config = config.replace("[models.b]", "[models.b")
     elif case == "unknown key":
-        config = config.replace('backend = "fake"\nmemory', 'backend = "fake"\ncolour = 1\nmemory', 1)
+        config = config.replace(
+            'backend = "fake"\nmemory', 'backend = "fake"\ncolour = 1\nmemory', 1
+        )
     elif case in ("missing gguf", "corrupt gguf", "empty gguf"):
         name = case.split()[0] + ".gguf"
         if case == "corrupt gguf":
@@ -140,7 +141,9 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path: Path, case: str, exp
 
 
 def test_failed_run_exits_1_and_names_the_models(tmp_path: Path) -> None:
-    write_config(tmp_path, FAKE_THREE.replace('memory = "1GiB"', 'memory = "1GiB"\nfail = "no GPU"'))
+    write_config(
+        tmp_path, FAKE_THREE.replace('memory = "1GiB"', 'memory = "1GiB"\nfail = "no GPU"')
+    )
     out = localmoa("run", "q", "--memory-budget", "3GiB")
     assert out.returncode == 1
     assert "localmoa: run failed: every agent of layer 1 failed" in out.stderr

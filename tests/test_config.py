@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import write_config
+
 from localmoa.config import Agent, FakeModel, LlamaCppModel, find_config, load_config
 from localmoa.errors import ConfigError
 
@@ -51,9 +51,11 @@ def test_valid_file_parses_with_defaults_and_resolved_paths(tmp_path: Path) -> N
 
 
 def test_every_problem_is_listed_with_its_key_path(tmp_path: Path) -> None:
-    bad = GOOD.replace('n_ctx = 8192', 'n_ctxx = 8192').replace(
-        '"qwen", {model', '"qwen", {modle = "x", model'
-    ).replace('["qwen", "llama", "gemma"], [', '["qwen", "llama", "gemmma"], [')
+    bad = (
+        GOOD.replace("n_ctx = 8192", "n_ctxx = 8192")
+        .replace('"qwen", {model', '"qwen", {modle = "x", model')
+        .replace('["qwen", "llama", "gemma"], [', '["qwen", "llama", "gemmma"], [')
+    )
     bad = bad.replace('memory_budget = "12GiB"', 'memory_budget = "twelve"')
     with pytest.raises(ConfigError) as caught:
         load_config(write_config(tmp_path, bad))
@@ -61,7 +63,10 @@ def test_every_problem_is_listed_with_its_key_path(tmp_path: Path) -> None:
     assert message.startswith(f"{tmp_path / 'models.toml'}: 4 problems:")
     assert "models.qwen.n_ctxx: unknown key (allowed: backend, path, n_ctx," in message
     assert "ensembles.default.layers[1][1].modle: unknown key" in message
-    assert 'ensembles.default.layers[0][2]: unknown model "gemmma" (defined: gemma, llama, qwen)' in message
+    assert (
+        'ensembles.default.layers[0][2]: unknown model "gemmma" (defined: gemma, llama, qwen)'
+        in message
+    )
     assert "settings.memory_budget: not a size: 'twelve'" in message
 
 
@@ -69,7 +74,10 @@ def test_every_problem_is_listed_with_its_key_path(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ("x = [", "not valid TOML: "),
-        ('[models.a]\nbackend = "llamacp"\npath = "a"', 'models.a.backend: unknown backend "llamacp"'),
+        (
+            '[models.a]\nbackend = "llamacp"\npath = "a"',
+            'models.a.backend: unknown backend "llamacp"',
+        ),
         ('[models.a]\npath = "a"', "models.a.backend: required key is missing"),
         ('[models.a]\nbackend = "llamacpp"', "models.a.path: required key is missing"),
         ('[models.a]\nbackend = "fake"\nmemory = "-1GiB"', "models.a.memory: not a size"),
@@ -99,7 +107,9 @@ def test_bad_files_name_the_culprit(tmp_path: Path, text: str, expected: str) ->
 
 def test_unknown_ensemble_lists_the_defined_ones(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, GOOD))
-    with pytest.raises(ConfigError, match=r'no ensemble "fast" \(defined: default\); add \[ensembles.fast\]'):
+    with pytest.raises(
+        ConfigError, match=r'no ensemble "fast" \(defined: default\); add \[ensembles.fast\]'
+    ):
         config.ensemble("fast")
 
 
@@ -115,9 +125,11 @@ def test_lookup_order_flag_then_cwd_then_user_dir(tmp_path: Path) -> None:
 
 
 def test_missing_files_say_where_we_looked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no models.toml found .looked at .*models.toml and .*home"):
+    with pytest.raises(
+        ConfigError, match=r"no models.toml found .looked at .*models.toml and .*home"
+    ):
         find_config()
-    with pytest.raises(ConfigError, match="nope.toml does not exist; check the --config path"):
+    with pytest.raises(ConfigError, match=r"nope.toml does not exist; check the --config path"):
         find_config(tmp_path / "nope.toml")
 
 

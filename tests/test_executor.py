@@ -41,9 +41,7 @@ class CountingFake(FakeBackend):
 
 
 def fake_models(*names: str, **overrides: dict[str, Any]) -> dict[str, FakeModel]:
-    return {
-        n: FakeModel(backend="fake", memory=GiB, **overrides.get(n, {})) for n in names
-    }
+    return {n: FakeModel(backend="fake", memory=GiB, **overrides.get(n, {})) for n in names}
 
 
 async def run(
@@ -75,7 +73,7 @@ async def test_follows_the_plan_within_capacity_and_unloads_at_the_end() -> None
 
 
 async def test_later_layers_see_numbered_references_once() -> None:
-    result, backend = await run(THREE, fake_models("a", "b", "c"), 3 * GiB)
+    _, backend = await run(THREE, fake_models("a", "b", "c"), 3 * GiB)
     first = [r for n, r in backend.requests[:3]]
     later = [r for n, r in backend.requests[3:]]
     assert all(r.messages == QUESTION for r in first)
@@ -104,7 +102,7 @@ async def test_failed_proposer_is_left_out_and_never_quoted() -> None:
 async def test_a_layer_with_no_usable_answer_stops_the_run_and_unloads() -> None:
     models = fake_models("a", "b", "c", a={"fail": "boom"}, b={"fail": "bang"}, c={"reply": " "})
     backend = FakeBackend(capacity=3 * GiB)
-    with pytest.raises(LayerFailedError, match="every agent of layer 1 failed .*a.*boom.*b.*bang"):
+    with pytest.raises(LayerFailedError, match=r"every agent of layer 1 failed .*a.*boom.*b.*bang"):
         await run(THREE, models, 3 * GiB, backend)
     assert backend.resident == {}
 
@@ -159,4 +157,7 @@ async def test_cancelling_a_run_unloads_everything() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert backend.resident == {}
-    assert backend.events[-2:] in ([("unload", "b"), ("unload", "a")], [("unload", "a"), ("unload", "b")])
+    assert backend.events[-2:] in (
+        [("unload", "b"), ("unload", "a")],
+        [("unload", "a"), ("unload", "b")],
+    )

@@ -57,7 +57,16 @@ GUARD = textwrap.dedent(
 
 def test_a_whole_ensemble_runs_with_the_network_unreachable(tiny_config: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", GUARD, "run", "Is this private?", "--json", "--memory-budget", "1GiB"],
+        [
+            sys.executable,
+            "-c",
+            GUARD,
+            "run",
+            "Is this private?",
+            "--json",
+            "--memory-budget",
+            "1GiB",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,7 +6,14 @@ from localmoa.backends.base import Backend, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
 from localmoa.backends.llamacpp import LlamaCppBackend
 
-__all__ = ["Backend", "ChatMessage", "ChatRequest", "FakeBackend", "LlamaCppBackend", "default_backends"]
+__all__ = [
+    "Backend",
+    "ChatMessage",
+    "ChatRequest",
+    "FakeBackend",
+    "LlamaCppBackend",
+    "default_backends",
+]
 
 
 def default_backends() -> dict[str, Backend]:

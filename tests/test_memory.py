@@ -1,0 +1,70 @@
+"""Footprints from GGUF headers, and clear errors for files that are not usable models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from localmoa.errors import ModelFileError
+from localmoa.memory import estimate, kv_cache_bytes, read_gguf
+from localmoa.tinymodels import PRESETS
+
+
+def test_header_facts_match_what_was_written(tiny_models: dict[str, Path]) -> None:
+    spec = PRESETS["tiny-c"]
+    facts = read_gguf(tiny_models["tiny-c"])
+    assert facts.architecture == "llama"
+    assert (facts.n_layer, facts.n_embd, facts.n_head) == (spec.n_layer, spec.n_embd, spec.n_head)
+    assert facts.n_head_kv_total == spec.n_layer * spec.n_head_kv
+    assert facts.key_length == facts.value_length == spec.n_embd // spec.n_head
+    assert facts.n_vocab == spec.n_vocab and facts.n_ff == spec.n_ff
+    # F32 tensors: the tensor table is nearly the whole file (the rest is header and vocab).
+    size = tiny_models["tiny-c"].stat().st_size
+    assert 0.8 * size < facts.weights_bytes < size
+
+
+def test_kv_cache_is_k_and_v_for_every_kv_head_at_f16(tiny_models: dict[str, Path]) -> None:
+    spec = PRESETS["tiny-b"]
+    facts = read_gguf(tiny_models["tiny-b"])
+    head_dim = spec.n_embd // spec.n_head
+    assert kv_cache_bytes(facts, 1024) == 2 * spec.n_layer * spec.n_head_kv * head_dim * 1024 * 2
+    small, large = estimate(facts, n_ctx=512, n_batch=512), estimate(facts, n_ctx=4096, n_batch=512)
+    assert large.kv_cache == 8 * small.kv_cache and large.weights == small.weights
+    assert large.total > small.total
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "not a valid GGUF file"),
+        (b"hello, I am a text file, not a model\n" * 10, "not a valid GGUF file"),
+        (b"GGUF\x03\x00\x00\x00" + b"\xff" * 64, "not a valid GGUF file"),
+    ],
+)
+def test_unusable_files_are_model_file_errors(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=expected) as caught:
+        read_gguf(path)
+    assert str(path) in str(caught.value)
+
+
+def test_truncated_model_is_a_model_file_error(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    data = tiny_models["tiny-a"].read_bytes()
+    for cut in (len(data) // 2, 100):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ModelFileError, match="not a valid GGUF file"):
+            read_gguf(path)
+
+
+def test_missing_path_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"missing\.gguf: file not found"):
+        read_gguf(tmp_path / "missing.gguf")
+    with pytest.raises(ModelFileError, match="not a file"):
+        read_gguf(tmp_path)

@@ -1,0 +1,51 @@
+"""Who sees what: the messages each kind of agent sends."""
+
+from __future__ import annotations
+
+from localmoa.backends.base import ChatMessage
+from localmoa.config import Agent, Ensemble
+from localmoa.moa import AGGREGATE_PROMPT, build_request, calls_for, stages_of
+
+ENSEMBLE = Ensemble(
+    layers=[["a", "b"], ["a", Agent(model="b", system_prompt="Be brief.", temperature=0.1)]],
+    aggregator=Agent(model="c", max_tokens=99),
+    temperature=0.5,
+    max_tokens=10,
+)
+
+
+def test_calls_number_layers_and_put_the_aggregator_last() -> None:
+    stages = calls_for(ENSEMBLE)
+    assert [[(c.layer, c.index, c.model) for c in s] for s in stages] == [
+        [(1, 0, "a"), (1, 1, "b")],
+        [(2, 0, "a"), (2, 1, "b")],
+        [(3, 0, "c")],
+    ]
+    assert stages[1][1].temperature == 0.1 and stages[1][1].max_tokens == 10
+    assert stages[2][0].is_aggregator and stages[2][0].max_tokens == 99
+    assert stages_of(ENSEMBLE) == [["a", "b"], ["a", "b"], ["c"]]
+
+
+def test_first_layer_sees_the_conversation_alone() -> None:
+    conversation = [ChatMessage(role="user", content="hi")]
+    request = build_request(calls_for(ENSEMBLE)[0][0], conversation, None)
+    assert request.messages == conversation
+    assert request.temperature == 0.5 and request.max_tokens == 10
+
+
+def test_references_follow_the_agents_own_system_prompt_in_one_system_message() -> None:
+    conversation = [
+        ChatMessage(role="system", content="You are a tutor."),
+        ChatMessage(role="user", content="What is 2+2?"),
+        ChatMessage(role="assistant", content="4"),
+        ChatMessage(role="user", content="And 3+3?"),
+    ]
+    call = calls_for(ENSEMBLE)[1][1]
+    request = build_request(call, conversation, ["six", "  6  "])
+    system, *turns = request.messages
+    assert system.role == "system"
+    assert (
+        system.content == f"Be brief.\n\nYou are a tutor.\n\n{AGGREGATE_PROMPT}\n\n1. six\n\n2. 6"
+    )
+    assert turns == conversation[1:]
+    assert [m.role for m in request.messages].count("system") == 1
