@@ -3,19 +3,32 @@
     total = weights + kv_cache + compute
 
 - **weights**: the tensor table's bytes (every tensor's type and shape is in the header, so a
-  sparse or not-yet-read file is sized exactly).
-- **kv_cache**: ``2 · n_layer · n_head_kv · head_dim · n_ctx · bytes_per_element``. The 2 is K and
-  V; ``head_dim`` is ``attention.key_length``/``value_length`` when the model declares them (K
-  and V may differ), else ``n_embd / n_head``; per-layer ``head_count_kv`` arrays are summed over
-  layers. ``bytes_per_element`` is 2: llama-cpp-python's default cache type is f16. This is the
-  formula of Ollama's server estimate (``PredictServerVRAM``, llm/llama_server.go) corrected for
-  declared head sizes; sliding-window layers are counted at full context (an over-estimate).
-- **compute**: llama.cpp's compute buffers (graph activations for one micro-batch, plus the
-  logits/output buffer), see :func:`compute_bytes` for the formula and its calibration.
+  sparse or not-yet-read file is sized exactly). Equals llama.cpp's logged "model buffer".
+- **kv_cache**: ``2 · n_layer · n_head_kv · head_dim · n_ctx · 2``. The first 2 is K and V, the
+  last is f16, llama-cpp-python's default cache type. ``head_dim`` is ``attention.key_length`` /
+  ``value_length`` when declared (K and V may differ), else ``n_embd / n_head``; per-layer
+  ``head_count_kv`` arrays are summed. ``n_ctx`` is padded to llama.cpp's 256-cell granularity.
+  This is Ollama's server estimate (``PredictServerVRAM``, llm/llama_server.go) with declared head
+  sizes honoured; sliding-window layers count at full context (an over-estimate).
+- **compute**: everything llama.cpp allocates beside weights and cache, per context
+  (``ub = min(n_ctx, n_batch, 512)``, the micro-batch; llama-cpp-python's ``n_ubatch`` is 512):
+
+  - graph buffer ``ub · max(A, F, L) + 256 KiB``: ggml reuses memory across the graph, so it is
+    the largest phase, not a sum. Attention ``A = 4·n_ctx·(n_head+1) + 20·n_embd + 8·n_embd_kv``
+    (f32 scores of every head and the f32 mask), feed-forward
+    ``F = 12·n_ff + 4·n_ctx + 20·n_embd``, logits ``L = 4·n_vocab + 12·n_embd``;
+  - ggml's CPU work buffer ``ub · (2·max(n_embd, n_ff) + 2·n_ctx·n_head)`` (the scores as f16
+    for the product with V; not in llama.cpp's log, but in RSS);
+  - the output buffer ``4·n_vocab`` (one row of logits) and 8 MiB fixed per model (3-5 MiB
+    measured: context, sampler, thread pool).
+
+The constants were fitted by ``scripts/calibrate_memory.py`` on 99 shapes and contexts
+(n_embd 64-1024, n_ff to 8192, vocab to 65536, ctx 512-8192): the graph buffer formula is 1.00 to
+1.07 times what llama.cpp logs, never below. The whole sum is checked against process RSS by
+``scripts/bench_memory.py`` (README, "Memory estimate"). Flash attention (off by default in
+llama-cpp-python) would only shrink the buffers, so the estimate stays an upper bound.
 
 ``memory = "6GiB"`` in models.toml replaces the whole estimate, as-is.
-
-Checked against measurement by ``scripts/bench_memory.py`` (README, "Memory estimate").
 """
 
 from __future__ import annotations
@@ -27,10 +40,22 @@ from typing import Any, Literal
 
 from localmoa.errors import ModelFileError
 
-__all__ = ["Footprint", "GGUFFacts", "compute_bytes", "estimate", "kv_cache_bytes", "read_gguf"]
+__all__ = [
+    "Footprint",
+    "GGUFFacts",
+    "compute_bytes",
+    "estimate",
+    "kv_cache_bytes",
+    "padded_ctx",
+    "read_gguf",
+]
 
-KV_BYTES_PER_ELEMENT = 2  # f16 K and V caches, llama-cpp-python's default type_k/type_v
 MiB = 1 << 20
+KV_BYTES_PER_ELEMENT = 2  # f16 K and V caches, llama-cpp-python's default type_k/type_v
+CTX_PAD = 256  # llama.cpp pads n_ctx to a multiple of this
+N_UBATCH = 512  # llama-cpp-python's default micro-batch
+GRAPH_SLACK = MiB // 4  # covers ggml's rounding of the graph buffer
+FIXED_PER_MODEL = 8 * MiB  # context, sampler, thread pool: 3-5 MiB measured
 
 
 @dataclass(frozen=True)
@@ -137,20 +162,26 @@ def read_gguf(path: Path) -> GGUFFacts:
 def kv_cache_bytes(facts: GGUFFacts, n_ctx: int) -> int:
     """K and V for every layer's KV heads at ``n_ctx`` positions, f16."""
     per_position = facts.n_head_kv_total * (facts.key_length + facts.value_length)
-    return per_position * n_ctx * KV_BYTES_PER_ELEMENT
+    return per_position * padded_ctx(n_ctx) * KV_BYTES_PER_ELEMENT
+
+
+def padded_ctx(n_ctx: int) -> int:
+    """llama.cpp allocates the KV cache in cells of 256 positions."""
+    return _round_up(n_ctx, CTX_PAD)
 
 
 def compute_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
-    """llama.cpp's compute buffer plus output buffer for one context.
-
-    Placeholder formula until calibrated: activations of one micro-batch, the attention scores
-    for it over the whole context, and the logits of one batch row.
-    """
-    n_ubatch = min(n_batch, 512, n_ctx)
-    activations = 4 * n_ubatch * (3 * facts.n_embd + 2 * facts.n_ff)
-    scores = 4 * n_ubatch * n_ctx * facts.n_head
-    logits = 4 * facts.n_vocab * n_ubatch
-    return _round_up(activations + scores + logits, MiB)
+    """Graph, work and output buffers plus the fixed per-model cost (see module docstring)."""
+    ctx = padded_ctx(n_ctx)
+    ub = min(n_ctx, n_batch, N_UBATCH)
+    embd, ff, heads = facts.n_embd, facts.n_ff, facts.n_head
+    embd_kv = facts.n_head_kv_total // max(facts.n_layer, 1) * facts.key_length
+    attention = 4 * ctx * (heads + 1) + 20 * embd + 8 * embd_kv
+    feed_forward = 12 * ff + 4 * ctx + 20 * embd
+    logits = 4 * facts.n_vocab + 12 * embd
+    graph = ub * max(attention, feed_forward, logits) + GRAPH_SLACK
+    work = ub * (2 * max(embd, ff) + 2 * ctx * heads)
+    return graph + work + 4 * facts.n_vocab + FIXED_PER_MODEL
 
 
 def estimate(facts: GGUFFacts, *, n_ctx: int, n_batch: int) -> Footprint:

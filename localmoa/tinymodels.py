@@ -31,7 +31,7 @@ import gguf
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["PRESETS", "TinySpec", "write_tiny_model"]
+__all__ = ["BASE_VOCAB", "PRESETS", "TinySpec", "write_tiny_model"]
 
 _SPECIALS = ("<unk>", "<s>", "</s>")
 _WORDS = ("▁", "▁the", "▁a", "▁and", "▁of", "▁to", "▁is", "▁in")
@@ -92,7 +92,7 @@ class TinySpec:
 
 
 PRESETS: dict[str, TinySpec] = {
-    # Test fixtures: under 2 MB each, load in milliseconds; distinct seeds so agents differ.
+    # Test fixtures: 0.4-2 MB, load in milliseconds; distinct seeds so agents differ.
     "tiny-a": TinySpec(seed=0),
     "tiny-b": TinySpec(n_layer=2, n_embd=96, n_head=4, n_head_kv=2, n_ff=192, seed=1),
     "tiny-c": TinySpec(n_layer=3, n_embd=128, n_head=8, n_head_kv=4, n_ff=256, seed=2),
@@ -127,9 +127,7 @@ def write_tiny_model(path: str | os.PathLike[str], spec: TinySpec = TinySpec()) 
 
 
 def _add_metadata(writer: gguf.GGUFWriter, spec: TinySpec) -> None:
-    writer.add_name(
-        f"localmoa-tiny-{spec.n_layer}L-{spec.n_embd}d-v{spec.n_vocab}-seed{spec.seed}"
-    )
+    writer.add_name(f"localmoa-tiny-{spec.n_layer}L-{spec.n_embd}d-v{spec.n_vocab}-seed{spec.seed}")
     writer.add_description("random weights — output is noise (localmoa test model)")
     writer.add_context_length(spec.n_ctx_train)
     writer.add_embedding_length(spec.n_embd)

@@ -1,0 +1,95 @@
+"""The generated models are real GGUF files that llama.cpp loads and chats with."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import gguf
+import llama_cpp
+import pytest
+
+from localmoa.tinymodels import BASE_VOCAB, PRESETS, TinySpec, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-a.gguf", PRESETS["tiny-a"])
+
+
+def test_llama_cpp_chats_with_system_message(tiny_a: Path) -> None:
+    llm = llama_cpp.Llama(model_path=str(tiny_a), n_ctx=512, verbose=False, seed=1)
+    try:
+        chunks = cast(
+            "Iterator[dict[str, Any]]",
+            llm.create_chat_completion(
+                messages=[
+                    {"role": "system", "content": "You are terse."},
+                    {"role": "user", "content": "Say something."},
+                ],
+                max_tokens=16,
+                stream=True,
+            ),
+        )
+        reply = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    finally:
+        llm.close()
+    assert reply
+
+
+def test_same_spec_gives_same_bytes(tmp_path: Path) -> None:
+    spec = PRESETS["tiny-b"]
+    first = write_tiny_model(tmp_path / "1.gguf", spec).read_bytes()
+    second = write_tiny_model(tmp_path / "2.gguf", spec).read_bytes()
+    assert first == second
+
+
+def test_different_seeds_give_different_bytes(tmp_path: Path) -> None:
+    a = write_tiny_model(tmp_path / "a.gguf", TinySpec(seed=1)).read_bytes()
+    b = write_tiny_model(tmp_path / "b.gguf", TinySpec(seed=2)).read_bytes()
+    assert len(a) == len(b)
+    assert a != b
+
+
+@pytest.mark.parametrize("name", ["tiny-a", "tiny-c"])
+def test_header_declares_the_spec(tmp_path: Path, name: str) -> None:
+    spec = PRESETS[name]
+    reader = gguf.GGUFReader(write_tiny_model(tmp_path / "m.gguf", spec))
+
+    def scalar(key: str) -> object:
+        field = reader.fields[key]
+        return field.contents()
+
+    assert scalar("general.architecture") == "llama"
+    assert scalar("llama.block_count") == spec.n_layer
+    assert scalar("llama.embedding_length") == spec.n_embd
+    assert scalar("llama.feed_forward_length") == spec.n_ff
+    assert scalar("llama.attention.head_count") == spec.n_head
+    assert scalar("llama.attention.head_count_kv") == spec.n_head_kv
+    assert scalar("llama.context_length") == spec.n_ctx_train
+    assert "noise" in str(scalar("general.description"))
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == spec.n_vocab
+    assert sum(int(t.n_elements) for t in reader.tensors) == spec.n_params
+
+
+def test_padded_vocabulary(tmp_path: Path) -> None:
+    spec = dataclasses.replace(TinySpec(), n_vocab=BASE_VOCAB + 100)
+    reader = gguf.GGUFReader(write_tiny_model(tmp_path / "m.gguf", spec))
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert list(embd.shape) == [spec.n_embd, spec.n_vocab]  # GGUF order: fastest axis first
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n_embd": 66},  # 66 / 4 heads is not an integer
+        {"n_head_kv": 3},  # 4 heads do not group into 3
+        {"n_layer": 0},
+        {"n_vocab": BASE_VOCAB - 1},
+    ],
+)
+def test_invalid_spec_is_rejected(bad: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        TinySpec(**bad)
