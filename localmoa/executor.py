@@ -212,13 +212,16 @@ class Executor:
             self.on_event(CallStarted(call))
             began = time.perf_counter()
             pieces: list[str] = []
+            tokens = 0
             error: str | None = broken.get(call.model)
             if error is None:
                 request = build_request(call, conversation, references)
                 try:
-                    async for piece in self.backend(call.model).chat(call.model, request):
-                        pieces.append(piece)
-                        self.on_event(CallPiece(call, piece))
+                    async for delta in self.backend(call.model).chat(call.model, request):
+                        tokens += delta.tokens
+                        if delta.text:
+                            pieces.append(delta.text)
+                            self.on_event(CallPiece(call, delta.text))
                 except LocalMoaError as exc:
                     error = str(exc)
                 except Exception as exc:  # a runtime's own failure must not end the run
@@ -231,7 +234,7 @@ class Executor:
                 ok=error is None,
                 error=error,
                 seconds=time.perf_counter() - began,
-                tokens=len(pieces),
+                tokens=tokens,
                 text="".join(pieces),
             )
             self.on_event(CallFinished(call, record))

@@ -25,9 +25,10 @@ loaded (load time is proportional to bytes), then by fewer waves (more concurren
 stage come from an exact bin packing of the stage's loads around C, P (resident models that run
 first and then leave) and E.
 
-Beyond small ensembles the enumeration is capped: at most ``MAX_EXACT_BITS`` candidate models per
-boundary are enumerated exhaustively (else a few greedy choices: soonest next use, then smallest,
-are tried) and at most ``MAX_FRONTIER`` boundary states are kept. Whatever is pruned, a stage never
+Beyond small ensembles the enumeration is capped: a stage whose choices number more than
+``MAX_WORK`` in all (2 to the power of the models that could stay, summed over states) tries a few
+greedy choices per state instead (soonest next use first, as Belady's rule, then smallest first),
+and at most ``MAX_FRONTIER`` boundary states are kept. Whatever is pruned, a stage never
 costs more than |D_k| loads, so a plan always has ``loads ≤ Σ_k |D_k|``; ``Plan.optimal`` says
 whether nothing was pruned, in which case ``loads`` is the proven minimum.
 """
@@ -44,7 +45,7 @@ from localmoa.errors import BudgetError
 
 __all__ = ["Plan", "Wave", "format_bytes", "make_plan"]
 
-MAX_EXACT_BITS = 12
+MAX_WORK = 1 << 15
 MAX_FRONTIER = 256
 MAX_EXACT_PACK = 10
 
@@ -145,8 +146,12 @@ class _Planner:
         frontier: dict[int, tuple[Cost, tuple[_Step, ...]]] = {0: ((0, 0, 0), ())}
         for k in range(len(self.demand)):
             nxt: dict[int, tuple[Cost, tuple[_Step, ...]]] = {}
+            reach = self.demand[k] | self.future[k]
+            work = sum(1 << ((s | self.demand[k]) & self.future[k]).bit_count() for s in frontier)
+            exact = work <= MAX_WORK and reach.bit_count() <= 20
+            self.pruned |= not exact
             for start, (cost, steps) in frontier.items():
-                for step, (loads, loaded, waves) in self._choices(k, start):
+                for step, (loads, loaded, waves) in self._choices(k, start, exact):
                     total = (cost[0] + loads, cost[1] + loaded, cost[2] + waves)
                     end = step.carry | step.keep
                     if end not in nxt or total < nxt[end][0]:
@@ -172,10 +177,10 @@ class _Planner:
             del kept[MAX_FRONTIER:]
         return dict(kept)
 
-    def _choices(self, k: int, start: int) -> Iterator[tuple[_Step, Cost]]:
+    def _choices(self, k: int, start: int, exact: bool) -> Iterator[tuple[_Step, Cost]]:
         new = self.demand[k] & ~start
         loads, loaded = new.bit_count(), self.bytes_of(new)
-        for carry, keep in self._candidates(k, start, new):
+        for carry, keep in self._candidates(k, start, new, exact):
             step = _Step(start, carry, keep)
             # First-fit decreasing ranks the choices; the chosen path is packed exactly later.
             yield step, (loads, loaded, len(self._bins(k, step, exact=False)))
@@ -188,12 +193,12 @@ class _Planner:
         rest = new & ~keep
         return not rest or held + max(self.size[i] for i in _bits(rest)) <= self.budget
 
-    def _candidates(self, k: int, start: int, new: int) -> Iterator[tuple[int, int]]:
+    def _candidates(self, k: int, start: int, new: int, exact: bool) -> Iterator[tuple[int, int]]:
         """Maximal feasible (C, E) choices: a superset end state is never worse, so a choice
         that could take one more model without breaking feasibility is skipped."""
         keepable, loadable = start & self.future[k], new & self.future[k]
         feasible = self._feasible
-        if (keepable | loadable).bit_count() <= MAX_EXACT_BITS:
+        if exact:
             for carry in _submasks(keepable):
                 for keep in _submasks(loadable):
                     if (
@@ -208,7 +213,6 @@ class _Planner:
                         yield carry, keep
             return
         # Too many to enumerate: greedy picks, soonest next use first (Belady), then smallest.
-        self.pruned = True
         yield 0, 0
         for order in (
             lambda i: (self.next_use[k][i], self.size[i], i),

@@ -57,13 +57,10 @@ class Progress:
             case ModelUnloaded():
                 pass
             case CallStarted(call=call):
-                self.rows[(call.layer, call.index)] = [self._who(call), "running", "0", ""]
+                self.rows[(call.layer, call.index)] = [self._who(call), "running", "", ""]
                 self._refresh()
-            case CallPiece(call=call):
-                row = self.rows[(call.layer, call.index)]
-                row[2] = str(int(row[2]) + 1)
-                if self.live is not None and not call.is_aggregator:
-                    self._refresh()
+            case CallPiece():
+                pass
             case CallFinished(call=call, record=record):
                 state = "ok" if record.ok else f"failed: {record.error}"
                 self.rows[(call.layer, call.index)] = [

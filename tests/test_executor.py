@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from localmoa.backends.base import ChatMessage, ChatRequest
+from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
 from localmoa.config import Agent, Ensemble, FakeModel
 from localmoa.errors import LayerFailedError
@@ -29,7 +29,7 @@ class CountingFake(FakeBackend):
         self.most_at_once = 0
         self.most_per_model = 0
 
-    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[str]:
+    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
         self.active[name] = self.active.get(name, 0) + 1
         self.most_at_once = max(self.most_at_once, sum(self.active.values()))
         self.most_per_model = max(self.most_per_model, self.active[name])

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from localmoa.backends import llamacpp
 from localmoa.backends.base import ChatMessage, ChatRequest
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import LlamaCppModel
@@ -37,8 +40,8 @@ async def test_load_chat_measure_unload(tiny_models: dict[str, Path]) -> None:
     backend = LlamaCppBackend()
     await backend.load("a", model(tiny_models["tiny-a"]))
     assert backend.loaded() == ["a"]
-    pieces = [p async for p in backend.chat("a", REQUEST)]
-    assert pieces and len(pieces) <= 16
+    deltas = [d async for d in backend.chat("a", REQUEST)]
+    assert 1 <= sum(d.tokens for d in deltas) <= 16
     measured = backend.resident_bytes("a")
     facts = read_gguf(tiny_models["tiny-a"])
     assert measured is not None and measured >= facts.weights_bytes
@@ -56,26 +59,44 @@ async def test_two_models_stream_concurrently_without_touching_stdio(
         backend.load("b", model(tiny_models["tiny-b"])),
     )
 
-    async def answer(name: str) -> str:
-        return "".join([p async for p in backend.chat(name, REQUEST)])
+    async def tokens(name: str) -> int:
+        return sum([d.tokens async for d in backend.chat(name, REQUEST)])
 
-    a, b = await asyncio.gather(answer("a"), answer("b"))
-    assert a and b
+    a, b = await asyncio.gather(tokens("a"), tokens("b"))
+    assert a > 0 and b > 0
     assert (os.readlink("/proc/self/fd/1"), os.readlink("/proc/self/fd/2")) == before
     await backend.aclose()
     assert backend.loaded() == [] and worker_threads() == []
 
 
-async def test_closing_a_stream_early_stops_generation(tiny_models: dict[str, Path]) -> None:
+async def test_cancelling_a_stream_stops_generation_within_a_token(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generating = threading.Event()
+    real_stream = llamacpp._stream
+
+    def stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
+        def spy(input_ids: Any, scores: Any) -> Any:
+            generating.set()
+            return each_token(input_ids, scores)
+
+        return real_stream(llama, request, spy)
+
+    monkeypatch.setattr(llamacpp, "_stream", stream)
     backend = LlamaCppBackend()
     await backend.load("a", model(tiny_models["tiny-a"]))
-    long = REQUEST.model_copy(update={"max_tokens": 400})
-    stream = backend.chat("a", long)
-    got = [await anext(stream) for _ in range(3)]
-    await stream.aclose()  # returns once the worker has stopped
-    assert len(got) == 3
+    consumer = asyncio.create_task(
+        anext(backend.chat("a", REQUEST.model_copy(update={"max_tokens": 400})))
+    )
+    await asyncio.to_thread(generating.wait)  # the worker is sampling tokens
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    # Tokens in the context: the prompt (~70 byte tokens) and the few generated before the
+    # stop, nowhere near the 400 asked for.
+    assert backend._models["a"].llama.n_tokens < 200
     # The model is free again at once: a new call runs on the same worker.
-    assert [p async for p in backend.chat("a", REQUEST)]
+    assert [d async for d in backend.chat("a", REQUEST)]
     await backend.unload("a")
 
 

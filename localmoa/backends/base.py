@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
-__all__ = ["Backend", "ChatMessage", "ChatRequest"]
+__all__ = ["Backend", "ChatDelta", "ChatMessage", "ChatRequest"]
 
 
 class ChatMessage(BaseModel):
@@ -35,6 +35,18 @@ class ChatRequest(BaseModel):
     max_tokens: int = Field(gt=0)
 
 
+class ChatDelta(NamedTuple):
+    """A piece of a streamed answer and the tokens it took.
+
+    Text and tokens do not align one to one: a runtime may hold back a token that ends inside a
+    UTF-8 character (``tokens`` > 1 on the next piece), or end on tokens with no text
+    (``text`` = "").
+    """
+
+    text: str
+    tokens: int = 1
+
+
 class Backend(ABC):
     """Load, unload, chat (streamed), resident memory: everything localmoa needs of a runtime."""
 
@@ -47,10 +59,10 @@ class Backend(ABC):
         """Free model ``name``; when this returns its memory is released."""
 
     @abstractmethod
-    def chat(self, name: str, request: ChatRequest) -> AsyncIterator[str]:
-        """Stream the answer of loaded model ``name`` as text pieces, one per token.
+    def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        """Stream the answer of loaded model ``name``.
 
-        Closing the iterator early (a cancelled run) must stop generation promptly.
+        Closing the iterator early (a cancelled run) must stop generation within a token.
         """
 
     @abstractmethod

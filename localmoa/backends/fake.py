@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from localmoa.backends.base import Backend, ChatRequest
+from localmoa.backends.base import Backend, ChatDelta, ChatRequest
 from localmoa.config import FakeModel
 from localmoa.errors import BackendError
 
@@ -56,7 +56,7 @@ class FakeBackend(Backend):
         self._configs.pop(name)
         self.events.append(("unload", name))
 
-    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[str]:
+    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
         config = self._configs.get(name)
         if config is None:
             raise BackendError(name, "called while not loaded: the plan should never do this")
@@ -74,7 +74,7 @@ class FakeBackend(Backend):
         for i, word in enumerate(words[: request.max_tokens]):
             if config.seconds_per_token:
                 await asyncio.sleep(config.seconds_per_token)
-            yield word if i == len(words) - 1 else word + " "
+            yield ChatDelta(word if i == len(words) - 1 else word + " ")
 
     def resident_bytes(self, name: str) -> int | None:
         return self.resident.get(name)
