@@ -23,7 +23,7 @@ from localmoa.backends.base import ChatMessage
 from localmoa.config import Config, load_config
 from localmoa.ensemble import Prepared, prepare
 from localmoa.errors import LocalMoaError, UserError
-from localmoa.executor import CallPiece, Event, Executor, RunResult
+from localmoa.executor import CallFinished, CallPiece, Event, Executor, RunResult
 from localmoa.planner import format_bytes
 
 __all__ = ["cli", "main"]
@@ -105,18 +105,27 @@ async def _run(
 ) -> RunResult:
     from localmoa.progress import Progress
 
-    progress = Progress(_stderr(), show_layers=show_layers, n_waves=len(prepared.plan.waves))
+    progress = Progress(
+        _stderr(),
+        show_layers=show_layers,
+        n_waves=len(prepared.plan.waves),
+        n_layers=len(prepared.stages) - 1,
+    )
     streaming = False
 
     def on_event(event: Event) -> None:
         nonlocal streaming
-        progress(event)
         if isinstance(event, CallPiece) and event.call.is_aggregator and not quiet:
             if not streaming:
                 progress.pause()
                 streaming = True
             sys.stdout.write(event.text)
             sys.stdout.flush()
+        elif isinstance(event, CallFinished) and event.call.is_aggregator and streaming:
+            sys.stdout.write("\n")  # end the answer's line before stderr speaks again
+            sys.stdout.flush()
+            streaming = False
+        progress(event)
 
     executor = Executor(
         config.models,

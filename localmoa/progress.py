@@ -31,10 +31,11 @@ __all__ = ["Progress"]
 class Progress:
     """Turns executor events into stderr output; call :meth:`close` when the run ends."""
 
-    def __init__(self, console: Console, *, show_layers: bool, n_waves: int) -> None:
+    def __init__(self, console: Console, *, show_layers: bool, n_waves: int, n_layers: int) -> None:
         self.console = console
         self.show_layers = show_layers
         self.n_waves = n_waves
+        self.n_layers = n_layers
         self.rows: dict[tuple[int, int], list[str]] = {}
         self.swaps: list[str] = []
         self.live: Live | None = None
@@ -50,7 +51,8 @@ class Progress:
                     swap.append("unload " + ", ".join(wave.unload))
                 if wave.load:
                     swap.append("load " + ", ".join(wave.load))
-                line = f"wave {n + 1}/{self.n_waves} · layer {wave.layer}"
+                stage = "aggregator" if wave.layer > self.n_layers else f"layer {wave.layer}"
+                line = f"wave {n + 1}/{self.n_waves} · {stage}"
                 self._say(line + (": " + "; ".join(swap) if swap else ": models already resident"))
             case ModelLoaded(model=model, seconds=seconds):
                 self._say(f"  loaded {model} in {seconds:.2f}s")
@@ -80,8 +82,13 @@ class Progress:
                 else:
                     self._refresh()
                 if self.show_layers and not call.is_aggregator:
+                    body = record.text if record.ok else f"failed: {record.error}"
                     self.console.print(
-                        Panel(escape(record.text or "(no text)"), title=escape(self._who(call)))
+                        Panel(
+                            escape(body or "(empty answer)"),
+                            title=escape(self._who(call)),
+                            border_style="default" if record.ok else "red",
+                        )
                     )
 
     def pause(self) -> None:

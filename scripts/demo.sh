@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The quickstart demo: three tiny random-weight models, a 2-layer ensemble, its plan, its answer.
+#
+# The models are generated here (nothing is downloaded); llama.cpp really loads and runs them,
+# but their weights are random, so every answer is noise. The plan, the swaps, the streaming and
+# the memory accounting are the real thing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+
+demo=.localmoa-demo
+.venv/bin/python scripts/make_tiny_models.py "$demo/models" >/dev/null
+cat >"$demo/models.toml" <<'TOML'
+# Written by scripts/demo.sh. The budget holds two of the three models, so the plan must swap.
+[settings]
+memory_budget = "110MiB"
+
+[models.tiny-a]
+backend = "llamacpp"
+path = "models/tiny-a.gguf"
+n_ctx = 2048
+
+[models.tiny-b]
+backend = "llamacpp"
+path = "models/tiny-b.gguf"
+n_ctx = 2048
+
+[models.tiny-c]
+backend = "llamacpp"
+path = "models/tiny-c.gguf"
+n_ctx = 2048
+
+[ensembles.default]
+layers = [["tiny-a", "tiny-b", "tiny-c"], ["tiny-a", "tiny-b", "tiny-c"]]
+aggregator = "tiny-c"
+max_tokens = 48
+TOML
+
+echo
+echo "== localmoa plan: who is resident together, before anything loads"
+.venv/bin/localmoa plan --config "$demo/models.toml"
+echo
+echo "== localmoa run: progress on stderr, the aggregator's answer streamed to stdout"
+echo "   (random weights: the text below is noise; the machinery around it is real)"
+.venv/bin/localmoa run --config "$demo/models.toml" "Why would anyone run language models locally?"
+echo
+echo "Use your own GGUF models: see 'Your own models' in README.md."
