@@ -137,6 +137,7 @@ class _Planner:
         ]
         self.pruned = False
         self.bytes_of = cache(self._bytes)
+        self.largest = cache(lambda mask: max((self.size[i] for i in _bits(mask)), default=0))
         self.pack = cache(self._pack)
 
     def _bytes(self, mask: int) -> int:
@@ -190,8 +191,7 @@ class _Planner:
         held = self.bytes_of(carry)
         if held + self.bytes_of(keep) > self.budget:
             return False
-        rest = new & ~keep
-        return not rest or held + max(self.size[i] for i in _bits(rest)) <= self.budget
+        return held + self.largest(new & ~keep) <= self.budget
 
     def _candidates(self, k: int, start: int, new: int, exact: bool) -> Iterator[tuple[int, int]]:
         """Maximal feasible (C, E) choices: a superset end state is never worse, so a choice
