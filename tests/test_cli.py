@@ -150,6 +150,26 @@ def test_failed_run_exits_1_and_names_the_models(tmp_path: Path) -> None:
     assert 'model "a": no GPU' in out.stderr and "Traceback" not in out.stderr
 
 
+def interrupt_when(line_marker: str, *args: str) -> tuple[int, str]:
+    """Start `localmoa ARGS`, send SIGINT once stderr shows ``line_marker``, return (rc, stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "localmoa", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line_marker in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    return process.returncode, "".join(seen) + err
+
+
 def test_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
     long_reply = "word " * 200
     write_config(
@@ -158,18 +178,15 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
             'memory = "1GiB"', f'memory = "1GiB"\nseconds_per_token = 0.05\nreply = "{long_reply}"'
         ),
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "localmoa", "run", "q", "--memory-budget", "3GiB"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert process.stderr is not None
-    for line in process.stderr:  # wait until the models are loaded and calls run
-        if "loaded c" in line:
-            break
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=30)
-    assert process.returncode == 130
+    code, err = interrupt_when("loaded c", "run", "q", "--memory-budget", "3GiB")
+    assert code == 130
     assert "interrupted; every model was unloaded" in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_llama_cpp_generates(tiny_config: Path) -> None:
+    config = tiny_config.read_text().replace("max_tokens = 24", "max_tokens = 8000")
+    tiny_config.write_text(config.replace("n_ctx = 2048", "n_ctx = 8192"))
+    code, err = interrupt_when("loaded tiny-c", "run", "q", "--memory-budget", "4GiB")
+    assert code == 130
+    assert "interrupted; every model was unloaded" in err and "Traceback" not in err
+    assert "calls (" not in err  # it really was cut short, not finished

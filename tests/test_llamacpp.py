@@ -123,3 +123,17 @@ def test_estimate_covers_what_llama_cpp_reports(tiny_models: dict[str, Path]) ->
         predicted = estimate(read_gguf(path), n_ctx=512, n_batch=512).total
         assert measured is not None
         assert measured <= predicted, f"{path.name}: estimate {predicted} < buffers {measured}"
+
+
+async def test_prompt_longer_than_the_context_says_what_to_raise(
+    tiny_models: dict[str, Path],
+) -> None:
+    backend = LlamaCppBackend()
+    await backend.load("a", model(tiny_models["tiny-a"]))
+    long = ChatRequest(
+        messages=[ChatMessage(role="user", content="x" * 2000)], temperature=0.7, max_tokens=8
+    )
+    with pytest.raises(BackendError, match=r"exceed context window of 512; raise n_ctx of \[models\.a\]"):
+        async for _ in backend.chat("a", long):
+            pass
+    await backend.unload("a")

@@ -201,7 +201,10 @@ class LlamaCppBackend(Backend):
             while True:
                 kind, value = await queue.get()
                 if kind == "error":
-                    raise BackendError(name, f"generation failed: {value}") from value
+                    hint = ""
+                    if "exceed context window" in str(value):
+                        hint = f"; raise n_ctx of [models.{name}] or lower max_tokens"
+                    raise BackendError(name, f"generation failed: {value}{hint}") from value
                 if kind == "done":
                     if value.tokens:
                         yield value
