@@ -34,20 +34,24 @@ llama-cpp-python) would only shrink the buffers, so the estimate stays an upper 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from localmoa.errors import ModelFileError
+from localmoa.ggufheader import ArrayInfo, read_header
 
 __all__ = [
     "Footprint",
     "GGUFFacts",
     "compute_bytes",
     "estimate",
+    "graph_bytes",
     "kv_cache_bytes",
     "padded_ctx",
     "read_gguf",
+    "work_bytes",
 ]
 
 MiB = 1 << 20
@@ -97,52 +101,40 @@ class Footprint:
 
 def read_gguf(path: Path) -> GGUFFacts:
     """Read the header facts of a GGUF file; ModelFileError if it is missing or not usable."""
-    from gguf import GGUFReader  # imported here: numpy + gguf cost ~100 ms, only needed here
-
     if not path.exists():
         raise ModelFileError(f"{path}: file not found; check the model's path in models.toml")
     if not path.is_file():
         raise ModelFileError(f"{path}: not a file; point the model's path at a .gguf file")
     try:
-        reader = GGUFReader(path, "r")
+        header = read_header(path)
     except PermissionError as exc:
         raise ModelFileError(f"{path}: cannot read: {exc.strerror}") from None
-    except Exception as exc:  # gguf raises ValueError, IndexError, struct errors on bad input
+    except (OSError, ValueError, KeyError, struct.error) as exc:
         raise ModelFileError(
-            f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc}); the file may be "
-            "truncated or not a model: download or convert it again"
-        ) from exc
-
-    def field(key: str, default: Any = None) -> Any:
-        found = reader.get_field(key)
-        return default if found is None else found.contents()
-
-    arch = field("general.architecture")
+            f"{path}: not a valid GGUF file ({exc}); the file may be truncated or not a "
+            "model: download or convert it again"
+        ) from None
+    meta = header.metadata
+    arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         raise ModelFileError(f"{path}: GGUF header has no general.architecture; not a model file")
 
-    def required(key: str) -> Any:
-        value = field(f"{arch}.{key}")
+    def number(key: str, default: int | None = None) -> int:
+        """A per-model number; per-layer lists count at their largest (an upper bound)."""
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ModelFileError(f"{path}: GGUF header lacks {arch}.{key}; cannot size the model")
-        return value
+        return int(max(value) if isinstance(value, list) else value)
 
-    n_layer = int(required("block_count"))
-    n_embd = int(required("embedding_length"))
-    n_head_raw = required("attention.head_count")
-    n_head = int(max(n_head_raw) if isinstance(n_head_raw, list) else n_head_raw)
-    n_head_kv_raw = field(f"{arch}.attention.head_count_kv", n_head_raw)
-    n_head_kv_total = (
-        int(sum(n_head_kv_raw)) if isinstance(n_head_kv_raw, list) else int(n_head_kv_raw) * n_layer
+    n_layer, n_embd, n_head = (
+        number("block_count"),
+        number("embedding_length"),
+        number("attention.head_count"),
     )
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_head)
+    n_head_kv_total = int(sum(kv_heads)) if isinstance(kv_heads, list) else int(kv_heads) * n_layer
     head_dim = n_embd // max(n_head, 1)
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    n_vocab = int(field(f"{arch}.vocab_size", 0) or (len(tokens.data) if tokens else 0))
-    n_ff_raw = field(f"{arch}.feed_forward_length", 4 * n_embd)
-    try:
-        weights = sum(int(t.n_bytes) for t in reader.tensors)
-    except Exception as exc:
-        raise ModelFileError(f"{path}: unreadable tensor table ({exc})") from exc
+    tokens = meta.get("tokenizer.ggml.tokens")
     return GGUFFacts(
         path=path,
         architecture=arch,
@@ -150,12 +142,12 @@ def read_gguf(path: Path) -> GGUFFacts:
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv_total=n_head_kv_total,
-        key_length=int(field(f"{arch}.attention.key_length", head_dim)),
-        value_length=int(field(f"{arch}.attention.value_length", head_dim)),
-        n_ff=int(max(n_ff_raw) if isinstance(n_ff_raw, list) else n_ff_raw),
-        n_vocab=n_vocab,
-        n_ctx_train=int(field(f"{arch}.context_length", 0)),
-        weights_bytes=weights,
+        key_length=number("attention.key_length", head_dim),
+        value_length=number("attention.value_length", head_dim),
+        n_ff=number("feed_forward_length", 4 * n_embd),
+        n_vocab=number("vocab_size", tokens.length if isinstance(tokens, ArrayInfo) else 0),
+        n_ctx_train=number("context_length", 0),
+        weights_bytes=sum(header.tensor_bytes.values()),
     )
 
 
@@ -170,18 +162,30 @@ def padded_ctx(n_ctx: int) -> int:
     return _round_up(n_ctx, CTX_PAD)
 
 
-def compute_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
-    """Graph, work and output buffers plus the fixed per-model cost (see module docstring)."""
-    ctx = padded_ctx(n_ctx)
-    ub = min(n_ctx, n_batch, N_UBATCH)
-    embd, ff, heads = facts.n_embd, facts.n_ff, facts.n_head
+def graph_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
+    """llama.cpp's compute ("graph") buffer plus its output row, as llama.cpp logs them."""
+    ctx, ub = padded_ctx(n_ctx), _micro_batch(n_ctx, n_batch)
+    embd, heads = facts.n_embd, facts.n_head
     embd_kv = facts.n_head_kv_total // max(facts.n_layer, 1) * facts.key_length
     attention = 4 * ctx * (heads + 1) + 20 * embd + 8 * embd_kv
-    feed_forward = 12 * ff + 4 * ctx + 20 * embd
+    feed_forward = 12 * facts.n_ff + 4 * ctx + 20 * embd
     logits = 4 * facts.n_vocab + 12 * embd
-    graph = ub * max(attention, feed_forward, logits) + GRAPH_SLACK
-    work = ub * (2 * max(embd, ff) + 2 * ctx * heads)
-    return graph + work + 4 * facts.n_vocab + FIXED_PER_MODEL
+    return ub * max(attention, feed_forward, logits) + GRAPH_SLACK + 4 * facts.n_vocab
+
+
+def work_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
+    """ggml's CPU work buffer, which llama.cpp does not log but RSS shows."""
+    ctx, ub = padded_ctx(n_ctx), _micro_batch(n_ctx, n_batch)
+    return ub * (2 * max(facts.n_embd, facts.n_ff) + 2 * ctx * facts.n_head)
+
+
+def compute_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
+    """Everything beside weights and KV cache (see the module docstring)."""
+    return graph_bytes(facts, n_ctx, n_batch) + work_bytes(facts, n_ctx, n_batch) + FIXED_PER_MODEL
+
+
+def _micro_batch(n_ctx: int, n_batch: int) -> int:
+    return min(n_ctx, n_batch, N_UBATCH)
 
 
 def estimate(facts: GGUFFacts, *, n_ctx: int, n_batch: int) -> Footprint:

@@ -17,8 +17,16 @@ import time
 from localmoa.planner import make_plan
 
 GiB = 1 << 30
-FOOTPRINTS = {"qwen7b": 5.4, "llama8b": 5.8, "gemma9b": 6.9, "mistral7b": 5.1,
-              "phi4": 9.1, "qwen3b": 2.4, "llama3b": 2.6, "qwen14b": 9.6}
+FOOTPRINTS = {
+    "qwen7b": 5.4,
+    "llama8b": 5.8,
+    "gemma9b": 6.9,
+    "mistral7b": 5.1,
+    "phi4": 9.1,
+    "qwen3b": 2.4,
+    "llama3b": 2.6,
+    "qwen14b": 9.6,
+}
 
 
 def cases() -> list[tuple[str, list[list[str]], dict[str, int], int]]:
@@ -47,8 +55,10 @@ def main() -> None:
             plan = make_plan(stages, sizes, budget)
             times.append((time.perf_counter() - began) * 1000)
         p95 = statistics.quantiles(times, n=20)[-1]
-        print(f"{name:44} {statistics.median(times):9.2f} {p95:8.2f} {plan.loads:5} "
-              f"{plan.lower_bound:5}  {plan.optimal}")
+        print(
+            f"{name:44} {statistics.median(times):9.2f} {p95:8.2f} {plan.loads:5} "
+            f"{plan.lower_bound:5}  {plan.optimal}"
+        )
 
 
 if __name__ == "__main__":

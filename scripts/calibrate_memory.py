@@ -183,9 +183,9 @@ def run_buffers(workdir: Path, flash_attn: bool) -> None:
     fa = "on (measured only: localmoa's estimate assumes it off)" if flash_attn else "off"
     print(
         "kv: logged vs memory.kv_cache_bytes (must be equal). est: memory.compute_bytes = graph\n"
-        "+ work + output + fixed; llama.cpp logs only graph (compute) + output, so ratio =\n"
-        "est / (compute + output) and extra = est - (compute + output), the unlogged work\n"
-        f"buffer + fixed cost (checked by `rss`). flash attention {fa}.\n"
+        "+ output + work + fixed; llama.cpp logs only graph (compute) + output, so ratio =\n"
+        "memory.graph_bytes / (compute + output) and extra = est - (compute + output), the\n"
+        f"unlogged work buffer + fixed cost (checked by `rss`). flash attention {fa}.\n"
     )
     print(
         f"{'L':>2} {'E':>5} {'H':>3} {'KV':>3} {'F':>5} {'V':>6} {'ctx':>5} {'ub':>5} "
@@ -206,7 +206,7 @@ def run_buffers(workdir: Path, flash_attn: bool) -> None:
             assert abs(m.kv - kv) < 0.02, (m.kv, kv)
             est = memory.compute_bytes(facts, ctx.n_ctx, ctx.n_batch) / MiB
             logged = m.compute + m.output
-            ratio = est / logged
+            ratio = memory.graph_bytes(facts, ctx.n_ctx, ctx.n_batch) / MiB / logged
             lo, hi = min(lo, ratio), max(hi, ratio)
             flag = "  UNDER" if ratio < 1 else ""
             print(
@@ -217,7 +217,7 @@ def run_buffers(workdir: Path, flash_attn: bool) -> None:
                 flush=True,
             )
     print(
-        f"localmoa compute / logged compute + output: min {lo:.2f}, max {hi:.2f} "
+        f"localmoa graph_bytes / logged compute + output: min {lo:.2f}, max {hi:.2f} "
         f"(flash_attn {'on' if flash_attn else 'off'}; < 1.00 means an under-estimate)"
     )
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import pytest
 
 from localmoa.errors import ModelFileError
 from localmoa.memory import estimate, kv_cache_bytes, read_gguf
-from localmoa.tinymodels import PRESETS
+from localmoa.tinymodels import PRESETS, write_header_only
 
 
 def test_header_facts_match_what_was_written(tiny_models: dict[str, Path]) -> None:
@@ -68,3 +69,18 @@ def test_missing_path_and_directory(tmp_path: Path) -> None:
         read_gguf(tmp_path / "missing.gguf")
     with pytest.raises(ModelFileError, match="not a file"):
         read_gguf(tmp_path)
+
+
+def test_lean_header_reader_agrees_with_gguf_reader(tiny_models: dict[str, Path]) -> None:
+    for path in tiny_models.values():
+        reader = gguf.GGUFReader(path)
+        facts = read_gguf(path)
+        assert facts.weights_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+        assert facts.n_vocab == len(reader.fields["tokenizer.ggml.tokens"].data)
+        assert facts.n_ctx_train == reader.fields["llama.context_length"].contents()
+
+
+def test_header_without_its_tensor_data_is_truncated(tmp_path: Path) -> None:
+    path = write_header_only(tmp_path / "partial.gguf", PRESETS["tiny-a"], sparse_size=False)
+    with pytest.raises(ModelFileError, match="truncated"):
+        read_gguf(path)
