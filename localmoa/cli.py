@@ -24,7 +24,7 @@ from localmoa.config import Config, load_config
 from localmoa.ensemble import Prepared, prepare
 from localmoa.errors import LocalMoaError, UserError
 from localmoa.executor import CallFinished, CallPiece, Event, Executor, RunResult
-from localmoa.planner import format_bytes
+from localmoa.sizes import format_bytes
 
 __all__ = ["cli", "main"]
 

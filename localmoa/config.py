@@ -22,18 +22,17 @@ import platformdirs
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ByteSize,
     ConfigDict,
     Field,
     NonNegativeFloat,
     PositiveInt,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from localmoa.errors import ConfigError
+from localmoa.sizes import parse_size
 
 __all__ = [
     "Agent",
@@ -53,19 +52,8 @@ CONFIG_NAME = "models.toml"
 
 
 def _size(value: Any) -> Any:
-    """A byte size from "12GiB", "512MB" or a plain integer of bytes; "auto" passes through."""
-    if value == "auto" or isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and value > 0:
-        return int(value)
-    if isinstance(value, str):
-        try:
-            size = int(TypeAdapter(ByteSize).validate_python(value))
-        except ValidationError:
-            size = 0
-        if size > 0:
-            return size
-    raise ValueError(f'not a size: {value!r} (write e.g. "512MiB" or "12GiB")')
+    """Sizes as people write them; "auto" passes through to the field that allows it."""
+    return value if value == "auto" else parse_size(value)
 
 
 Size = Annotated[int, BeforeValidator(_size)]

@@ -27,11 +27,12 @@ import sys
 from typing import Literal
 
 import psutil
-from pydantic import BaseModel, ByteSize, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
 from localmoa.errors import BudgetError
+from localmoa.sizes import parse_size
 
-__all__ = ["Budget", "detect_budget", "parse_budget", "resolve_budget"]
+__all__ = ["Budget", "detect_budget", "resolve_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,13 @@ def margin(device_bytes: int) -> int:
     return max(MARGIN_MIN, int(device_bytes * MARGIN_FRACTION))
 
 
-def parse_budget(text: str, *, where: str) -> int:
-    """A size such as "12GiB" or "512MB" in bytes, or a BudgetError naming ``where``."""
-    try:
-        value = int(TypeAdapter(ByteSize).validate_python(text))
-    except ValidationError:
-        raise BudgetError(
-            f'{where}: not a size: "{text}" (write e.g. "12GiB", "512MiB" or "auto")'
-        ) from None
-    if value <= 0:
-        raise BudgetError(f'{where}: the memory budget must be positive, got "{text}"')
-    return value
-
-
 def resolve_budget(flag: str | None, setting: int | Literal["auto"]) -> Budget:
     """``--memory-budget`` beats ``settings.memory_budget``; "auto" detects the device."""
     if flag is not None and flag != "auto":
-        size = parse_budget(flag, where="--memory-budget")
+        try:
+            size = parse_size(flag)
+        except ValueError as exc:
+            raise BudgetError(f"--memory-budget: {exc}") from None
         return Budget(bytes=size, source="flag", detail="--memory-budget")
     if flag is None and setting != "auto":
         if setting <= 0:

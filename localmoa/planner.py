@@ -42,8 +42,9 @@ from functools import cache
 from pydantic import BaseModel, Field
 
 from localmoa.errors import BudgetError
+from localmoa.sizes import format_bytes
 
-__all__ = ["Plan", "Wave", "format_bytes", "make_plan"]
+__all__ = ["Plan", "Wave", "make_plan"]
 
 MAX_WORK = 1 << 15
 MAX_FRONTIER = 256
@@ -70,16 +71,6 @@ class Plan(BaseModel):
     optimal: bool = Field(description="loads is the proven minimum (the search was not pruned)")
     bytes_loaded: int
     waves: list[Wave]
-
-
-def format_bytes(n: int) -> str:
-    """Human-readable binary size: 1536 -> '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ CORRUPT = b"GGUF\x03\x00\x00\x00" + b"\xff" * 40
         ("empty gguf", "empty.gguf: not a valid GGUF file"),
         ("too large", 'model "a" needs 1.0 GiB but the memory budget is 512.0 MiB'),
         ("missing config", "no models.toml found"),
-        ("bad budget flag", '--memory-budget: not a size: "lots"'),
+        ("bad budget flag", "--memory-budget: not a size: 'lots'"),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_message(tmp_path: Path, case: str, expected: str) -> None:

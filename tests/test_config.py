@@ -81,6 +81,7 @@ def test_every_problem_is_listed_with_its_key_path(tmp_path: Path) -> None:
         ('[models.a]\npath = "a"', "models.a.backend: required key is missing"),
         ('[models.a]\nbackend = "llamacpp"', "models.a.path: required key is missing"),
         ('[models.a]\nbackend = "fake"\nmemory = "-1GiB"', "models.a.memory: not a size"),
+        ('[models.a]\nbackend = "fake"\nmemory = true', "models.a.memory: not a size: True"),
         ("[settings]\n", "models: no models defined"),
         ('[model.a]\nbackend = "fake"', "model: unknown key (top-level tables are [settings]"),
         (
