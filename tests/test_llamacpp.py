@@ -133,7 +133,9 @@ async def test_prompt_longer_than_the_context_says_what_to_raise(
     long = ChatRequest(
         messages=[ChatMessage(role="user", content="x" * 2000)], temperature=0.7, max_tokens=8
     )
-    with pytest.raises(BackendError, match=r"exceed context window of 512; raise n_ctx of \[models\.a\]"):
+    with pytest.raises(
+        BackendError, match=r"exceed context window of 512; raise n_ctx of \[models\.a\]"
+    ):
         async for _ in backend.chat("a", long):
             pass
     await backend.unload("a")
