@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.errors import BackendError, LayerFailedError, LocalMoaError
 from localmoa.moa import Call, build_request
-from localmoa.planner import Plan, Wave
+from localmoa.planner import Plan, Wave, make_plan
 
 __all__ = [
     "CallFinished",
@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+REPLAN_SLACK = 0.10
 
 
 class CallRecord(BaseModel):
@@ -67,6 +69,8 @@ class RunResult(BaseModel):
     answer: str
     calls: list[CallRecord]
     loads: int
+    replans: int = 0
+    """Times the rest of the run was planned again after a measurement (see Executor.run)."""
     plan: Plan
     seconds: float
 
@@ -120,8 +124,11 @@ class Executor:
         max_parallel_calls: int | None = None,
         max_calls_per_second: int | None = None,
         on_event: Callable[[Event], None] | None = None,
+        sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.models = models
+        self.sizes = sizes
+        """The footprints the plan was made with; given, measurements can re-plan the run."""
         self.backends = backends
         self.on_event = on_event or (lambda event: None)
         self._slots = asyncio.Semaphore(max_parallel_calls) if max_parallel_calls else None
@@ -134,40 +141,69 @@ class Executor:
     async def run(
         self, stages: Sequence[Sequence[Call]], plan: Plan, conversation: list[ChatMessage]
     ) -> RunResult:
-        """Run every call of ``stages`` as ``plan`` schedules them; the last stage's answer wins."""
+        """Run every call of ``stages`` as ``plan`` schedules them; the last stage's answer wins.
+
+        When a backend measures a loaded model (Ollama does) and the figure is larger than the
+        plan assumed, or much smaller, the rest of the run is planned again from what is resident
+        now, with the measurement in place of the estimate.
+        """
         started = time.perf_counter()
-        last_wave = {w.layer: i for i, w in enumerate(plan.waves)}
+        sizes = dict(self.sizes) if self.sizes is not None else None
+        pending = [list(stage) for stage in stages]  # calls not run yet, by stage
+        current, base, number = plan, 0, 0  # the plan followed, its first stage, waves done
         resident: list[str] = []
         broken: dict[str, str] = {}  # model -> why its load failed
         records: list[CallRecord] = []
         references: list[str] | None = None
-        loads = 0
+        loads = replans = 0
         try:
-            for number, wave in enumerate(plan.waves):
-                self.on_event(WaveStarted(number, wave))
-                for model in wave.unload:
-                    if model in resident:
-                        resident.remove(model)
-                        await self.backend(model).unload(model)
-                        self.on_event(ModelUnloaded(model))
-                for model in wave.load:
-                    began = time.perf_counter()
-                    try:
-                        await self.backend(model).load(model, self.models[model])
-                    except BackendError as exc:
-                        broken[model] = str(exc)
-                        continue
-                    loads += 1
-                    resident.append(model)
-                    measured = self.backend(model).resident_bytes(model)
-                    self.on_event(ModelLoaded(model, time.perf_counter() - began, measured))
-                runs = set(wave.runs)
-                calls = [c for c in stages[wave.layer - 1] if c.model in runs]
-                records += await asyncio.gather(
-                    *(self._call(c, conversation, references, broken) for c in calls)
+            while True:
+                replan = False
+                for wave in current.waves:
+                    stage = base + wave.layer - 1
+                    shown = wave if base == 0 else wave.model_copy(update={"layer": stage + 1})
+                    self.on_event(WaveStarted(number, shown))
+                    number += 1
+                    for model in wave.unload:
+                        if model in resident:
+                            resident.remove(model)
+                            await self.backend(model).unload(model)
+                            self.on_event(ModelUnloaded(model))
+                    for model in wave.load:
+                        began = time.perf_counter()
+                        try:
+                            await self.backend(model).load(model, self.models[model])
+                        except BackendError as exc:
+                            broken[model] = str(exc)
+                            continue
+                        loads += 1
+                        resident.append(model)
+                        measured = self.backend(model).resident_bytes(model)
+                        self.on_event(ModelLoaded(model, time.perf_counter() - began, measured))
+                        replan |= self._remeasure(model, measured, sizes)
+                    runs = set(wave.runs)
+                    calls = [c for c in pending[stage] if c.model in runs]
+                    pending[stage] = [c for c in pending[stage] if c.model not in runs]
+                    records += await asyncio.gather(
+                        *(self._call(c, conversation, references, broken) for c in calls)
+                    )
+                    if not pending[stage]:
+                        final = stage == len(stages) - 1
+                        references = self._usable(stage + 1, records, final=final)
+                    if replan and any(pending):
+                        break
+                else:
+                    break  # the plan ran to its end
+                assert sizes is not None  # _remeasure only asks for a re-plan with sizes
+                base = next(k for k, calls in enumerate(pending) if calls)
+                replans += 1
+                current = make_plan(
+                    [[c.model for c in stage] for stage in pending[base:]],
+                    sizes,
+                    plan.budget_bytes,
+                    resident=resident,
                 )
-                if last_wave[wave.layer] == number:
-                    references = self._usable(wave.layer, records, final=wave.layer == len(stages))
+                log.info("re-planned the rest of the run with measured sizes (%d)", replans)
         finally:
             # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
             await asyncio.shield(self._unload_all(resident))
@@ -176,9 +212,18 @@ class Executor:
             answer=answer,
             calls=sorted(records, key=lambda r: (r.layer, r.index)),
             loads=loads,
+            replans=replans,
             plan=plan,
             seconds=time.perf_counter() - started,
         )
+
+    def _remeasure(self, model: str, measured: int | None, sizes: dict[str, int] | None) -> bool:
+        """Take a complete measurement in place of the estimate; True when it changes the plan:
+        larger than assumed (the rest might not fit) or smaller by more than REPLAN_SLACK."""
+        if measured is None or sizes is None or not self.backend(model).measures_footprint:
+            return False
+        planned, sizes[model] = sizes[model], measured
+        return measured > planned or measured < planned * (1 - REPLAN_SLACK)
 
     async def _unload_all(self, resident: list[str]) -> None:
         for model in reversed(resident):

@@ -85,9 +85,18 @@ class _Step:
 Cost = tuple[int, int, int]  # (loads, bytes loaded, waves)
 
 
-def make_plan(stages: Sequence[Sequence[str]], sizes: Mapping[str, int], budget: int) -> Plan:
+def make_plan(
+    stages: Sequence[Sequence[str]],
+    sizes: Mapping[str, int],
+    budget: int,
+    *,
+    resident: Sequence[str] = (),
+) -> Plan:
     """Plan ``stages`` (model names per call, in call order) under ``budget`` bytes.
 
+    ``resident`` models are loaded already (a plan made mid-run): the ones the run still needs
+    are free to use, the others are unloaded by the first wave. Should they not fit the budget
+    together (a measurement came out larger than its estimate), the ones needed latest go first.
     Raises BudgetError when the budget is not positive or a model alone exceeds it.
     """
     if budget <= 0:
@@ -103,12 +112,17 @@ def make_plan(stages: Sequence[Sequence[str]], sizes: Mapping[str, int], budget:
                 "(--memory-budget or settings.memory_budget), lower the model's n_ctx, "
                 "or use a smaller quantization"
             )
-    return _Planner(stages, names, [sizes[n] for n in names], budget).solve()
+    return _Planner(stages, names, [sizes[n] for n in names], budget, resident).solve()
 
 
 class _Planner:
     def __init__(
-        self, stages: Sequence[Sequence[str]], names: list[str], size: list[int], budget: int
+        self,
+        stages: Sequence[Sequence[str]],
+        names: list[str],
+        size: list[int],
+        budget: int,
+        resident: Sequence[str],
     ) -> None:
         self.stages = stages
         self.names = names
@@ -128,14 +142,26 @@ class _Planner:
         ]
         self.pruned = False
         self.bytes_of = cache(self._bytes)
+        # Already loaded: kept if needed again and they fit (soonest needed first), else they
+        # leave in the first wave.
+        self.start = 0
+        self.leaving = [r for r in resident if r not in index]
+        for i in sorted((index[r] for r in resident if r in index), key=self._first_use):
+            if self.bytes_of(self.start | 1 << i) <= budget:
+                self.start |= 1 << i
+            else:
+                self.leaving.append(names[i])
         self.largest = cache(lambda mask: max((self.size[i] for i in _bits(mask)), default=0))
         self.pack = cache(self._pack)
+
+    def _first_use(self, i: int) -> int:
+        return next(k for k, demand in enumerate(self.demand) if demand >> i & 1)
 
     def _bytes(self, mask: int) -> int:
         return sum(self.size[i] for i in _bits(mask))
 
     def solve(self) -> Plan:
-        frontier: dict[int, tuple[Cost, tuple[_Step, ...]]] = {0: ((0, 0, 0), ())}
+        frontier: dict[int, tuple[Cost, tuple[_Step, ...]]] = {self.start: ((0, 0, 0), ())}
         for k in range(len(self.demand)):
             nxt: dict[int, tuple[Cost, tuple[_Step, ...]]] = {}
             reach = self.demand[k] | self.future[k]
@@ -310,7 +336,8 @@ class _Planner:
 
     def _render(self, cost: Cost, steps: tuple[_Step, ...]) -> Plan:
         waves: list[Wave] = []
-        resident = 0
+        resident = self.start
+        leaving = self.leaving
         for k, step in enumerate(steps):
             demand = self.demand[k]
             first = demand & step.start
@@ -329,15 +356,15 @@ class _Planner:
                         resident=self._names(mask),
                         runs=[m for m in self.stages[k] if runs >> self.names.index(m) & 1],
                         load=self._names(mask & ~resident),
-                        unload=self._names(resident & ~mask),
+                        unload=leaving + self._names(resident & ~mask),
                         bytes=self.bytes_of(mask),
                     )
                 )
-                resident = mask
+                resident, leaving = mask, []
         return Plan(
             budget_bytes=self.budget,
             loads=cost[0],
-            lower_bound=len(self.names),
+            lower_bound=len(self.names) - self.start.bit_count(),
             optimal=not self.pruned,
             bytes_loaded=cost[1],
             waves=waves,

@@ -161,3 +161,37 @@ async def test_cancelling_a_run_unloads_everything() -> None:
         [("unload", "b"), ("unload", "a")],
         [("unload", "a"), ("unload", "b")],
     )
+
+
+class MeasuringFake(FakeBackend):
+    """A fake whose loaded models really hold ``true`` bytes, and says so, as Ollama does."""
+
+    measures_footprint = True
+
+    def __init__(self, true: dict[str, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.true = true
+
+    def resident_bytes(self, name: str) -> int | None:
+        return self.true[name] if name in self.resident else None
+
+
+async def test_a_smaller_measurement_replans_the_rest_of_the_run() -> None:
+    models = fake_models("a", "b")
+    ensemble = Ensemble(layers=[["a"], ["b"], ["a"], ["b"]], aggregator=Agent(model="a"))
+    planned = {"a": 3 * GiB, "b": 3 * GiB}  # the estimate: one at a time in 4 GiB
+    plan = make_plan(stages_of(ensemble), planned, 4 * GiB)
+    backend = MeasuringFake({"a": GiB, "b": GiB})  # really 1 GiB each: both fit
+    executor = Executor(models, {"fake": backend}, sizes=planned)
+    result = await executor.run(calls_for(ensemble), plan, QUESTION)
+    assert (plan.loads, result.loads, result.replans) == (5, 2, 2)
+    assert [c.layer for c in result.calls] == [1, 2, 3, 4, 5] and all(c.ok for c in result.calls)
+    assert backend.resident == {}
+
+
+async def test_without_measurements_nothing_is_replanned() -> None:
+    planned = {n: 2 * GiB for n in "abc"}
+    plan = make_plan(stages_of(THREE), planned, 4 * GiB)
+    executor = Executor(fake_models("a", "b", "c"), {"fake": FakeBackend()}, sizes=planned)
+    result = await executor.run(calls_for(THREE), plan, QUESTION)
+    assert result.replans == 0 and result.loads == plan.loads

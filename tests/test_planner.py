@@ -14,7 +14,9 @@ from localmoa.planner import Plan, make_plan
 GiB = 1 << 30
 
 
-def exhaustive_min_loads(stages: list[list[str]], sizes: dict[str, int], budget: int) -> int:
+def exhaustive_min_loads(
+    stages: list[list[str]], sizes: dict[str, int], budget: int, start: frozenset[str] = frozenset()
+) -> int:
     """Fewest loads over *every* sequence of resident sets: Dijkstra on (stage, calls done,
     resident set), where any set within budget may follow any other and runs whatever of the
     stage it holds. No assumption of the planner's is built in."""
@@ -26,8 +28,9 @@ def exhaustive_min_loads(stages: list[list[str]], sizes: dict[str, int], budget:
         for mask in range(1, 1 << len(names))
         if sum(sizes[n] for n in names if mask & bit[n]) <= budget
     ]
-    best: dict[tuple[int, int, int], int] = {(0, 0, 0): 0}
-    heap = [(0, 0, 0, 0)]
+    initial = sum(bit[m] for m in start)
+    best: dict[tuple[int, int, int], int] = {(0, 0, initial): 0}
+    heap = [(0, 0, 0, initial)]
     while heap:
         loads, k, done, resident = heapq.heappop(heap)
         if k == len(stages):
@@ -50,8 +53,14 @@ def exhaustive_min_loads(stages: list[list[str]], sizes: dict[str, int], budget:
     raise AssertionError("no plan found")
 
 
-def assert_valid(plan: Plan, stages: list[list[str]], sizes: dict[str, int], budget: int) -> None:
-    resident: set[str] = set()
+def assert_valid(
+    plan: Plan,
+    stages: list[list[str]],
+    sizes: dict[str, int],
+    budget: int,
+    start: frozenset[str] = frozenset(),
+) -> None:
+    resident: set[str] = set(start)
     loads = 0
     layers = [w.layer for w in plan.waves]
     assert layers == sorted(layers)
@@ -69,7 +78,9 @@ def assert_valid(plan: Plan, stages: list[list[str]], sizes: dict[str, int], bud
         assert runs == Counter(stage), f"stage {k}: every call placed exactly once"
         per_model_waves = Counter(m for w in plan.waves if w.layer == k for m in set(w.runs))
         assert max(per_model_waves.values()) == 1, "a model's calls in a layer share one wave"
-    assert plan.loads == loads >= plan.lower_bound == len({m for s in stages for m in s})
+    assert plan.loads == loads >= plan.lower_bound
+    if not start:
+        assert plan.lower_bound == len({m for s in stages for m in s})
     assert plan.bytes_loaded == sum(sizes[m] for w in plan.waves for m in w.load)
 
 
@@ -99,6 +110,26 @@ def test_loads_match_exhaustive_search(seed: int) -> None:
     assert_valid(plan, stages, sizes, budget)
     assert plan.optimal
     assert plan.loads == exhaustive_min_loads(stages, sizes, budget)
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_from_resident_models_loads_match_exhaustive_search(seed: int) -> None:
+    """Mid-run plans: what is loaded already is free; what no longer fits or is needed leaves."""
+    rng = random.Random(1000 + seed)
+    stages, sizes, budget = random_instance(rng)
+    loaded = [m for m in sizes if rng.random() < 0.5]
+    plan = make_plan(stages, sizes, budget, resident=loaded)
+    fits: set[str] = set()
+    for m in sorted(
+        (m for m in loaded if any(m in s for s in stages)),
+        key=lambda m: next(k for k, s in enumerate(stages) if m in s),
+    ):
+        if sum(sizes[x] for x in fits | {m}) <= budget:
+            fits.add(m)
+    start = frozenset(loaded)
+    assert_valid(plan, stages, sizes, budget, start)
+    assert plan.optimal
+    assert plan.loads == exhaustive_min_loads(stages, sizes, budget, frozenset(fits))
 
 
 def test_everything_fits_loads_each_model_once_and_one_wave_per_layer() -> None:
