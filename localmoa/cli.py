@@ -1,32 +1,44 @@
-"""The ``localmoa`` command: ``run`` a prompt through an ensemble, or show its ``plan``.
+"""The ``localmoa`` command: ``run`` a prompt, show its ``plan``, list the ``models``.
 
 stdout carries only the answer (or JSON with ``--json``), so it can be piped; progress, layer
-outputs and errors go to stderr. A user's mistake exits 2 with one line naming the culprit and
-no traceback; a failed run exits 1; Ctrl-C exits 130 after every model is unloaded.
+outputs, warnings and errors go to stderr. A user's mistake exits 2 with one line naming the
+culprit and no traceback; a failed run exits 1; Ctrl-C exits 130 after every model is unloaded.
+
+With no models.toml anywhere, ``run`` and ``plan`` build an ensemble from the models a local
+Ollama has (localmoa.zeroconfig).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from localmoa.backends import default_backends
-from localmoa.backends.base import ChatMessage
-from localmoa.config import Config, load_config
+from localmoa.backends import OllamaBackend, make_backends
+from localmoa.backends.base import Backend, ChatMessage
+from localmoa.config import Config, OllamaModel, Settings, load_config
 from localmoa.ensemble import Prepared, prepare
-from localmoa.errors import LocalMoaError, UserError
+from localmoa.errors import ConfigNotFoundError, LocalMoaError, UserError
 from localmoa.executor import CallFinished, CallPiece, Event, Executor, RunResult
+from localmoa.hardware import resolve_budget
+from localmoa.memory import Footprint
 from localmoa.sizes import format_bytes
 
 __all__ = ["cli", "main"]
+
+T = TypeVar("T")
 
 
 def _stderr() -> Console:
@@ -69,6 +81,57 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print one J
 @click.version_option(package_name="localmoa")
 def cli() -> None:
     """Run a Mixture-of-Agents ensemble of local models, planned against your memory."""
+    handler = RichHandler(console=_stderr(), show_time=False, show_path=False)
+    logging.getLogger("localmoa").addHandler(handler)
+    logging.getLogger("localmoa").setLevel(logging.WARNING)
+
+
+@dataclass
+class _Session:
+    """A config (from a file, or built from Ollama) and the backends that serve it."""
+
+    config: Config
+    backends: dict[str, Backend]
+    reasons: list[str]
+
+
+@asynccontextmanager
+async def _session(config_path: Path | None, memory_budget: str | None) -> AsyncIterator[_Session]:
+    """Open the backends for the config (or zero-config) and close them on every exit."""
+    missing: ConfigNotFoundError | None = None
+    try:
+        config: Config | None = load_config(config_path)
+    except ConfigNotFoundError as exc:
+        if config_path is not None:
+            raise
+        config, missing = None, exc
+    backends = make_backends(config.settings if config else Settings())
+    try:
+        reasons: list[str] = []
+        if config is None:
+            from localmoa.zeroconfig import from_ollama
+
+            assert missing is not None
+            ollama = backends["ollama"]
+            assert isinstance(ollama, OllamaBackend)
+            budget = resolve_budget(memory_budget, "auto")
+            built = await from_ollama(ollama, budget, Settings(), missing)
+            config, reasons = built.config, built.reasons
+        yield _Session(config, backends, reasons)
+    finally:
+        await _close(backends)
+
+
+async def _close(backends: dict[str, Backend]) -> None:
+    for backend in backends.values():
+        try:
+            await backend.aclose()
+        except LocalMoaError as exc:
+            logging.getLogger(__name__).warning("closing a backend failed: %s", exc)
+
+
+def _arun(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(factory())
 
 
 @cli.command()
@@ -93,15 +156,24 @@ def run(
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
-    config = load_config(config_path)
-    prepared = prepare(config, ensemble, memory_budget=memory_budget)
-    result = asyncio.run(_run(config, prepared, prompt, show_layers=show_layers, quiet=as_json))
+    question = prompt
+
+    async def go() -> RunResult:
+        async with _session(config_path, memory_budget) as session:
+            for reason in session.reasons:
+                _stderr().print(f"zero-config: {reason}", markup=False)
+            prepared = await prepare(
+                session.config, ensemble, session.backends, memory_budget=memory_budget
+            )
+            return await _run(session, prepared, question, show_layers=show_layers, quiet=as_json)
+
+    result = _arun(go)
     if as_json:
         click.echo(json.dumps(_run_json(result)))
 
 
 async def _run(
-    config: Config, prepared: Prepared, prompt: str, *, show_layers: bool, quiet: bool
+    session: _Session, prepared: Prepared, prompt: str, *, show_layers: bool, quiet: bool
 ) -> RunResult:
     from localmoa.progress import Progress
 
@@ -127,12 +199,14 @@ async def _run(
             streaming = False
         progress(event)
 
+    settings = session.config.settings
     executor = Executor(
-        config.models,
-        default_backends(),
-        max_parallel_calls=config.settings.max_parallel_calls,
-        max_calls_per_second=config.settings.max_calls_per_second,
+        session.config.models,
+        session.backends,
+        max_parallel_calls=settings.max_parallel_calls,
+        max_calls_per_second=settings.max_calls_per_second,
         on_event=on_event,
+        sizes={name: fp.total for name, fp in prepared.footprints.items()},
     )
     try:
         result = await executor.run(
@@ -144,8 +218,9 @@ async def _run(
             sys.stdout.write("\n")
             sys.stdout.flush()
     failed = [c for c in result.calls if not c.ok]
+    replanned = f", re-planned {result.replans}x after measuring" if result.replans else ""
     summary = (
-        f"{len(result.calls)} calls ({len(failed)} failed), {result.loads} loads, "
+        f"{len(result.calls)} calls ({len(failed)} failed), {result.loads} loads{replanned}, "
         f"{result.seconds:.2f}s"
     )
     _stderr().print(summary, markup=False)
@@ -157,6 +232,7 @@ def _run_json(result: RunResult) -> dict[str, Any]:
         "answer": result.answer,
         "calls": [c.model_dump() for c in result.calls],
         "loads": result.loads,
+        "replans": result.replans,
         "seconds": round(result.seconds, 4),
         "plan": result.plan.model_dump(),
     }
@@ -169,8 +245,15 @@ def _run_json(result: RunResult) -> dict[str, Any]:
 @_json_option
 def plan(config_path: Path | None, ensemble: str, memory_budget: str | None, as_json: bool) -> None:
     """Show which models will be resident together, without loading anything."""
-    config = load_config(config_path)
-    prepared = prepare(config, ensemble, memory_budget=memory_budget)
+
+    async def go() -> tuple[Prepared, list[str]]:
+        async with _session(config_path, memory_budget) as session:
+            prepared = await prepare(
+                session.config, ensemble, session.backends, memory_budget=memory_budget
+            )
+            return prepared, session.reasons
+
+    prepared, reasons = _arun(go)
     if as_json:
         out = prepared.plan.model_dump()
         out["models"] = {
@@ -178,25 +261,39 @@ def plan(config_path: Path | None, ensemble: str, memory_budget: str | None, as_
             for name, fp in prepared.footprints.items()
         }
         out["budget_source"] = prepared.budget.detail
+        if reasons:
+            out["zero_config"] = reasons
         click.echo(json.dumps(out))
         return
-    _print_plan(prepared)
-
-
-def _print_plan(prepared: Prepared) -> None:
     console = Console(highlight=False)
+    if reasons:
+        console.print("No models.toml found: an ensemble was built from Ollama's models.")
+        for reason in reasons:
+            console.print(f"  {reason}", markup=False)
+    _print_plan(console, prepared)
+
+
+_SOURCES = {
+    "gguf": "GGUF header",
+    "override": "memory override",
+    "ollama": "Ollama model facts",
+    "measured": "measured",
+    "server": "server-managed, not counted",
+}
+
+
+def _print_plan(console: Console, prepared: Prepared) -> None:
     plan = prepared.plan
     models = Table(title="Models", title_justify="left")
     for column in ("model", "weights", "KV cache", "compute", "total", "from"):
         models.add_column(column, justify="left" if column in ("model", "from") else "right")
     for name, fp in prepared.footprints.items():
         parts = (
-            ("-", "-", "-")
-            if fp.source == "override"
-            else (format_bytes(fp.weights), format_bytes(fp.kv_cache), format_bytes(fp.compute))
+            (format_bytes(fp.weights), format_bytes(fp.kv_cache), format_bytes(fp.compute))
+            if fp.kv_cache or fp.compute
+            else ("-", "-", "-")
         )
-        source = "memory override" if fp.source == "override" else "GGUF header"
-        models.add_row(name, *parts, format_bytes(fp.total), source)
+        models.add_row(name, *parts, format_bytes(fp.total), _SOURCES[fp.source])
     console.print(models)
     waves = Table(title=f'Plan for ensemble "{prepared.ensemble}"', title_justify="left")
     for column in ("wave", "layer", "unload", "load", "resident", "runs", "bytes"):
@@ -221,6 +318,97 @@ def _print_plan(prepared: Prepared) -> None:
         f"budget: {format_bytes(plan.budget_bytes)} ({prepared.budget.detail})",
         markup=False,
     )
+
+
+@cli.command()
+@_config_option
+@_json_option
+def models(config_path: Path | None, as_json: bool) -> None:
+    """List every model localmoa knows (config and Ollama) and what each costs in memory."""
+
+    async def go() -> tuple[list[dict[str, Any]], list[str]]:
+        try:
+            config: Config | None = load_config(config_path)
+        except ConfigNotFoundError:
+            if config_path is not None:
+                raise
+            config = None
+        settings = config.settings if config else Settings()
+        backends = make_backends(settings)
+        rows: list[dict[str, Any]] = []
+        notes: list[str] = []
+        try:
+            listed: set[str] = set()
+            for name, model in (config.models if config else {}).items():
+                backend = backends[model.backend]
+                row: dict[str, Any] = {"name": name, "backend": model.backend}
+                try:
+                    row |= _figures(await backend.footprint(name, model))
+                except UserError as exc:
+                    row["error"] = str(exc)
+                if isinstance(model, OllamaModel):
+                    listed.add(model.model)
+                rows.append(row)
+            ollama = backends["ollama"]
+            assert isinstance(ollama, OllamaBackend)
+            try:
+                installed = await ollama.installed()
+            except UserError as exc:
+                notes.append(f"Ollama: {exc}")
+                installed = {}
+            for tag, found in sorted(installed.items()):
+                if tag in listed:
+                    continue
+                default = OllamaModel(backend="ollama", model=tag)
+                row = {"name": tag, "backend": "ollama (installed)"}
+                row |= _figures(ollama.estimate(found, default), ollama.measurement(found, default))
+                rows.append(row)
+        finally:
+            await _close(backends)
+        return rows, notes
+
+    rows, notes = _arun(go)
+    if as_json:
+        click.echo(json.dumps({"models": rows, "notes": notes}))
+        return
+    console = Console(highlight=False)
+    table = Table(title="Models", title_justify="left")
+    for column in ("model", "backend", "estimate", "measured", "planner uses", "source"):
+        table.add_column(column, justify="right" if column in ("estimate", "measured") else "left")
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["name"], row["backend"], "-", "-", "-", f"unusable: {row['error']}")
+            continue
+        table.add_row(
+            row["name"],
+            row["backend"],
+            _size(row.get("estimate_bytes")),
+            _size(row.get("measured_bytes")),
+            _size(row["bytes"]),
+            row["source"],
+        )
+    console.print(table)
+    for note in notes:
+        console.print(note, markup=False)
+
+
+def _figures(used: Footprint, measured: Footprint | None = None) -> dict[str, Any]:
+    """The planner's figure, and the estimate and measurement behind it where known."""
+    out: dict[str, Any] = {"bytes": used.total, "source": _SOURCES[used.source]}
+    if used.note:
+        out["source"] += f" ({used.note})"
+    if used.source == "measured":
+        out["measured_bytes"] = used.total
+    elif used.source in ("gguf", "ollama"):
+        out["estimate_bytes"] = used.total
+    if measured is not None:
+        out["measured_bytes"] = measured.total
+        out["bytes"], out["source"] = measured.total, _SOURCES["measured"]
+    return out
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else format_bytes(value)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from localmoa.errors import ConfigError
+from localmoa.errors import ConfigError, ConfigNotFoundError
 from localmoa.sizes import parse_size
 
 __all__ = [
@@ -41,6 +41,8 @@ __all__ = [
     "FakeModel",
     "LlamaCppModel",
     "ModelConfig",
+    "OllamaModel",
+    "OpenAIModel",
     "Settings",
     "find_config",
     "load_config",
@@ -73,6 +75,11 @@ class Settings(_Strict):
     """Upper bound on calls running at once; unset = one per resident model."""
     max_calls_per_second: PositiveInt | None = None
     """Rate limit on call starts (useful when a backend is a shared server); unset = none."""
+    ollama_host: str | None = None
+    """Ollama's URL; unset = the OLLAMA_HOST environment variable, else http://127.0.0.1:11434."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Hosts other than loopback that network backends may reach (on-prem servers). Empty =
+    loopback only: localmoa refuses any other host before connecting."""
 
 
 class LlamaCppModel(_Strict):
@@ -93,6 +100,34 @@ class LlamaCppModel(_Strict):
     """Overrides the estimate from the GGUF header; the planner uses it as-is."""
 
 
+class OllamaModel(_Strict):
+    """A model served by a local Ollama; localmoa decides when it is loaded and unloaded."""
+
+    backend: Literal["ollama"]
+    model: str
+    """The Ollama tag, e.g. "llama3.1:8b"."""
+    num_ctx: PositiveInt = 4096
+    """Context length, sent with every request for this model (preload included), so Ollama
+    never reloads it because options changed."""
+    memory: Size | None = None
+    """Overrides the estimate and any measurement."""
+
+
+class OpenAIModel(_Strict):
+    """A model behind an OpenAI-compatible server (llama-server, LM Studio, vLLM...)."""
+
+    backend: Literal["openai"]
+    base_url: str
+    """The API root, e.g. "http://127.0.0.1:8080/v1"."""
+    model: str
+    """The model id the server expects."""
+    api_key: str | None = None
+    """Sent as a Bearer token when set."""
+    memory: Size | None = None
+    """Counted against the budget only when declared: such servers manage their own models, so
+    by default localmoa treats them as always resident and outside its budget."""
+
+
 class FakeModel(_Strict):
     """A model that answers from a script, for trying plans and for tests (no weights at all)."""
 
@@ -106,8 +141,10 @@ class FakeModel(_Strict):
     """When set, every call to this model fails with this message."""
 
 
-ModelConfig = Annotated[LlamaCppModel | FakeModel, Field(discriminator="backend")]
-BACKENDS = ("llamacpp", "fake")
+ModelConfig = Annotated[
+    LlamaCppModel | OllamaModel | OpenAIModel | FakeModel, Field(discriminator="backend")
+]
+BACKENDS = ("llamacpp", "ollama", "openai", "fake")
 
 
 class Agent(_Strict):
@@ -182,7 +219,7 @@ def find_config(explicit: Path | None = None, *, cwd: Path | None = None) -> Pat
         if candidate.is_file():
             return candidate
     looked = " and ".join(str(c) for c in candidates)
-    raise ConfigError(
+    raise ConfigNotFoundError(
         f"no {CONFIG_NAME} found (looked at {looked}); create one from the commented example "
         "in the localmoa repository, or pass --config FILE"
     )
@@ -220,7 +257,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None) -> Confi
 
 def _resolve_paths(config: Config) -> Config:
     base = config.source.parent if config.source else Path.cwd()
-    models: dict[str, LlamaCppModel | FakeModel] = {}
+    models: dict[str, LlamaCppModel | OllamaModel | OpenAIModel | FakeModel] = {}
     for name, model in config.models.items():
         if isinstance(model, LlamaCppModel):
             path = model.path.expanduser()
@@ -270,7 +307,12 @@ def _allowed_keys(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
     elif loc[:1] == ["models"] and len(loc) >= 3:
         model = raw.get("models", {}).get(loc[1], {})
         tag = model.get("backend") if isinstance(model, dict) else None
-        by_tag: dict[str, type[BaseModel]] = {"llamacpp": LlamaCppModel, "fake": FakeModel}
+        by_tag: dict[str, type[BaseModel]] = {
+            "llamacpp": LlamaCppModel,
+            "ollama": OllamaModel,
+            "openai": OpenAIModel,
+            "fake": FakeModel,
+        }
         owner = by_tag.get(str(tag))
     elif loc[:1] == ["ensembles"] and len(loc) == 3:
         owner = Ensemble

@@ -1,22 +1,26 @@
 """From a config and an ensemble name to everything a run needs, before anything loads.
 
-This is where the pure parts meet the facts of the machine: each model's footprint (GGUF header
-or ``memory`` override), the device budget, and the plan. ``localmoa plan`` stops here;
-``localmoa run`` hands the result to the executor.
+This is where the pure parts meet the facts of the machine: each model's footprint (from its
+backend: GGUF header, Ollama's model facts or an earlier measurement, or the ``memory``
+override), the device budget, and the plan. ``localmoa plan`` stops here; ``localmoa run`` hands
+the result to the executor.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from localmoa.config import Config, FakeModel, LlamaCppModel
-from localmoa.errors import BudgetError
+from localmoa.backends.base import Backend
+from localmoa.config import Config
+from localmoa.errors import BudgetError, UserError
 from localmoa.hardware import Budget, resolve_budget
-from localmoa.memory import Footprint, estimate, read_gguf
+from localmoa.memory import Footprint
 from localmoa.moa import Call, calls_for
 from localmoa.planner import Plan, make_plan
 
-__all__ = ["Prepared", "footprint", "prepare"]
+__all__ = ["Prepared", "footprints", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -30,34 +34,49 @@ class Prepared:
     plan: Plan
 
 
-def footprint(model: LlamaCppModel | FakeModel) -> Footprint:
-    """The bytes ``model`` will hold once loaded: its ``memory`` override, else the estimate."""
-    if model.memory is not None:
-        return Footprint.override(int(model.memory))
-    assert isinstance(model, LlamaCppModel)  # a fake model always declares memory
-    return estimate(read_gguf(model.path), n_ctx=model.n_ctx, n_batch=model.n_batch)
+async def footprints(
+    config: Config, names: list[str], backends: Mapping[str, Backend]
+) -> dict[str, Footprint]:
+    """Every named model's footprint; all problems at once when several models are unusable."""
+    found = await asyncio.gather(
+        *(backends[config.models[n].backend].footprint(n, config.models[n]) for n in names),
+        return_exceptions=True,
+    )
+    problems = [f for f in found if isinstance(f, BaseException)]
+    if not problems:
+        return {n: f for n, f in zip(names, found, strict=True) if isinstance(f, Footprint)}
+    for problem in problems:
+        if not isinstance(problem, UserError):
+            raise problem
+    if len(problems) == 1:
+        raise problems[0]
+    raise UserError(
+        f"{len(problems)} models cannot be used:\n" + "\n".join(f"  {p}" for p in problems)
+    )
 
 
-def prepare(
+async def prepare(
     config: Config,
-    ensemble: str = "default",
+    ensemble: str,
+    backends: Mapping[str, Backend],
     *,
     memory_budget: str | None = None,
 ) -> Prepared:
     """Resolve ``ensemble`` of ``config`` into calls, footprints, budget and plan.
 
-    Reads GGUF headers (never weights); raises ConfigError, ModelFileError or BudgetError.
+    Reads model headers or asks model servers (never loads weights); raises UserError
+    subclasses for what the user must fix.
     """
     stages = calls_for(config.ensemble(ensemble))
     used = list(dict.fromkeys(c.model for stage in stages for c in stage))
-    footprints = {name: footprint(config.models[name]) for name in used}
+    sizes = await footprints(config, used, backends)
     budget = resolve_budget(memory_budget, config.settings.memory_budget)
     try:
         plan = make_plan(
             [[c.model for c in stage] for stage in stages],
-            {name: fp.total for name, fp in footprints.items()},
+            {name: fp.total for name, fp in sizes.items()},
             budget.bytes,
         )
     except BudgetError as exc:
         raise BudgetError(f"{exc} (budget from {budget.detail})") from None
-    return Prepared(ensemble, stages, footprints, budget, plan)
+    return Prepared(ensemble, stages, sizes, budget, plan)

@@ -2,9 +2,13 @@
 
     LocalMoaError
     ├── UserError                 exit 2: the user can fix it; shown as one line, no traceback
-    │   ├── ConfigError           models.toml missing, malformed, or inconsistent
+    │   ├── ConfigError           models.toml malformed or inconsistent
+    │   │   └── ConfigNotFoundError   no models.toml anywhere (and no Ollama to build one from)
     │   ├── ModelFileError        a GGUF file is missing, unreadable or corrupt
-    │   └── BudgetError           a bad memory budget, or a model that cannot fit in it
+    │   ├── BudgetError           a bad memory budget, or a model that cannot fit in it
+    │   ├── EgressError           a URL off this machine that settings.allowed_hosts does not list
+    │   ├── ServerUnavailableError  Ollama or an OpenAI-compatible server does not answer
+    │   └── ModelNotInstalledError  Ollama does not have the model (localmoa never pulls)
     └── RunError                  exit 1: something failed while the ensemble ran
         ├── BackendError          a backend could not load a model or answer a call
         └── LayerFailedError      every agent of a layer failed, so nothing can be passed on
@@ -20,10 +24,14 @@ __all__ = [
     "BackendError",
     "BudgetError",
     "ConfigError",
+    "ConfigNotFoundError",
+    "EgressError",
     "LayerFailedError",
     "LocalMoaError",
     "ModelFileError",
+    "ModelNotInstalledError",
     "RunError",
+    "ServerUnavailableError",
     "UserError",
 ]
 
@@ -44,12 +52,28 @@ class ConfigError(UserError):
     """models.toml is missing, is not valid TOML, or does not match the schema."""
 
 
+class ConfigNotFoundError(ConfigError):
+    """No models.toml where localmoa looks; ``run`` and ``plan`` then try Ollama."""
+
+
 class ModelFileError(UserError):
     """A model file is missing, unreadable, or not a usable GGUF file."""
 
 
 class BudgetError(UserError):
     """The memory budget is malformed, or a model alone does not fit in it."""
+
+
+class EgressError(UserError):
+    """A network backend would reach a host that is neither loopback nor allowed."""
+
+
+class ServerUnavailableError(UserError):
+    """A model server (Ollama, an OpenAI-compatible server) cannot be reached."""
+
+
+class ModelNotInstalledError(UserError):
+    """Ollama does not have the model; the message gives the ``ollama pull`` to run."""
 
 
 class RunError(LocalMoaError):

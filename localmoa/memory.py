@@ -88,7 +88,11 @@ class Footprint:
     weights: int
     kv_cache: int
     compute: int
-    source: Literal["gguf", "override"]
+    source: Literal["gguf", "override", "ollama", "measured", "server"]
+    """gguf: estimated from the file's header; override: the config's ``memory``; ollama:
+    estimated from Ollama's model facts; measured: what a previous load really held; server: an
+    OpenAI-compatible server's own model, outside localmoa's budget (0 bytes)."""
+    note: str = ""
 
     @property
     def total(self) -> int:

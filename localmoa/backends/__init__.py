@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
-from localmoa.backends.base import Backend, ChatMessage, ChatRequest
+from localmoa.backends.base import Backend, ChatDelta, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
 from localmoa.backends.llamacpp import LlamaCppBackend
+from localmoa.backends.ollama import OllamaBackend, ollama_host
+from localmoa.backends.openai import OpenAIBackend
+from localmoa.config import Settings
 
 __all__ = [
     "Backend",
+    "ChatDelta",
     "ChatMessage",
     "ChatRequest",
     "FakeBackend",
     "LlamaCppBackend",
-    "default_backends",
+    "OllamaBackend",
+    "OpenAIBackend",
+    "make_backends",
 ]
 
 
-def default_backends() -> dict[str, Backend]:
-    """One instance of every backend, keyed by the ``backend`` value of models.toml."""
-    return {"llamacpp": LlamaCppBackend(), "fake": FakeBackend()}
+def make_backends(settings: Settings) -> dict[str, Backend]:
+    """One instance of every backend, keyed by the ``backend`` value of models.toml.
+
+    Constructing them opens nothing: network backends connect on first use, after the egress
+    check (localmoa.egress).
+    """
+    return {
+        "llamacpp": LlamaCppBackend(),
+        "ollama": OllamaBackend(
+            ollama_host(settings.ollama_host), allowed_hosts=settings.allowed_hosts
+        ),
+        "openai": OpenAIBackend(allowed_hosts=settings.allowed_hosts),
+        "fake": FakeBackend(),
+    }

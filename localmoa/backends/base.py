@@ -17,6 +17,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
+from localmoa.memory import Footprint
+
 __all__ = ["Backend", "ChatDelta", "ChatMessage", "ChatRequest"]
 
 
@@ -48,7 +50,17 @@ class ChatDelta(NamedTuple):
 
 
 class Backend(ABC):
-    """Load, unload, chat (streamed), resident memory: everything localmoa needs of a runtime."""
+    """Load, unload, chat (streamed), memory (predicted and resident): all localmoa needs."""
+
+    measures_footprint: bool = False
+    """True when ``resident_bytes`` is the model's whole footprint (Ollama's /api/ps size), so
+    the executor may re-plan with it; llama.cpp's logged buffers miss ggml's work buffer."""
+
+    @abstractmethod
+    async def footprint(self, name: str, config: Any) -> Footprint:
+        """What model ``name`` will hold once loaded, known before loading it: the config's
+        ``memory`` override, else a measurement or an estimate. Raises UserError subclasses
+        for what makes the model unusable (missing file, model not installed, server down)."""
 
     @abstractmethod
     async def load(self, name: str, config: Any) -> None:

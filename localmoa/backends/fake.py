@@ -16,6 +16,7 @@ from typing import Any
 from localmoa.backends.base import Backend, ChatDelta, ChatRequest
 from localmoa.config import FakeModel
 from localmoa.errors import BackendError
+from localmoa.memory import Footprint
 
 __all__ = ["FakeBackend"]
 
@@ -34,6 +35,9 @@ class FakeBackend(Backend):
         self.resident: dict[str, int] = {}
         self.peak_bytes = 0
         self._configs: dict[str, FakeModel] = {}
+
+    async def footprint(self, name: str, config: Any) -> Footprint:
+        return Footprint.override(int(config.memory))
 
     async def load(self, name: str, config: Any) -> None:
         if not isinstance(config, FakeModel):

@@ -33,6 +33,7 @@ from typing import Any
 from localmoa.backends.base import Backend, ChatDelta, ChatRequest
 from localmoa.config import LlamaCppModel
 from localmoa.errors import BackendError, ModelFileError
+from localmoa.memory import Footprint, estimate, read_gguf
 
 __all__ = ["LlamaCppBackend"]
 
@@ -120,6 +121,12 @@ class LlamaCppBackend(Backend):
 
     def __init__(self) -> None:
         self._models: dict[str, _Loaded] = {}
+
+    async def footprint(self, name: str, config: Any) -> Footprint:
+        if config.memory is not None:
+            return Footprint.override(config.memory)
+        facts = await asyncio.to_thread(read_gguf, config.path)
+        return estimate(facts, n_ctx=config.n_ctx, n_batch=config.n_batch)
 
     async def load(self, name: str, config: Any) -> None:
         if not isinstance(config, LlamaCppModel):

@@ -1,0 +1,350 @@
+"""Ollama, driven so that residency stays localmoa's decision, never Ollama's.
+
+Ollama loads a model on the first request for it, keeps it ``keep_alive`` (5 minutes by
+default), reloads it whenever runner options such as ``num_ctx`` differ from the loaded ones, and
+evicts idle models when the next one does not fit (server/sched.go). Each of those would break a
+plan, so this backend:
+
+- **preloads** with an empty request and ``keep_alive: -1`` (resident until told otherwise);
+- **pins one set of runner options** per model (``num_ctx``) and sends it with every request,
+  the preload included, so Ollama never reloads a model because options changed
+  (ollama/ollama#8903 and its kin);
+- **unloads** with an empty request and ``keep_alive: 0``, then polls ``/api/ps`` until the model
+  is gone before the next wave loads, so Ollama never needs to evict anything itself;
+- after each load reads ``/api/ps``: the measured ``size`` replaces the estimate for the rest of
+  the run (the executor re-plans when it differs) and is remembered in the measurement cache;
+  ``size_vram < size`` means Ollama put part of the model on the CPU, which is warned about.
+
+Before a load, a model's footprint is estimated like a GGUF file's (localmoa.memory), from
+``/api/show`` ``model_info`` and the ``/api/tags`` file size. localmoa never pulls, pushes or
+deletes models: a missing one is an error that gives the ``ollama pull`` line to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+
+from localmoa.backends.base import Backend, ChatDelta, ChatRequest
+from localmoa.config import OllamaModel
+from localmoa.egress import check_url, client_options, is_loopback, normalize_url
+from localmoa.errors import (
+    BackendError,
+    LocalMoaError,
+    ModelNotInstalledError,
+    ServerUnavailableError,
+)
+from localmoa.measurements import MeasurementCache
+from localmoa.memory import Footprint, GGUFFacts, estimate
+
+__all__ = ["DEFAULT_HOST", "InstalledModel", "OllamaBackend", "ollama_host"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+ASSUMED_VOCAB = 152_064  # /api/show omits the token list; Qwen2's vocabulary, among the largest
+UNLOAD_TIMEOUT = 60.0
+POLL_INTERVAL = 0.05
+
+
+def ollama_host(setting: str | None) -> str:
+    """``settings.ollama_host``, else ``$OLLAMA_HOST``, else 127.0.0.1:11434, as a URL.
+
+    A listen-everywhere address (``OLLAMA_HOST=0.0.0.0`` is a common server setting) means this
+    machine to a client.
+    """
+    raw = setting or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+    url = httpx.URL(normalize_url(raw, default_port=11434))
+    if url.host in ("0.0.0.0", "::"):
+        url = url.copy_with(host="127.0.0.1")
+    return str(url).rstrip("/")
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A model Ollama has, as ``/api/tags`` and ``/api/show`` describe it."""
+
+    tag: str
+    digest: str
+    size: int
+    family: str
+    parameter_size: str
+    capabilities: tuple[str, ...]
+    facts: GGUFFacts | None
+
+
+class OllamaBackend(Backend):
+    """Models served by a local Ollama, loaded and unloaded when the plan says."""
+
+    measures_footprint = True
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        allowed_hosts: Sequence[str] = (),
+        cache: MeasurementCache | None = None,
+        setting: str = "settings.ollama_host",
+    ) -> None:
+        self.host = host
+        self.setting = setting
+        self.allowed_hosts = list(allowed_hosts)
+        self.cache = cache or MeasurementCache()
+        self._client: ollama.AsyncClient | None = None
+        self._configs: dict[str, OllamaModel] = {}
+        self._tags: dict[str, str] = {}  # name -> the installed tag (":latest" resolved)
+        self._measured: dict[str, int] = {}
+        self._installed: dict[str, InstalledModel] | None = None
+
+    @property
+    def client(self) -> ollama.AsyncClient:
+        if self._client is None:
+            check_url(self.host, allowed_hosts=self.allowed_hosts, setting=self.setting)
+            self._client = ollama.AsyncClient(
+                host=self.host,
+                timeout=httpx.Timeout(None, connect=5.0),  # generation may take minutes
+                **client_options(self.allowed_hosts, setting=self.setting),
+            )
+        return self._client
+
+    # --- what is installed, and what it will cost -------------------------------------------
+
+    async def installed(self) -> dict[str, InstalledModel]:
+        """Every model Ollama has, by tag (read once per backend)."""
+        if self._installed is None:
+            tags = await self._call(self.client.list())
+            shows = await asyncio.gather(*(self._show(m.model or "") for m in tags.models))
+            self._installed = {}
+            for listed, show in zip(tags.models, shows, strict=True):
+                details = listed.details
+                tag = listed.model or ""
+                self._installed[tag] = InstalledModel(
+                    tag=tag,
+                    digest=listed.digest or "",
+                    size=int(listed.size or 0),
+                    family=(details.family if details else None) or "unknown",
+                    parameter_size=(details.parameter_size if details else None) or "",
+                    capabilities=tuple(show.capabilities or ("completion",)),
+                    facts=_facts(tag, dict(show.modelinfo or {}), int(listed.size or 0)),
+                )
+        return self._installed
+
+    async def find(self, tag: str, *, setting: str) -> InstalledModel:
+        """The installed model ``tag``, or ModelNotInstalledError with the pull line."""
+        installed = await self.installed()
+        found = installed.get(tag) or installed.get(f"{tag}:latest")
+        if found is None:
+            raise ModelNotInstalledError(
+                f'Ollama at {self.host} has no model "{tag}" ({setting}); run `ollama pull {tag}` '
+                "(localmoa never downloads models itself)"
+            )
+        return found
+
+    async def footprint(self, name: str, config: Any) -> Footprint:
+        assert isinstance(config, OllamaModel)
+        model = await self.find(config.model, setting=f"models.{name}.model")
+        if config.memory is not None:
+            return Footprint.override(config.memory)
+        measured = self.measurement(model, config)
+        return measured or self.estimate(model, config)
+
+    def measurement(self, model: InstalledModel, config: OllamaModel) -> Footprint | None:
+        """What this model held when last loaded with these options, if it ever was."""
+        found = self.cache.get(self._cache_key(model, config))
+        if found is None:
+            return None
+        return Footprint(
+            weights=found.bytes,
+            kv_cache=0,
+            compute=0,
+            source="measured",
+            note=f"measured {found.measured_at}",
+        )
+
+    def estimate(self, model: InstalledModel, config: OllamaModel) -> Footprint:
+        """The GGUF formula over Ollama's model facts, or the file size when it gave none."""
+        if model.facts is None:
+            return Footprint(
+                weights=model.size,
+                kv_cache=0,
+                compute=0,
+                source="ollama",
+                note="file size only: Ollama gave no architecture facts",
+            )
+        guess = estimate(model.facts, n_ctx=config.num_ctx, n_batch=512)
+        return Footprint(
+            weights=guess.weights,
+            kv_cache=guess.kv_cache,
+            compute=guess.compute,
+            source="ollama",
+            note="estimate from /api/show",
+        )
+
+    # --- the seam ------------------------------------------------------------------------------
+
+    async def load(self, name: str, config: Any) -> None:
+        assert isinstance(config, OllamaModel)
+        model = await self.find(config.model, setting=f"models.{name}.model")
+        began = time.perf_counter()
+        await self._call(
+            self.client.generate(model=model.tag, keep_alive=-1, options=self._options(config)),
+            name,
+        )
+        self._configs[name] = config
+        self._tags[name] = model.tag
+        running = await self._running(model.tag)
+        if running is None:
+            raise BackendError(name, f"Ollama says it loaded {model.tag} but does not list it")
+        size, vram = int(running.size or 0), int(running.size_vram or 0)
+        self._measured[name] = size
+        self.cache.put(self._cache_key(model, config), size, vram)
+        if 0 < vram < size:
+            log.warning(
+                'Ollama put part of "%s" on the CPU (%.0f%% in GPU memory): it will be slow; '
+                "a smaller num_ctx or a smaller quantization would fit entirely",
+                name,
+                100 * vram / size,
+            )
+        log.debug("loaded %s in %.2fs: %d bytes", model.tag, time.perf_counter() - began, size)
+
+    async def unload(self, name: str) -> None:
+        self._configs.pop(name, None)
+        self._measured.pop(name, None)
+        tag = self._tags.pop(name, None)
+        if tag is None:
+            return
+        await self._call(self.client.generate(model=tag, keep_alive=0), name)
+        deadline = time.monotonic() + UNLOAD_TIMEOUT
+        while await self._running(tag) is not None:  # freed only once ps forgets it
+            if time.monotonic() > deadline:
+                raise BackendError(name, f"Ollama did not unload {tag} within a minute")
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        config = self._configs.get(name)
+        if config is None:
+            raise BackendError(name, "called while not loaded")
+        options = {
+            **self._options(config),
+            "temperature": request.temperature,
+            "num_predict": request.max_tokens,
+        }
+        stream = await self._call(
+            self.client.chat(
+                model=self._tags[name],
+                messages=[m.model_dump() for m in request.messages],
+                options=options,
+                keep_alive=-1,
+                stream=True,
+            ),
+            name,
+        )
+        counted = 0
+        try:
+            async for part in stream:
+                text = part.message.content or ""
+                if part.done:
+                    total = part.eval_count or counted + (1 if text else 0)
+                    yield ChatDelta(text, max(total - counted, 0))
+                    return
+                counted += 1
+                yield ChatDelta(text, 1)
+        except (ollama.ResponseError, httpx.TransportError, ConnectionError) as exc:
+            raise self._translate(exc, name) from None
+        finally:
+            await stream.aclose()
+
+    def resident_bytes(self, name: str) -> int | None:
+        return self._measured.get(name)
+
+    def loaded(self) -> list[str]:
+        return list(self._configs)
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            if self._client is not None:
+                await self._client.close()  # type: ignore[no-untyped-call]
+                self._client = None
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _options(config: OllamaModel) -> dict[str, Any]:
+        """The runner options pinned for this model: identical on every request."""
+        return {"num_ctx": config.num_ctx}
+
+    def _cache_key(self, model: InstalledModel, config: OllamaModel) -> str:
+        return f"ollama|{self.host}|{model.digest or model.tag}|num_ctx={config.num_ctx}"
+
+    async def _show(self, tag: str) -> Any:
+        return await self._call(self.client.show(tag))
+
+    async def _running(self, tag: str) -> Any:
+        ps = await self._call(self.client.ps())
+        return next((m for m in ps.models if tag in (m.model, m.name)), None)
+
+    async def _call(self, awaitable: Any, name: str | None = None) -> Any:
+        try:
+            return await awaitable
+        except (ollama.ResponseError, httpx.TransportError, ConnectionError) as exc:
+            raise self._translate(exc, name) from None
+
+    def _translate(self, exc: Exception, name: str | None) -> LocalMoaError:
+        if isinstance(exc, ollama.ResponseError):
+            if exc.status_code == 404:
+                return ModelNotInstalledError(f"Ollama at {self.host}: {exc.error}")
+            return BackendError(name or "ollama", f"Ollama answered: {exc.error}")
+        where = "this machine" if is_loopback(httpx.URL(self.host).host) else "that host"
+        return ServerUnavailableError(
+            f"Ollama is not reachable at {self.host}: start it on {where} with `ollama serve` "
+            f"(or open the Ollama app), or point {self.setting} or OLLAMA_HOST at it"
+        )
+
+
+def _facts(tag: str, info: dict[str, Any], size: int) -> GGUFFacts | None:
+    """GGUF-style facts from /api/show's model_info; None when the architecture is missing."""
+    arch = info.get("general.architecture")
+    if not isinstance(arch, str):
+        return None
+
+    def number(key: str, default: int) -> int:
+        value = info.get(f"{arch}.{key}", default)
+        if isinstance(value, list):
+            return int(max(value)) if value else default
+        return int(value) if isinstance(value, int | float) else default
+
+    n_layer = number("block_count", 0)
+    n_embd = number("embedding_length", 0)
+    n_head = number("attention.head_count", 1)
+    if not n_layer or not n_embd:
+        return None
+    kv_heads = info.get(f"{arch}.attention.head_count_kv", n_head)
+    kv_total = int(sum(kv_heads)) if isinstance(kv_heads, list) else int(kv_heads) * n_layer
+    head_dim = n_embd // max(n_head, 1)
+    tokens = info.get("tokenizer.ggml.tokens")
+    vocab = number("vocab_size", len(tokens) if isinstance(tokens, list) and tokens else 0)
+    return GGUFFacts(
+        path=Path(tag),
+        architecture=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv_total=kv_total,
+        key_length=number("attention.key_length", head_dim),
+        value_length=number("attention.value_length", head_dim),
+        n_ff=number("feed_forward_length", 4 * n_embd),
+        n_vocab=vocab or ASSUMED_VOCAB,
+        n_ctx_train=number("context_length", 0),
+        weights_bytes=size,
+    )

@@ -1,0 +1,152 @@
+"""The Ollama backend against a fake Ollama server on loopback, with the request bodies asserted."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fake_ollama import FakeOllama, FakeOllamaModel, loaded_bytes
+
+from localmoa.backends.base import ChatMessage, ChatRequest
+from localmoa.backends.ollama import OllamaBackend, ollama_host
+from localmoa.config import OllamaModel
+from localmoa.errors import EgressError, ModelNotInstalledError, ServerUnavailableError
+from localmoa.measurements import MeasurementCache
+
+GB = 1_000_000_000
+QWEN = FakeOllamaModel(name="qwen2.5:7b", family="qwen2", size=4 * GB)
+EMBED = FakeOllamaModel(
+    name="nomic-embed-text:latest", family="nomic-bert", size=GB // 4, capabilities=["embedding"]
+)
+REQUEST = ChatRequest(
+    messages=[ChatMessage(role="user", content="Why is the sky blue?")],
+    temperature=0.3,
+    max_tokens=3,
+)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeOllama]:
+    with FakeOllama([QWEN, EMBED]) as fake:
+        yield fake
+
+
+def backend_for(server: FakeOllama, tmp_path: Path) -> OllamaBackend:
+    return OllamaBackend(server.url, cache=MeasurementCache(tmp_path / "measured.json"))
+
+
+def model(tag: str = "qwen2.5:7b", num_ctx: int = 8192) -> OllamaModel:
+    return OllamaModel(backend="ollama", model=tag, num_ctx=num_ctx)
+
+
+def bodies(server: FakeOllama, path: str) -> list[dict[str, object]]:
+    return [body for method, p, body in server.requests if p == path]
+
+
+async def test_estimate_before_load_then_measurement_after(
+    server: FakeOllama, tmp_path: Path
+) -> None:
+    backend = backend_for(server, tmp_path)
+    before = await backend.footprint("qwen", model())
+    assert before.source == "ollama" and before.weights == 4 * GB
+    assert before.kv_cache == 2 * 32 * 8 * 128 * 8192 * 2  # the fake reports an 8B llama shape
+    assert before.total >= loaded_bytes(QWEN, 8192)  # an upper bound of what Ollama will hold
+    await backend.load("qwen", model())
+    assert backend.resident_bytes("qwen") == server.resident()["qwen2.5:7b"]
+    await backend.unload("qwen")
+    after = await OllamaBackend(
+        server.url, cache=MeasurementCache(tmp_path / "measured.json")
+    ).footprint("qwen", model())
+    assert after.source == "measured" and after.total == loaded_bytes(QWEN, 8192)
+    await backend.aclose()
+
+
+async def test_residency_is_localmoas_with_options_pinned(
+    server: FakeOllama, tmp_path: Path
+) -> None:
+    backend = backend_for(server, tmp_path)
+    await backend.load("qwen", model())
+    pieces = [d async for d in backend.chat("qwen", REQUEST)]
+    await backend.unload("qwen")
+    preload, unload = bodies(server, "/api/generate")
+    assert preload["model"] == "qwen2.5:7b" and preload["keep_alive"] == -1
+    assert preload["options"] == {"num_ctx": 8192} and "prompt" not in preload
+    (chat,) = bodies(server, "/api/chat")
+    assert chat["keep_alive"] == -1 and chat["stream"] is True
+    assert chat["options"] == {"num_ctx": 8192, "temperature": 0.3, "num_predict": 3}
+    assert chat["messages"] == [{"role": "user", "content": "Why is the sky blue?"}]
+    assert unload == {"model": "qwen2.5:7b", "keep_alive": 0, "stream": False}
+    assert "".join(d.text for d in pieces) == "a fake answer"
+    assert sum(d.tokens for d in pieces) == 3
+    assert [kind for kind, _ in server.events] == ["load", "unload"]  # no reload, no evict
+    assert server.resident() == {}
+    await backend.aclose()
+
+
+async def test_model_not_pulled_gives_the_pull_line(server: FakeOllama, tmp_path: Path) -> None:
+    backend = backend_for(server, tmp_path)
+    with pytest.raises(ModelNotInstalledError) as caught:
+        await backend.footprint("big", model("llama3.1:70b"))
+    message = str(caught.value)
+    assert f"Ollama at {server.url} has no model " in message
+    assert "(models.big.model); run `ollama pull llama3.1:70b`" in message
+    assert not [r for r in server.requests if r[1] in ("/api/pull", "/api/generate")]
+    await backend.aclose()
+
+
+async def test_ollama_down_says_where_and_how_to_start_it() -> None:
+    with socket.socket() as probe:  # a port on which nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = OllamaBackend(f"http://127.0.0.1:{port}")
+    with pytest.raises(ServerUnavailableError, match=rf"not reachable at http://127.0.0.1:{port}"):
+        await backend.installed()
+    with pytest.raises(ServerUnavailableError, match="`ollama serve`"):
+        await backend.footprint("x", model())
+    await backend.aclose()
+
+
+async def test_partial_offload_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    half = FakeOllamaModel(name="gemma2:9b", family="gemma2", size=5 * GB, vram_fraction=0.5)
+    with FakeOllama([half]) as fake:
+        backend = backend_for(fake, tmp_path)
+        with caplog.at_level(logging.WARNING, logger="localmoa"):
+            await backend.load("gemma", model("gemma2:9b", 4096))
+        assert 'Ollama put part of "gemma" on the CPU (50% in GPU memory)' in caplog.text
+        await backend.aclose()
+
+
+async def test_a_host_off_this_machine_is_refused_before_connecting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts: list[object] = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, a: attempts.append(a))
+    backend = OllamaBackend("http://10.20.30.40:11434")
+    with pytest.raises(EgressError, match=r'settings.ollama_host: "10.20.30.40" .*allowed_hosts'):
+        await backend.installed()
+    assert attempts == []
+    await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("setting", "env", "expected"),
+    [
+        (None, None, "http://127.0.0.1:11434"),
+        (None, "0.0.0.0", "http://127.0.0.1:11434"),
+        (None, "0.0.0.0:12345", "http://127.0.0.1:12345"),
+        (None, ":7000", "http://127.0.0.1:7000"),
+        ("http://localhost:9999", "10.0.0.1", "http://localhost:9999"),
+        ("gpu-box.lan", None, "http://gpu-box.lan:11434"),
+    ],
+)
+def test_host_from_setting_then_environment_then_default(
+    monkeypatch: pytest.MonkeyPatch, setting: str | None, env: str | None, expected: str
+) -> None:
+    if env is None:
+        monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    else:
+        monkeypatch.setenv("OLLAMA_HOST", env)
+    assert ollama_host(setting) == expected
