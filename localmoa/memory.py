@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from localmoa.errors import ModelFileError
 from localmoa.ggufheader import ArrayInfo, read_header
@@ -47,6 +48,7 @@ __all__ = [
     "GGUFFacts",
     "compute_bytes",
     "estimate",
+    "facts_from_metadata",
     "graph_bytes",
     "kv_cache_bytes",
     "padded_ctx",
@@ -118,27 +120,47 @@ def read_gguf(path: Path) -> GGUFFacts:
             f"{path}: not a valid GGUF file ({exc}); the file may be truncated or not a "
             "model: download or convert it again"
         ) from None
-    meta = header.metadata
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    try:
+        return facts_from_metadata(
+            header.metadata,
+            path=path,
+            weights=sum(header.tensor_bytes.values()),
+            vocab=tokens.length if isinstance(tokens, ArrayInfo) else 0,
+        )
+    except KeyError as exc:
+        raise ModelFileError(
+            f"{path}: GGUF header lacks {exc.args[0]}; not a model file localmoa can size"
+        ) from None
+
+
+def facts_from_metadata(
+    meta: Mapping[str, Any], *, path: Path, weights: int, vocab: int = 0
+) -> GGUFFacts:
+    """The facts from GGUF-style metadata (a file's header, or Ollama's ``model_info``).
+
+    ``vocab`` is the vocabulary size when the metadata has no ``vocab_size`` (the length of the
+    token list). KeyError names a required key that is missing.
+    """
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
-        raise ModelFileError(f"{path}: GGUF header has no general.architecture; not a model file")
+        raise KeyError("general.architecture")
 
     def number(key: str, default: int | None = None) -> int:
         """A per-model number; per-layer lists count at their largest (an upper bound)."""
         value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise ModelFileError(f"{path}: GGUF header lacks {arch}.{key}; cannot size the model")
+        if value is None or value == []:
+            if default is None:
+                raise KeyError(f"{arch}.{key}")
+            value = default
         return int(max(value) if isinstance(value, list) else value)
 
-    n_layer, n_embd, n_head = (
-        number("block_count"),
-        number("embedding_length"),
-        number("attention.head_count"),
-    )
+    n_layer = number("block_count")
+    n_embd = number("embedding_length")
+    n_head = number("attention.head_count")
     kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_head)
     n_head_kv_total = int(sum(kv_heads)) if isinstance(kv_heads, list) else int(kv_heads) * n_layer
     head_dim = n_embd // max(n_head, 1)
-    tokens = meta.get("tokenizer.ggml.tokens")
     return GGUFFacts(
         path=path,
         architecture=arch,
@@ -149,9 +171,9 @@ def read_gguf(path: Path) -> GGUFFacts:
         key_length=number("attention.key_length", head_dim),
         value_length=number("attention.value_length", head_dim),
         n_ff=number("feed_forward_length", 4 * n_embd),
-        n_vocab=number("vocab_size", tokens.length if isinstance(tokens, ArrayInfo) else 0),
+        n_vocab=number("vocab_size", vocab),
         n_ctx_train=number("context_length", 0),
-        weights_bytes=sum(header.tensor_bytes.values()),
+        weights_bytes=weights,
     )
 
 

@@ -44,7 +44,7 @@ from localmoa.errors import (
     ServerUnavailableError,
 )
 from localmoa.measurements import MeasurementCache
-from localmoa.memory import Footprint, GGUFFacts, estimate
+from localmoa.memory import Footprint, GGUFFacts, estimate, facts_from_metadata
 
 __all__ = ["DEFAULT_HOST", "InstalledModel", "OllamaBackend", "ollama_host"]
 
@@ -313,38 +313,11 @@ class OllamaBackend(Backend):
 
 
 def _facts(tag: str, info: dict[str, Any], size: int) -> GGUFFacts | None:
-    """GGUF-style facts from /api/show's model_info; None when the architecture is missing."""
-    arch = info.get("general.architecture")
-    if not isinstance(arch, str):
-        return None
-
-    def number(key: str, default: int) -> int:
-        value = info.get(f"{arch}.{key}", default)
-        if isinstance(value, list):
-            return int(max(value)) if value else default
-        return int(value) if isinstance(value, int | float) else default
-
-    n_layer = number("block_count", 0)
-    n_embd = number("embedding_length", 0)
-    n_head = number("attention.head_count", 1)
-    if not n_layer or not n_embd:
-        return None
-    kv_heads = info.get(f"{arch}.attention.head_count_kv", n_head)
-    kv_total = int(sum(kv_heads)) if isinstance(kv_heads, list) else int(kv_heads) * n_layer
-    head_dim = n_embd // max(n_head, 1)
+    """GGUF-style facts from /api/show's model_info; None when it lacks the architecture."""
     tokens = info.get("tokenizer.ggml.tokens")
-    vocab = number("vocab_size", len(tokens) if isinstance(tokens, list) and tokens else 0)
-    return GGUFFacts(
-        path=Path(tag),
-        architecture=arch,
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv_total=kv_total,
-        key_length=number("attention.key_length", head_dim),
-        value_length=number("attention.value_length", head_dim),
-        n_ff=number("feed_forward_length", 4 * n_embd),
-        n_vocab=vocab or ASSUMED_VOCAB,
-        n_ctx_train=number("context_length", 0),
-        weights_bytes=size,
-    )
+    # Without verbose, Ollama blanks the token list: assume a large vocabulary (an upper bound).
+    vocab = len(tokens) if isinstance(tokens, list) and len(tokens) > 1000 else ASSUMED_VOCAB
+    try:
+        return facts_from_metadata(info, path=Path(tag), weights=size, vocab=vocab)
+    except (KeyError, TypeError, ValueError):
+        return None
