@@ -28,9 +28,10 @@ from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel
 
 from localmoa.backends.base import Backend, ChatMessage
-from localmoa.errors import BackendError, LayerFailedError, LocalMoaError
+from localmoa.errors import LayerFailedError, LocalMoaError
 from localmoa.moa import Call, build_request
 from localmoa.planner import Plan, Wave, make_plan
+from localmoa.residency import PlanResidency, Residency
 
 __all__ = [
     "CallFinished",
@@ -60,6 +61,7 @@ class CallRecord(BaseModel):
     error: str | None
     seconds: float
     tokens: int
+    prompt_tokens: int = 0
     text: str
 
 
@@ -139,9 +141,17 @@ class Executor:
         return self.backends[self.models[model].backend]
 
     async def run(
-        self, stages: Sequence[Sequence[Call]], plan: Plan, conversation: list[ChatMessage]
+        self,
+        stages: Sequence[Sequence[Call]],
+        plan: Plan,
+        conversation: list[ChatMessage],
+        *,
+        residency: Residency | None = None,
     ) -> RunResult:
         """Run every call of ``stages`` as ``plan`` schedules them; the last stage's answer wins.
+
+        ``residency`` decides what is loaded: by default exactly what the plan's waves say
+        (everything unloaded at the end); ``localmoa serve`` passes a shared pool's view.
 
         When a backend measures a loaded model (Ollama does) and the figure is larger than the
         plan assumed, or much smaller, the rest of the run is planned again from what is resident
@@ -151,7 +161,7 @@ class Executor:
         sizes = dict(self.sizes) if self.sizes is not None else None
         pending = [list(stage) for stage in stages]  # calls not run yet, by stage
         current, base, number = plan, 0, 0  # the plan followed, its first stage, waves done
-        resident: list[str] = []
+        residency = residency or PlanResidency(self.models, self.backend)
         broken: dict[str, str] = {}  # model -> why its load failed
         records: list[CallRecord] = []
         references: list[str] | None = None
@@ -164,29 +174,25 @@ class Executor:
                     shown = wave if base == 0 else wave.model_copy(update={"layer": stage + 1})
                     self.on_event(WaveStarted(number, shown))
                     number += 1
-                    for model in wave.unload:
-                        if model in resident:
-                            resident.remove(model)
-                            await self.backend(model).unload(model)
-                            self.on_event(ModelUnloaded(model))
-                    for model in wave.load:
-                        began = time.perf_counter()
-                        try:
-                            await self.backend(model).load(model, self.models[model])
-                        except BackendError as exc:
-                            broken[model] = str(exc)
+                    unloaded, outcomes = await residency.enter(wave)
+                    for model in unloaded:
+                        self.on_event(ModelUnloaded(model))
+                    for outcome in outcomes:
+                        if outcome.error is not None:
+                            broken[outcome.model] = outcome.error
                             continue
                         loads += 1
-                        resident.append(model)
-                        measured = self.backend(model).resident_bytes(model)
-                        self.on_event(ModelLoaded(model, time.perf_counter() - began, measured))
-                        replan |= self._remeasure(model, measured, sizes)
+                        self.on_event(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
+                        replan |= self._remeasure(outcome.model, outcome.measured, sizes)
                     runs = set(wave.runs)
                     calls = [c for c in pending[stage] if c.model in runs]
                     pending[stage] = [c for c in pending[stage] if c.model not in runs]
-                    records += await asyncio.gather(
-                        *(self._call(c, conversation, references, broken) for c in calls)
-                    )
+                    try:
+                        records += await asyncio.gather(
+                            *(self._call(c, conversation, references, broken) for c in calls)
+                        )
+                    finally:
+                        await residency.leave(wave)
                     if not pending[stage]:
                         final = stage == len(stages) - 1
                         references = self._usable(stage + 1, records, final=final)
@@ -201,12 +207,13 @@ class Executor:
                     [[c.model for c in stage] for stage in pending[base:]],
                     sizes,
                     plan.budget_bytes,
-                    resident=resident,
+                    resident=residency.resident(),
                 )
                 log.info("re-planned the rest of the run with measured sizes (%d)", replans)
         finally:
             # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
-            await asyncio.shield(self._unload_all(resident))
+            for model in await asyncio.shield(residency.finish()):
+                self.on_event(ModelUnloaded(model))
         answer = references[0] if references else ""
         return RunResult(
             answer=answer,
@@ -224,16 +231,6 @@ class Executor:
             return False
         planned, sizes[model] = sizes[model], measured
         return measured > planned or measured < planned * (1 - REPLAN_SLACK)
-
-    async def _unload_all(self, resident: list[str]) -> None:
-        for model in reversed(resident):
-            try:
-                await self.backend(model).unload(model)
-            except LocalMoaError as exc:
-                log.warning("unloading %s failed: %s", model, exc)
-            else:
-                self.on_event(ModelUnloaded(model))
-        resident.clear()
 
     @staticmethod
     def _usable(layer: int, records: list[CallRecord], *, final: bool) -> list[str]:
@@ -257,13 +254,14 @@ class Executor:
             self.on_event(CallStarted(call))
             began = time.perf_counter()
             pieces: list[str] = []
-            tokens = 0
+            tokens = prompt_tokens = 0
             error: str | None = broken.get(call.model)
             if error is None:
                 request = build_request(call, conversation, references)
                 try:
                     async for delta in self.backend(call.model).chat(call.model, request):
                         tokens += delta.tokens
+                        prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
                         if delta.text:
                             pieces.append(delta.text)
                             self.on_event(CallPiece(call, delta.text))
@@ -280,6 +278,7 @@ class Executor:
                 error=error,
                 seconds=time.perf_counter() - began,
                 tokens=tokens,
+                prompt_tokens=prompt_tokens,
                 text="".join(pieces),
             )
             self.on_event(CallFinished(call, record))

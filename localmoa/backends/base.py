@@ -47,6 +47,8 @@ class ChatDelta(NamedTuple):
 
     text: str
     tokens: int = 1
+    prompt_tokens: int = 0
+    """Set on the last delta when the runtime counts the prompt (for usage reports)."""
 
 
 class Backend(ABC):

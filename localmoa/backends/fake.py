@@ -74,11 +74,13 @@ class FakeBackend(Backend):
             if self.script
             else config.reply.format(model=name, prompt=prompt)
         )
-        words = text.split(" ")
-        for i, word in enumerate(words[: request.max_tokens]):
+        words = text.split(" ")[: request.max_tokens]
+        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        for i, word in enumerate(words):
             if config.seconds_per_token:
                 await asyncio.sleep(config.seconds_per_token)
-            yield ChatDelta(word if i == len(words) - 1 else word + " ")
+            last = i == len(words) - 1
+            yield ChatDelta(word if last else word + " ", 1, prompt_tokens if last else 0)
 
     def resident_bytes(self, name: str) -> int | None:
         return self.resident.get(name)

@@ -176,7 +176,7 @@ class LlamaCppBackend(Backend):
                 loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         def work() -> None:
-            generated = counted = 0
+            generated = counted = prompt = 0
             eos = loaded.llama.token_eos()
 
             def each_token(input_ids: Any, scores: Any) -> Any:
@@ -184,7 +184,9 @@ class LlamaCppBackend(Backend):
                 # (random or multibyte output may yield no text for many) and to stop within a
                 # token once the stream is closed. It runs as a ctypes callback, where raising
                 # is ignored, so stopping means forcing end-of-sequence.
-                nonlocal generated
+                nonlocal generated, prompt
+                if not generated:
+                    prompt = len(input_ids)  # the context before the first sampled token
                 generated += 1
                 if stop.is_set():
                     scores = scores.copy()
@@ -199,7 +201,7 @@ class LlamaCppBackend(Backend):
                     emit("delta", ChatDelta(text, generated - counted))
                     counted = generated
                 # The loop samples one token past max_tokens before it notices the limit.
-                emit("done", ChatDelta("", min(generated, request.max_tokens) - counted))
+                emit("done", ChatDelta("", min(generated, request.max_tokens) - counted, prompt))
             except Exception as exc:
                 emit("error", exc)
 
@@ -213,7 +215,7 @@ class LlamaCppBackend(Backend):
                         hint = f"; raise n_ctx of [models.{name}] or lower max_tokens"
                     raise BackendError(name, f"generation failed: {value}{hint}") from value
                 if kind == "done":
-                    if value.tokens:
+                    if value.tokens or value.prompt_tokens:
                         yield value
                     return
                 yield value

@@ -254,7 +254,7 @@ class OllamaBackend(Backend):
                 text = part.message.content or ""
                 if part.done:
                     total = part.eval_count or counted + (1 if text else 0)
-                    yield ChatDelta(text, max(total - counted, 0))
+                    yield ChatDelta(text, max(total - counted, 0), part.prompt_eval_count or 0)
                     return
                 counted += 1
                 yield ChatDelta(text, 1)

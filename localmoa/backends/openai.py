@@ -286,6 +286,7 @@ class OpenAIBackend(Backend):
         url = f"{served.base}/chat/completions"
         counted = pending = 0  # tokens yielded; tokens seen whose text has not come yet
         usage: int | None = None
+        prompt_tokens = 0
         finished = done = False
         try:
             async with contextlib.aclosing(source.aiter_sse()) as events:
@@ -301,6 +302,7 @@ class OpenAIBackend(Backend):
                         reported.get("completion_tokens"), int
                     ):
                         usage = reported["completion_tokens"]
+                        prompt_tokens = int(reported.get("prompt_tokens") or 0)
                     choices = chunk.get("choices") or []
                     choice = choices[0] if isinstance(choices, list) and choices else {}
                     if not isinstance(choice, dict):
@@ -334,8 +336,8 @@ class OpenAIBackend(Backend):
             )
             raise BackendError(name, f"{url}: {why}")
         rest = pending if usage is None else usage - counted
-        if rest > 0:
-            yield ChatDelta("", rest)
+        if rest > 0 or prompt_tokens:
+            yield ChatDelta("", max(rest, 0), prompt_tokens)
 
     # --- HTTP ----------------------------------------------------------------------------------
 
