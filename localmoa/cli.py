@@ -30,7 +30,7 @@ from localmoa.backends import OllamaBackend, make_backends
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.config import Config, OllamaModel, Settings, load_config
 from localmoa.ensemble import Prepared, prepare
-from localmoa.errors import ConfigNotFoundError, LocalMoaError, UserError
+from localmoa.errors import ConfigNotFoundError, LocalMoaError, UsageRefused, UserError
 from localmoa.executor import CallFinished, CallPiece, Event, Executor, RunResult
 from localmoa.hardware import resolve_budget
 from localmoa.memory import Footprint
@@ -409,6 +409,69 @@ def _figures(used: Footprint, measured: Footprint | None = None) -> dict[str, An
 
 def _size(value: int | None) -> str:
     return "-" if value is None else format_bytes(value)
+
+
+@cli.command()
+@_config_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--api-key",
+    envvar="LOCALMOA_API_KEY",
+    help="Require Authorization: Bearer KEY (also $LOCALMOA_API_KEY). Needed beyond loopback.",
+)
+@_budget_option
+@click.option(
+    "--max-queue",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests running or waiting at once; more get 503 with Retry-After.",
+)
+def serve(
+    config_path: Path | None,
+    host: str,
+    port: int,
+    api_key: str | None,
+    memory_budget: str | None,
+    max_queue: int,
+) -> None:
+    """Serve every ensemble as an OpenAI-compatible model (moa/NAME) at http://HOST:PORT/v1."""
+    from localmoa.egress import is_loopback
+
+    if not is_loopback(host) and not api_key:
+        raise UsageRefused(
+            f"refusing to listen on {host} without --api-key: anyone who can reach this "
+            "machine could use your models; pass --api-key KEY (or set LOCALMOA_API_KEY), or "
+            "keep the default --host 127.0.0.1"
+        )
+
+    async def go() -> None:
+        import uvicorn
+
+        from localmoa.server import MoaServer
+
+        async with _session(config_path, memory_budget) as session:
+            for reason in session.reasons:
+                _stderr().print(f"zero-config: {reason}", markup=False)
+            budget = resolve_budget(memory_budget, session.config.settings.memory_budget)
+            server = MoaServer(
+                session.config, session.backends, budget, api_key=api_key, max_queue=max_queue
+            )
+            await server.start()
+            names = ", ".join(f"moa/{n}" for n in session.config.ensembles)
+            _stderr().print(
+                f"localmoa: serving {names} at http://{host}:{port}/v1 "
+                f"(budget {format_bytes(budget.bytes)}: {budget.detail})",
+                markup=False,
+            )
+            try:
+                config = uvicorn.Config(server.app, host=host, port=port, log_level="warning")
+                await uvicorn.Server(config).serve()
+            finally:
+                await server.aclose()
+
+    _arun(go)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@
     │   ├── BudgetError           a bad memory budget, or a model that cannot fit in it
     │   ├── EgressError           a URL off this machine that settings.allowed_hosts does not list
     │   ├── ServerUnavailableError  Ollama or an OpenAI-compatible server does not answer
-    │   └── ModelNotInstalledError  Ollama does not have the model (localmoa never pulls)
+    │   ├── ModelNotInstalledError  Ollama does not have the model (localmoa never pulls)
+    │   └── UsageRefused          a request localmoa will not carry out as asked (unsafe)
     └── RunError                  exit 1: something failed while the ensemble ran
         ├── BackendError          a backend could not load a model or answer a call
         └── LayerFailedError      every agent of a layer failed, so nothing can be passed on
@@ -32,6 +33,7 @@ __all__ = [
     "ModelNotInstalledError",
     "RunError",
     "ServerUnavailableError",
+    "UsageRefused",
     "UserError",
 ]
 
@@ -74,6 +76,10 @@ class ServerUnavailableError(UserError):
 
 class ModelNotInstalledError(UserError):
     """Ollama does not have the model; the message gives the ``ollama pull`` to run."""
+
+
+class UsageRefused(UserError):
+    """Something unsafe was asked, e.g. serving beyond loopback without an API key."""
 
 
 class RunError(LocalMoaError):

@@ -147,11 +147,14 @@ class Executor:
         conversation: list[ChatMessage],
         *,
         residency: Residency | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> RunResult:
         """Run every call of ``stages`` as ``plan`` schedules them; the last stage's answer wins.
 
         ``residency`` decides what is loaded: by default exactly what the plan's waves say
         (everything unloaded at the end); ``localmoa serve`` passes a shared pool's view.
+        ``on_event`` replaces the executor's callback for this run (a server's runs each stream
+        their own answer).
 
         When a backend measures a loaded model (Ollama does) and the figure is larger than the
         plan assumed, or much smaller, the rest of the run is planned again from what is resident
@@ -162,6 +165,7 @@ class Executor:
         pending = [list(stage) for stage in stages]  # calls not run yet, by stage
         current, base, number = plan, 0, 0  # the plan followed, its first stage, waves done
         residency = residency or PlanResidency(self.models, self.backend)
+        emit = on_event or self.on_event
         broken: dict[str, str] = {}  # model -> why its load failed
         records: list[CallRecord] = []
         references: list[str] | None = None
@@ -172,24 +176,24 @@ class Executor:
                 for wave in current.waves:
                     stage = base + wave.layer - 1
                     shown = wave if base == 0 else wave.model_copy(update={"layer": stage + 1})
-                    self.on_event(WaveStarted(number, shown))
+                    emit(WaveStarted(number, shown))
                     number += 1
                     unloaded, outcomes = await residency.enter(wave)
                     for model in unloaded:
-                        self.on_event(ModelUnloaded(model))
+                        emit(ModelUnloaded(model))
                     for outcome in outcomes:
                         if outcome.error is not None:
                             broken[outcome.model] = outcome.error
                             continue
                         loads += 1
-                        self.on_event(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
+                        emit(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
                         replan |= self._remeasure(outcome.model, outcome.measured, sizes)
                     runs = set(wave.runs)
                     calls = [c for c in pending[stage] if c.model in runs]
                     pending[stage] = [c for c in pending[stage] if c.model not in runs]
                     try:
                         records += await asyncio.gather(
-                            *(self._call(c, conversation, references, broken) for c in calls)
+                            *(self._call(c, conversation, references, broken, emit) for c in calls)
                         )
                     finally:
                         await residency.leave(wave)
@@ -213,7 +217,7 @@ class Executor:
         finally:
             # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
             for model in await asyncio.shield(residency.finish()):
-                self.on_event(ModelUnloaded(model))
+                emit(ModelUnloaded(model))
         answer = references[0] if references else ""
         return RunResult(
             answer=answer,
@@ -248,10 +252,11 @@ class Executor:
         conversation: list[ChatMessage],
         references: list[str] | None,
         broken: Mapping[str, str],
+        emit: Callable[[Event], None],
     ) -> CallRecord:
         lock = self._locks.setdefault(call.model, asyncio.Lock())
         async with lock, _maybe(self._slots), _maybe(self._throttler):
-            self.on_event(CallStarted(call))
+            emit(CallStarted(call))
             began = time.perf_counter()
             pieces: list[str] = []
             tokens = prompt_tokens = 0
@@ -264,7 +269,7 @@ class Executor:
                         prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
                         if delta.text:
                             pieces.append(delta.text)
-                            self.on_event(CallPiece(call, delta.text))
+                            emit(CallPiece(call, delta.text))
                 except LocalMoaError as exc:
                     error = str(exc)
                 except Exception as exc:  # a runtime's own failure must not end the run
@@ -281,7 +286,7 @@ class Executor:
                 prompt_tokens=prompt_tokens,
                 text="".join(pieces),
             )
-            self.on_event(CallFinished(call, record))
+            emit(CallFinished(call, record))
             return record
 
 

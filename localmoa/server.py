@@ -1,0 +1,466 @@
+"""``localmoa serve``: every ensemble as one model behind an OpenAI-compatible endpoint.
+
+Any local chat tool that takes an OpenAI base URL (Open WebUI, the ``llm`` CLI, IDE plugins,
+LangChain) can then talk to an ensemble as if it were one model, streaming included.
+
+- ``GET /v1/models`` lists each ensemble as ``moa/<name>``; ``POST /v1/chat/completions``
+  answers, non-streamed or as ``chat.completion.chunk`` server-sent events ending with
+  ``data: [DONE]`` (``finish_reason`` exactly once); ``GET /health`` says the server is up.
+  Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``.
+- The request's ``messages`` are the conversation every agent sees; its ``temperature`` and
+  ``max_tokens`` (or ``max_completion_tokens``) apply to the aggregator, the ensemble's own
+  settings to the proposers. ``usage`` counts every call of the ensemble, since all of them were
+  generated for this request.
+- One :class:`~localmoa.residency.ModelPool` owns the hardware for all requests: concurrent
+  requests share loaded models, never load one twice and never exceed the budget; requests are
+  served in arrival order; models stay loaded between requests while nothing else needs the
+  memory (each request's plan starts from what is loaded). At most ``max_queue`` requests are
+  admitted at once; the next gets 503 with ``Retry-After``. A client that disconnects cancels
+  its run, which releases what it held.
+- With ``api_key`` set, every ``/v1`` request needs ``Authorization: Bearer <key>`` (401
+  otherwise). ``localmoa serve`` refuses to listen beyond loopback without a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from localmoa.backends.base import Backend, ChatMessage
+from localmoa.config import Agent, Config, Ensemble
+from localmoa.ensemble import footprints
+from localmoa.errors import BudgetError, ConfigError, LayerFailedError, LocalMoaError
+from localmoa.executor import CallPiece, Event, Executor, RunResult
+from localmoa.hardware import Budget
+from localmoa.memory import Footprint
+from localmoa.moa import calls_for
+from localmoa.planner import make_plan
+from localmoa.residency import ModelPool, PoolResidency
+
+__all__ = ["ChatCompletionRequest", "MoaServer"]
+
+log = logging.getLogger(__name__)
+
+PREFIX = "moa/"
+RETRY_AFTER_SECONDS = 5
+PING_SECONDS = 15
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_Part] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The part of OpenAI's chat-completions request an ensemble honours (the rest is ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+
+
+class _Refused(Exception):
+    """An HTTP error answer, raised inside a handler and rendered in OpenAI's shape."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, code: str, headers: Mapping[str, str] = {}
+    ) -> None:
+        super().__init__(message)
+        self.response = _error(status, message, kind, code, headers)
+
+
+def _error(
+    status: int, message: str, kind: str, code: str, headers: Mapping[str, str] = {}
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "code": code}}
+    return JSONResponse(body, status_code=status, headers=dict(headers))
+
+
+class MoaServer:
+    """The ensembles of one config, served; :meth:`start` before serving, :meth:`aclose` after."""
+
+    def __init__(
+        self,
+        config: Config,
+        backends: Mapping[str, Backend],
+        budget: Budget,
+        *,
+        api_key: str | None = None,
+        max_queue: int = 16,
+    ) -> None:
+        self.config = config
+        self.backends = backends
+        self.budget = budget
+        self.api_key = api_key
+        self.max_queue = max_queue
+        self.admitted = 0
+        self.idle = asyncio.Event()
+        """Set while no request is admitted (for tests and graceful shutdown)."""
+        self.idle.set()
+        self.created = int(time.time())
+        self._tickets = itertools.count()
+        self._footprints: dict[str, Footprint] = {}
+        self.pool: ModelPool | None = None
+        self.executor = Executor(
+            config.models,
+            backends,
+            max_parallel_calls=config.settings.max_parallel_calls,
+            max_calls_per_second=config.settings.max_calls_per_second,
+        )
+        self.app = Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/v1/models", self.list_models),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            ]
+        )
+
+    async def start(self) -> None:
+        """Size every model and check every ensemble can be planned, before serving anything."""
+        if not self.config.ensembles:
+            raise ConfigError("no ensembles defined: add an [ensembles.NAME] table to serve")
+        used = list(
+            dict.fromkeys(
+                c.model
+                for ensemble in self.config.ensembles.values()
+                for stage in calls_for(ensemble)
+                for c in stage
+            )
+        )
+        self._footprints = await footprints(self.config, used, self.backends)
+        sizes = {name: fp.total for name, fp in self._footprints.items()}
+        for name, ensemble in self.config.ensembles.items():
+            stages = [[c.model for c in stage] for stage in calls_for(ensemble)]
+            try:
+                make_plan(stages, sizes, self.budget.bytes)
+            except BudgetError as exc:
+                raise BudgetError(
+                    f"ensemble {name}: {exc} (budget from {self.budget.detail})"
+                ) from None
+        self.pool = ModelPool(self.config.models, self.backends, sizes, self.budget.bytes)
+        self.executor.sizes = sizes
+
+    async def aclose(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+
+    # --- endpoints -------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def list_models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except _Refused as refused:
+            return refused.response
+        data = [
+            {
+                "id": PREFIX + name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "localmoa",
+            }
+            for name in self.config.ensembles
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._parse(request)
+            ensemble = self._ensemble(body)
+            self._admit()
+        except _Refused as refused:
+            return refused.response
+        ticket = next(self._tickets)
+        try:
+            conversation = [_to_chat(m) for m in body.messages]
+        except _Refused as refused:
+            self._done()
+            return refused.response
+        run = _Run(self, ticket, body, ensemble, conversation)
+        if body.stream:
+            run.start()  # now, so the admission slot comes back even if nobody reads the stream
+            return EventSourceResponse(run.events(), ping=PING_SECONDS, sep="\n")
+        try:
+            result = await run.to_completion(request)
+        except _Refused as refused:
+            return refused.response
+        return JSONResponse(run.completion(result))
+
+    # --- request checks --------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), self.api_key):
+            raise _Refused(
+                401,
+                "missing or wrong API key: send Authorization: Bearer <the key given to "
+                "localmoa serve>",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+
+    async def _parse(self, request: Request) -> ChatCompletionRequest:
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _Refused(
+                400, "the body is not JSON", "invalid_request_error", "invalid_json"
+            ) from None
+        try:
+            return ChatCompletionRequest.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            raise _Refused(400, problems, "invalid_request_error", "invalid_request") from None
+
+    def _ensemble(self, body: ChatCompletionRequest) -> Ensemble:
+        name = body.model.removeprefix(PREFIX)
+        ensemble = self.config.ensembles.get(name)
+        if ensemble is None:
+            known = ", ".join(PREFIX + n for n in self.config.ensembles)
+            raise _Refused(
+                404,
+                f'no model "{body.model}" here; this server has {known}',
+                "invalid_request_error",
+                "model_not_found",
+            )
+        temperature = body.temperature
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if temperature is None and max_tokens is None:
+            return ensemble
+        aggregator = ensemble.aggregator.model_copy(
+            update={
+                k: v
+                for k, v in (("temperature", temperature), ("max_tokens", max_tokens))
+                if v is not None
+            }
+        )
+        return ensemble.model_copy(update={"aggregator": Agent.model_validate(aggregator)})
+
+    def _admit(self) -> None:
+        if self.admitted >= self.max_queue:
+            raise _Refused(
+                503,
+                f"busy: {self.admitted} requests are running or waiting (the limit is "
+                f"{self.max_queue}); retry in a few seconds",
+                "server_error",
+                "queue_full",
+                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        self.admitted += 1
+        self.idle.clear()
+
+    def _done(self) -> None:
+        self.admitted -= 1
+        if self.admitted == 0:
+            self.idle.set()
+
+
+class _Run:
+    """One request's run of its ensemble on the shared pool."""
+
+    def __init__(
+        self,
+        server: MoaServer,
+        ticket: int,
+        body: ChatCompletionRequest,
+        ensemble: Ensemble,
+        conversation: list[ChatMessage],
+    ) -> None:
+        self.server = server
+        self.ticket = ticket
+        self.body = body
+        self.stages = calls_for(ensemble)
+        self.conversation = conversation
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.max_tokens = self.stages[-1][0].max_tokens
+        self.pieces: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.task: asyncio.Task[RunResult] | None = None
+
+    def start(self) -> None:
+        """Run in the background, the aggregator's text going to :attr:`pieces`."""
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, CallPiece) and event.call.is_aggregator:
+                self.pieces.put_nowait(("text", event.text))
+
+        self.task = asyncio.create_task(self.run(on_event))
+        self.task.add_done_callback(lambda _: self.pieces.put_nowait(("end", "")))
+
+    async def run(self, on_event: Any = None) -> RunResult:
+        """Plan from what the pool holds now, then run; always gives the admission slot back."""
+        server = self.server
+        assert server.pool is not None, "MoaServer.start() first"
+        try:
+            sizes = {n: fp.total for n, fp in server._footprints.items()}
+            plan = make_plan(
+                [[c.model for c in stage] for stage in self.stages],
+                sizes,
+                server.budget.bytes,
+                resident=server.pool.resident(),
+            )
+            return await server.executor.run(
+                self.stages,
+                plan,
+                self.conversation,
+                residency=PoolResidency(server.pool, self.ticket),
+                on_event=on_event,
+            )
+        finally:
+            server._done()
+
+    async def to_completion(self, request: Request) -> RunResult:
+        """Run to the end, or until the client goes away (then the run is cancelled)."""
+        task = asyncio.create_task(self.run())
+        watcher = asyncio.create_task(_disconnected(request))
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        watcher.cancel()
+        if task not in done:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LocalMoaError):
+                await task
+            raise _Refused(499, "client disconnected", "invalid_request_error", "cancelled")
+        try:
+            return task.result()
+        except LocalMoaError as exc:
+            raise _Refused(*_failure(exc)) from None
+
+    async def events(self) -> AsyncIterator[dict[str, str]]:
+        """The run as chat.completion.chunk events; cancelled if the client disconnects."""
+        task = self.task
+        assert task is not None, "start() first"
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            while (item := await self.pieces.get())[0] == "text":
+                yield self._chunk({"content": item[1]})
+            try:
+                result = task.result()
+            except LocalMoaError as exc:
+                _, message, kind, code = _failure(exc)
+                yield {
+                    "data": json.dumps({"error": {"message": message, "type": kind, "code": code}})
+                }
+                yield {"data": "[DONE]"}
+                return
+            yield self._chunk({}, finish_reason=self._finish_reason(result))
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                yield {
+                    "data": json.dumps(
+                        {
+                            **self._base("chat.completion.chunk"),
+                            "choices": [],
+                            "usage": _usage(result),
+                        }
+                    )
+                }
+            yield {"data": "[DONE]"}
+        finally:
+            if not task.done():  # the client went away: stop the run, free what it held
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LocalMoaError):
+                    await task
+
+    def completion(self, result: RunResult) -> dict[str, Any]:
+        return {
+            **self._base("chat.completion"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.answer},
+                    "finish_reason": self._finish_reason(result),
+                }
+            ],
+            "usage": _usage(result),
+            "localmoa": {"calls": len(result.calls), "loads": result.loads},
+        }
+
+    def _finish_reason(self, result: RunResult) -> str:
+        return "length" if result.calls and result.calls[-1].tokens >= self.max_tokens else "stop"
+
+    def _base(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model}
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, str]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return {"data": json.dumps({**self._base("chat.completion.chunk"), "choices": [choice]})}
+
+
+def _usage(result: RunResult) -> dict[str, int]:
+    prompt = sum(c.prompt_tokens for c in result.calls)
+    completion = sum(c.tokens for c in result.calls)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _failure(exc: LocalMoaError) -> tuple[int, str, str, str]:
+    if isinstance(exc, LayerFailedError):
+        return 500, str(exc), "server_error", "ensemble_failed"
+    return 500 if exc.exit_code == 1 else 400, str(exc), "server_error", "run_failed"
+
+
+def _to_chat(message: _Message) -> ChatMessage:
+    role = "system" if message.role == "developer" else message.role
+    content = message.content
+    if isinstance(content, list):
+        unsupported = sorted({p.type for p in content if p.type != "text"})
+        if unsupported:
+            raise _Refused(
+                400,
+                f"message parts of type {', '.join(unsupported)} are not supported: "
+                "ensembles read text only",
+                "invalid_request_error",
+                "unsupported_content",
+            )
+        content = "\n".join(p.text or "" for p in content)
+    return ChatMessage(role=role, content=content or "")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,360 @@
+"""`localmoa serve` with the official openai client, real uvicorn on loopback, real models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from servers import free_port
+
+from localmoa.backends import FakeBackend, make_backends
+from localmoa.config import Config, parse_config
+from localmoa.hardware import Budget
+from localmoa.server import MoaServer
+
+MiB = 1 << 20
+
+
+class _Uvicorn(uvicorn.Server):
+    """Says when it accepts connections, so tests wait on an event rather than a sleep."""
+
+    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+class Serving:
+    """A MoaServer on a loopback port, in its own thread and event loop."""
+
+    def __init__(self, server: MoaServer, url: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.server, self.url, self.loop = server, url, loop
+
+    def call(self, coroutine: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's loop (its objects belong to that loop)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def wait_idle(self) -> None:
+        self.call(self.server.idle.wait())
+
+
+@contextmanager
+def serving(config: Config, budget: int, **options: Any) -> Iterator[Serving]:
+    port = free_port()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        server = MoaServer(
+            config,
+            make_backends(config.settings),
+            Budget(bytes=budget, source="flag", detail="test"),
+            **options,
+        )
+        await server.start()
+        uv = _Uvicorn(
+            uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"), ready
+        )
+        box.update(server=server, uv=uv, loop=asyncio.get_running_loop())
+        try:
+            await uv.serve()
+        finally:
+            await server.aclose()
+            for backend in server.backends.values():
+                await backend.aclose()
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    assert ready.wait(60), "server did not start"
+    try:
+        yield Serving(box["server"], f"http://127.0.0.1:{port}/v1", box["loop"])
+    finally:
+        box["uv"].should_exit = True
+        thread.join(30)
+
+
+def tiny_config(tiny_models: dict[str, Path]) -> Config:
+    models = {
+        name: {"backend": "llamacpp", "path": str(path), "n_ctx": 2048, "seed": 1}
+        for name, path in tiny_models.items()
+    }
+    return parse_config(
+        {
+            "models": models,
+            "ensembles": {
+                "default": {
+                    "layers": [list(models), list(models)],
+                    "aggregator": "tiny-a",
+                    "max_tokens": 12,
+                    "temperature": 0.0,
+                }
+            },
+        }
+    )
+
+
+def fake_config(seconds_per_token: float = 0.0, words: int = 8) -> Config:
+    reply = " ".join(["word"] * words)
+    models = {
+        name: {
+            "backend": "fake",
+            "memory": "1GiB",
+            "reply": reply,
+            "seconds_per_token": seconds_per_token,
+        }
+        for name in ("a", "b", "c")
+    }
+    return parse_config(
+        {
+            "models": models,
+            "ensembles": {
+                "default": {
+                    "layers": [["a", "b", "c"], ["a", "b", "c"]],
+                    "aggregator": "a",
+                    "max_tokens": 64,
+                    "temperature": 0.5,
+                },
+                "solo": {"layers": [["a"]], "aggregator": "a"},
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_models: dict[str, Path]) -> Iterator[Serving]:
+    sizes = sorted(
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", _SIZES, *map(str, tiny_models.values())],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+    )
+    budget = sizes[-1] + sizes[-2] + MiB  # two of the three tiny models fit, not all three
+    with serving(tiny_config(tiny_models), budget) as served:
+        yield served
+
+
+_SIZES = """
+import json, sys
+from pathlib import Path
+from localmoa.memory import estimate, read_gguf
+print(json.dumps([estimate(read_gguf(Path(p)), n_ctx=2048, n_batch=512).total for p in sys.argv[1:]]))
+"""
+
+
+def test_done_when_openai_client_lists_answers_and_streams(tiny_server: Serving) -> None:
+    client = openai.OpenAI(base_url=tiny_server.url, api_key="unused")
+    assert [m.id for m in client.models.list()] == ["moa/default"]
+    question = [{"role": "user", "content": "Why is the sky blue?"}]
+    reply = client.chat.completions.create(model="moa/default", messages=question)  # type: ignore[arg-type]
+    assert reply.object == "chat.completion" and reply.model == "moa/default"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    chunks = list(
+        client.chat.completions.create(
+            model="moa/default",
+            messages=question,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    reasons = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert len(reasons) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert tiny_server.server.pool is not None
+    assert tiny_server.server.pool.peak_bytes <= tiny_server.server.budget.bytes
+
+
+def test_done_when_four_concurrent_streams_complete_within_budget(tiny_server: Serving) -> None:
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int]:
+        stream = await client.chat.completions.create(
+            model="moa/default",
+            messages=[{"role": "user", "content": f"Question number {i}?"}],
+            stream=True,
+        )
+        finishes = pieces = 0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finishes += 1
+            pieces += bool(chunk.choices and chunk.choices[0].delta.content)
+        return finishes, pieces
+
+    async def four() -> list[tuple[int, int]]:
+        async with openai.AsyncOpenAI(base_url=tiny_server.url, api_key="unused") as client:
+            return await asyncio.gather(*(one(client, i) for i in range(4)))
+
+    results = asyncio.run(four())
+    assert [finishes for finishes, _ in results] == [1, 1, 1, 1]
+    pool = tiny_server.server.pool
+    assert pool is not None
+    assert pool.peak_bytes <= tiny_server.server.budget.bytes
+    tiny_server.wait_idle()
+    assert not pool.pins  # nothing held once every request is done
+    assert pool.resident()  # ...but models stay loaded for the next request
+
+
+def test_api_key_is_required_when_set() -> None:
+    with serving(fake_config(), 3 << 30, api_key="s3cret") as served:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = httpx.get(f"{served.url}/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        ok = httpx.get(f"{served.url}/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(served.url.removesuffix("/v1") + "/health").json() == {"status": "ok"}
+        client = openai.OpenAI(base_url=served.url, api_key="s3cret")
+        reply = client.chat.completions.create(
+            model="solo", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.choices[0].message.content == "word word word word word word word word"
+
+
+def test_listening_beyond_loopback_needs_a_key() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "localmoa",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without --api-key" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_request_settings_apply_to_the_aggregator_only() -> None:
+    with serving(fake_config(), 3 << 30) as served:
+        client = openai.OpenAI(base_url=served.url, api_key="unused")
+        client.chat.completions.create(
+            model="moa/default",
+            messages=[
+                {"role": "system", "content": "Be kind."},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "why?"},
+            ],
+            temperature=0.1,
+            max_tokens=5,
+        )
+        fake = served.server.backends["fake"]
+        assert isinstance(fake, FakeBackend)
+        settings = [(r.temperature, r.max_tokens) for _, r in fake.requests]
+        assert settings == [(0.5, 64)] * 6 + [(0.1, 5)]
+        aggregator = fake.requests[-1][1]
+        assert [m.role for m in aggregator.messages] == ["system", "user", "assistant", "user"]
+        assert aggregator.messages[0].content.startswith("Be kind.")
+
+
+def test_errors_come_in_openai_shape() -> None:
+    with serving(fake_config(), 3 << 30) as served:
+        cases = [
+            (
+                {"model": "moa/nope", "messages": [{"role": "user", "content": "x"}]},
+                404,
+                "model_not_found",
+            ),
+            ({"model": "moa/default"}, 400, "invalid_request"),
+            (
+                {
+                    "model": "moa/default",
+                    "messages": [{"role": "user", "content": [{"type": "image_url"}]}],
+                },
+                400,
+                "unsupported_content",
+            ),
+        ]
+        for body, status, code in cases:
+            response = httpx.post(f"{served.url}/chat/completions", json=body)
+            assert response.status_code == status
+            assert response.json()["error"]["code"] == code
+            assert set(response.json()["error"]) == {"message", "type", "code"}
+        raw = httpx.post(f"{served.url}/chat/completions", content=b"{not json")
+        assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
+
+
+def test_disconnect_mid_stream_cancels_the_run_and_frees_what_it_held() -> None:
+    slow = fake_config(seconds_per_token=0.05, words=200)  # a full run would take ~70 s
+    with serving(slow, 3 << 30) as served:
+        with httpx.stream(
+            "POST",
+            f"{served.url}/chat/completions",
+            json={
+                "model": "moa/default",
+                "messages": [{"role": "user", "content": "q"}],
+                "stream": True,
+            },
+            timeout=30,
+        ) as response:
+            lines = response.iter_lines()
+            first = next(lines)
+            assert first.startswith("data: ") and '"role": "assistant"' in first
+            assert served.server.admitted == 1  # still running while we hold the stream
+        served.wait_idle()  # the run ended: cancelled, not finished
+        pool = served.server.pool
+        assert pool is not None and not pool.pins
+        fake = served.server.backends["fake"]
+        assert isinstance(fake, FakeBackend)
+        assert len(fake.requests) < 7  # the aggregator never ran
+
+
+def test_a_full_queue_answers_503_with_retry_after() -> None:
+    slow = fake_config(seconds_per_token=0.05, words=200)
+    with serving(slow, 3 << 30, max_queue=1) as served:
+        body = {
+            "model": "moa/default",
+            "messages": [{"role": "user", "content": "q"}],
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{served.url}/chat/completions", json=body, timeout=30) as first:
+            lines = first.iter_lines()  # kept: a dropped line iterator closes the response
+            next(lines)  # admitted and running
+            second = httpx.post(f"{served.url}/chat/completions", json=body)
+            assert second.status_code == 503
+            assert second.headers["Retry-After"] == "5"
+            assert second.json()["error"]["code"] == "queue_full"
+        served.wait_idle()
+
+
+def test_models_stay_loaded_between_requests() -> None:
+    with serving(fake_config(), 3 << 30) as served:
+        client = openai.OpenAI(base_url=served.url, api_key="unused")
+        question = [{"role": "user", "content": "hi"}]
+        client.chat.completions.create(model="moa/default", messages=question)  # type: ignore[arg-type]
+        pool = served.server.pool
+        assert pool is not None
+        loads = pool.loads
+        assert sorted(pool.resident()) == ["a", "b", "c"] and loads == 3
+        client.chat.completions.create(model="moa/default", messages=question)  # type: ignore[arg-type]
+        assert pool.loads == loads  # the second request loaded nothing
