@@ -3,23 +3,39 @@
 The public surface; everything else is an implementation detail that may change.
 """
 
-from localmoa.backends import Backend, ChatMessage, ChatRequest, FakeBackend, LlamaCppBackend
+from localmoa.backends import (
+    Backend,
+    ChatDelta,
+    ChatMessage,
+    ChatRequest,
+    FakeBackend,
+    LlamaCppBackend,
+    OllamaBackend,
+    OpenAIBackend,
+    make_backends,
+)
 from localmoa.config import Config, load_config, parse_config
 from localmoa.ensemble import Prepared, prepare
 from localmoa.errors import (
     BackendError,
     BudgetError,
     ConfigError,
+    ConfigNotFoundError,
+    EgressError,
     LayerFailedError,
     LocalMoaError,
     ModelFileError,
+    ModelNotInstalledError,
     RunError,
+    ServerUnavailableError,
+    UsageRefused,
     UserError,
 )
 from localmoa.executor import CallRecord, Executor, RunResult
 from localmoa.hardware import Budget, detect_budget
 from localmoa.memory import Footprint, estimate, read_gguf
 from localmoa.planner import Plan, Wave, make_plan
+from localmoa.residency import ModelPool, PlanResidency, PoolResidency, Residency
 
 __all__ = [
     "Backend",
@@ -27,10 +43,13 @@ __all__ = [
     "Budget",
     "BudgetError",
     "CallRecord",
+    "ChatDelta",
     "ChatMessage",
     "ChatRequest",
     "Config",
     "ConfigError",
+    "ConfigNotFoundError",
+    "EgressError",
     "Executor",
     "FakeBackend",
     "Footprint",
@@ -38,15 +57,25 @@ __all__ = [
     "LlamaCppBackend",
     "LocalMoaError",
     "ModelFileError",
+    "ModelNotInstalledError",
+    "ModelPool",
+    "OllamaBackend",
+    "OpenAIBackend",
     "Plan",
+    "PlanResidency",
+    "PoolResidency",
     "Prepared",
+    "Residency",
     "RunError",
     "RunResult",
+    "ServerUnavailableError",
+    "UsageRefused",
     "UserError",
     "Wave",
     "detect_budget",
     "estimate",
     "load_config",
+    "make_backends",
     "make_plan",
     "parse_config",
     "prepare",
