@@ -1,7 +1,8 @@
 """Run a plan: swap models wave by wave, run each wave's calls concurrently, pass answers on.
 
-The executor follows the plan to the letter (it never loads a model the plan does not load, so
-memory stays within the planned budget) and adds what a plan cannot know:
+What is loaded when is a :mod:`~localmoa.residency`'s decision: by default exactly what the
+plan's waves say (so memory stays within the planned budget), or a pool shared by the runs of
+``localmoa serve``. The executor adds what a plan cannot know:
 
 - calls to one model are serialized (one lock per model) and calls to different models run
   concurrently, bounded by ``max_parallel_calls`` (a semaphore) and, for shared servers, by
@@ -9,7 +10,10 @@ memory stays within the planned budget) and adds what a plan cannot know:
   concurrency, hence the semaphore beside it);
 - a failed call or load is recorded and left out of the references; the run goes on while each
   layer keeps at least one usable answer (LayerFailedError otherwise);
-- on every exit (done, error, Ctrl-C/cancel) everything still resident is unloaded.
+- a backend that measures what a loaded model really holds (Ollama) can make the rest of the
+  run be planned again from what is resident, with the measurement in place of the estimate;
+- on every exit (done, error, Ctrl-C/cancel) the residency is told, and with the default one
+  everything still resident is unloaded.
 
 Progress is reported through ``on_event`` callbacks; the executor itself prints nothing.
 """
