@@ -188,6 +188,13 @@ def test_done_when_openai_client_lists_answers_and_streams(tiny_server: Serving)
     assert tiny_server.server.pool is not None
     assert tiny_server.server.pool.peak_bytes <= tiny_server.server.budget.bytes
 
+    async def async_whole() -> str | None:
+        async with openai.AsyncOpenAI(base_url=tiny_server.url, api_key="unused") as aclient:
+            answer = await aclient.chat.completions.create(model="moa/default", messages=question)  # type: ignore[arg-type]
+            return answer.choices[0].message.content
+
+    assert asyncio.run(async_whole()) is not None
+
 
 def test_done_when_four_concurrent_streams_complete_within_budget(tiny_server: Serving) -> None:
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[int, int]:
