@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check localmoa tests scripts
-.venv/bin/ruff format --check localmoa tests scripts
+.venv/bin/ruff check localmoa tests scripts examples
+.venv/bin/ruff format --check localmoa tests scripts examples
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
