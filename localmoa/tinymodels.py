@@ -30,15 +30,23 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BASE_VOCAB", "PRESETS", "TinySpec", "write_header_only", "write_tiny_model"]
+__all__ = [
+    "BASE_VOCAB",
+    "PRESETS",
+    "TinySpec",
+    "ensemble_config",
+    "write_header_only",
+    "write_tiny_model",
+]
 
 _SPECIALS = ("<unk>", "<s>", "</s>")
 _WORDS = ("▁", "▁the", "▁a", "▁and", "▁of", "▁to", "▁is", "▁in")
@@ -108,6 +116,34 @@ PRESETS: dict[str, TinySpec] = {
     "large-300m": TinySpec(n_layer=8, n_embd=1024, n_head=16, n_head_kv=4, n_ff=2304, seed=11),
 }
 """Named specs; ``tiny-*`` for tests and the demo, ``large-*`` (~100 MB, ~300 MB) for benchmarks."""
+
+
+def ensemble_config(
+    paths: Mapping[str, Path],
+    *,
+    n_ctx: int = 2048,
+    max_tokens: int = 32,
+    seed: int = 1,
+    temperature: float = 0.0,
+) -> dict[str, Any]:
+    """A models.toml document (as a mapping) for tiny models: every model in two layers, the
+    first one aggregating. What the tests, the serve benchmark and the demo run."""
+    models = {
+        name: {"backend": "llamacpp", "path": str(path), "n_ctx": n_ctx, "seed": seed}
+        for name, path in paths.items()
+    }
+    layer = list(models)
+    return {
+        "models": models,
+        "ensembles": {
+            "default": {
+                "layers": [layer, layer],
+                "aggregator": layer[0],
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+            }
+        },
+    }
 
 
 def write_tiny_model(path: str | os.PathLike[str], spec: TinySpec = TinySpec()) -> Path:

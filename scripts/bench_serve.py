@@ -51,7 +51,7 @@ from localmoa.config import Config, parse_config
 from localmoa.hardware import Budget
 from localmoa.memory import estimate, read_gguf
 from localmoa.server import MoaServer
-from localmoa.tinymodels import PRESETS, write_tiny_model
+from localmoa.tinymodels import PRESETS, ensemble_config, write_tiny_model
 
 MiB = 1 << 20
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
@@ -122,23 +122,7 @@ def tiny_models(folder: Path) -> dict[str, Path]:
 
 
 def bench_config(paths: dict[str, Path], max_tokens: int) -> Config:
-    models = {
-        name: {"backend": "llamacpp", "path": str(path), "n_ctx": N_CTX, "seed": SEED}
-        for name, path in paths.items()
-    }
-    return parse_config(
-        {
-            "models": models,
-            "ensembles": {
-                "default": {
-                    "layers": [list(models), list(models)],
-                    "aggregator": "tiny-a",
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                }
-            },
-        }
-    )
+    return parse_config(ensemble_config(paths, n_ctx=N_CTX, max_tokens=max_tokens, seed=SEED))
 
 
 def bench_budget(paths: dict[str, Path], models: int) -> Budget:

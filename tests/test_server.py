@@ -22,6 +22,7 @@ from localmoa.backends import FakeBackend, make_backends
 from localmoa.config import Config, parse_config
 from localmoa.hardware import Budget
 from localmoa.server import MoaServer
+from localmoa.tinymodels import ensemble_config
 
 MiB = 1 << 20
 
@@ -88,23 +89,7 @@ def serving(config: Config, budget: int, **options: Any) -> Iterator[Serving]:
 
 
 def tiny_config(tiny_models: dict[str, Path]) -> Config:
-    models = {
-        name: {"backend": "llamacpp", "path": str(path), "n_ctx": 2048, "seed": 1}
-        for name, path in tiny_models.items()
-    }
-    return parse_config(
-        {
-            "models": models,
-            "ensembles": {
-                "default": {
-                    "layers": [list(models), list(models)],
-                    "aggregator": "tiny-a",
-                    "max_tokens": 12,
-                    "temperature": 0.0,
-                }
-            },
-        }
-    )
+    return parse_config(ensemble_config(tiny_models, max_tokens=12))
 
 
 def fake_config(seconds_per_token: float = 0.0, words: int = 8) -> Config:
