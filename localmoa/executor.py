@@ -35,7 +35,7 @@ from localmoa.backends.base import Backend, ChatMessage
 from localmoa.errors import LayerFailedError, LocalMoaError
 from localmoa.moa import Call, build_request
 from localmoa.planner import Plan, Wave, make_plan
-from localmoa.residency import PlanResidency, Residency
+from localmoa.residency import LoadOutcome, PlanResidency, Residency, timed_load
 
 __all__ = [
     "CallFinished",
@@ -155,79 +155,29 @@ class Executor:
     ) -> RunResult:
         """Run every call of ``stages`` as ``plan`` schedules them; the last stage's answer wins.
 
-        ``residency`` decides what is loaded: by default exactly what the plan's waves say
-        (everything unloaded at the end); ``localmoa serve`` passes a shared pool's view.
-        ``on_event`` replaces the executor's callback for this run (a server's runs each stream
-        their own answer).
+        By default the plan runs as a dataflow (see :class:`_Flow`): a model's calls start as
+        soon as it is loaded, and a model leaves as soon as its calls are done, so loads overlap
+        with calls while memory stays within the budget. This needs each model's bytes
+        (``sizes``); without them, or with a ``residency`` (``localmoa serve`` passes a shared
+        pool's view), waves run one after another.
 
-        When a backend measures a loaded model (Ollama does) and the figure is larger than the
-        plan assumed, or much smaller, the rest of the run is planned again from what is resident
-        now, with the measurement in place of the estimate.
+        ``on_event`` replaces the executor's callback for this run (a server's runs each stream
+        their own answer). When a backend measures a loaded model (Ollama does) and the figure is
+        larger than the plan assumed, or much smaller, the rest of the run is planned again from
+        what is resident, with the measurement in place of the estimate.
         """
         started = time.perf_counter()
-        sizes = dict(self.sizes) if self.sizes is not None else None
-        pending = [list(stage) for stage in stages]  # calls not run yet, by stage
-        current, base, number = plan, 0, 0  # the plan followed, its first stage, waves done
-        residency = residency or PlanResidency(self.models, self.backend)
         emit = on_event or self.on_event
-        broken: dict[str, str] = {}  # model -> why its load failed
-        records: list[CallRecord] = []
-        references: list[str] | None = None
-        loads = replans = 0
-        try:
-            while True:
-                replan = False
-                for wave in current.waves:
-                    stage = base + wave.layer - 1
-                    shown = wave if base == 0 else wave.model_copy(update={"layer": stage + 1})
-                    emit(WaveStarted(number, shown))
-                    number += 1
-                    unloaded, outcomes = await residency.enter(wave)
-                    for model in unloaded:
-                        emit(ModelUnloaded(model))
-                    for outcome in outcomes:
-                        if outcome.error is not None:
-                            broken[outcome.model] = outcome.error
-                            continue
-                        loads += 1
-                        emit(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
-                        replan |= self._remeasure(outcome.model, outcome.measured, sizes)
-                    runs = set(wave.runs)
-                    calls = [c for c in pending[stage] if c.model in runs]
-                    pending[stage] = [c for c in pending[stage] if c.model not in runs]
-                    try:
-                        records += await asyncio.gather(
-                            *(self._call(c, conversation, references, broken, emit) for c in calls)
-                        )
-                    finally:
-                        await residency.leave(wave)
-                    if not pending[stage]:
-                        final = stage == len(stages) - 1
-                        references = self._usable(stage + 1, records, final=final)
-                    if replan and any(pending):
-                        break
-                else:
-                    break  # the plan ran to its end
-                assert sizes is not None  # _remeasure only asks for a re-plan with sizes
-                base = next(k for k, calls in enumerate(pending) if calls)
-                replans += 1
-                current = make_plan(
-                    [[c.model for c in stage] for stage in pending[base:]],
-                    sizes,
-                    plan.budget_bytes,
-                    resident=residency.resident(),
-                )
-                log.info("re-planned the rest of the run with measured sizes (%d)", replans)
-        finally:
-            # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
-            for model in await asyncio.shield(residency.finish()):
-                emit(ModelUnloaded(model))
-        answer = references[0] if references else ""
+        run = _Run(self, stages, conversation, emit)
+        if residency is None and self.sizes is not None:
+            await run.flow(plan, dict(self.sizes))
+        else:
+            await run.waves(plan, residency or PlanResidency(self.models, self.backend))
         return RunResult(
-            answer=answer,
-            calls=sorted(records, key=lambda r: (r.layer, r.index)),
-            loads=loads,
-            replans=replans,
+            answer=run.answer(),
+            calls=sorted(run.records, key=lambda r: (r.layer, r.index)),
+            loads=run.loads,
+            replans=run.replans,
             plan=plan,
             seconds=time.perf_counter() - started,
         )
@@ -301,3 +251,239 @@ async def _maybe(guard: Any) -> AsyncIterator[None]:
     else:
         async with guard:
             yield
+
+
+class _Run:
+    """One run's state: calls still to make, records, each stage's references, loads."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        stages: Sequence[Sequence[Call]],
+        conversation: list[ChatMessage],
+        emit: Callable[[Event], None],
+    ) -> None:
+        self.executor = executor
+        self.stages = stages
+        self.conversation = conversation
+        self.emit = emit
+        self.pending = [list(stage) for stage in stages]  # calls not made yet, by stage
+        self.records: list[CallRecord] = []
+        self.references: dict[int, list[str]] = {}  # stage index -> its usable answers
+        self.broken: dict[str, str] = {}  # model -> why its load failed
+        self.loads = self.replans = self.waves_started = 0
+
+    def answer(self) -> str:
+        final = self.references.get(len(self.stages) - 1)
+        return final[0] if final else ""
+
+    async def call(self, call: Call) -> None:
+        """Make one call with the previous stage's references; close the stage when it is the
+        stage's last (LayerFailedError when no usable answer came back)."""
+        stage = call.layer - 1
+        record = await self.executor._call(
+            call, self.conversation, self.references.get(stage - 1), self.broken, self.emit
+        )
+        self.records.append(record)
+        self.pending[stage].remove(call)
+        if not self.pending[stage]:
+            final = stage == len(self.stages) - 1
+            self.references[stage] = Executor._usable(stage + 1, self.records, final=final)
+
+    def start_wave(self, wave: Wave, base: int) -> None:
+        stage = base + wave.layer - 1
+        shown = wave if base == 0 else wave.model_copy(update={"layer": stage + 1})
+        self.emit(WaveStarted(self.waves_started, shown))
+        self.waves_started += 1
+
+    def loaded(self, outcome: LoadOutcome, sizes: dict[str, int] | None) -> bool:
+        """Account for a load; True when its measurement should re-plan the rest."""
+        if outcome.error is not None:
+            self.broken[outcome.model] = outcome.error
+            return False
+        self.loads += 1
+        self.emit(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
+        return self.executor._remeasure(outcome.model, outcome.measured, sizes)
+
+    def replan(self, sizes: dict[str, int], budget: int, resident: list[str]) -> tuple[Plan, int]:
+        base = next(k for k, calls in enumerate(self.pending) if calls)
+        self.replans += 1
+        log.info("re-planned the rest of the run with measured sizes (%d)", self.replans)
+        plan = make_plan(
+            [[c.model for c in stage] for stage in self.pending[base:]],
+            sizes,
+            budget,
+            resident=resident,
+        )
+        return plan, base
+
+    # --- one wave after another (a shared pool, or no sizes) ---------------------------------
+
+    async def waves(self, plan: Plan, residency: Residency) -> None:
+        sizes = dict(self.executor.sizes) if self.executor.sizes is not None else None
+        current, base = plan, 0
+        try:
+            while True:
+                replan = False
+                for wave in current.waves:
+                    stage = base + wave.layer - 1
+                    self.start_wave(wave, base)
+                    unloaded, outcomes = await residency.enter(wave)
+                    for model in unloaded:
+                        self.emit(ModelUnloaded(model))
+                    for outcome in outcomes:
+                        replan |= self.loaded(outcome, sizes)
+                    runs = set(wave.runs)
+                    try:
+                        await asyncio.gather(
+                            *(self.call(c) for c in list(self.pending[stage]) if c.model in runs)
+                        )
+                    finally:
+                        await residency.leave(wave)
+                    if replan and any(self.pending):
+                        break
+                else:
+                    return  # the plan ran to its end
+                assert sizes is not None  # _remeasure only asks for a re-plan with sizes
+                current, base = self.replan(sizes, plan.budget_bytes, residency.resident())
+        finally:
+            # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
+            for model in await asyncio.shield(residency.finish()):
+                self.emit(ModelUnloaded(model))
+
+    # --- the plan as a dataflow --------------------------------------------------------------
+
+    async def flow(self, plan: Plan, sizes: dict[str, int]) -> None:
+        flow = _Flow(self, sizes, plan.budget_bytes)
+        current, base = plan, 0
+        try:
+            while await flow.run(current, base):  # True: a measurement asks for a re-plan
+                current, base = self.replan(sizes, plan.budget_bytes, list(flow.loaded))
+        finally:
+            await asyncio.shield(flow.unload_all())
+
+
+class _Flow:
+    """A plan executed as a dataflow, within the same memory budget.
+
+    The plan fixes what is loaded, in which order, and which calls run with which models; the
+    flow only removes the waits between waves that memory does not require:
+
+    - loads run one at a time in plan order; a load starts once the previous one is done and
+      the bytes loaded now plus its own fit the budget;
+    - a model the next wave unloads leaves as soon as its calls so far are done (its memory then
+      lets the next load start, while other models still compute);
+    - a call starts as soon as its model is loaded and the previous stage's answers are all in
+      (calls to one model still take turns).
+
+    Nothing waits on anything later in the plan, so the flow cannot deadlock; every load checks
+    the bytes actually loaded, so it cannot exceed the budget.
+    """
+
+    def __init__(self, run: _Run, sizes: dict[str, int], budget: int) -> None:
+        self.run_ = run
+        self.sizes = sizes
+        self.budget = budget
+        self.executor = run.executor
+        self.loaded: dict[str, int] = {}  # model -> bytes counted against the budget
+        self.changed = asyncio.Condition()  # signalled when memory frees or a stage closes
+        self.leaving: dict[str, asyncio.Task[None]] = {}  # model -> its pending unload
+
+    async def run(self, plan: Plan, base: int) -> bool:
+        """Follow ``plan`` (its first stage is ``base``); True when it stopped to re-plan."""
+        try:
+            return await self._follow(plan, base)
+        except BaseExceptionGroup as failed:
+            # A stage with no usable answer (or a bug) ended the task group: say that, not
+            # "unhandled errors in a TaskGroup".
+            first = failed.exceptions[0]
+            raise first if isinstance(first, Exception) else failed from None
+
+    async def _follow(self, plan: Plan, base: int) -> bool:
+        calls: dict[str, list[asyncio.Task[None]]] = {}  # model -> its call tasks so far
+        ready: dict[tuple[int, str], asyncio.Event] = {}  # (wave, model) -> model usable
+        stop = False
+        async with asyncio.TaskGroup() as group:
+            for number, wave in enumerate(plan.waves):
+                self.run_.start_wave(wave, base)
+                stage = base + wave.layer - 1
+                runs = set(wave.runs)
+                for model in runs:
+                    ready[number, model] = event = asyncio.Event()
+                    if model not in wave.load:
+                        event.set()  # carried over: loaded already
+                for call in [c for c in self.run_.pending[stage] if c.model in runs]:
+                    task = group.create_task(self._call(call, stage, ready[number, call.model]))
+                    calls.setdefault(call.model, []).append(task)
+                for model in wave.unload:
+                    if model in self.loaded and model not in self.leaving:
+                        done = list(calls.get(model, []))
+                        self.leaving[model] = group.create_task(self._leave(model, done))
+                for model in wave.load:
+                    if stop:
+                        ready[number, model].set()  # its calls see it is not loaded: skipped
+                        continue
+                    stop = await self._load(model)
+                    ready[number, model].set()
+                if stop:
+                    for event in ready.values():
+                        event.set()
+                    break
+        return stop
+
+    async def _load(self, model: str) -> bool:
+        """Load ``model`` once it fits; True when its measurement asks for a re-plan."""
+        if model in self.leaving:  # the plan reloads a model still on its way out
+            await self.leaving[model]
+        async with self.changed:
+            await self.changed.wait_for(
+                lambda: sum(self.loaded.values()) + self.sizes[model] <= self.budget
+            )
+            self.loaded[model] = self.sizes[model]  # reserved before the load starts
+        outcome = await timed_load(self.executor.backend(model), model, self.executor.models[model])
+        if outcome.error is not None:
+            async with self.changed:
+                del self.loaded[model]
+                self.changed.notify_all()
+        replan = self.run_.loaded(outcome, self.sizes)
+        if outcome.error is None and replan:
+            self.loaded[model] = self.sizes[model]  # the measurement, for the rest of the run
+        return replan and any(self.run_.pending)
+
+    async def _leave(self, model: str, calls: list[asyncio.Task[None]]) -> None:
+        """Unload ``model`` once its calls so far are done, and say memory freed."""
+        await asyncio.gather(*calls, return_exceptions=True)
+        await self._unload(model)
+        self.leaving.pop(model, None)
+
+    async def _unload(self, model: str) -> None:
+        if model not in self.loaded:
+            return
+        try:
+            await self.executor.backend(model).unload(model)
+        finally:
+            async with self.changed:
+                del self.loaded[model]
+                self.changed.notify_all()
+        self.run_.emit(ModelUnloaded(model))
+
+    async def _call(self, call: Call, stage: int, ready: asyncio.Event) -> None:
+        await ready.wait()
+        if call.model not in self.loaded and call.model not in self.run_.broken:
+            return  # stopped to re-plan before its model came: it stays pending
+        if stage > 0:
+            async with self.changed:
+                await self.changed.wait_for(lambda: stage - 1 in self.run_.references)
+        await self.run_.call(call)
+        if stage in self.run_.references:  # this call closed its stage: wake the next one
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def unload_all(self) -> None:
+        for task in list(self.leaving.values()):
+            task.cancel()
+        for model in list(self.loaded):
+            try:
+                await self._unload(model)
+            except LocalMoaError as exc:
+                log.warning("unloading %s failed: %s", model, exc)

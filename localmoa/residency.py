@@ -37,7 +37,14 @@ from localmoa.backends.base import Backend
 from localmoa.errors import BackendError, LocalMoaError
 from localmoa.planner import Wave
 
-__all__ = ["LoadOutcome", "ModelPool", "PlanResidency", "PoolResidency", "Residency"]
+__all__ = [
+    "LoadOutcome",
+    "ModelPool",
+    "PlanResidency",
+    "PoolResidency",
+    "Residency",
+    "timed_load",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,8 @@ class Residency(ABC):
         """The run is over, however it ended; returns the models unloaded."""
 
 
-async def _load(backend: Backend, model: str, config: Any) -> LoadOutcome:
+async def timed_load(backend: Backend, model: str, config: Any) -> LoadOutcome:
+    """Load ``model``, timing it; a BackendError becomes the outcome's error."""
     began = time.perf_counter()
     try:
         await backend.load(model, config)
@@ -96,7 +104,7 @@ class PlanResidency(Residency):
             await self.backend(model).unload(model)
         outcomes = []
         for model in wave.load:
-            outcome = await _load(self.backend(model), model, self.models[model])
+            outcome = await timed_load(self.backend(model), model, self.models[model])
             if outcome.error is None:
                 self._resident.append(model)
             outcomes.append(outcome)
@@ -171,7 +179,7 @@ class ModelPool:
                     if model in self.loaded:
                         self.loaded.move_to_end(model)
                         continue
-                    outcome = await _load(self.backend(model), model, self.models[model])
+                    outcome = await timed_load(self.backend(model), model, self.models[model])
                     outcomes.append(outcome)
                     if outcome.error is not None:
                         pinned.remove(model)

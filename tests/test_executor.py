@@ -195,3 +195,74 @@ async def test_without_measurements_nothing_is_replanned() -> None:
     executor = Executor(fake_models("a", "b", "c"), {"fake": FakeBackend()}, sizes=planned)
     result = await executor.run(calls_for(THREE), plan, QUESTION)
     assert result.replans == 0 and result.loads == plan.loads
+
+
+class TimelineFake(FakeBackend):
+    """Records when each call ends too, so a test can read the order of loads and calls."""
+
+    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        async for piece in super().chat(name, request):
+            yield piece
+        self.events.append(("done", name))
+
+
+def dataflow_run(
+    ensemble: Ensemble, models: dict[str, FakeModel], budget: int, backend: FakeBackend
+) -> RunResult:
+    sizes = {n: int(m.memory) for n, m in models.items()}
+    plan = make_plan(stages_of(ensemble), sizes, budget)
+    executor = Executor(models, {"fake": backend}, sizes=sizes)  # sizes: the dataflow path
+    return asyncio.run(executor.run(calls_for(ensemble), plan, QUESTION))
+
+
+def test_dataflow_starts_a_model_s_calls_while_the_next_model_loads() -> None:
+    models = fake_models("a", "b", b={"load_seconds": 0.05})
+    ensemble = Ensemble(layers=[["a", "b"]], aggregator=Agent(model="a"))
+    backend = TimelineFake(capacity=2 * GiB)
+    result = dataflow_run(ensemble, models, 2 * GiB, backend)
+    events = backend.events
+    assert events.index(("chat", "a")) < events.index(("load", "b"))  # a answered during b's load
+    assert result.loads == 2 and all(c.ok for c in result.calls)
+
+
+def test_dataflow_frees_a_finished_model_for_the_next_load_while_others_compute() -> None:
+    slow = {"seconds_per_token": 0.01, "reply": " ".join(["w"] * 20)}
+    models = fake_models("a", "b", "c", b=slow)
+    ensemble = Ensemble(layers=[["a", "b", "c"]], aggregator=Agent(model="b"))
+    backend = TimelineFake(capacity=2 * GiB)  # two at a time: a + b, then c replaces a
+    result = dataflow_run(ensemble, models, 2 * GiB, backend)
+    events = backend.events
+    assert events.index(("unload", "a")) < events.index(("done", "b"))
+    assert events.index(("load", "c")) < events.index(("done", "b"))  # c loaded while b works
+    assert backend.peak_bytes <= 2 * GiB  # and the capacity check never fired
+    assert result.loads == 3 and [c.model for c in result.calls] == ["a", "b", "c", "b"]
+
+
+def test_dataflow_reports_a_failed_layer_as_such_and_unloads() -> None:
+    models = fake_models("a", "b", a={"fail": "boom"}, b={"fail": "bang"})
+    ensemble = Ensemble(layers=[["a", "b"]], aggregator=Agent(model="a"))
+    backend = FakeBackend(capacity=2 * GiB)
+    with pytest.raises(LayerFailedError, match="every agent of layer 1 failed"):
+        dataflow_run(ensemble, models, 2 * GiB, backend)
+    assert backend.resident == {}
+
+
+async def test_cancelling_a_dataflow_run_unloads_everything() -> None:
+    models = fake_models("a", "b", a={"seconds_per_token": 0.01}, b={"seconds_per_token": 0.01})
+    ensemble = Ensemble(layers=[["a", "b"]], aggregator=Agent(model="a"))
+    backend = FakeBackend(capacity=2 * GiB)
+    streaming = asyncio.Event()
+    sizes = {"a": GiB, "b": GiB}
+    plan = make_plan(stages_of(ensemble), sizes, 2 * GiB)
+    executor = Executor(
+        models,
+        {"fake": backend},
+        sizes=sizes,
+        on_event=lambda e: streaming.set() if isinstance(e, CallPiece) else None,
+    )
+    task = asyncio.create_task(executor.run(calls_for(ensemble), plan, QUESTION))
+    await streaming.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backend.resident == {}

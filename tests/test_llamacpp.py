@@ -139,3 +139,31 @@ async def test_prompt_longer_than_the_context_says_what_to_raise(
         async for _ in backend.chat("a", long):
             pass
     await backend.unload("a")
+
+
+def test_loading_quiets_only_the_loading_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama-cpp-python prints to sys.stderr while it loads; other threads' output (progress of
+    calls running on other models) must still get through."""
+    import io
+    import sys
+
+    real = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", real)
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def load() -> None:
+        with llamacpp._quiet_this_thread() as quiet:
+            print("Model metadata: {...}", file=sys.stderr)
+            inside.set()
+            leave.wait(10)
+        assert "Model metadata" in quiet.getvalue()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    assert inside.wait(10)
+    print("layer 1 · a: ok", file=sys.stderr)  # another thread, during the load
+    leave.set()
+    loader.join(10)
+    assert real.getvalue() == "layer 1 · a: ok\n"
+    assert sys.stderr is real

@@ -24,6 +24,7 @@ import ctypes
 import io
 import logging
 import re
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +79,7 @@ def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
         lines: list[str] = []
         _capture = lines
         try:
-            with contextlib.redirect_stderr(io.StringIO()) as chatter:
+            with _quiet_this_thread() as chatter:
                 llama = Llama(
                     model_path=str(config.path),
                     n_ctx=config.n_ctx,
@@ -98,6 +99,46 @@ def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
     llama.verbose = False  # no per-call timing prints from Python
     log.debug("llama-cpp-python said: %s", chatter.getvalue()[:2000])
     return llama, _measured_bytes(lines)
+
+
+class _ThreadFilter(io.TextIOBase):
+    """Stands in for ``sys.stderr`` while a model loads: what the loading thread writes
+    (llama-cpp-python's own prints) is kept aside, what any other thread writes passes through.
+
+    ``contextlib.redirect_stderr`` would swallow every thread's output for the length of the
+    load: the progress of calls already running on other models, in a dataflow run."""
+
+    def __init__(self, target: Any, thread: int) -> None:
+        super().__init__()
+        self.target = target
+        self.thread = thread
+        self.kept = io.StringIO()
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() == self.thread:
+            return self.kept.write(text)
+        return int(self.target.write(text))
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def getvalue(self) -> str:
+        return self.kept.getvalue()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty... of the real stream
+        return getattr(self.target, name)
+
+
+@contextlib.contextmanager
+def _quiet_this_thread() -> Iterator[_ThreadFilter]:
+    original = sys.stderr
+    quiet = _ThreadFilter(original, threading.get_ident())
+    sys.stderr = quiet
+    try:
+        yield quiet
+    finally:
+        if sys.stderr is quiet:
+            sys.stderr = original
 
 
 def _close(llama: Any) -> None:
