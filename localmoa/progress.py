@@ -46,18 +46,13 @@ class Progress:
     def __call__(self, event: Event) -> None:
         match event:
             case WaveStarted(number=n, wave=wave):
-                swap = []
-                if wave.unload:
-                    swap.append("unload " + ", ".join(wave.unload))
-                if wave.load:
-                    swap.append("load " + ", ".join(wave.load))
                 stage = "aggregator" if wave.layer > self.n_layers else f"layer {wave.layer}"
-                line = f"wave {n + 1}/{self.n_waves} · {stage}"
-                self._say(line + (": " + "; ".join(swap) if swap else ": models already resident"))
+                runs = ", ".join(dict.fromkeys(wave.runs))
+                self._say(f"wave {n + 1}/{self.n_waves} · {stage}: {runs}")
             case ModelLoaded(model=model, seconds=seconds):
                 self._say(f"  loaded {model} in {seconds:.2f}s")
-            case ModelUnloaded():
-                pass
+            case ModelUnloaded(model=model):
+                self._say(f"  unloaded {model}")
             case CallStarted(call=call):
                 self.rows[(call.layer, call.index)] = [self._who(call), "running", "", ""]
                 self._refresh()
