@@ -58,7 +58,7 @@ from localmoa.executor import Event, Executor, ModelLoaded, RunResult
 from localmoa.memory import estimate, read_gguf
 from localmoa.moa import Call, calls_for
 from localmoa.planner import Plan, Wave, make_plan
-from localmoa.tinymodels import PRESETS, TinySpec, write_tiny_model
+from localmoa.tinymodels import PRESETS, TinySpec, ensemble_config, write_tiny_model
 
 MB = 10**6
 N_CTX = 2048
@@ -112,32 +112,10 @@ def model_file(workdir: Path, name: str, spec: TinySpec) -> Path:
 
 
 def build_config(paths: dict[str, Path], max_tokens: int, threads: int) -> Config:
-    models = {
-        name: {
-            "backend": "llamacpp",
-            "path": str(path),
-            "n_ctx": N_CTX,
-            "n_batch": N_BATCH,
-            "n_threads": threads,
-            "use_mmap": False,
-            "seed": SEED,
-        }
-        for name, path in paths.items()
-    }
-    layer = list(models)
-    return parse_config(
-        {
-            "models": models,
-            "ensembles": {
-                "default": {
-                    "layers": [layer, layer],
-                    "aggregator": layer[0],
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                }
-            },
-        }
-    )
+    raw = ensemble_config(paths, n_ctx=N_CTX, max_tokens=max_tokens, seed=SEED)
+    for model in raw["models"].values():
+        model.update(n_batch=N_BATCH, n_threads=threads, use_mmap=False)
+    return parse_config(raw)
 
 
 def one_at_a_time_plan(stages: list[list[Call]], sizes: dict[str, int]) -> Plan:
