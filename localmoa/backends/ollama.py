@@ -103,7 +103,9 @@ class OllamaBackend(Backend):
         self._configs: dict[str, OllamaModel] = {}
         self._tags: dict[str, str] = {}  # name -> the installed tag (":latest" resolved)
         self._measured: dict[str, int] = {}
-        self._installed: dict[str, InstalledModel] | None = None
+        self._listed: dict[str, Any] | None = None
+        self._listing = asyncio.Lock()
+        self._described: dict[str, InstalledModel] = {}
 
     @property
     def client(self) -> ollama.AsyncClient:
@@ -119,35 +121,49 @@ class OllamaBackend(Backend):
     # --- what is installed, and what it will cost -------------------------------------------
 
     async def installed(self) -> dict[str, InstalledModel]:
-        """Every model Ollama has, by tag (read once per backend)."""
-        if self._installed is None:
-            tags = await self._call(self.client.list())
-            shows = await asyncio.gather(*(self._show(m.model or "") for m in tags.models))
-            self._installed = {}
-            for listed, show in zip(tags.models, shows, strict=True):
-                details = listed.details
-                tag = listed.model or ""
-                self._installed[tag] = InstalledModel(
-                    tag=tag,
-                    digest=listed.digest or "",
-                    size=int(listed.size or 0),
-                    family=(details.family if details else None) or "unknown",
-                    parameter_size=(details.parameter_size if details else None) or "",
-                    capabilities=tuple(show.capabilities or ("completion",)),
-                    facts=_facts(tag, dict(show.modelinfo or {}), int(listed.size or 0)),
-                )
-        return self._installed
+        """Every model Ollama has, by tag (each described once per backend)."""
+        listed = await self._list()
+        described = await asyncio.gather(*(self._describe(tag) for tag in listed))
+        return dict(zip(listed, described, strict=True))
 
     async def find(self, tag: str, *, setting: str) -> InstalledModel:
-        """The installed model ``tag``, or ModelNotInstalledError with the pull line."""
-        installed = await self.installed()
-        found = installed.get(tag) or installed.get(f"{tag}:latest")
+        """The installed model ``tag``, or ModelNotInstalledError with the pull line.
+
+        Only this model is described (/api/show), not every model Ollama has."""
+        listed = await self._list()
+        found = tag if tag in listed else f"{tag}:latest" if f"{tag}:latest" in listed else None
         if found is None:
             raise ModelNotInstalledError(
                 f'Ollama at {self.host} has no model "{tag}" ({setting}); run `ollama pull {tag}` '
                 "(localmoa never downloads models itself)"
             )
-        return found
+        return await self._describe(found)
+
+    async def _list(self) -> dict[str, Any]:
+        """/api/tags, read once per backend: tag -> its listing."""
+        async with self._listing:
+            if self._listed is None:
+                tags = await self._call(self.client.list())
+                self._listed = {m.model or "": m for m in tags.models}
+        return self._listed
+
+    async def _describe(self, tag: str) -> InstalledModel:
+        """/api/show for one listed model, read once per backend."""
+        if tag not in self._described:
+            listed = (await self._list())[tag]
+            show = await self._show(tag)
+            details = listed.details
+            size = int(listed.size or 0)
+            self._described[tag] = InstalledModel(
+                tag=tag,
+                digest=listed.digest or "",
+                size=size,
+                family=(details.family if details else None) or "unknown",
+                parameter_size=(details.parameter_size if details else None) or "",
+                capabilities=tuple(show.capabilities or ("completion",)),
+                facts=_facts(tag, dict(show.modelinfo or {}), size),
+            )
+        return self._described[tag]
 
     async def footprint(self, name: str, config: Any) -> Footprint:
         assert isinstance(config, OllamaModel)
