@@ -381,7 +381,7 @@ class _Flow:
     """
 
     def __init__(self, run: _Run, sizes: dict[str, int], budget: int) -> None:
-        self.run_ = run
+        self.owner = run
         self.sizes = sizes
         self.budget = budget
         self.executor = run.executor
@@ -405,14 +405,14 @@ class _Flow:
         stop = False
         async with asyncio.TaskGroup() as group:
             for number, wave in enumerate(plan.waves):
-                self.run_.start_wave(wave, base)
+                self.owner.start_wave(wave, base)
                 stage = base + wave.layer - 1
                 runs = set(wave.runs)
                 for model in runs:
                     ready[number, model] = event = asyncio.Event()
                     if model not in wave.load:
                         event.set()  # carried over: loaded already
-                for call in [c for c in self.run_.pending[stage] if c.model in runs]:
+                for call in [c for c in self.owner.pending[stage] if c.model in runs]:
                     task = group.create_task(self._call(call, stage, ready[number, call.model]))
                     calls.setdefault(call.model, []).append(task)
                 for model in wave.unload:
@@ -445,10 +445,10 @@ class _Flow:
             async with self.changed:
                 del self.loaded[model]
                 self.changed.notify_all()
-        replan = self.run_.loaded(outcome, self.sizes)
+        replan = self.owner.loaded(outcome, self.sizes)
         if outcome.error is None and replan:
             self.loaded[model] = self.sizes[model]  # the measurement, for the rest of the run
-        return replan and any(self.run_.pending)
+        return replan and any(self.owner.pending)
 
     async def _leave(self, model: str, calls: list[asyncio.Task[None]]) -> None:
         """Unload ``model`` once its calls so far are done, and say memory freed."""
@@ -465,17 +465,17 @@ class _Flow:
             async with self.changed:
                 del self.loaded[model]
                 self.changed.notify_all()
-        self.run_.emit(ModelUnloaded(model))
+        self.owner.emit(ModelUnloaded(model))
 
     async def _call(self, call: Call, stage: int, ready: asyncio.Event) -> None:
         await ready.wait()
-        if call.model not in self.loaded and call.model not in self.run_.broken:
+        if call.model not in self.loaded and call.model not in self.owner.broken:
             return  # stopped to re-plan before its model came: it stays pending
         if stage > 0:
             async with self.changed:
-                await self.changed.wait_for(lambda: stage - 1 in self.run_.references)
-        await self.run_.call(call)
-        if stage in self.run_.references:  # this call closed its stage: wake the next one
+                await self.changed.wait_for(lambda: stage - 1 in self.owner.references)
+        await self.owner.call(call)
+        if stage in self.owner.references:  # this call closed its stage: wake the next one
             async with self.changed:
                 self.changed.notify_all()
 

@@ -259,6 +259,7 @@ class PoolResidency(Residency):
         return self.pool.resident()
 
     async def finish(self) -> list[str]:
-        if self._held:  # ended mid-wave (an error, a disconnect)
-            await self.leave(Wave(layer=0, resident=[], runs=[], load=[], unload=[], bytes=0))
+        held, self._held = self._held, []  # non-empty when the run ended mid-wave
+        if held:
+            await self.pool.release(held)
         return []
