@@ -64,7 +64,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from localmoa.hardware import APPLE_SMALL_FRACTION, margin
 from localmoa.planner import Plan, make_plan
@@ -73,6 +73,7 @@ __all__ = [
     "BYTES_PER_PARAM",
     "PROFILES",
     "CallSpec",
+    "Found",
     "PolicyResult",
     "Profile",
     "Span",
@@ -80,13 +81,13 @@ __all__ = [
     "WaveSpec",
     "call_seconds",
     "candidate_plans",
-    "equal_cost_plans",
     "load_seconds",
     "localmoa",
     "one_at_a_time",
     "optimal",
     "optimal_waves",
     "reactive",
+    "search",
     "simulate_plan",
     "simulate_waves",
     "wave_specs",
@@ -771,7 +772,6 @@ def reactive(
 MAX_OPTIMAL_MODELS = 6
 MAX_OPTIMAL_STATES = 200_000
 MAX_OPTIMAL_NODES = 20_000
-MAX_TIE_NODES = 1_000_000
 
 
 def optimal(
@@ -784,6 +784,42 @@ def optimal(
 ) -> PolicyResult | None:
     """The fastest wave plan under dataflow execution, or None when the search is too big.
 
+    :func:`search` from localmoa's own fewest-loads plan, run to the end; so ``optimal ≤
+    localmoa`` whenever it answers. None when there are more than ``max_models`` distinct models
+    or the search would simulate more than ``max_nodes`` partial plans.
+    """
+    space = _Space(calls, sizes, profile)
+    if len(space.names) > max_models:
+        return None
+    plan = make_plan([[c.model for c in stage] for stage in calls], sizes, profile.memory_bytes)
+    found = search(calls, sizes, profile, wave_specs(plan), max_nodes=max_nodes, space=space)
+    if not found.complete:
+        return None
+    return PolicyResult(found.makespan_s, found.loads)
+
+
+class Found(NamedTuple):
+    """What :func:`search` found: the waves, their simulated run, and whether it is proven the
+    fastest (the search ran to its end)."""
+
+    waves: list[WaveSpec]
+    makespan_s: float
+    loads: int
+    complete: bool
+
+
+def search(
+    calls: Stages,
+    sizes: Mapping[str, int],
+    profile: Profile,
+    seed: Sequence[WaveSpec],
+    *,
+    max_nodes: int,
+    slack: float = 0.0,
+    space: _Space | None = None,
+) -> Found:
+    """The fastest wave plan found under dataflow execution, starting from ``seed``.
+
     Depth-first branch and bound over every sequence of waves (see :class:`_Space` for what a
     candidate is), each partial plan simulated. Two prunings: a lower bound on any completion
     (:meth:`_Space.bound`), and dominance: of two partial plans that leave the run in the same
@@ -792,17 +828,16 @@ def optimal(
     alone. Both assume that running a call earlier never delays the rest, which sharing can
     break (a call started earlier slows a neighbour whose unload a load was waiting for): then
     the optimum can be missed by a little (tests/test_costmodel.py compares with the exhaustive
-    enumeration: when written, 1 random case in 1,100 came out 0.5 % above it). It starts from
-    localmoa's own plan, so ``optimal ≤ localmoa`` whenever it answers. None when there are
-    more than ``max_models`` distinct models or the search would simulate more than
-    ``max_nodes`` partial plans.
+    enumeration: when written, 1 random case in 1,100 came out 0.5 % above it).
+
+    A plan replaces ``seed`` only when it is faster by more than ``slack`` (a fraction): with
+    estimated call lengths, a plan a hair faster on paper is as likely slower in fact. The
+    search is anytime: after ``max_nodes`` partial plans it returns the best found so far
+    (``complete`` False).
     """
-    space = _Space(calls, sizes, profile)
-    if len(space.names) > max_models:
-        return None
-    plan = make_plan([[c.model for c in stage] for stage in calls], sizes, profile.memory_bytes)
-    mine = simulate_plan(plan, calls, sizes, profile)
-    best = [mine.makespan_s, mine.loads]
+    space = space or _Space(calls, sizes, profile)
+    mine = simulate_waves(seed, calls, sizes, profile)
+    best: list[Any] = [mine.makespan_s * (1 - slack), mine.loads if slack == 0 else -1, None]
     nodes = 0
     seen: dict[tuple[int, int, int, int], list[tuple[tuple[float, ...], tuple[float, ...]]]] = {}
 
@@ -821,7 +856,7 @@ def optimal(
         nonlocal nodes
         if node.stage == len(calls):  # a complete plan: its bound is its makespan
             if (makespan, node.loads) < (best[0], best[1]):
-                best[:] = [makespan, node.loads]
+                best[:] = [makespan, node.loads, node]
             return True
         children = sorted(space.children(node), key=lambda c: (space.quick_bound(c), c.loads))
         for child in children:
@@ -839,9 +874,10 @@ def optimal(
                 return False
         return True
 
-    if not visit(space.root(), math.inf):
-        return None
-    return PolicyResult(best[0], int(best[1]))
+    complete = visit(space.root(), math.inf)
+    if best[2] is None:
+        return Found(list(seed), mine.makespan_s, mine.loads, complete)
+    return Found(best[2].waves(), best[0], best[1], complete)
 
 
 def candidate_plans(
@@ -857,48 +893,6 @@ def candidate_plans(
             yield node.waves()
         else:
             stack += reversed(space.children(node))
-
-
-def equal_cost_plans(
-    calls: Stages,
-    sizes: Mapping[str, int],
-    profile: Profile,
-    plan: Plan,
-    *,
-    max_nodes: int = MAX_TIE_NODES,
-) -> list[list[WaveSpec]] | None:
-    """Every candidate wave plan the planner would rank equal to ``plan`` (same loads, bytes
-    loaded and waves), in search order; None when the search opens more than ``max_nodes``
-    partial plans. For trying tie-breaks in the model without touching the planner."""
-    space = _Space(calls, sizes, profile)
-    found: list[list[WaveSpec]] = []
-    nodes = 0
-
-    def visit(node: _Node) -> bool:
-        nonlocal nodes
-        nodes += 1
-        if nodes > max_nodes:
-            return False
-        if node.stage == len(calls):
-            if (node.loads, node.bytes_loaded, node.count) == (
-                plan.loads,
-                plan.bytes_loaded,
-                len(plan.waves),
-            ):
-                found.append(node.waves())
-            return True
-        # Every model a later call needs and that is not resident loads once more at least, and
-        # every stage not done needs a wave more.
-        missing = (space.demand[node.stage] & ~node.done | space.after[node.stage]) & ~node.resident
-        if (
-            node.loads + missing.bit_count() > plan.loads
-            or node.bytes_loaded + space.bytes_of(missing) > plan.bytes_loaded
-            or node.count + len(calls) - node.stage > len(plan.waves)
-        ):
-            return True
-        return all(visit(child) for child in space.children(node))
-
-    return found if visit(space.root()) else None
 
 
 @dataclass(frozen=True)

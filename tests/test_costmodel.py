@@ -22,7 +22,6 @@ from localmoa.costmodel import (
     Timing,
     call_seconds,
     candidate_plans,
-    equal_cost_plans,
     load_seconds,
     localmoa,
     one_at_a_time,
@@ -31,7 +30,6 @@ from localmoa.costmodel import (
     reactive,
     simulate_plan,
     simulate_waves,
-    wave_specs,
 )
 from localmoa.planner import Plan, Wave, make_plan
 
@@ -350,17 +348,6 @@ def test_optimal_gives_up_beyond_its_search_cap() -> None:
     assert optimal(calls, SIZES, three, max_models=4) is None
 
 
-def test_equal_cost_plans_include_the_planners_own() -> None:
-    rng = random.Random(2)
-    for _ in range(10):
-        calls, sizes, profile = random_case(rng)
-        plan = make_plan([[c.model for c in s] for s in calls], sizes, profile.memory_bytes)
-        ties = equal_cost_plans(calls, sizes, profile, plan)
-        assert ties is not None
-        assert wave_specs(plan) in ties
-        assert all(sum(len(w.load) for w in t) == plan.loads for t in ties)
-
-
 def test_a_plan_that_skips_calls_is_refused() -> None:
     plan = make_plan([["a"]], SIZES, BOUND.memory_bytes)
     with pytest.raises(ValueError, match="unrun"):
@@ -395,22 +382,25 @@ def test_the_bench_prints_json_with_every_policy(
     assert len(doc["instances"]) == 2 * len(PROFILES)
     first = doc["instances"][0]
     assert set(first) == {"name", "profile", "policies"}
-    assert set(first["policies"]) == {
-        "localmoa",
-        "localmoa_waves",
-        "one_at_a_time",
-        "reactive",
-        "optimal",
-        "optimal_waves",
-    }
+    assert (
+        set(first["policies"])
+        == set(bench.POLICIES)
+        >= {
+            "localmoa",
+            "one_at_a_time",
+            "reactive",
+            "optimal",
+        }
+    )
     assert set(first["policies"]["localmoa"]) == {"makespan_s", "loads"}
     computed = [i for i in doc["instances"] if i["policies"]["optimal"] is not None]
     assert len(computed) >= 5
     for i in doc["instances"]:
         p = i["policies"]
-        assert p["localmoa"]["makespan_s"] <= p["localmoa_waves"]["makespan_s"] + 1e-3
-        if p["optimal"] is not None:
-            assert p["optimal"]["makespan_s"] <= p["localmoa"]["makespan_s"] + 1e-3
+        assert p["localmoa_loads"]["makespan_s"] <= p["localmoa_waves"]["makespan_s"] + 1e-3
+        if p["optimal"] is not None:  # the refined plan is a candidate of the same search
+            assert p["optimal"]["makespan_s"] <= p["localmoa_loads"]["makespan_s"] + 1e-3
+            assert p["optimal"]["makespan_s"] <= p["localmoa"]["makespan_s"] * 1.01
         if p["optimal_waves"] is not None:
             assert p["optimal_waves"]["makespan_s"] <= p["localmoa_waves"]["makespan_s"] + 1e-3
 
@@ -424,20 +414,3 @@ def test_the_bench_prints_a_timeline(
     bench.main()
     out = capsys.readouterr().out
     assert "localmoa (dataflow)" in out and "reactive" in out and " load " in out
-
-
-def test_the_bench_rules_rewrite_the_plan_without_losing_calls() -> None:
-    bench = load_bench()
-    for instance in bench.suite()[:12]:
-        base = bench._plan(instance)
-        for rule in bench.RULES.values():
-            waves = rule(instance, base)
-            timing = simulate_waves(waves, instance.calls, bench.SIZES, instance.profile)
-            assert timing.loads >= len({m for w in base for m in w.load})
-            assert peak_bytes(timing, bench.SIZES) <= instance.profile.memory_bytes
-    small = next(i for i in bench.suite() if i.name.startswith("laptop-8g/08"))
-    results = bench.rule_results(small)
-    assert set(results) == {*bench.RULES, *bench.TIES}
-    best, plan = results["c:best-tie"], results["plan"]
-    assert best is not None and best.makespan_s <= plan.makespan_s + 1e-9
-    assert best.loads == plan.loads
