@@ -369,15 +369,18 @@ class _Flow:
     The plan fixes what is loaded, in which order, and which calls run with which models; the
     flow only removes the waits between waves that memory does not require:
 
-    - loads run one at a time in plan order; a load starts once the previous one is done and
-      the bytes loaded now plus its own fit the budget;
-    - a model the next wave unloads leaves as soon as its calls so far are done (its memory then
-      lets the next load start, while other models still compute);
-    - a call starts as soon as its model is loaded and the previous stage's answers are all in
-      (calls to one model still take turns).
+    - loads run one at a time in plan order; a load starts once the previous one is done, the
+      model's previous stay (if the plan reloads it) has ended, and the bytes loaded now plus
+      its own fit the budget;
+    - a model a wave unloads leaves as soon as its calls before that wave are done (its memory
+      then lets the next load start, while other models still compute);
+    - a call starts as soon as its model's load for it is done and the previous stage's answers
+      are all in (calls to one model still take turns), whatever later loads are doing: a model
+      loaded ahead for a later layer never holds up the calls before it.
 
-    Nothing waits on anything later in the plan, so the flow cannot deadlock; every load checks
-    the bytes actually loaded, so it cannot exceed the budget.
+    These are the semantics ``localmoa.costmodel.simulate_plan`` times. Nothing waits on
+    anything later in the plan, so the flow cannot deadlock; every load checks the bytes
+    actually loaded, so it cannot exceed the budget.
     """
 
     def __init__(self, run: _Run, sizes: dict[str, int], budget: int) -> None:
@@ -387,10 +390,12 @@ class _Flow:
         self.executor = run.executor
         self.loaded: dict[str, int] = {}  # model -> bytes counted against the budget
         self.changed = asyncio.Condition()  # signalled when memory frees or a stage closes
-        self.leaving: dict[str, asyncio.Task[None]] = {}  # model -> its pending unload
+        self.leaving: list[asyncio.Task[None]] = []
+        self.stopped = False  # a measurement asked for a re-plan: start nothing new
 
     async def run(self, plan: Plan, base: int) -> bool:
         """Follow ``plan`` (its first stage is ``base``); True when it stopped to re-plan."""
+        self.stopped = False
         try:
             return await self._follow(plan, base)
         except BaseExceptionGroup as failed:
@@ -400,41 +405,53 @@ class _Flow:
             raise first if isinstance(first, Exception) else failed from None
 
     async def _follow(self, plan: Plan, base: int) -> bool:
-        calls: dict[str, list[asyncio.Task[None]]] = {}  # model -> its call tasks so far
-        ready: dict[tuple[int, str], asyncio.Event] = {}  # (wave, model) -> model usable
-        stop = False
+        # A stay: one residency of a model, from the wave that loads it (-1: loaded before this
+        # plan) to the wave that unloads it. Its event is set once its load is done (or skipped).
+        stay: dict[str, int] = dict.fromkeys(self.loaded, -1)  # model -> its current stay
+        ready: dict[tuple[int, str], asyncio.Event] = {}
+        calls: dict[tuple[int, str], list[asyncio.Task[None]]] = {}
+        after: dict[tuple[int, str], asyncio.Task[None]] = {}  # stay -> the previous one's exit
+        ended: dict[str, asyncio.Task[None]] = {}  # model -> its last stay's exit
         async with asyncio.TaskGroup() as group:
             for number, wave in enumerate(plan.waves):
-                self.owner.start_wave(wave, base)
                 stage = base + wave.layer - 1
-                runs = set(wave.runs)
-                for model in runs:
-                    ready[number, model] = event = asyncio.Event()
-                    if model not in wave.load:
-                        event.set()  # carried over: loaded already
-                for call in [c for c in self.owner.pending[stage] if c.model in runs]:
-                    task = group.create_task(self._call(call, stage, ready[number, call.model]))
-                    calls.setdefault(call.model, []).append(task)
                 for model in wave.unload:
-                    if model in self.loaded and model not in self.leaving:
-                        done = list(calls.get(model, []))
-                        self.leaving[model] = group.create_task(self._leave(model, done))
+                    if model in stay:
+                        key = (stay.pop(model), model)
+                        leave = self._leave(model, ready.get(key), list(calls.get(key, [])))
+                        ended[model] = group.create_task(leave)
+                        self.leaving.append(ended[model])
                 for model in wave.load:
-                    if stop:
-                        ready[number, model].set()  # its calls see it is not loaded: skipped
-                        continue
-                    stop = await self._load(model)
+                    stay[model] = number
+                    ready[number, model] = asyncio.Event()
+                    if model in ended:
+                        after[number, model] = ended[model]
+                runs = set(wave.runs)
+                for call in [c for c in self.owner.pending[stage] if c.model in runs]:
+                    key = (stay[call.model], call.model)
+                    task = group.create_task(self._call(call, stage, ready.get(key)))
+                    calls.setdefault(key, []).append(task)
+            shown = 0
+            for number, wave in enumerate(plan.waves):
+                for model in wave.load:
+                    while shown <= number:
+                        self.owner.start_wave(plan.waves[shown], base)
+                        shown += 1
+                    if not self.stopped:
+                        self.stopped = await self._load(model, after.get((number, model)))
                     ready[number, model].set()
-                if stop:
-                    for event in ready.values():
-                        event.set()
-                    break
-        return stop
+            if self.stopped:
+                async with self.changed:
+                    self.changed.notify_all()  # calls waiting for answers: start nothing new
+            else:
+                for wave in plan.waves[shown:]:
+                    self.owner.start_wave(wave, base)
+        return self.stopped
 
-    async def _load(self, model: str) -> bool:
+    async def _load(self, model: str, previous: asyncio.Task[None] | None) -> bool:
         """Load ``model`` once it fits; True when its measurement asks for a re-plan."""
-        if model in self.leaving:  # the plan reloads a model still on its way out
-            await self.leaving[model]
+        if previous is not None:  # the plan reloads a model: its last stay must end first
+            await previous
         async with self.changed:
             await self.changed.wait_for(
                 lambda: sum(self.loaded.values()) + self.sizes[model] <= self.budget
@@ -450,11 +467,16 @@ class _Flow:
             self.loaded[model] = self.sizes[model]  # the measurement, for the rest of the run
         return replan and any(self.owner.pending)
 
-    async def _leave(self, model: str, calls: list[asyncio.Task[None]]) -> None:
-        """Unload ``model`` once its calls so far are done, and say memory freed."""
+    async def _leave(
+        self, model: str, loaded: asyncio.Event | None, calls: list[asyncio.Task[None]]
+    ) -> None:
+        """Unload ``model`` once its stay's load and calls are done, and say memory freed; not
+        when the flow stopped to re-plan (the new plan decides what stays)."""
+        if loaded is not None:
+            await loaded.wait()
         await asyncio.gather(*calls, return_exceptions=True)
-        await self._unload(model)
-        self.leaving.pop(model, None)
+        if not self.stopped:
+            await self._unload(model)
 
     async def _unload(self, model: str) -> None:
         if model not in self.loaded:
@@ -467,20 +489,25 @@ class _Flow:
                 self.changed.notify_all()
         self.owner.emit(ModelUnloaded(model))
 
-    async def _call(self, call: Call, stage: int, ready: asyncio.Event) -> None:
-        await ready.wait()
+    async def _call(self, call: Call, stage: int, ready: asyncio.Event | None) -> None:
+        if ready is not None:
+            await ready.wait()
         if call.model not in self.loaded and call.model not in self.owner.broken:
             return  # stopped to re-plan before its model came: it stays pending
         if stage > 0:
             async with self.changed:
-                await self.changed.wait_for(lambda: stage - 1 in self.owner.references)
+                await self.changed.wait_for(
+                    lambda: stage - 1 in self.owner.references or self.stopped
+                )
+        if self.stopped:
+            return  # not started before the re-plan: the new plan runs it
         await self.owner.call(call)
         if stage in self.owner.references:  # this call closed its stage: wake the next one
             async with self.changed:
                 self.changed.notify_all()
 
     async def unload_all(self) -> None:
-        for task in list(self.leaving.values()):
+        for task in self.leaving:
             task.cancel()
         for model in list(self.loaded):
             try:
