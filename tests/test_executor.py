@@ -14,7 +14,7 @@ from localmoa.config import Agent, Ensemble, FakeModel
 from localmoa.errors import LayerFailedError
 from localmoa.executor import CallPiece, Event, Executor, RunResult
 from localmoa.moa import AGGREGATE_PROMPT, calls_for, stages_of
-from localmoa.planner import make_plan
+from localmoa.planner import Plan, make_plan
 
 GiB = 1 << 30
 QUESTION = [ChatMessage(role="user", content="Why is the sky blue?")]
@@ -266,3 +266,40 @@ async def test_cancelling_a_dataflow_run_unloads_everything() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert backend.resident == {}
+
+
+def test_a_load_ahead_never_holds_up_the_calls_before_it() -> None:
+    """A model loaded early for a later layer loads while the earlier layers' calls run."""
+    models = {
+        "a": FakeModel(backend="fake", memory=GiB),
+        "b": FakeModel(backend="fake", memory=GiB, load_seconds=0.3),
+    }
+    ensemble = Ensemble(
+        layers=[[Agent(model="a")], [Agent(model="a")]], aggregator=Agent(model="b")
+    )
+    sizes = {"a": GiB, "b": GiB}
+    plan = Plan.model_validate(
+        {
+            "budget_bytes": 2 * GiB,
+            "loads": 2,
+            "lower_bound": 2,
+            "optimal": True,
+            "bytes_loaded": 2 * GiB,
+            "waves": [
+                {"layer": 1, "resident": ["a", "b"], "runs": ["a"], "load": ["a", "b"],
+                 "unload": [], "bytes": 2 * GiB},
+                {"layer": 2, "resident": ["a", "b"], "runs": ["a"], "load": [], "unload": [],
+                 "bytes": 2 * GiB},
+                {"layer": 3, "resident": ["b"], "runs": ["b"], "load": [], "unload": ["a"],
+                 "bytes": GiB},
+            ],
+        }
+    )  # fmt: skip
+    backend = FakeBackend(capacity=2 * GiB)
+    executor = Executor(models, {"fake": backend}, sizes=sizes)
+    result = asyncio.run(executor.run(calls_for(ensemble), plan, QUESTION))
+    assert all(c.ok for c in result.calls)
+    events = backend.events
+    b_loaded = events.index(("load", "b"))
+    assert [i for i, e in enumerate(events) if e == ("chat", "a")][-1] < b_loaded  # layer 2 too
+    assert events.index(("chat", "b")) > b_loaded and backend.resident == {}
