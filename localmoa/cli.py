@@ -163,7 +163,11 @@ def run(
             for reason in session.reasons:
                 _stderr().print(f"zero-config: {reason}", markup=False)
             prepared = await prepare(
-                session.config, ensemble, session.backends, memory_budget=memory_budget
+                session.config,
+                ensemble,
+                session.backends,
+                memory_budget=memory_budget,
+                prompt=question,
             )
             return await _run(session, prepared, question, show_layers=show_layers, quiet=as_json)
 
@@ -311,11 +315,20 @@ def _print_plan(console: Console, prepared: Prepared) -> None:
             format_bytes(wave.bytes),
         )
     console.print(waves)
-    proof = "optimal" if plan.optimal else "heuristic: at most one load per call"
+    if plan.fewest_loads is not None:
+        proof = f"{plan.fewest_loads} possible, more taken as estimated faster"
+    else:
+        proof = "optimal" if plan.optimal else "heuristic: at most one load per call"
+    timed = (
+        f"\nestimated {plan.estimated_seconds:.1f}s with {plan.timed_for} speeds, every call "
+        "writing max_tokens"
+        if plan.estimated_seconds is not None
+        else ""
+    )
     console.print(
         f"loads: {plan.loads} (lower bound {plan.lower_bound}; {proof}), "
         f"{format_bytes(plan.bytes_loaded)} read\n"
-        f"budget: {format_bytes(plan.budget_bytes)} ({prepared.budget.detail})",
+        f"budget: {format_bytes(plan.budget_bytes)} ({prepared.budget.detail}){timed}",
         markup=False,
     )
 

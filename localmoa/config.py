@@ -80,6 +80,9 @@ class Settings(_Strict):
     allowed_hosts: list[str] = Field(default_factory=list)
     """Hosts other than loopback that network backends may reach (on-prem servers). Empty =
     loopback only: localmoa refuses any other host before connecting."""
+    plan_for: Literal["time", "loads"] = "time"
+    """"time": the fewest-loads plan, then a search for one the cost model estimates faster on
+    this kind of machine (localmoa.refine); "loads": the fewest-loads plan as it is."""
 
 
 class LlamaCppModel(_Strict):

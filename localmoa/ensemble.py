@@ -19,8 +19,13 @@ from localmoa.hardware import Budget, resolve_budget
 from localmoa.memory import Footprint
 from localmoa.moa import Call, calls_for
 from localmoa.planner import Plan, make_plan
+from localmoa.refine import profile_for, refine
 
-__all__ = ["Prepared", "footprints", "prepare"]
+__all__ = ["TIMED_BACKENDS", "Prepared", "footprints", "prepare"]
+
+TIMED_BACKENDS = frozenset({"llamacpp", "ollama"})
+"""Backends whose loads read weights as the cost model assumes; a plan that uses any other (a
+fake, an always-resident OpenAI-compatible server) keeps the fewest-loads plan."""
 
 
 @dataclass(frozen=True)
@@ -61,22 +66,26 @@ async def prepare(
     backends: Mapping[str, Backend],
     *,
     memory_budget: str | None = None,
+    prompt: str | None = None,
 ) -> Prepared:
     """Resolve ``ensemble`` of ``config`` into calls, footprints, budget and plan.
 
     Reads model headers or asks model servers (never loads weights); raises UserError
-    subclasses for what the user must fix.
+    subclasses for what the user must fix. With ``settings.plan_for = "time"`` and only
+    ``TIMED_BACKENDS``, the plan is refined for time on this machine's kind of hardware
+    (``prompt``, when known, sizes the first layer's prompt).
     """
     stages = calls_for(config.ensemble(ensemble))
     used = list(dict.fromkeys(c.model for stage in stages for c in stage))
     sizes = await footprints(config, used, backends)
     budget = resolve_budget(memory_budget, config.settings.memory_budget)
+    totals = {name: fp.total for name, fp in sizes.items()}
     try:
-        plan = make_plan(
-            [[c.model for c in stage] for stage in stages],
-            {name: fp.total for name, fp in sizes.items()},
-            budget.bytes,
-        )
+        plan = make_plan([[c.model for c in stage] for stage in stages], totals, budget.bytes)
     except BudgetError as exc:
         raise BudgetError(f"{exc} (budget from {budget.detail})") from None
+    if config.settings.plan_for == "time" and all(
+        config.models[name].backend in TIMED_BACKENDS for name in used
+    ):
+        plan = refine(plan, stages, totals, profile_for(budget), prompt=prompt)
     return Prepared(ensemble, stages, sizes, budget, plan)

@@ -68,9 +68,24 @@ class Plan(BaseModel):
     budget_bytes: int
     loads: int
     lower_bound: int = Field(description="distinct models: no plan can load fewer")
-    optimal: bool = Field(description="loads is the proven minimum (the search was not pruned)")
+    optimal: bool = Field(
+        description="loads is the proven minimum (the search was not pruned); a plan refined "
+        "for time (localmoa.refine) may load more, and then says False"
+    )
     bytes_loaded: int
     waves: list[Wave]
+    fewest_loads: int | None = Field(
+        default=None,
+        description="the planner's fewest loads, when a plan refined for time loads more",
+    )
+    estimated_seconds: float | None = Field(
+        default=None,
+        description="the cost model's estimate of the run (every call writing max_tokens) on "
+        "the profile named by timed_for; None when the plan was not timed",
+    )
+    timed_for: str | None = Field(
+        default=None, description="the cost-model profile whose speeds timed the plan"
+    )
 
 
 @dataclass(frozen=True)

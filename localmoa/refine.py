@@ -1,0 +1,158 @@
+"""Turn the fewest-loads plan into a fast one, with the cost model and what is known before a run.
+
+The planner minimises loads: that is exact and needs no speeds, but plans with equal loads can
+differ in time, and a plan with one load more can finish sooner (a model loaded while another
+computes costs nothing). :func:`refine` searches for a faster plan in the cost model
+(:func:`localmoa.costmodel.search`, branch and bound, started from the planner's plan) and keeps
+it only when it is faster *on paper* by more than ``SLACK``.
+
+What it knows is an estimate, never the run itself:
+
+- the machine: :func:`profile_for` picks the cost model's profile of the same kind (an NVIDIA GPU
+  by its memory, Apple unified memory, or a CPU) and gives it the plan's budget;
+- the calls: every call writes its ``max_tokens`` (answer lengths are unknown before the run), a
+  later layer reads the references of those lengths, and text is 4 characters per token.
+
+Effort follows what is at stake: the search may simulate ``NODES_PER_SECOND`` partial plans per
+second the plan is estimated to take (about 1 ms of planning each, so about 2 % of the run), at
+most ``MAX_NODES``; a run estimated at 50 s gets about a second of search. Beyond
+``MAX_MODELS`` distinct models there is no search (it branches on every subset of them).
+``scripts/bench_scheduler.py`` measures the result against the clairvoyant optimum and against
+Ollama's scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from localmoa.costmodel import (
+    PROFILES,
+    CallSpec,
+    Profile,
+    WaveSpec,
+    search,
+    simulate_waves,
+    wave_specs,
+)
+from localmoa.hardware import Budget, detect_budget
+from localmoa.moa import AGGREGATE_PROMPT, Call
+from localmoa.planner import Plan, Wave
+
+__all__ = ["CHARS_PER_TOKEN", "calls_as_planned", "profile_for", "refine"]
+
+CHARS_PER_TOKEN = 4
+"""English text in BPE vocabularies averages about 4 characters per token (OpenAI's tokenizer
+guide: "one token generally corresponds to ~4 characters of text")."""
+
+NOMINAL_PROMPT_CHARS = 800
+"""The prompt assumed when planning without one (``localmoa plan``): 200 tokens."""
+
+NODES_PER_SECOND = 20
+MAX_NODES = 10_000
+MAX_MODELS = 10
+SLACK = 0.002
+
+GiB = 1 << 30
+
+
+def profile_for(budget: Budget, device: Budget | None = None) -> Profile:
+    """The cost-model profile that stands for this machine, with ``budget``'s bytes.
+
+    ``device`` is the detected device, when ``budget`` came from a flag or the config (the
+    budget then says nothing about the hardware); detected when not given.
+    """
+    if budget.source in ("nvml", "apple", "ram"):
+        device = budget
+    elif device is None:
+        device = detect_budget()
+    if device.source == "nvml":
+        if device.bytes <= 12 * GiB:
+            base = PROFILES["laptop-8g"]
+        elif device.bytes <= 40 * GiB:
+            base = PROFILES["desktop-24g"]
+        else:
+            base = PROFILES["server-80g"]
+    elif device.source == "apple":
+        base = PROFILES["apple-32g"]
+    else:
+        base = PROFILES["cpu-16g"]
+    return dataclasses.replace(base, memory_bytes=budget.bytes)
+
+
+def calls_as_planned(stages: Sequence[Sequence[Call]], prompt: str | None) -> list[list[CallSpec]]:
+    """Each call as known before the run: its prompt tokens (the prompt, its system prompt,
+    and for a later layer the references at full length) and ``max_tokens`` to write."""
+    base = len(prompt if prompt is not None else "x" * NOMINAL_PROMPT_CHARS) // CHARS_PER_TOKEN
+    out: list[list[CallSpec]] = []
+    references = 0
+    for stage in stages:
+        specs = []
+        for call in stage:
+            system = len(call.system_prompt or "") // CHARS_PER_TOKEN
+            if references:
+                system += len(AGGREGATE_PROMPT) // CHARS_PER_TOKEN
+            specs.append(CallSpec(call.model, base + system + references, call.max_tokens))
+        out.append(specs)
+        references = sum(call.max_tokens for call in stage)
+    return out
+
+
+def refine(
+    plan: Plan,
+    stages: Sequence[Sequence[Call]],
+    sizes: Mapping[str, int],
+    profile: Profile,
+    *,
+    prompt: str | None = None,
+) -> Plan:
+    """``plan``, or a plan estimated faster on ``profile``; either way with its estimate.
+
+    ``stages`` are the calls ``plan`` was made from, ``sizes`` the bytes it was made with.
+    The result is a plan for the same calls within the same budget.
+    """
+    calls = calls_as_planned(stages, prompt)
+    seed = wave_specs(plan)
+    estimate = simulate_waves(seed, calls, sizes, profile).makespan_s
+    models = {c.model for stage in stages for c in stage}
+    nodes = min(MAX_NODES, int(NODES_PER_SECOND * estimate))
+    kept = plan.model_copy(update={"estimated_seconds": estimate, "timed_for": profile.name})
+    if len(models) > MAX_MODELS or nodes <= 0:
+        return kept
+    found = search(calls, sizes, profile, seed, max_nodes=nodes, slack=SLACK)
+    if found.waves == seed:
+        return kept
+    return _as_plan(found.waves, stages, sizes, plan).model_copy(
+        update={"estimated_seconds": found.makespan_s, "timed_for": profile.name}
+    )
+
+
+def _as_plan(
+    waves: Sequence[WaveSpec], stages: Sequence[Sequence[Call]], sizes: Mapping[str, int], was: Plan
+) -> Plan:
+    order = list(dict.fromkeys(c.model for stage in stages for c in stage))
+
+    def ranked(models: frozenset[str] | tuple[str, ...]) -> list[str]:
+        return sorted(models, key=order.index)
+
+    out = [
+        Wave(
+            layer=w.stage + 1,
+            resident=ranked(w.resident),
+            runs=[c.model for c in stages[w.stage] if c.model in w.runs],
+            load=list(w.load),
+            unload=ranked(w.unload),
+            bytes=sum(sizes[m] for m in w.resident),
+        )
+        for w in waves
+    ]
+    loads = sum(len(w.load) for w in out)
+    return Plan(
+        budget_bytes=was.budget_bytes,
+        loads=loads,
+        lower_bound=was.lower_bound,
+        optimal=was.optimal and loads == was.loads,
+        bytes_loaded=sum(sizes[m] for w in out for m in w.load),
+        waves=out,
+        fewest_loads=was.loads if loads > was.loads else None,
+    )
