@@ -14,7 +14,10 @@ fixed seed, so every policy computes the same answers (checked and reported).
 Two plans of the same ensemble run through the same :class:`~localmoa.executor.Executor`, in
 one process, with the footprints localmoa estimates (``memory.estimate`` of each file's header):
 
-- ``localmoa``: ``make_plan`` under the two-model budget;
+- ``localmoa``: the plan ``localmoa run`` makes under the two-model budget: ``make_plan``,
+  refined for time on this machine's kind of hardware (``localmoa.refine``);
+- ``localmoa_loads``: ``make_plan`` alone (``plan_for = "loads"``), run only when the
+  refinement changed the plan;
 - ``one_at_a_time``: one model resident at a time, calls in order, consecutive calls of the
   resident model sharing a wave (llama-swap's default group). Its plan's budget is the largest
   model alone, so an executor that loads ahead as memory allows still holds one model at a time.
@@ -55,9 +58,11 @@ from localmoa.backends import make_backends
 from localmoa.backends.base import ChatMessage
 from localmoa.config import Config, parse_config
 from localmoa.executor import Event, Executor, ModelLoaded, RunResult
+from localmoa.hardware import Budget
 from localmoa.memory import estimate, read_gguf
 from localmoa.moa import Call, calls_for
 from localmoa.planner import Plan, Wave, make_plan
+from localmoa.refine import profile_for, refine
 from localmoa.tinymodels import PRESETS, TinySpec, ensemble_config, write_tiny_model
 
 MB = 10**6
@@ -200,16 +205,18 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
     budget = sum(sorted(sizes.values())[-2:])  # the two largest, never all three
     stages = calls_for(config.ensemble("default"))
-    plans = {
-        "localmoa": make_plan([[c.model for c in s] for s in stages], sizes, budget),
-        "one_at_a_time": one_at_a_time_plan(stages, sizes),
-    }
+    fewest = make_plan([[c.model for c in s] for s in stages], sizes, budget)
+    given = Budget(bytes=budget, source="flag", detail="two of three")
+    shipped = refine(fewest, stages, sizes, profile_for(given), prompt=QUESTION)
+    plans = {"localmoa": shipped, "one_at_a_time": one_at_a_time_plan(stages, sizes)}
+    if shipped.waves != fewest.waves:
+        plans["localmoa_loads"] = fewest
     backends = make_backends(config.settings)
     executor = Executor(config.models, backends, sizes=sizes)
     samples: dict[str, list[Sample]] = {policy: [] for policy in plans}
     try:
         await run_once(executor, stages, plans["localmoa"], "warm-up")
-        order = ["localmoa", "one_at_a_time"]
+        order = list(plans)
         for i in range(args.repeat):
             for policy in order if i % 2 == 0 else order[::-1]:
                 sample = await run_once(executor, stages, plans[policy], policy)

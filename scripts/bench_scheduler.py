@@ -1,18 +1,27 @@
 """Scheduler benchmark: localmoa's plan against the optimum and the policies users run today.
 
-    python scripts/bench_scheduler.py [--json] [--rules] [--timeline NAME] [--max-nodes N]
+    python scripts/bench_scheduler.py [--json] [--timeline NAME] [--max-nodes N]
 
 A fixed-seed suite of MoA runs (1-3 layers, 2-6 proposers, an aggregator) built from real 4-bit
 model footprints, on every hardware profile of localmoa.costmodel. Each run is timed, in the cost
 model, under these policies:
 
-- ``localmoa``: the planner's waves, executed by dataflow as localmoa's executor does (a load
-  starts as soon as memory allows, a call as soon as its model and references are ready);
-- ``localmoa_waves``: the same plan executed wave by wave (the executor before dataflow);
+- ``localmoa``: as shipped: the planner's fewest-loads plan refined for time by
+  :func:`localmoa.refine.refine` (which knows the machine's profile, not the answer lengths:
+  every call is assumed to write ``max_tokens``), executed by dataflow as localmoa's executor
+  does (a load starts as soon as memory allows, a call as soon as its model and references are
+  ready);
+- ``localmoa_loads``: the fewest-loads plan unrefined (``settings.plan_for = "loads"``);
+- ``localmoa_waves``: the fewest-loads plan executed wave by wave (the executor before
+  dataflow);
+- ``localmoa_misjudged``: the refinement given the wrong machine: every profile's plan refined
+  with desktop-24g speeds (a CPU planned as a GPU, a GPU as another GPU): what a wrong guess
+  of the hardware costs;
 - ``one_at_a_time``: one model resident, calls in order (llama-swap's default group);
 - ``reactive``: Ollama's scheduler rules, requests sent a layer at a time;
-- ``optimal``: the fastest wave plan under dataflow execution (branch and bound; only for runs
-  with at most 6 distinct models, and "—" where the search gives up);
+- ``optimal``: the fastest wave plan under dataflow execution, knowing every answer's length
+  (branch and bound; only for runs with at most 6 distinct models, and "—" where the search
+  gives up);
 - ``optimal_waves``: the fastest wave plan under wave-by-wave execution (Dijkstra).
 
 Tokens: every layer-1 call reads a 200-token prompt; a later layer's call and the aggregator read
@@ -21,20 +30,18 @@ drawn uniformly from 256-512. The table shows makespans (seconds) and loads; the
 per profile, the median ratio of localmoa to one_at_a_time, the median and largest ratio to
 reactive and the largest to optimal; then the worst runs.
 
-``--rules`` tries, in the model only, rules the planner or executor could adopt: the load order
-within a wave, the order of waves within a stage, and a tie-break between plans of equal cost
-(see :data:`RULES`). ``--timeline NAME`` prints one run's plan and the simulated timelines of
+``--timeline NAME`` prints one run's plan and the simulated timelines of
 localmoa and reactive.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
 import random
 import statistics
-from collections.abc import Callable, Sequence
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,19 +52,17 @@ from localmoa.costmodel import (
     PolicyResult,
     Profile,
     Span,
-    WaveSpec,
-    call_seconds,
-    equal_cost_plans,
     localmoa,
     one_at_a_time,
     optimal,
     optimal_waves,
     reactive,
     simulate_plan,
-    simulate_waves,
-    wave_specs,
 )
+from localmoa.moa import Call
+from localmoa.planner import Plan as PlanModel
 from localmoa.planner import make_plan
+from localmoa.refine import refine
 
 MiB = 1 << 20
 GB = 10**9
@@ -155,7 +160,46 @@ def suite(seed: int = SEED, per_profile: int = PER_PROFILE) -> list[Instance]:
     return out
 
 
-POLICIES = ("localmoa", "localmoa_waves", "one_at_a_time", "reactive", "optimal", "optimal_waves")
+POLICIES = (
+    "localmoa",
+    "localmoa_loads",
+    "localmoa_waves",
+    "localmoa_misjudged",
+    "one_at_a_time",
+    "reactive",
+    "optimal",
+    "optimal_waves",
+)
+
+
+PLANNING_S: list[float] = []
+"""Seconds each shipped plan took to make (fewest loads, then the refinement)."""
+
+
+def shipped(instance: Instance, speeds: Profile | None = None) -> PolicyResult:
+    """localmoa as shipped (see :func:`shipped_plan`), timed with the real calls."""
+    began = time.perf_counter()
+    plan = shipped_plan(instance, speeds)
+    if speeds is None:
+        PLANNING_S.append(time.perf_counter() - began)
+    timing = simulate_plan(plan, instance.calls, SIZES, instance.profile)
+    return PolicyResult(timing.makespan_s, timing.loads)
+
+
+def shipped_plan(instance: Instance, speeds: Profile | None = None) -> PlanModel:
+    """The fewest-loads plan refined for time on ``speeds`` (the instance's own profile unless
+    given), from what is known before the run: every call writing ``max_tokens``."""
+    calls, profile = instance.calls, instance.profile
+    stages = [
+        [
+            Call(k + 1, i, c.model, None, 0.7, OUTPUT_TOKENS[1], k == len(calls) - 1)
+            for i, c in enumerate(stage)
+        ]
+        for k, stage in enumerate(calls)
+    ]
+    plan = make_plan([[c.model for c in s] for s in calls], SIZES, profile.memory_bytes)
+    guess = dataclasses.replace(speeds or profile, memory_bytes=profile.memory_bytes)
+    return refine(plan, stages, SIZES, guess, prompt="x" * (PROMPT_TOKENS * 4))
 
 
 def run(
@@ -164,163 +208,15 @@ def run(
     """Every policy on one instance."""
     args = (instance.calls, SIZES, instance.profile)
     return {
-        "localmoa": localmoa(*args),
+        "localmoa": shipped(instance),
+        "localmoa_loads": localmoa(*args),
         "localmoa_waves": localmoa(*args, dataflow=False),
+        "localmoa_misjudged": shipped(instance, PROFILES["desktop-24g"]),
         "one_at_a_time": one_at_a_time(*args),
         "reactive": reactive(*args),
         "optimal": optimal(*args, max_nodes=max_nodes),
         "optimal_waves": optimal_waves(*args),
     }
-
-
-# --- rules to try ------------------------------------------------------------------------------
-
-Plan = list[WaveSpec]
-
-
-def _plan(instance: Instance) -> Plan:
-    calls = instance.calls
-    plan = make_plan([[c.model for c in s] for s in calls], SIZES, instance.profile.memory_bytes)
-    return wave_specs(plan)
-
-
-def _stage_seconds(instance: Instance, stage: int, models: frozenset[str] | set[str]) -> float:
-    """Seconds alone of the stage's calls to ``models``."""
-    return sum(
-        call_seconds(c, SIZES[c.model], instance.profile)
-        for c in instance.calls[stage]
-        if c.model in models
-    )
-
-
-def _rederive(waves: Sequence[WaveSpec], order: Callable[[WaveSpec, str], Any]) -> Plan:
-    """Loads and unloads again from the resident sets, loads sorted by ``order``."""
-    out: Plan = []
-    before: frozenset[str] = frozenset()
-    for w in waves:
-
-        def key(model: str, wave: WaveSpec = w) -> Any:
-            return order(wave, model)
-
-        load = tuple(sorted(w.resident - before, key=key))
-        out.append(w._replace(load=load, unload=tuple(sorted(before - w.resident))))
-        before = w.resident
-    return out
-
-
-def _first_use(instance: Instance) -> Callable[[WaveSpec, str], int]:
-    """The planner's load order: first use in the run."""
-    names = list(dict.fromkeys(c.model for s in instance.calls for c in s))
-    return lambda w, m: names.index(m)
-
-
-def loads_longest_first(instance: Instance, waves: Plan) -> Plan:
-    """(a) Within a wave, load first the model whose calls of the stage take longest."""
-    first = _first_use(instance)
-    return _rederive(
-        waves, lambda w, m: (-_stage_seconds(instance, w.stage, {m} & w.runs), first(w, m))
-    )
-
-
-def loads_largest_first(instance: Instance, waves: Plan) -> Plan:
-    """(a') Within a wave, load the largest model first."""
-    first = _first_use(instance)
-    return _rederive(waves, lambda w, m: (-SIZES[m], first(w, m)))
-
-
-def _waves_by_time(instance: Instance, waves: Plan, longest: bool) -> Plan:
-    """(b) Waves of a stage sorted by their calls' total seconds, except a first wave that runs
-    models resident from the stage before and a last one that keeps models for the next."""
-    out: Plan = []
-    i = 0
-    while i < len(waves):
-        j = i
-        while j < len(waves) and waves[j].stage == waves[i].stage:
-            j += 1
-        group = list(waves[i:j])
-        before = out[-1].resident if out else frozenset()
-        after = waves[j].resident if j < len(waves) else frozenset()
-        head = [group.pop(0)] if group and group[0].runs & before else []
-        tail = [group.pop()] if group and group[-1].resident & after else []
-        sign = -1 if longest else 1
-        group.sort(key=lambda w: sign * _stage_seconds(instance, w.stage, w.runs))
-        out += head + group + tail
-        i = j
-    return _rederive(out, _first_use(instance))
-
-
-def waves_longest_first(instance: Instance, waves: Plan) -> Plan:
-    return _waves_by_time(instance, waves, True)
-
-
-def waves_shortest_first(instance: Instance, waves: Plan) -> Plan:
-    return _waves_by_time(instance, waves, False)
-
-
-def _keeps(waves: Sequence[WaveSpec]) -> int:
-    return sum(len(a.resident & b.resident) for a, b in itertools.pairwise(waves))
-
-
-def _ties(instance: Instance) -> list[Plan] | None:
-    calls, profile = instance.calls, instance.profile
-    plan = make_plan([[c.model for c in s] for s in calls], SIZES, profile.memory_bytes)
-    return equal_cost_plans(calls, SIZES, profile, plan)
-
-
-RULES: dict[str, Callable[[Instance, Plan], Plan]] = {
-    "plan": lambda instance, waves: waves,
-    "a:longest-calls-first": loads_longest_first,
-    "a:largest-first": loads_largest_first,
-    "b:longest-wave-first": waves_longest_first,
-    "b:shortest-wave-first": waves_shortest_first,
-    "a+b:longest": lambda i, w: loads_longest_first(i, waves_longest_first(i, w)),
-}
-"""Each rule rewrites localmoa's plan: (a) the load order within a wave, (b) the order of waves
-within a stage; (c), tie-breaks among the plans the planner ranks equal, need the enumeration
-and are in :data:`TIES`."""
-
-
-TIES = ("c:keep-most", "c:sim-tie", "c:best-tie")
-"""Tie-breaks among the plans the planner ranks equal (same loads, bytes loaded and waves):
-``keep-most`` prefers plans whose waves keep the most models of the wave before; ``sim-tie``
-the shortest dataflow simulation when every call writes ``max_tokens`` (what a planner knows
-before the run: no answer lengths); ``best-tie`` the shortest real simulation (an oracle: what
-any tie-break could reach at best)."""
-
-
-def _as_planned(calls: list[list[CallSpec]]) -> list[list[CallSpec]]:
-    """The calls as a planner sees them before the run: each writes ``max_tokens``."""
-    out, references = [], 0
-    for stage in calls:
-        out.append([CallSpec(c.model, PROMPT_TOKENS + references, OUTPUT_TOKENS[1]) for c in stage])
-        references = OUTPUT_TOKENS[1] * len(stage)
-    return out
-
-
-def rule_results(instance: Instance) -> dict[str, PolicyResult | None]:
-    """Every rule's plan, simulated by dataflow; the tie-breaks None when there are too many
-    equal-cost plans to enumerate."""
-    args = (instance.calls, SIZES, instance.profile)
-    base = _plan(instance)
-    out: dict[str, PolicyResult | None] = {}
-    for name, rule in RULES.items():
-        timing = simulate_waves(rule(instance, base), *args)
-        out[name] = PolicyResult(timing.makespan_s, timing.loads)
-    ties = _ties(instance)
-    if not ties:
-        return out | dict.fromkeys(TIES)
-    guess = _as_planned(instance.calls)
-    picks = {
-        "c:keep-most": max(ties, key=_keeps),
-        "c:sim-tie": min(
-            ties, key=lambda t: simulate_waves(t, guess, SIZES, instance.profile).makespan_s
-        ),
-        "c:best-tie": min(ties, key=lambda t: simulate_waves(t, *args).makespan_s),
-    }
-    for name, waves in picks.items():
-        timing = simulate_waves(waves, *args)
-        out[name] = PolicyResult(timing.makespan_s, timing.loads)
-    return out
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -350,7 +246,7 @@ def timeline(name: str) -> None:
     """One run's plan, then localmoa's and reactive's simulated timelines."""
     instance = next(i for i in suite() if i.name == name)
     calls, profile = instance.calls, instance.profile
-    plan = make_plan([[c.model for c in s] for s in calls], SIZES, profile.memory_bytes)
+    plan = shipped_plan(instance)
     print(f"{name}: budget {profile.memory_bytes / GB:.2f} GB")
     for k, stage in enumerate(calls):
         print(f"  stage {k + 1}: " + ", ".join(f"{c.model} ({c.output_tokens} tok)" for c in stage))
@@ -383,7 +279,6 @@ def timeline(name: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--rules", action="store_true", help="try the rules of RULES too")
     parser.add_argument("--timeline", metavar="NAME", help="print one run's timelines")
     parser.add_argument(
         "--max-nodes",
@@ -426,59 +321,45 @@ def main() -> None:
             ratio,
         )
     print()
-    head = ("profile", "moa/one", "moa/reactive", "max", "max moa/opt", "known", "waves/opt_w")
+    print("localmoa against the others, per profile: median and largest ratio of makespans;")
+    print("then the fewest-loads plan unrefined, and the refinement given the wrong machine")
+    head = (
+        "profile", "moa/one", "max", "moa/react", "max", "max/opt", "known",
+        "loads: max/react", "max/opt", "misjudged: max/react", "max/opt",
+    )  # fmt: skip
     print(
-        f"{head[0]:12} {head[1]:>8} {head[2]:>13} {head[3]:>6} {head[4]:>12} {head[5]:>6}"
-        f" {head[6]:>12}"
+        f"{head[0]:12} {head[1]:>8} {head[2]:>6} {head[3]:>9} {head[4]:>6} {head[5]:>8}"
+        f" {head[6]:>6} {head[7]:>17} {head[8]:>8} {head[9]:>21} {head[10]:>8}"
     )
+
+    def most(values: list[float]) -> str:
+        return f"{max(values):.3f}" if values else "—"
+
     for profile in PROFILES.values():
         mine = [(i, r) for i, r in rows if i.profile is profile]
-        vs_one = statistics.median(_known(mine, "localmoa", "one_at_a_time"))
+        vs_one = _known(mine, "localmoa", "one_at_a_time")
         vs_reactive = _known(mine, "localmoa", "reactive")
         vs_opt = _known(mine, "localmoa", "optimal")
-        waves = _known(mine, "localmoa_waves", "optimal_waves")
-        worst = f"{max(vs_opt):12.3f}" if vs_opt else f"{'—':>12}"
-        worst_waves = f"{max(waves):12.3f}" if waves else f"{'—':>12}"
         print(
-            f"{profile.name:12} {vs_one:8.3f} {statistics.median(vs_reactive):13.3f}"
-            f" {max(vs_reactive):6.3f} {worst} {len(vs_opt):>3}/{len(mine):<2} {worst_waves}"
+            f"{profile.name:12} {statistics.median(vs_one):8.3f} {max(vs_one):6.3f}"
+            f" {statistics.median(vs_reactive):9.3f} {max(vs_reactive):6.3f}"
+            f" {most(vs_opt):>8} {len(vs_opt):>3}/{len(mine):<2}"
+            f" {most(_known(mine, 'localmoa_loads', 'reactive')):>17}"
+            f" {most(_known(mine, 'localmoa_loads', 'optimal')):>8}"
+            f" {most(_known(mine, 'localmoa_misjudged', 'reactive')):>21}"
+            f" {most(_known(mine, 'localmoa_misjudged', 'optimal')):>8}"
+        )
+    if PLANNING_S:
+        print(
+            f"\nplanning (fewest loads + refinement): median {statistics.median(PLANNING_S):.3f} s,"
+            f" max {max(PLANNING_S):.3f} s per run"
         )
     print("\nworst runs against reactive and against optimal:")
-    for a, b in (("localmoa", "reactive"), ("localmoa", "optimal")):
+    for a, b in (("localmoa", "reactive"), ("localmoa", "optimal"), ("localmoa", "one_at_a_time")):
         ranked = sorted(
             ((_ratio(r[a], r[b]), i.name) for i, r in rows if r[b] is not None), reverse=True
         )
         print(f"  {a}/{b}: " + ", ".join(f"{name} {x:.3f}" for x, name in ranked[:4]))
-    if args.rules:
-        _print_rules(rows)
-
-
-def _print_rules(rows: list[tuple[Instance, dict[str, PolicyResult | None]]]) -> None:
-    results = [(i, {**r, **rule_results(i)}) for i, r in rows]
-    names = [*RULES, *TIES]
-    print("\nrules (dataflow): median and max of rule/reactive, max rule/optimal, runs where the")
-    print("rule beats / loses to localmoa's plan by more than 0.1 %, and loads changed")
-    print(
-        f"{'rule':24} {'profile':12} {'med/react':>9} {'max/react':>9} {'max/opt':>8}"
-        f" {'better':>6} {'worse':>6} {'loads+':>6} {'known':>6}"
-    )
-    for name in names:
-        for profile in [*PROFILES.values(), None]:
-            mine = [(i, r) for i, r in results if profile is None or i.profile is profile]
-            have = [(i, r) for i, r in mine if r[name] is not None]
-            if not have:
-                continue
-            vs_reactive = _known(have, name, "reactive")
-            vs_opt = _known(have, name, "optimal")
-            gain = [_ratio(r[name], r["localmoa"]) for _, r in have]
-            more = sum(_loads(r[name]) > _loads(r["localmoa"]) for _, r in have)
-            print(
-                f"{name:24} {profile.name if profile else 'all':12}"
-                f" {statistics.median(vs_reactive):9.3f} {max(vs_reactive):9.3f}"
-                f" {max(vs_opt) if vs_opt else float('nan'):8.3f}"
-                f" {sum(g < 0.999 for g in gain):6} {sum(g > 1.001 for g in gain):6}"
-                f" {more:6} {len(have):>3}/{len(mine):<2}"
-            )
 
 
 if __name__ == "__main__":
