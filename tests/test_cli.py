@@ -61,6 +61,20 @@ def test_plan_table_is_readable(tmp_path: Path) -> None:
     assert "aggregator" in out.stdout and "loads: 4 (lower bound 3; optimal)" in out.stdout
 
 
+def test_plan_of_llama_cpp_models_shows_the_estimate_and_the_profile(tiny_config: Path) -> None:
+    out = localmoa("plan", "--memory-budget", "1GiB")
+    assert out.returncode == 0, out.stderr
+    assert "estimated " in out.stdout and "speeds, every call writing max_tokens" in out.stdout
+    doc = json.loads(localmoa("plan", "--json", "--memory-budget", "1GiB").stdout)
+    assert doc["estimated_seconds"] > 0 and doc["timed_for"] in (
+        "laptop-8g",
+        "desktop-24g",
+        "server-80g",
+        "apple-32g",
+        "cpu-16g",
+    )
+
+
 def test_done_when_run_of_three_tiny_models(tiny_config: Path) -> None:
     out = localmoa("run", "What is the capital of France?", "--json", "--memory-budget", "1GiB")
     assert out.returncode == 0, out.stderr
