@@ -87,5 +87,6 @@ async def prepare(
     if config.settings.plan_for == "time" and all(
         config.models[name].backend in TIMED_BACKENDS for name in used
     ):
-        plan = refine(plan, stages, totals, profile_for(budget), prompt=prompt)
+        profile = profile_for(budget, name=config.settings.timing_profile)
+        plan = refine(plan, stages, totals, profile, prompt=prompt)
     return Prepared(ensemble, stages, sizes, budget, plan)

@@ -56,12 +56,15 @@ SLACK = 0.002
 GiB = 1 << 30
 
 
-def profile_for(budget: Budget, device: Budget | None = None) -> Profile:
+def profile_for(budget: Budget, device: Budget | None = None, *, name: str = "auto") -> Profile:
     """The cost-model profile that stands for this machine, with ``budget``'s bytes.
 
-    ``device`` is the detected device, when ``budget`` came from a flag or the config (the
-    budget then says nothing about the hardware); detected when not given.
+    ``name`` picks one of ``PROFILES`` (``settings.timing_profile``); "auto" goes by the
+    device: ``device`` when given, else ``budget`` when it was detected, else detected now (a
+    budget from a flag or the config says nothing about the hardware).
     """
+    if name != "auto":
+        return dataclasses.replace(PROFILES[name], memory_bytes=budget.bytes)
     if budget.source in ("nvml", "apple", "ram"):
         device = budget
     elif device is None:

@@ -210,3 +210,25 @@ def test_a_fake_ensemble_keeps_the_fewest_loads_plan(tmp_path: Path) -> None:
     )
     prepared = asyncio.run(prepare(load_config(path), "default", {"fake": FakeBackend()}))
     assert prepared.plan.estimated_seconds is None
+
+
+def test_a_named_timing_profile_wins_over_the_device() -> None:
+    profile = profile_for(budget("nvml", 20 * GiB), name="cpu-16g")
+    assert (profile.name, profile.memory_bytes) == ("cpu-16g", 20 * GiB)
+
+
+def test_the_config_accepts_exactly_the_cost_model_profiles(tmp_path: Path) -> None:
+    from typing import get_args
+
+    from localmoa.config import Settings
+    from localmoa.errors import ConfigError
+
+    annotation = Settings.model_fields["timing_profile"].annotation
+    assert set(get_args(annotation)) == {"auto", *PROFILES}
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[settings]\ntiming_profile = "gpu"\n[models.a]\nbackend = "fake"\nmemory = "1GiB"\n'
+        '[ensembles.default]\nlayers = [["a"]]\naggregator = "a"\n'
+    )
+    with pytest.raises(ConfigError, match=r"settings\.timing_profile.*cpu-16g"):
+        load_config(path)
