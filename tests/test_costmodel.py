@@ -28,8 +28,10 @@ from localmoa.costmodel import (
     optimal,
     optimal_waves,
     reactive,
+    search,
     simulate_plan,
     simulate_waves,
+    wave_specs,
 )
 from localmoa.planner import Plan, Wave, make_plan
 
@@ -339,6 +341,40 @@ def test_optimal_matches_the_exhaustive_enumeration() -> None:
         )
         exhaustive = min(exhaustive, localmoa(calls, sizes, profile).makespan_s)
         assert exhaustive * (1 - 1e-9) <= best.makespan_s <= exhaustive * 1.01
+
+
+def test_search_keeps_its_seed_unless_beaten_by_more_than_the_slack() -> None:
+    rng = random.Random(11)
+    for _ in range(20):
+        calls, sizes, profile = random_case(rng, models=4, stages=3, calls=4)
+        plan = make_plan([[c.model for c in s] for s in calls], sizes, profile.memory_bytes)
+        seed = wave_specs(plan)
+        mine = simulate_waves(seed, calls, sizes, profile).makespan_s
+        found = search(calls, sizes, profile, seed, max_nodes=10**6, slack=0.05)
+        assert found.complete
+        best = optimal(calls, sizes, profile, max_nodes=10**6)
+        assert best is not None
+        if found.waves == seed:
+            assert best.makespan_s >= mine * (1 - 0.05) - 1e-9
+        else:
+            assert found.makespan_s < mine * (1 - 0.05)
+            assert simulate_waves(found.waves, calls, sizes, profile).makespan_s == pytest.approx(
+                found.makespan_s
+            )
+
+
+def test_search_stops_at_its_node_budget_with_the_best_plan_so_far() -> None:
+    calls = [stage(*((m, 10 * (i + 1)) for i, m in enumerate("abcde")))] * 3
+    three = Profile(**{**CAPPED.__dict__, "memory_bytes": 3 * GB})
+    plan = make_plan([[c.model for c in s] for s in calls], SIZES, three.memory_bytes)
+    seed = wave_specs(plan)
+    mine = simulate_waves(seed, calls, SIZES, three).makespan_s
+    found = search(calls, SIZES, three, seed, max_nodes=200)
+    assert not found.complete
+    assert found.makespan_s <= mine
+    timing = simulate_waves(found.waves, calls, SIZES, three)  # a valid plan: every call, budget
+    assert timing.makespan_s == pytest.approx(found.makespan_s)
+    assert peak_bytes(timing, SIZES) <= three.memory_bytes
 
 
 def test_optimal_gives_up_beyond_its_search_cap() -> None:
