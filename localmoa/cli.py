@@ -316,7 +316,7 @@ def _print_plan(console: Console, prepared: Prepared) -> None:
         )
     console.print(waves)
     if plan.fewest_loads is not None:
-        proof = f"{plan.fewest_loads} possible, more taken as estimated faster"
+        proof = f"the planner's fewest is {plan.fewest_loads}; more are estimated faster"
     else:
         proof = "optimal" if plan.optimal else "heuristic: at most one load per call"
     timed = (

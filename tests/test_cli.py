@@ -75,6 +75,32 @@ def test_plan_of_llama_cpp_models_shows_the_estimate_and_the_profile(tiny_config
     )
 
 
+def test_plan_table_says_when_a_timed_plan_loads_more_than_the_fewest() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from localmoa.cli import _print_plan
+    from localmoa.ensemble import Prepared
+    from localmoa.hardware import Budget
+    from localmoa.memory import Footprint
+    from localmoa.planner import make_plan
+
+    plan = make_plan([["a"], ["a"]], {"a": GiB}, 2 * GiB)
+    timed = plan.model_copy(
+        update={"loads": 2, "fewest_loads": 1, "estimated_seconds": 3.31, "timed_for": "cpu-16g"}
+    )
+    budget = Budget(bytes=2 * GiB, source="flag", detail="--memory-budget")
+    out = StringIO()
+    _print_plan(
+        Console(file=out, width=200),
+        Prepared("default", [], {"a": Footprint.override(GiB)}, budget, timed),
+    )
+    text = out.getvalue()
+    assert "loads: 2 (lower bound 1; the planner's fewest is 1; more are estimated faster)" in text
+    assert "estimated 3.3s with cpu-16g speeds" in text
+
+
 def test_done_when_run_of_three_tiny_models(tiny_config: Path) -> None:
     out = localmoa("run", "What is the capital of France?", "--json", "--memory-budget", "1GiB")
     assert out.returncode == 0, out.stderr
