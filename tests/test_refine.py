@@ -232,3 +232,19 @@ def test_the_config_accepts_exactly_the_cost_model_profiles(tmp_path: Path) -> N
     )
     with pytest.raises(ConfigError, match=r"settings\.timing_profile.*cpu-16g"):
         load_config(path)
+
+
+def test_the_plans_budget_holds_whatever_the_profile_says() -> None:
+    """A profile with more memory would let the aggregator load during the big model's call;
+    the plan's budget (12 GB) does not, and the estimate must say so."""
+    stages = stages_of([["big"], ["agg"]])
+    plan = make_plan([["big"], ["agg"]], FITS, 12 * GB)
+    roomy = dataclasses.replace(SERVER, memory_bytes=1000 * GB)
+    refined = refine(plan, stages, FITS, roomy)
+    tight = dataclasses.replace(SERVER, memory_bytes=12 * GB)
+    calls = calls_as_planned(stages, None)
+    assert refined.estimated_seconds == pytest.approx(
+        simulate_plan(refined, calls, FITS, tight).makespan_s
+    )
+    assert refined.estimated_seconds > simulate_plan(refined, calls, FITS, roomy).makespan_s
+    assert refined.budget_bytes == 12 * GB and all(w.bytes <= 12 * GB for w in refined.waves)
