@@ -434,10 +434,10 @@ class _Flow:
             shown = 0
             for number, wave in enumerate(plan.waves):
                 for model in wave.load:
-                    while shown <= number:
-                        self.owner.start_wave(plan.waves[shown], base)
-                        shown += 1
-                    if not self.stopped:
+                    if not self.stopped:  # once stopped, later waves never start
+                        while shown <= number:
+                            self.owner.start_wave(plan.waves[shown], base)
+                            shown += 1
                         self.stopped = await self._load(model, after.get((number, model)))
                     ready[number, model].set()
             if self.stopped:

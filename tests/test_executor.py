@@ -12,7 +12,7 @@ from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
 from localmoa.config import Agent, Ensemble, FakeModel
 from localmoa.errors import LayerFailedError
-from localmoa.executor import CallPiece, Event, Executor, RunResult
+from localmoa.executor import CallPiece, Event, Executor, RunResult, WaveStarted
 from localmoa.moa import AGGREGATE_PROMPT, calls_for, stages_of
 from localmoa.planner import Plan, make_plan
 
@@ -187,6 +187,23 @@ async def test_a_smaller_measurement_replans_the_rest_of_the_run() -> None:
     assert (plan.loads, result.loads, result.replans) == (5, 2, 2)
     assert [c.layer for c in result.calls] == [1, 2, 3, 4, 5] and all(c.ok for c in result.calls)
     assert backend.resident == {}
+
+
+async def test_a_replan_starts_no_wave_of_the_plan_it_abandons() -> None:
+    models = fake_models("a", "b")
+    ensemble = Ensemble(layers=[["a"], ["b"], ["a"], ["b"]], aggregator=Agent(model="a"))
+    planned = {"a": 3 * GiB, "b": 3 * GiB}
+    plan = make_plan(stages_of(ensemble), planned, 4 * GiB)
+    started: list[WaveStarted] = []
+    executor = Executor(
+        models,
+        {"fake": MeasuringFake({"a": GiB, "b": GiB})},
+        sizes=planned,
+        on_event=lambda e: started.append(e) if isinstance(e, WaveStarted) else None,
+    )
+    result = await executor.run(calls_for(ensemble), plan, QUESTION)
+    # every wave shown as started with loads had them done: none of an abandoned plan
+    assert sum(len(e.wave.load) for e in started) == result.loads == 2
 
 
 async def test_without_measurements_nothing_is_replanned() -> None:
