@@ -211,6 +211,7 @@ async def _run(
         max_calls_per_second=settings.max_calls_per_second,
         on_event=on_event,
         sizes={name: fp.total for name, fp in prepared.footprints.items()},
+        timing=prepared.timing,
     )
     try:
         result = await executor.run(

@@ -423,6 +423,7 @@ def simulate_plan(
     profile: Profile,
     *,
     dataflow: bool = True,
+    resident: Sequence[str] = (),
 ) -> Timing:
     """Run ``plan`` in the model; dataflow (the executor's semantics) or wave by wave.
 
@@ -431,7 +432,9 @@ def simulate_plan(
     wait for the previous wave's last call and its calls for its last load. Raises ValueError for
     a plan that leaves calls unrun, loads a resident model, or can never fit its budget.
     """
-    return simulate_waves(wave_specs(plan), calls, sizes, profile, dataflow=dataflow)
+    return simulate_waves(
+        wave_specs(plan), calls, sizes, profile, dataflow=dataflow, resident=resident
+    )
 
 
 def simulate_waves(
@@ -441,9 +444,11 @@ def simulate_waves(
     profile: Profile,
     *,
     dataflow: bool = True,
+    resident: Sequence[str] = (),
 ) -> Timing:
-    """:func:`simulate_plan` on waves already in the simulation's form."""
-    return _Run(waves, calls, sizes, profile, dataflow=dataflow).go()
+    """:func:`simulate_plan` on waves already in the simulation's form; ``resident`` models
+    are loaded when the run starts (a plan made mid-run)."""
+    return _Run(waves, calls, sizes, profile, dataflow=dataflow, resident=resident).go()
 
 
 def _simulate_prefix(
@@ -453,12 +458,22 @@ def _simulate_prefix(
     profile: Profile,
     *,
     release: bool,
+    resident: Sequence[str] = (),
 ) -> tuple[Timing, bool]:
     """The first waves of a plan, calls not placed yet left out; with ``release``, as if the
     next wave unloaded everything (the most memory any continuation could free), else as if
     every later wave kept it (the least). Also says whether that choice changed anything: an
     unload it added came before the last load started."""
-    run = _Run(waves, calls, sizes, profile, dataflow=True, partial=True, release=release)
+    run = _Run(
+        waves,
+        calls,
+        sizes,
+        profile,
+        dataflow=True,
+        partial=True,
+        release=release,
+        resident=resident,
+    )
     return run.go(), run.relaxed
 
 
@@ -480,6 +495,7 @@ class _Run:
         dataflow: bool,
         partial: bool = False,
         release: bool = False,
+        resident: Sequence[str] = (),
     ) -> None:
         self.sizes, self.profile, self.dataflow = sizes, profile, dataflow
         self.n_waves = len(waves)
@@ -495,6 +511,12 @@ class _Run:
         self.wave_calls = [0] * len(waves)
         self.stage_calls = [0] * len(calls)
         holder: dict[str, int] = {}
+        for model in resident:  # loaded before the run: residencies with no load
+            holder[model] = len(self.model)
+            self.model.append(model)
+            self.until.append(None)
+            self.left.append(0)
+        self.initial = len(self.model)
         pending = [list(stage) for stage in calls]
         for w, wave in enumerate(waves):
             if w and wave.stage < waves[w - 1].stage:
@@ -538,13 +560,15 @@ class _Run:
         queues: dict[str, deque[int]] = {}
         for i, (call, *_) in enumerate(self.calls):
             queues.setdefault(call.model, deque()).append(i)
-        state = [_WAITING] * len(self.model)
-        holding: dict[str, int] = {}  # model -> its residency now loading or loaded
+        state = [_LOADED] * self.initial + [_WAITING] * (len(self.model) - self.initial)
+        # model -> its residency now loading or loaded
+        holding: dict[str, int] = {self.model[r]: r for r in range(self.initial)}
         running: set[str] = set()
         fluid = _Fluid()
         loading: tuple[int, float, float] | None = None  # residency, start, end
         t = busy_s = load_s = 0.0
-        used = next_load = calls_done = waves_done = 0
+        used = sum(sizes[model] for model in holding)
+        next_load = calls_done = waves_done = 0
         began: dict[int, float] = {}
         spans: list[Span] = []
 
@@ -817,6 +841,7 @@ def search(
     max_nodes: int,
     slack: float = 0.0,
     space: _Space | None = None,
+    resident: Sequence[str] = (),
 ) -> Found:
     """The fastest wave plan found under dataflow execution, starting from ``seed``.
 
@@ -833,10 +858,11 @@ def search(
     A plan replaces ``seed`` only when it is faster by more than ``slack`` (a fraction): with
     estimated call lengths, a plan a hair faster on paper is as likely slower in fact. The
     search is anytime: after ``max_nodes`` partial plans it returns the best found so far
-    (``complete`` False).
+    (``complete`` False). ``resident`` models are loaded at the start (a plan made mid-run:
+    ``seed``'s first wave keeps or unloads them); each must be one the run calls.
     """
-    space = space or _Space(calls, sizes, profile)
-    mine = simulate_waves(seed, calls, sizes, profile)
+    space = space or _Space(calls, sizes, profile, resident)
+    mine = simulate_waves(seed, calls, sizes, profile, resident=space.resident)
     best: list[Any] = [mine.makespan_s * (1 - slack), mine.loads if slack == 0 else -1, None]
     nodes = 0
     seen: dict[tuple[int, int, int, int], list[tuple[tuple[float, ...], tuple[float, ...]]]] = {}
@@ -936,10 +962,20 @@ class _Space:
     ran (the load was wasted), and a wave that runs nothing.
     """
 
-    def __init__(self, calls: Stages, sizes: Mapping[str, int], profile: Profile) -> None:
+    def __init__(
+        self,
+        calls: Stages,
+        sizes: Mapping[str, int],
+        profile: Profile,
+        resident: Sequence[str] = (),
+    ) -> None:
         self.calls, self.sizes, self.profile = calls, sizes, profile
         self.names = list(dict.fromkeys(c.model for stage in calls for c in stage))
         index = {name: i for i, name in enumerate(self.names)}
+        if any(model not in index for model in resident):
+            raise ValueError("a model resident at the start must be one the run calls")
+        self.resident = tuple(resident)
+        self.start = _mask_of(index[model] for model in resident)
         self.size = [sizes[n] for n in self.names]
         self.load_s = [load_seconds(s, profile) for s in self.size]
         self.budget = profile.memory_bytes
@@ -959,7 +995,11 @@ class _Space:
                 self.work[index[c.model]][k] += sum(w / rate for w, rate, _ in phases)
                 device += sum(w / rate * share for w, rate, share in phases)
             stage_lb.append(max(device, *(self.work[i][k] for i in _bits(self.demand[k]))))
-        first = min(self.load_s[i] for i in _bits(self.demand[0]))
+        first = (
+            0.0
+            if self.demand[0] & self.start
+            else min(self.load_s[i] for i in _bits(self.demand[0]))
+        )
         self.head = [first + sum(stage_lb[:k]) for k in range(n)]
         self.tail = [sum(stage_lb[k + 1 :]) for k in range(n)]
         self.floor = self.head[-1] + stage_lb[-1]
@@ -967,7 +1007,7 @@ class _Space:
         self.bytes_of = cache(lambda mask: sum(self.size[i] for i in _bits(mask)))
 
     def root(self) -> _Node:
-        return _Node(0, 0, 0, 0, 0, 0, 0.0, self.floor, 0, None, None)
+        return _Node(0, 0, self.start, 0, 0, 0, 0.0, self.floor, 0, None, None)
 
     def children(self, node: _Node) -> list[_Node]:
         k, resident = node.stage, node.resident
@@ -1049,7 +1089,9 @@ class _Space:
         """
         waves = node.waves()
         calls, sizes, profile = self.calls, self.sizes, self.profile
-        timing, relaxed = _simulate_prefix(waves, calls, sizes, profile, release=True)
+        timing, relaxed = _simulate_prefix(
+            waves, calls, sizes, profile, release=True, resident=self.resident
+        )
         if node.stage == len(self.demand):
             return timing.makespan_s, (), ()
         k = node.stage
@@ -1071,7 +1113,9 @@ class _Space:
         early = self._mark(node, loads_end, ends, free)
         if not relaxed:
             return bound, early, early
-        held, _ = _simulate_prefix(waves, calls, sizes, profile, release=False)
+        held, _ = _simulate_prefix(
+            waves, calls, sizes, profile, release=False, resident=self.resident
+        )
         return bound, early, self._mark(node, *_frontier(held))
 
     def _mark(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from localmoa.backends.base import Backend
 from localmoa.config import Config
+from localmoa.costmodel import Profile
 from localmoa.errors import BudgetError, UserError
 from localmoa.hardware import Budget, resolve_budget
 from localmoa.memory import Footprint
@@ -37,6 +38,8 @@ class Prepared:
     footprints: dict[str, Footprint]
     budget: Budget
     plan: Plan
+    timing: Profile | None = None
+    """The cost-model profile the plan was refined on; None when it was not."""
 
 
 async def footprints(
@@ -84,9 +87,10 @@ async def prepare(
         plan = make_plan([[c.model for c in stage] for stage in stages], totals, budget.bytes)
     except BudgetError as exc:
         raise BudgetError(f"{exc} (budget from {budget.detail})") from None
+    timing = None
     if config.settings.plan_for == "time" and all(
         config.models[name].backend in TIMED_BACKENDS for name in used
     ):
-        profile = profile_for(budget, name=config.settings.timing_profile)
-        plan = refine(plan, stages, totals, profile, prompt=prompt)
-    return Prepared(ensemble, stages, sizes, budget, plan)
+        timing = profile_for(budget, name=config.settings.timing_profile)
+        plan = refine(plan, stages, totals, timing, prompt=prompt)
+    return Prepared(ensemble, stages, sizes, budget, plan, timing)

@@ -32,9 +32,11 @@ from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel
 
 from localmoa.backends.base import Backend, ChatMessage
+from localmoa.costmodel import Profile
 from localmoa.errors import LayerFailedError, LocalMoaError
 from localmoa.moa import Call, build_request
 from localmoa.planner import Plan, Wave, make_plan
+from localmoa.refine import refine
 from localmoa.residency import LoadOutcome, PlanResidency, Residency, timed_load
 
 __all__ = [
@@ -131,10 +133,14 @@ class Executor:
         max_calls_per_second: int | None = None,
         on_event: Callable[[Event], None] | None = None,
         sizes: Mapping[str, int] | None = None,
+        timing: Profile | None = None,
     ) -> None:
         self.models = models
         self.sizes = sizes
         """The footprints the plan was made with; given, measurements can re-plan the run."""
+        self.timing = timing
+        """The cost-model profile the plan was refined on (localmoa.refine); given, a re-plan
+        is refined on it too."""
         self.backends = backends
         self.on_event = on_event or (lambda event: None)
         self._slots = asyncio.Semaphore(max_parallel_calls) if max_parallel_calls else None
@@ -305,16 +311,22 @@ class _Run:
         self.emit(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
         return self.executor._remeasure(outcome.model, outcome.measured, sizes)
 
-    def replan(self, sizes: dict[str, int], budget: int, resident: list[str]) -> tuple[Plan, int]:
+    async def replan(
+        self, sizes: dict[str, int], budget: int, resident: list[str]
+    ) -> tuple[Plan, int]:
         base = next(k for k, calls in enumerate(self.pending) if calls)
         self.replans += 1
         log.info("re-planned the rest of the run with measured sizes (%d)", self.replans)
+        stages = self.pending[base:]
         plan = make_plan(
-            [[c.model for c in stage] for stage in self.pending[base:]],
-            sizes,
-            budget,
-            resident=resident,
+            [[c.model for c in stage] for stage in stages], sizes, budget, resident=resident
         )
+        timing = self.executor.timing
+        if timing is not None:  # off the event loop: the search may take seconds
+            prompt = "\n".join(m.content for m in self.conversation)
+            plan = await asyncio.to_thread(
+                refine, plan, stages, sizes, timing, prompt=prompt, resident=resident
+            )
         return plan, base
 
     # --- one wave after another (a shared pool, or no sizes) ---------------------------------
@@ -345,7 +357,7 @@ class _Run:
                 else:
                     return  # the plan ran to its end
                 assert sizes is not None  # _remeasure only asks for a re-plan with sizes
-                current, base = self.replan(sizes, plan.budget_bytes, residency.resident())
+                current, base = await self.replan(sizes, plan.budget_bytes, residency.resident())
         finally:
             # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
             for model in await asyncio.shield(residency.finish()):
@@ -358,7 +370,7 @@ class _Run:
         current, base = plan, 0
         try:
             while await flow.run(current, base):  # True: a measurement asks for a re-plan
-                current, base = self.replan(sizes, plan.budget_bytes, list(flow.loaded))
+                current, base = await self.replan(sizes, plan.budget_bytes, list(flow.loaded))
         finally:
             await asyncio.shield(flow.unload_all())
 

@@ -112,23 +112,26 @@ def refine(
     profile: Profile,
     *,
     prompt: str | None = None,
+    resident: Sequence[str] = (),
 ) -> Plan:
     """``plan``, or a plan estimated faster on ``profile``; either way with its estimate.
 
-    ``stages`` are the calls ``plan`` was made from, ``sizes`` the bytes it was made with.
-    The result is a plan for the same calls within the same budget (``plan``'s, whatever
-    ``profile`` holds).
+    ``stages`` are the calls ``plan`` was made from, ``sizes`` the bytes it was made with, and
+    ``resident`` what was loaded when it was made (a re-plan mid-run). The result is a plan for
+    the same calls within the same budget (``plan``'s, whatever ``profile`` holds).
     """
     profile = dataclasses.replace(profile, memory_bytes=plan.budget_bytes)
     calls = calls_as_planned(stages, prompt)
     seed = wave_specs(plan)
-    estimate = simulate_waves(seed, calls, sizes, profile).makespan_s
+    estimate = simulate_waves(seed, calls, sizes, profile, resident=resident).makespan_s
     models = {c.model for stage in stages for c in stage}
     nodes = min(MAX_NODES, int(NODES_PER_SECOND * estimate))
     kept = plan.model_copy(update={"estimated_seconds": estimate, "timed_for": profile.name})
-    if len(models) > MAX_MODELS or nodes <= 0:
-        return kept
-    found = search(calls, sizes, profile, seed, max_nodes=nodes, slack=SLACK)
+    if len(models) > MAX_MODELS or nodes <= 0 or not models.issuperset(resident):
+        return kept  # (a model resident but no longer needed: the search starts without it)
+    found = search(
+        calls, sizes, profile, seed, max_nodes=nodes, slack=SLACK, resident=tuple(resident)
+    )
     if found.waves == seed:
         return kept
     return _as_plan(found.waves, stages, sizes, plan).model_copy(

@@ -206,6 +206,36 @@ async def test_a_replan_starts_no_wave_of_the_plan_it_abandons() -> None:
     assert sum(len(e.wave.load) for e in started) == result.loads == 2
 
 
+async def test_a_replan_is_refined_for_time_from_what_is_resident(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import localmoa.executor
+    from localmoa.costmodel import PROFILES
+    from localmoa.refine import refine
+
+    refined: list[Plan] = []
+    seen: list[list[str]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Plan:
+        seen.append(list(kwargs["resident"]))
+        refined.append(refine(*args, **kwargs))
+        return refined[-1]
+
+    monkeypatch.setattr(localmoa.executor, "refine", spy)
+    models = fake_models("a", "b")
+    ensemble = Ensemble(layers=[["a"], ["b"], ["a"], ["b"]], aggregator=Agent(model="a"))
+    planned = {"a": 3 * GiB, "b": 3 * GiB}
+    plan = make_plan(stages_of(ensemble), planned, 4 * GiB)
+    backend = MeasuringFake({"a": GiB, "b": GiB}, capacity=4 * GiB)
+    timing = PROFILES["desktop-24g"]
+    executor = Executor(models, {"fake": backend}, sizes=planned, timing=timing)
+    result = await executor.run(calls_for(ensemble), plan, QUESTION)
+    assert result.replans == 2 and all(c.ok for c in result.calls)
+    assert seen == [["a"], ["a", "b"]]  # each re-plan starts from what is loaded
+    assert all(p.timed_for == "desktop-24g" and p.estimated_seconds for p in refined)
+    assert backend.peak_bytes <= 4 * GiB and backend.resident == {}
+
+
 async def test_without_measurements_nothing_is_replanned() -> None:
     planned = {n: 2 * GiB for n in "abc"}
     plan = make_plan(stages_of(THREE), planned, 4 * GiB)

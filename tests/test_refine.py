@@ -248,3 +248,33 @@ def test_the_plans_budget_holds_whatever_the_profile_says() -> None:
     )
     assert refined.estimated_seconds > simulate_plan(refined, calls, FITS, roomy).makespan_s
     assert refined.budget_bytes == 12 * GB and all(w.bytes <= 12 * GB for w in refined.waves)
+
+
+@pytest.mark.parametrize("profile", ["desktop-24g", "cpu-16g"])
+def test_a_plan_made_mid_run_is_refined_from_what_is_resident(profile: str) -> None:
+    rng = random.Random(f"resident-{profile}")
+    for _ in range(12):
+        stages, sizes, room = random_case(rng)
+        used = list(dict.fromkeys(c.model for s in stages for c in s))
+        resident: list[str] = []
+        for model in rng.sample(used, k=rng.randint(1, len(used))):
+            if sum(sizes[m] for m in resident) + sizes[model] <= room:
+                resident.append(model)
+        speeds = dataclasses.replace(PROFILES[profile], memory_bytes=room)
+        names = [[c.model for c in s] for s in stages]
+        plan = make_plan(names, sizes, room, resident=resident)
+        refined = refine(plan, stages, sizes, speeds, resident=resident)
+        calls = calls_as_planned(stages, None)
+        before = simulate_plan(plan, calls, sizes, speeds, resident=resident).makespan_s
+        after = simulate_plan(refined, calls, sizes, speeds, resident=resident).makespan_s
+        assert after <= before * (1 + 1e-9)
+        assert refined.estimated_seconds == pytest.approx(after)
+        assert not set(resident) & {m for w in refined.waves[:1] for m in w.load}
+
+
+def test_a_resident_model_the_run_no_longer_needs_only_gets_the_plan_timed() -> None:
+    stages = stages_of([["small"], ["agg"]])
+    plan = make_plan([["small"], ["agg"]], FITS, 20 * GB, resident=["big"])
+    refined = refine(plan, stages, FITS, SERVER, resident=["big"])
+    assert refined.waves == plan.waves and refined.estimated_seconds is not None
+    assert "big" in refined.waves[0].unload
