@@ -64,7 +64,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from localmoa.hardware import APPLE_SMALL_FRACTION, margin
 from localmoa.planner import Plan, make_plan
@@ -812,11 +812,10 @@ def optimal(
     localmoa`` whenever it answers. None when there are more than ``max_models`` distinct models
     or the search would simulate more than ``max_nodes`` partial plans.
     """
-    space = _Space(calls, sizes, profile)
-    if len(space.names) > max_models:
+    if len({c.model for stage in calls for c in stage}) > max_models:
         return None
     plan = make_plan([[c.model for c in stage] for stage in calls], sizes, profile.memory_bytes)
-    found = search(calls, sizes, profile, wave_specs(plan), max_nodes=max_nodes, space=space)
+    found = search(calls, sizes, profile, wave_specs(plan), max_nodes=max_nodes)
     if not found.complete:
         return None
     return PolicyResult(found.makespan_s, found.loads)
@@ -840,7 +839,6 @@ def search(
     *,
     max_nodes: int,
     slack: float = 0.0,
-    space: _Space | None = None,
     resident: Sequence[str] = (),
 ) -> Found:
     """The fastest wave plan found under dataflow execution, starting from ``seed``.
@@ -861,9 +859,11 @@ def search(
     (``complete`` False). ``resident`` models are loaded at the start (a plan made mid-run:
     ``seed``'s first wave keeps or unloads them); each must be one the run calls.
     """
-    space = space or _Space(calls, sizes, profile, resident)
-    mine = simulate_waves(seed, calls, sizes, profile, resident=space.resident)
-    best: list[Any] = [mine.makespan_s * (1 - slack), mine.loads if slack == 0 else -1, None]
+    space = _Space(calls, sizes, profile, resident)
+    mine = simulate_waves(seed, calls, sizes, profile, resident=resident)
+    # To beat: the seed less the slack (with a slack, no tie goes to fewer loads).
+    best_s, best_loads = mine.makespan_s * (1 - slack), mine.loads if slack == 0 else -1
+    best: _Node | None = None
     nodes = 0
     seen: dict[tuple[int, int, int, int], list[tuple[tuple[float, ...], tuple[float, ...]]]] = {}
 
@@ -879,21 +879,21 @@ def search(
         return False
 
     def visit(node: _Node, makespan: float) -> bool:
-        nonlocal nodes
+        nonlocal nodes, best, best_s, best_loads
         if node.stage == len(calls):  # a complete plan: its bound is its makespan
-            if (makespan, node.loads) < (best[0], best[1]):
-                best[:] = [makespan, node.loads, node]
+            if (makespan, node.loads) < (best_s, best_loads):
+                best, best_s, best_loads = node, makespan, node.loads
             return True
         children = sorted(space.children(node), key=lambda c: (space.quick_bound(c), c.loads))
         for child in children:
-            if space.quick_bound(child) >= best[0] * (1 - 1e-12):
+            if space.quick_bound(child) >= best_s * (1 - 1e-12):
                 break
             nodes += 1
             if nodes > max_nodes:
                 return False
             bound, early, late = space.bound(child)
             if child.stage < len(calls) and (
-                bound >= best[0] * (1 - 1e-12) or dominated(child, early, late)
+                bound >= best_s * (1 - 1e-12) or dominated(child, early, late)
             ):
                 continue
             if not visit(child, bound):
@@ -901,9 +901,9 @@ def search(
         return True
 
     complete = visit(space.root(), math.inf)
-    if best[2] is None:
+    if best is None:
         return Found(list(seed), mine.makespan_s, mine.loads, complete)
-    return Found(best[2].waves(), best[0], best[1], complete)
+    return Found(best.waves(), best_s, best_loads, complete)
 
 
 def candidate_plans(
