@@ -9,6 +9,8 @@
     │   ├── EgressError           a URL off this machine that settings.allowed_hosts does not list
     │   ├── ServerUnavailableError  Ollama or an OpenAI-compatible server does not answer
     │   ├── ModelNotInstalledError  Ollama does not have the model (localmoa never pulls)
+    │   ├── PromptTooLongError    the prompt cannot fit the context (n_ctx) of the models
+    │   ├── AddressInUseError     ``serve``'s host:port is taken by another program
     │   └── UsageRefused          a request localmoa will not carry out as asked (unsafe)
     └── RunError                  exit 1: something failed while the ensemble ran
         ├── BackendError          a backend could not load a model or answer a call
@@ -22,6 +24,7 @@ occur, with ``raise ... from exc`` so ``--debug`` users still see the cause.
 from __future__ import annotations
 
 __all__ = [
+    "AddressInUseError",
     "BackendError",
     "BudgetError",
     "ConfigError",
@@ -31,6 +34,7 @@ __all__ = [
     "LocalMoaError",
     "ModelFileError",
     "ModelNotInstalledError",
+    "PromptTooLongError",
     "RunError",
     "ServerUnavailableError",
     "UsageRefused",
@@ -76,6 +80,15 @@ class ServerUnavailableError(UserError):
 
 class ModelNotInstalledError(UserError):
     """Ollama does not have the model; the message gives the ``ollama pull`` to run."""
+
+
+class PromptTooLongError(UserError):
+    """The prompt is longer than the context of the models that must read it: found before
+    anything loads (or before a server request runs), with the n_ctx to raise."""
+
+
+class AddressInUseError(UserError):
+    """``localmoa serve`` cannot listen: another program holds the host and port."""
 
 
 class UsageRefused(UserError):
