@@ -17,6 +17,7 @@ from localmoa.backends import (
 from localmoa.config import Config, load_config, parse_config
 from localmoa.ensemble import Prepared, prepare
 from localmoa.errors import (
+    AddressInUseError,
     BackendError,
     BudgetError,
     ConfigError,
@@ -26,6 +27,7 @@ from localmoa.errors import (
     LocalMoaError,
     ModelFileError,
     ModelNotInstalledError,
+    PromptTooLongError,
     RunError,
     ServerUnavailableError,
     UsageRefused,
@@ -38,6 +40,7 @@ from localmoa.planner import Plan, Wave, make_plan
 from localmoa.residency import ModelPool, PlanResidency, PoolResidency, Residency
 
 __all__ = [
+    "AddressInUseError",
     "Backend",
     "BackendError",
     "Budget",
@@ -65,6 +68,7 @@ __all__ = [
     "PlanResidency",
     "PoolResidency",
     "Prepared",
+    "PromptTooLongError",
     "Residency",
     "RunError",
     "RunResult",
