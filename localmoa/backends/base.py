@@ -11,6 +11,7 @@ a time (a llama.cpp context is not thread-safe).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any, Literal, NamedTuple
@@ -20,6 +21,8 @@ from pydantic import BaseModel, Field
 from localmoa.memory import Footprint
 
 __all__ = ["Backend", "ChatDelta", "ChatMessage", "ChatRequest"]
+
+log = logging.getLogger(__name__)
 
 
 class ChatMessage(BaseModel):
@@ -83,10 +86,23 @@ class Backend(ABC):
     def resident_bytes(self, name: str) -> int | None:
         """Measured bytes model ``name`` holds while loaded; None when not measurable."""
 
-    async def aclose(self) -> None:
-        """Unload everything still loaded. The executor calls it on every exit path."""
+    async def aclose(self) -> list[str]:
+        """Unload everything still loaded, and return the names of the models it unloaded.
+
+        Called on every exit path, signals included, so every model is tried even when one
+        fails: a failure is logged with its reason and the model left out of the list, which is
+        what the CLI reports as unloaded (never more than was).
+        """
+        unloaded: list[str] = []
         for name in list(self.loaded()):
-            await self.unload(name)
+            try:
+                await self.unload(name)
+            except Exception as exc:  # any backend's failure; the next model is still tried
+                reason = str(exc) if f'"{name}"' in str(exc) else f'model "{name}": {exc}'
+                log.warning("could not unload %s", reason)
+            else:
+                unloaded.append(name)
+        return unloaded
 
     @abstractmethod
     def loaded(self) -> list[str]:

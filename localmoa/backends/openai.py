@@ -151,9 +151,9 @@ class OpenAIBackend(Backend):
     def loaded(self) -> list[str]:
         return list(self._models)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> list[str]:
         try:
-            await super().aclose()
+            return await super().aclose()
         finally:
             clients, self._clients = list(self._clients.values()), {}
             for client in clients:
