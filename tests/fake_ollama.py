@@ -32,6 +32,13 @@ What it copies, and from where (``ollama/ollama``: ``server/routes.go``, ``serve
   larger than the whole capacity still loads, alone, with ``size_vram`` capped (Ollama would
   offload the rest to the CPU).
 
+Loads can be held (``hold_loads=True``): each load then waits, listed in /api/ps as Ollama lists
+a model while its runner starts, until :meth:`FakeOllama.release_loads`; :attr:`FakeOllama.
+load_started` says when one has begun. A test acts "during a load" with these, not with sleeps.
+A load whose client went away still completes and keeps its keep_alive (real Ollama drops it
+when it notices the disconnect before the runner is up): the worst case, which a client must
+clean up after itself.
+
 What it simplifies: expiry is checked lazily (on each request and on :meth:`FakeOllama.resident`)
 against an injectable monotonic ``clock``, so tests advance time instead of sleeping; memory is
 :func:`loaded_bytes`, not a GGUF read; one request per runner at a time is *not* enforced
@@ -524,7 +531,8 @@ class FakeOllama:
     ``capacity_bytes`` is the GPU memory the scheduler fits ``size_vram`` into (None: unlimited);
     ``max_loaded_models`` is ``OLLAMA_MAX_LOADED_MODELS``; ``load_seconds`` and
     ``token_seconds`` add real delays per load and per streamed token; ``clock`` is the monotonic
-    clock keep_alive expiry is judged by (tests pass one they can advance).
+    clock keep_alive expiry is judged by (tests pass one they can advance); ``hold_loads`` makes
+    every load wait for :meth:`release_loads`.
     """
 
     def __init__(
@@ -536,6 +544,7 @@ class FakeOllama:
         load_seconds: float = 0.0,
         token_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        hold_loads: bool = False,
     ) -> None:
         self._models: dict[str, tuple[str, FakeOllamaModel]] = {}
         for model in models:
@@ -550,6 +559,11 @@ class FakeOllama:
         self.load_seconds = load_seconds
         self.token_seconds = token_seconds
         self._clock = clock
+        self.hold_loads = hold_loads
+        self.load_started = threading.Event()
+        """Set when a load begins (the model already listed in /api/ps), held or not."""
+        self._loads_released = threading.Event()
+        self._release_held = asyncio.Event()
         self.requests: list[tuple[str, str, Any]] = []
         """(method, path, parsed JSON body or None), in arrival order."""
         self.events: list[tuple[str, str]] = []
@@ -581,6 +595,7 @@ class FakeOllama:
         # asyncio primitives bind to the loop that first waits on them: fresh ones per run.
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._release_held = asyncio.Event()
         # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted sockets only when the
         # listener's proto says TCP, and without it every keep-alive response waits ~40 ms on
         # Nagle and delayed ACKs.
@@ -609,10 +624,13 @@ class FakeOllama:
         self._port = int(sock.getsockname()[1])
 
     def stop(self) -> None:
-        """Stop serving and join the thread; residency and records are kept for assertions."""
+        """Stop serving and join the thread; residency and records are kept for assertions.
+
+        Held loads are released first, so that stopping never waits on them."""
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
+        self.release_loads()
         server.wake()
         thread.join(timeout=10)
         self._server = self._thread = None
@@ -629,6 +647,13 @@ class FakeOllama:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def release_loads(self) -> None:
+        """Let every held load finish, and every later one go through at once (from any thread)."""
+        self._loads_released.set()
+        loop = self._server._loop if self._server is not None else None
+        if loop is not None:
+            loop.call_soon_threadsafe(self._release_held.set)
 
     # -- observations ------------------------------------------------------------------------
 
@@ -761,6 +786,9 @@ class FakeOllama:
         with self._lock:
             self._loaded[name] = runner
             self._event("reload" if reloading else "load", name)
+        self.load_started.set()
+        if self.hold_loads and not self._loads_released.is_set():
+            await self._release_held.wait()  # set on this loop by release_loads
         if self.load_seconds > 0:
             await asyncio.sleep(self.load_seconds)
         runner.ready.set()

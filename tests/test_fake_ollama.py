@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -443,3 +444,50 @@ async def test_requests_are_recorded_with_their_bodies(
         ),
         ("GET", "/api/ps", None),
     ]
+
+
+async def test_a_held_load_is_listed_and_waits_for_release() -> None:
+    with FakeOllama([LLAMA, QWEN], hold_loads=True) as fake:
+        async with ollama.AsyncClient(host=fake.url) as client:
+            load = asyncio.create_task(client.generate("llama3.1:8b", prompt="", keep_alive=-1))
+            assert await asyncio.to_thread(fake.load_started.wait, 10)
+            # Listed while loading, as Ollama lists a runner that is starting; not answered yet.
+            assert [m.model for m in (await client.ps()).models] == ["llama3.1:8b"]
+            assert not load.done()
+            fake.release_loads()
+            assert (await load).done_reason == "load"
+            # Released for good: a later load goes straight through.
+            assert (await client.generate("qwen2.5:7b", prompt="")).done_reason == "load"
+    assert [kind for kind, _ in fake.events] == ["load", "load"]
+
+
+async def test_an_unload_during_a_held_load_takes_effect_when_it_ends() -> None:
+    with FakeOllama([LLAMA], hold_loads=True) as fake:
+        async with ollama.AsyncClient(host=fake.url) as client:
+            load = asyncio.create_task(client.generate("llama3.1:8b", prompt="", keep_alive=-1))
+            assert await asyncio.to_thread(fake.load_started.wait, 10)
+            unloaded = await client.generate("llama3.1:8b", prompt="", keep_alive=0)
+            assert unloaded.done_reason == "unload"
+            assert "llama3.1:8b" in fake.resident()  # still starting: Ollama waits for it too
+            fake.release_loads()
+            await load
+            assert fake.resident() == {}
+    assert fake.events == [("load", "llama3.1:8b"), ("unload", "llama3.1:8b")]
+
+
+def test_stopping_releases_a_held_load() -> None:
+    fake = FakeOllama([LLAMA], hold_loads=True)
+    with fake:
+        answer: list[int] = []
+
+        def preload() -> None:
+            response = httpx.post(
+                f"{fake.url}/api/generate", json={"model": "llama3.1:8b"}, timeout=10
+            )
+            answer.append(response.status_code)
+
+        thread = threading.Thread(target=preload)
+        thread.start()
+        assert fake.load_started.wait(10)
+    thread.join(10)
+    assert answer == [200]
