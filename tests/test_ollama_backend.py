@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,13 @@ from fake_ollama import FakeOllama, FakeOllamaModel, loaded_bytes
 
 from localmoa.backends.base import ChatMessage, ChatRequest
 from localmoa.backends.ollama import OllamaBackend, ollama_host
-from localmoa.config import OllamaModel
-from localmoa.errors import EgressError, ModelNotInstalledError, ServerUnavailableError
+from localmoa.config import OllamaModel, Settings
+from localmoa.errors import (
+    BackendError,
+    EgressError,
+    ModelNotInstalledError,
+    ServerUnavailableError,
+)
 from localmoa.measurements import MeasurementCache
 
 GB = 1_000_000_000
@@ -150,3 +157,174 @@ def test_host_from_setting_then_environment_then_default(
     else:
         monkeypatch.setenv("OLLAMA_HOST", env)
     assert ollama_host(setting) == expected
+
+
+# --- nothing stays loaded after an interrupted load -------------------------------------------
+
+
+def unloads(server: FakeOllama) -> list[dict[str, object]]:
+    return [b for b in bodies(server, "/api/generate") if b.get("keep_alive") == 0]
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Yield to the event loop until ``condition()`` holds (the backend works on this loop)."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.002)
+
+
+async def held_load(server: FakeOllama, backend: OllamaBackend) -> asyncio.Task[None]:
+    """A load of "qwen" whose preload Ollama has begun and holds."""
+    load = asyncio.create_task(backend.load("qwen", model()))
+    assert await asyncio.to_thread(server.load_started.wait, 10)
+    return load
+
+
+async def test_a_load_cancelled_while_its_preload_is_held_is_unloaded(tmp_path: Path) -> None:
+    with FakeOllama([QWEN], hold_loads=True) as fake:
+        backend = backend_for(fake, tmp_path)
+        load = await held_load(fake, backend)
+        assert backend.loaded() == ["qwen"]  # sent, so held: aclose would unload it
+        load.cancel()
+        await until(lambda: bool(unloads(fake)), "the unload request")
+        fake.release_loads()  # Ollama finishes the load (keep_alive -1), then honours the unload
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        assert fake.resident() == {}
+        assert unloads(fake) == [{"model": "qwen2.5:7b", "keep_alive": 0, "stream": False}]
+        assert backend.loaded() == []
+        assert await backend.aclose() == []
+
+
+async def test_a_load_cancelled_while_reading_ps_after_the_preload_is_unloaded(
+    server: FakeOllama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = backend_for(server, tmp_path)
+    reading = asyncio.Event()
+    real_running = backend._running
+
+    async def first_read_hangs(tag: str) -> object:
+        if not reading.is_set():
+            reading.set()
+            await asyncio.Event().wait()
+        return await real_running(tag)
+
+    monkeypatch.setattr(backend, "_running", first_read_hangs)
+    load = asyncio.create_task(backend.load("qwen", model()))
+    await reading.wait()
+    assert server.resident() == {"qwen2.5:7b": loaded_bytes(QWEN, 8192)}
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    assert server.resident() == {} and len(unloads(server)) == 1
+    assert backend.loaded() == []
+    await backend.aclose()
+
+
+async def test_a_second_cancellation_does_not_interrupt_the_unload(tmp_path: Path) -> None:
+    with FakeOllama([QWEN], hold_loads=True) as fake:
+        backend = backend_for(fake, tmp_path)
+        load = await held_load(fake, backend)
+        load.cancel()
+        await until(lambda: bool(unloads(fake)), "the unload request")
+        load.cancel()  # a second Ctrl-C while the unload waits for Ollama
+        await until(lambda: load.cancelling() >= 2, "the second cancellation to arrive")
+        fake.release_loads()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        assert fake.resident() == {} and backend.loaded() == []
+        await backend.aclose()
+
+
+async def test_aclose_during_a_cancelled_held_load_unloads_it_and_says_so(tmp_path: Path) -> None:
+    with FakeOllama([QWEN], hold_loads=True) as fake:
+        backend = backend_for(fake, tmp_path)
+        load = await held_load(fake, backend)
+        load.cancel()
+        closing = asyncio.create_task(backend.aclose())  # the CLI's cleanup, on a signal
+        await until(lambda: len(unloads(fake)) == 2, "both unload requests")
+        fake.release_loads()
+        assert await closing == ["qwen"]
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        assert fake.resident() == {}
+
+
+async def test_an_unload_that_times_out_leaves_the_model_for_aclose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("localmoa.backends.ollama.UNLOAD_TIMEOUT", 0.2)
+    with FakeOllama([QWEN], hold_loads=True) as fake:
+        backend = backend_for(fake, tmp_path)
+        load = await held_load(fake, backend)
+        load.cancel()
+        with (
+            caplog.at_level(logging.WARNING, logger="localmoa"),
+            pytest.raises(asyncio.CancelledError),
+        ):
+            await load  # bounded: Ollama never finishes this load until released
+        assert '"qwen": its load was interrupted and Ollama may still hold it' in caplog.text
+        assert "did not unload qwen2.5:7b within 0.2 s" in caplog.text
+        assert backend.loaded() == ["qwen"]
+        fake.release_loads()
+        assert await backend.aclose() == ["qwen"]
+        assert fake.resident() == {}
+
+
+async def test_aclose_tries_every_model_and_returns_those_it_unloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    gemma = FakeOllamaModel(name="gemma2:9b", family="gemma2", size=5 * GB)
+    with FakeOllama([QWEN, gemma]) as fake:
+        backend = backend_for(fake, tmp_path)
+        await backend.load("qwen", model())
+        await backend.load("gemma", model("gemma2:9b"))
+        real_unload = backend.unload
+
+        async def qwen_fails(name: str) -> None:
+            if name == "qwen":
+                raise BackendError(name, "Ollama answered: something broke")
+            await real_unload(name)
+
+        monkeypatch.setattr(backend, "unload", qwen_fails)
+        with caplog.at_level(logging.WARNING, logger="localmoa"):
+            assert await backend.aclose() == ["gemma"]
+        assert 'could not unload model "qwen": Ollama answered: something broke' in caplog.text
+        assert list(fake.resident()) == ["qwen2.5:7b"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "env", "blamed"),
+    [
+        (None, "10.20.30.40", "the OLLAMA_HOST environment variable"),
+        ("10.20.30.40", None, "settings.ollama_host"),
+        ("10.20.30.40", "127.0.0.1", "settings.ollama_host"),
+    ],
+)
+async def test_a_refused_host_is_blamed_on_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch, setting: str | None, env: str | None, blamed: str
+) -> None:
+    if env is None:
+        monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    else:
+        monkeypatch.setenv("OLLAMA_HOST", env)
+    backend = OllamaBackend.from_settings(Settings(ollama_host=setting))
+    with pytest.raises(EgressError) as refused:
+        await backend.installed()
+    assert str(refused.value).startswith(f'{blamed}: "10.20.30.40" is not on this machine')
+    await backend.aclose()
+
+
+async def test_unreachable_ollama_from_the_environment_says_to_point_ollama_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as probe:  # a port on which nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{port}")
+    backend = OllamaBackend.from_settings(Settings())
+    with pytest.raises(ServerUnavailableError) as down:
+        await backend.installed()
+    assert str(down.value).endswith("or point OLLAMA_HOST at it")
+    await backend.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from localmoa.backends.base import Backend, ChatDelta, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
 from localmoa.backends.llamacpp import LlamaCppBackend
-from localmoa.backends.ollama import OllamaBackend, ollama_host
+from localmoa.backends.ollama import OllamaBackend
 from localmoa.backends.openai import OpenAIBackend
 from localmoa.config import Settings
 
@@ -30,9 +30,7 @@ def make_backends(settings: Settings) -> dict[str, Backend]:
     """
     return {
         "llamacpp": LlamaCppBackend(),
-        "ollama": OllamaBackend(
-            ollama_host(settings.ollama_host), allowed_hosts=settings.allowed_hosts
-        ),
+        "ollama": OllamaBackend.from_settings(settings),
         "openai": OpenAIBackend(allowed_hosts=settings.allowed_hosts),
         "fake": FakeBackend(),
     }

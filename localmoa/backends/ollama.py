@@ -11,6 +11,13 @@ plan, so this backend:
   (ollama/ollama#8903 and its kin);
 - **unloads** with an empty request and ``keep_alive: 0``, then polls ``/api/ps`` until the model
   is gone before the next wave loads, so Ollama never needs to evict anything itself;
+- **undoes a preload it did not see through.** Once the preload is sent, Ollama may load the
+  model, forever, whether or not its answer is ever read: a load cancelled (Ctrl-C, a signal) or
+  failed after that point is followed by an unload that the cancellation cannot interrupt,
+  bounded by ``UNLOAD_TIMEOUT``, and until that unload succeeds the model stays in
+  :meth:`OllamaBackend.loaded`, so :meth:`~OllamaBackend.aclose` tries again. (Ollama itself
+  drops a load whose client left while the runner was still starting, but not one that had
+  finished, nor one whose answer was in flight.)
 - after each load reads ``/api/ps``: the measured ``size`` replaces the estimate for the rest of
   the run (the executor re-plans when it differs) and is remembered in the measurement cache;
   ``size_vram < size`` means Ollama put part of the model on the CPU, which is warned about.
@@ -35,7 +42,7 @@ import httpx
 import ollama
 
 from localmoa.backends.base import Backend, ChatDelta, ChatRequest
-from localmoa.config import OllamaModel
+from localmoa.config import OllamaModel, Settings
 from localmoa.egress import check_url, client_options, is_loopback, normalize_url
 from localmoa.errors import (
     BackendError,
@@ -53,7 +60,10 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "http://127.0.0.1:11434"
 ASSUMED_VOCAB = 152_064  # /api/show omits the token list; Qwen2's vocabulary, among the largest
 UNLOAD_TIMEOUT = 60.0
+"""Longest an unload may take, the request and the wait for /api/ps to forget the model."""
 POLL_INTERVAL = 0.05
+FROM_SETTINGS = "settings.ollama_host"
+FROM_ENVIRONMENT = "the OLLAMA_HOST environment variable"
 
 
 def ollama_host(setting: str | None) -> str:
@@ -62,11 +72,24 @@ def ollama_host(setting: str | None) -> str:
     A listen-everywhere address (``OLLAMA_HOST=0.0.0.0`` is a common server setting) means this
     machine to a client.
     """
-    raw = setting or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+    return _host_and_origin(setting)[0]
+
+
+def _host_and_origin(setting: str | None) -> tuple[str, str]:
+    """Ollama's URL (see :func:`ollama_host`) and where it came from, as messages name it: a
+    refused or unreachable URL must be blamed on the place the user can change."""
+    env = os.environ.get("OLLAMA_HOST")
+    raw, origin = (
+        (setting, FROM_SETTINGS)
+        if setting
+        else (env, FROM_ENVIRONMENT)
+        if env
+        else (DEFAULT_HOST, FROM_SETTINGS)
+    )
     url = httpx.URL(normalize_url(raw, default_port=11434))
     if url.host in ("0.0.0.0", "::"):
         url = url.copy_with(host="127.0.0.1")
-    return str(url).rstrip("/")
+    return str(url).rstrip("/"), origin
 
 
 @dataclass(frozen=True)
@@ -93,19 +116,28 @@ class OllamaBackend(Backend):
         *,
         allowed_hosts: Sequence[str] = (),
         cache: MeasurementCache | None = None,
-        setting: str = "settings.ollama_host",
+        setting: str = FROM_SETTINGS,
     ) -> None:
         self.host = host
         self.setting = setting
         self.allowed_hosts = list(allowed_hosts)
         self.cache = cache or MeasurementCache()
         self._client: ollama.AsyncClient | None = None
-        self._configs: dict[str, OllamaModel] = {}
-        self._tags: dict[str, str] = {}  # name -> the installed tag (":latest" resolved)
+        self._configs: dict[str, OllamaModel] = {}  # loaded and ready for chat
+        self._tags: dict[str, str] = {}  # preload sent and not undone -> the installed tag
         self._measured: dict[str, int] = {}
         self._listed: dict[str, Any] | None = None
         self._listing = asyncio.Lock()
         self._described: dict[str, InstalledModel] = {}
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, cache: MeasurementCache | None = None
+    ) -> OllamaBackend:
+        """The backend ``settings`` ask for: Ollama at ``settings.ollama_host``, else at
+        ``$OLLAMA_HOST``, else at 127.0.0.1:11434; its errors name the one used."""
+        host, origin = _host_and_origin(settings.ollama_host)
+        return cls(host, allowed_hosts=settings.allowed_hosts, cache=cache, setting=origin)
 
     @property
     def client(self) -> ollama.AsyncClient:
@@ -211,15 +243,19 @@ class OllamaBackend(Backend):
         assert isinstance(config, OllamaModel)
         model = await self.find(config.model, setting=f"models.{name}.model")
         began = time.perf_counter()
-        await self._call(
-            self.client.generate(model=model.tag, keep_alive=-1, options=self._options(config)),
-            name,
-        )
+        self._tags[name] = model.tag  # from here on Ollama may hold it, whatever happens here
+        try:
+            await self._call(
+                self.client.generate(model=model.tag, keep_alive=-1, options=self._options(config)),
+                name,
+            )
+            running = await self._running(model.tag)
+            if running is None:
+                raise BackendError(name, f"Ollama says it loaded {model.tag} but does not list it")
+        except BaseException:
+            await self._undo_load(name)
+            raise
         self._configs[name] = config
-        self._tags[name] = model.tag
-        running = await self._running(model.tag)
-        if running is None:
-            raise BackendError(name, f"Ollama says it loaded {model.tag} but does not list it")
         size, vram = int(running.size or 0), int(running.size_vram or 0)
         self._measured[name] = size
         self.cache.put(self._cache_key(model, config), size, vram)
@@ -233,17 +269,43 @@ class OllamaBackend(Backend):
         log.debug("loaded %s in %.2fs: %d bytes", model.tag, time.perf_counter() - began, size)
 
     async def unload(self, name: str) -> None:
+        """Unload ``name``, loaded or with its preload sent; it leaves :meth:`loaded` only once
+        /api/ps no longer lists it, so a failed unload is tried again by :meth:`aclose`."""
         self._configs.pop(name, None)
         self._measured.pop(name, None)
-        tag = self._tags.pop(name, None)
+        tag = self._tags.get(name)
         if tag is None:
             return
-        await self._call(self.client.generate(model=tag, keep_alive=0), name)
-        deadline = time.monotonic() + UNLOAD_TIMEOUT
-        while await self._running(tag) is not None:  # freed only once ps forgets it
-            if time.monotonic() > deadline:
-                raise BackendError(name, f"Ollama did not unload {tag} within a minute")
-            await asyncio.sleep(POLL_INTERVAL)
+        try:
+            async with asyncio.timeout(UNLOAD_TIMEOUT):
+                await self._call(self.client.generate(model=tag, keep_alive=0), name)
+                while await self._running(tag) is not None:  # freed only once ps forgets it
+                    await asyncio.sleep(POLL_INTERVAL)
+        except TimeoutError:
+            raise BackendError(
+                name, f"Ollama did not unload {tag} within {UNLOAD_TIMEOUT:g} s"
+            ) from None
+        self._tags.pop(name, None)
+
+    async def _undo_load(self, name: str) -> None:
+        """Unload ``name`` after its load was interrupted, to the end even if cancelled again
+        meanwhile (the cancellation is raised once it is done); a failure is logged, since the
+        load's own error is the one to report."""
+        undo = asyncio.ensure_future(self.unload(name))
+        cancelled = False
+        while not undo.done():
+            try:
+                await asyncio.wait([undo])  # unlike await, wait never cancels what it waits for
+            except asyncio.CancelledError:
+                cancelled = True
+        if undo.cancelled():
+            log.warning('"%s": its load was interrupted and the unload after it cancelled', name)
+        elif (error := undo.exception()) is not None:
+            log.warning(
+                '"%s": its load was interrupted and Ollama may still hold it: %s', name, error
+            )
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
         config = self._configs.get(name)
@@ -283,11 +345,13 @@ class OllamaBackend(Backend):
         return self._measured.get(name)
 
     def loaded(self) -> list[str]:
-        return list(self._configs)
+        """Every model Ollama may hold because of this backend: loaded, loading, or whose
+        unload failed."""
+        return list(self._tags)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> list[str]:
         try:
-            await super().aclose()
+            return await super().aclose()
         finally:
             if self._client is not None:
                 await self._client.close()  # type: ignore[no-untyped-call]
@@ -322,9 +386,12 @@ class OllamaBackend(Backend):
                 return ModelNotInstalledError(f"Ollama at {self.host}: {exc.error}")
             return BackendError(name or "ollama", f"Ollama answered: {exc.error}")
         where = "this machine" if is_loopback(httpx.URL(self.host).host) else "that host"
+        point = "OLLAMA_HOST"
+        if self.setting != FROM_ENVIRONMENT:
+            point = f"{self.setting} or {point}"
         return ServerUnavailableError(
             f"Ollama is not reachable at {self.host}: start it on {where} with `ollama serve` "
-            f"(or open the Ollama app), or point {self.setting} or OLLAMA_HOST at it"
+            f"(or open the Ollama app), or point {point} at it"
         )
 
 
