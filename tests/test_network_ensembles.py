@@ -235,3 +235,17 @@ def test_zero_config_builds_an_ensemble_from_ollama(tmp_path: Path) -> None:
         rows = {row["name"]: row for row in json.loads(listed.stdout)["models"]}
         assert rows["qwen2.5:7b"]["measured_bytes"] > 0  # measured by the run just made
         assert rows["llama3.1:70b"]["source"] == "Ollama model facts (estimate from /api/show)"
+
+
+def test_a_refused_ollama_host_is_blamed_on_where_it_was_set(tmp_path: Path) -> None:
+    """Without models.toml the URL can only come from OLLAMA_HOST, and the error says so."""
+    from_env = localmoa("plan", env={"OLLAMA_HOST": "10.20.30.40"})
+    assert from_env.returncode == 2
+    assert 'the OLLAMA_HOST environment variable: "10.20.30.40" is not on this machine' in (
+        from_env.stderr
+    )
+    assert "settings.ollama_host" not in from_env.stderr
+    write_config(tmp_path, ollama_config("http://10.20.30.41:11434", 10**12))
+    from_file = localmoa("plan", env={"OLLAMA_HOST": "10.20.30.40"})
+    assert from_file.returncode == 2
+    assert 'settings.ollama_host: "10.20.30.41" is not on this machine' in from_file.stderr
