@@ -129,7 +129,8 @@ async def test_unknown_model_names_the_ids_the_server_has(
 
 
 async def test_nothing_listening(backend: OpenAIBackend) -> None:
-    base = f"http://127.0.0.1:{free_port()}/v1"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
     for attempt in (backend.load("x", model(base)), backend.footprint("x", model(base))):
         with pytest.raises(ServerUnavailableError) as caught:
             await attempt
@@ -137,6 +138,10 @@ async def test_nothing_listening(backend: OpenAIBackend) -> None:
         assert base in message and "nothing answers" in message
         assert "python -m llama_cpp.server" in message and "models.x.base_url" in message
         assert "\n" not in message
+    # A localhost name is reached at 127.0.0.1, which is what the server should bind.
+    with pytest.raises(ServerUnavailableError) as named:
+        await backend.load("x", model(f"http://api.localhost:{port}/v1"))
+    assert f"--host 127.0.0.1 --port {port}`" in str(named.value)
 
 
 async def test_other_hosts_are_refused_before_connecting(

@@ -38,8 +38,9 @@ against llama_cpp.server 0.3:
 
 Every request goes through one ``httpx.AsyncClient`` per base URL, built with
 :func:`localmoa.egress.client_options` (loopback or ``settings.allowed_hosts`` only, proxies
-ignored), after :func:`~localmoa.egress.check_url` has passed, so no socket is opened to a host
-the user did not allow. A backend instance lives in one event loop (the CLI's session).
+ignored, ``localhost`` names connected without a lookup), after
+:func:`~localmoa.egress.check_url` has passed, so no socket is opened to a host the user did not
+allow. A backend instance lives in one event loop (the CLI's session).
 """
 
 from __future__ import annotations
@@ -56,7 +57,13 @@ from httpx_sse import EventSource, SSEError, aconnect_sse
 
 from localmoa.backends.base import Backend, ChatDelta, ChatRequest
 from localmoa.config import OpenAIModel
-from localmoa.egress import check_url, client_options, is_loopback, normalize_url
+from localmoa.egress import (
+    check_url,
+    client_options,
+    is_localhost_name,
+    is_loopback,
+    normalize_url,
+)
 from localmoa.errors import (
     BackendError,
     ConfigError,
@@ -371,7 +378,8 @@ def _headers(config: OpenAIModel) -> dict[str, str]:
 def _nothing_answers(name: str, base: str, exc: Exception) -> str:
     """One line: the URL, that nothing answered, what to start and which setting to fix."""
     url = httpx.URL(base)
-    host = url.host if is_loopback(url.host) else "127.0.0.1"
+    # A server binds an address: a name (x.localhost) would make it ask the resolver.
+    host = url.host if is_loopback(url.host) and not is_localhost_name(url.host) else "127.0.0.1"
     hint = _SERVER_HINT.format(host=host, port=url.port or 8080)
     return (
         f"nothing answers at {base} ({type(exc).__name__}): no OpenAI-compatible server is "
