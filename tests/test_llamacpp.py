@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import LlamaCppModel
 from localmoa.errors import BackendError
 from localmoa.memory import estimate, read_gguf
+from localmoa.tinymodels import TinySpec, write_tiny_model
 
 REQUEST = ChatRequest(
     messages=[
@@ -28,8 +31,8 @@ REQUEST = ChatRequest(
 )
 
 
-def model(path: Path, **kwargs: object) -> LlamaCppModel:
-    return LlamaCppModel(backend="llamacpp", path=path, n_ctx=512, seed=3, **kwargs)  # type: ignore[arg-type]
+def model(path: Path, **kwargs: Any) -> LlamaCppModel:
+    return LlamaCppModel(**{"backend": "llamacpp", "path": path, "n_ctx": 512, "seed": 3, **kwargs})
 
 
 def worker_threads() -> list[str]:
@@ -133,11 +136,51 @@ async def test_prompt_longer_than_the_context_says_what_to_raise(
     long = ChatRequest(
         messages=[ChatMessage(role="user", content="x" * 2000)], temperature=0.7, max_tokens=8
     )
-    with pytest.raises(
-        BackendError, match=r"exceed context window of 512; raise n_ctx of \[models\.a\]"
-    ):
+    with pytest.raises(BackendError) as failed:
         async for _ in backend.chat("a", long):
             pass
+    tokens = await backend.prompt_tokens("a", model(tiny_models["tiny-a"]), long.messages)
+    assert str(failed.value) == (
+        f'model "a": the prompt\'s {tokens} tokens do not fit the context (n_ctx 512); raise '
+        f"n_ctx of [models.a] to at least {tokens + 8}, or shorten the prompt"
+    )
+    await backend.unload("a")
+
+
+async def test_an_answer_that_fills_the_context_says_which_n_ctx_to_raise(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp reports a full context as "llama_decode returned 1" and nothing more.
+
+    llama-cpp-python caps max_tokens to the room left, but does not count tokens that end
+    inside a UTF-8 character: an answer of such tokens overflows, whatever max_tokens says.
+    Forcing the byte 0xF0 (a 4-byte character's lead) makes that happen on any weights."""
+    real_stream = llamacpp._stream
+
+    def stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
+        lead = next(t for t in range(llama.n_vocab()) if llama.detokenize([t]) == b"\xf0")
+
+        def never_complete(input_ids: Any, scores: Any) -> Any:
+            scores = each_token(input_ids, scores).copy()
+            scores[:] = -float("inf")
+            scores[lead] = 0.0
+            return scores
+
+        return real_stream(llama, request, never_complete)
+
+    monkeypatch.setattr(llamacpp, "_stream", stream)
+    backend = LlamaCppBackend()
+    await backend.load("a", model(tiny_models["tiny-a"], n_ctx=256))
+    with pytest.raises(BackendError) as failed:
+        async for _ in backend.chat("a", REQUEST):
+            pass
+    assert re.fullmatch(
+        r'model "a": the context is full \(n_ctx 256: \d+ prompt tokens \+ \d+ generated\); '
+        r"raise n_ctx of \[models\.a\] or lower max_tokens / shorten the prompt",
+        str(failed.value),
+    ), failed.value
+    monkeypatch.setattr(llamacpp, "_stream", real_stream)
+    assert [d async for d in backend.chat("a", REQUEST)]  # the model still answers
     await backend.unload("a")
 
 
@@ -167,3 +210,107 @@ def test_loading_quiets_only_the_loading_thread(monkeypatch: pytest.MonkeyPatch)
     loader.join(10)
     assert real.getvalue() == "layer 1 · a: ok\n"
     assert sys.stderr is real
+
+
+@pytest.fixture(scope="module")
+def slow_prompt_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 13 MB model: a 2,300-token prompt takes it about half a second to evaluate on a laptop CPU,
+    long enough to cancel in the middle of."""
+    path = tmp_path_factory.mktemp("slow") / "slow.gguf"
+    spec = TinySpec(n_layer=4, n_embd=256, n_head=8, n_head_kv=4, n_ff=768, seed=5)
+    return write_tiny_model(path, spec)
+
+
+LONG_PROMPT = ChatRequest(
+    messages=[ChatMessage(role="user", content=" ".join(str(i) for i in range(600)))],
+    temperature=0.7,
+    max_tokens=1,
+)
+
+
+async def test_cancelling_during_the_prompt_s_evaluation_frees_the_worker_at_once(
+    slow_prompt_model: Path,
+) -> None:
+    """Generation stops within a token; the prompt's evaluation (one llama_decode over all of
+    it: n_batch = n_ctx) must stop too, or unload waits for all of it."""
+    config = model(slow_prompt_model, n_ctx=4096, n_batch=4096)
+    backend = LlamaCppBackend()
+    await backend.load("m", config)
+    assert [d async for d in backend.chat("m", REQUEST)]  # warm: weights paged in, threads up
+    began = time.perf_counter()
+    assert [d async for d in backend.chat("m", LONG_PROMPT)]
+    whole = time.perf_counter() - began  # the prompt's evaluation and one token
+    await backend.unload("m")
+
+    await backend.load("m", config)  # a fresh context: nothing of the prompt cached
+    decoding = threading.Event()
+    context = backend._models["m"].llama._ctx
+    real_decode = context.decode
+
+    def decode(batch: Any) -> Any:
+        decoding.set()
+        return real_decode(batch)
+
+    context.decode = decode
+    consumer = asyncio.create_task(anext(backend.chat("m", LONG_PROMPT)))
+    assert await asyncio.to_thread(decoding.wait, 60)  # the worker is inside llama_decode
+    cancelled = time.perf_counter()
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    returned = time.perf_counter() - cancelled
+    # The context survives the abort: the same worker answers at once.
+    assert [d async for d in backend.chat("m", REQUEST)]
+    began = time.perf_counter()
+    await backend.unload("m")
+    freed = returned + time.perf_counter() - began
+    print(f"stopped and unloaded in {freed:.3f}s; the evaluation takes {whole:.3f}s")
+    assert freed < whole / 4
+    assert worker_threads() == []
+
+
+async def test_prompt_tokens_counts_as_the_call_does_without_loading(
+    tiny_models: dict[str, Path],
+) -> None:
+    backend = LlamaCppBackend()
+    config = model(tiny_models["tiny-b"])
+    counted = await backend.prompt_tokens("b", config, REQUEST.messages)
+    assert backend.loaded() == []
+    await backend.load("b", config)
+    deltas = [d async for d in backend.chat("b", REQUEST)]
+    await backend.unload("b")
+    assert counted == deltas[-1].prompt_tokens > sum(len(m.content) for m in REQUEST.messages) / 8
+
+
+async def test_a_cancelled_count_never_waits_for_the_tokenizer(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokenizing cannot be interrupted: a cancelled caller abandons it to a daemon thread."""
+    inside, release = threading.Event(), threading.Event()
+    real_count = llamacpp._count
+
+    def count(vocab: Any, messages: list[ChatMessage]) -> int:
+        inside.set()
+        release.wait(60)
+        return real_count(vocab, messages)
+
+    monkeypatch.setattr(llamacpp, "_count", count)
+    backend = LlamaCppBackend()
+    counting = asyncio.create_task(
+        backend.prompt_tokens("a", model(tiny_models["tiny-a"]), REQUEST.messages)
+    )
+    assert await asyncio.to_thread(inside.wait, 60)
+    counting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await counting  # at once, while the tokenizer is still busy
+    busy = [t for t in threading.enumerate() if t.name == "tokenize-a"]
+    assert len(busy) == 1 and busy[0].daemon and busy[0].is_alive()
+    release.set()
+    busy[0].join(60)
+
+
+async def test_an_unreadable_vocabulary_is_a_backend_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(BackendError, match=r'model "x": cannot count the prompt\'s tokens'):
+        await LlamaCppBackend().prompt_tokens("x", model(bad), REQUEST.messages)

@@ -3,8 +3,16 @@
 One worker thread per loaded model: a ``Llama`` object is not thread-safe
 (abetlen/llama-cpp-python#471, #1367), and ctypes releases the GIL, so two models decode in
 parallel on two cores while each model's calls stay on its own thread. Tokens cross to the event
-loop through ``call_soon_threadsafe``; a cancelled stream sets a flag the worker checks at every
-token, so generation stops within one token.
+loop through ``call_soon_threadsafe``.
+
+A cancelled stream (Ctrl-C, SIGTERM, a client gone) sets a flag that stops the worker promptly
+at every step: while the prompt is evaluated (``llama_decode`` over possibly thousands of tokens,
+seconds on a CPU), llama.cpp's abort callback reads the flag between graph nodes and the decode
+ends early (see :class:`_Abort`); while tokens are sampled, a logits processor forces
+end-of-sequence within one token. Either way the worker is free again at once, so ``unload``
+never waits for a prompt nobody will read. Only tokenizing (native, uninterruptible) cannot be
+stopped: prompts are bounded before they get here (``localmoa.ensemble.check_prompt``), and
+:meth:`LlamaCppBackend.prompt_tokens` tokenizes in a thread a cancelled caller abandons.
 
 Two things llama-cpp-python does by default are unsafe in a concurrent program and are avoided:
 
@@ -29,9 +37,10 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from localmoa.backends.base import Backend, ChatDelta, ChatRequest
+from localmoa.backends.base import Backend, ChatDelta, ChatMessage, ChatRequest
 from localmoa.config import LlamaCppModel
 from localmoa.errors import BackendError, ModelFileError
 from localmoa.memory import Footprint, estimate, read_gguf
@@ -71,8 +80,24 @@ def _measured_bytes(lines: list[str]) -> int | None:
 
 
 def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
+    from llama_cpp import LLAMA_DEFAULT_SEED
+
+    return _new_llama(
+        model_path=str(config.path),
+        n_ctx=config.n_ctx,
+        n_batch=config.n_batch,
+        n_gpu_layers=config.n_gpu_layers,
+        n_threads=config.n_threads,
+        use_mmap=config.use_mmap,
+        seed=LLAMA_DEFAULT_SEED if config.seed is None else config.seed,
+    )
+
+
+def _new_llama(**params: Any) -> tuple[Any, int | None]:
+    """A ``Llama`` built without touching stdio (see the module docstring), and the buffer
+    bytes llama.cpp logged while building it."""
     global _capture
-    from llama_cpp import LLAMA_DEFAULT_SEED, Llama
+    from llama_cpp import Llama
 
     _install_log_callback()
     with _construct_lock:
@@ -80,16 +105,7 @@ def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
         _capture = lines
         try:
             with _quiet_this_thread() as chatter:
-                llama = Llama(
-                    model_path=str(config.path),
-                    n_ctx=config.n_ctx,
-                    n_batch=config.n_batch,
-                    n_gpu_layers=config.n_gpu_layers,
-                    n_threads=config.n_threads,
-                    use_mmap=config.use_mmap,
-                    seed=LLAMA_DEFAULT_SEED if config.seed is None else config.seed,
-                    verbose=True,
-                )
+                llama = Llama(**params, verbose=True)
         except ValueError as exc:
             # llama-cpp-python says only "Failed to load model"; the reason is in the log.
             reasons = [line.strip() for line in lines if "error" in line.lower()]
@@ -149,11 +165,52 @@ def _close(llama: Any) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class _Abort:
+    """llama.cpp's abort callback on one context: ends a ``llama_decode`` early once the
+    current call's stop flag is set.
+
+    The CPU backend asks the callback after every node of the compute graph, and the decode then
+    returns 2 ("aborted"; llama-cpp-python raises ``RuntimeError("llama_decode returned 2")``),
+    keeping the batches done so far in the KV cache; the next call's ``eval`` removes anything
+    past the tokens it knows, so the context stays usable. The callback is armed only while the
+    prompt is evaluated: each call into it takes the GIL, negligible beside a node of a
+    many-token batch but not beside the tiny nodes of a one-token step, where the logits
+    processor already stops a cancelled stream within a token.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        import llama_cpp
+
+        self._set = llama_cpp.llama_set_abort_callback
+        self.ctx = ctx
+        self.stop: threading.Event | None = None
+        # Both ctypes objects live as long as the model: llama.cpp keeps the pointer.
+        self._callback = llama_cpp.ggml_abort_callback(self._asked)
+        self._none = llama_cpp.ggml_abort_callback()  # NULL: no callback
+
+    def _asked(self, data: Any) -> bool:
+        stop = self.stop
+        return stop is not None and stop.is_set()
+
+    def arm(self, stop: threading.Event) -> None:
+        """From the model's worker thread, before a call's prompt is evaluated."""
+        self.stop = stop
+        self._set(self.ctx, self._callback, None)
+
+    def disarm(self) -> None:
+        """From the model's worker thread, between decodes."""
+        if self.stop is not None:
+            self.stop = None
+            self._set(self.ctx, self._none, None)
+
+
 @dataclass
 class _Loaded:
     llama: Any
     worker: ThreadPoolExecutor
     measured: int | None
+    n_ctx: int
+    abort: _Abort
     busy: list[threading.Event] = field(default_factory=list)
 
 
@@ -162,6 +219,8 @@ class LlamaCppBackend(Backend):
 
     def __init__(self) -> None:
         self._models: dict[str, _Loaded] = {}
+        self._vocabs: dict[tuple[str, int, int], Any] = {}  # (path, size, mtime) -> vocab
+        self._vocabs_lock = threading.Lock()
 
     async def footprint(self, name: str, config: Any) -> Footprint:
         if config.memory is not None:
@@ -190,7 +249,8 @@ class LlamaCppBackend(Backend):
             if isinstance(exc, ValueError | RuntimeError | OSError):
                 raise BackendError(name, f"llama.cpp could not load {config.path}: {exc}") from exc
             raise
-        self._models[name] = _Loaded(llama, worker, measured)
+        abort = _Abort(llama._ctx.ctx)  # llama-cpp-python's context handle
+        self._models[name] = _Loaded(llama, worker, measured, config.n_ctx, abort)
 
     async def unload(self, name: str) -> None:
         loaded = self._models.pop(name, None)
@@ -199,7 +259,8 @@ class LlamaCppBackend(Backend):
         for stop in loaded.busy:
             stop.set()
         loop = asyncio.get_running_loop()
-        # close() runs on the model's own thread, after any call still finishing there.
+        # close() runs on the model's own thread, after any call still finishing there (which
+        # the stop flags end within a graph node or a token).
         await asyncio.shield(loop.run_in_executor(loaded.worker, _close, loaded.llama))
         loaded.worker.shutdown(wait=True)
 
@@ -228,6 +289,7 @@ class LlamaCppBackend(Backend):
                 nonlocal generated, prompt
                 if not generated:
                     prompt = len(input_ids)  # the context before the first sampled token
+                    loaded.abort.disarm()  # the prompt is in: from here this stops the stream
                 generated += 1
                 if stop.is_set():
                     scores = scores.copy()
@@ -235,6 +297,7 @@ class LlamaCppBackend(Backend):
                     scores[eos] = 0.0
                 return scores
 
+            loaded.abort.arm(stop)
             try:
                 for text in _stream(loaded.llama, request, each_token):
                     if stop.is_set():
@@ -244,17 +307,18 @@ class LlamaCppBackend(Backend):
                 # The loop samples one token past max_tokens before it notices the limit.
                 emit("done", ChatDelta("", min(generated, request.max_tokens) - counted, prompt))
             except Exception as exc:
-                emit("error", exc)
+                if stop.is_set():
+                    return  # the decode was aborted on purpose: nobody reads this stream now
+                emit("error", _failure(name, loaded.n_ctx, request, exc, prompt, generated))
+            finally:
+                loaded.abort.disarm()
 
         future = loop.run_in_executor(loaded.worker, work)
         try:
             while True:
                 kind, value = await queue.get()
                 if kind == "error":
-                    hint = ""
-                    if "exceed context window" in str(value):
-                        hint = f"; raise n_ctx of [models.{name}] or lower max_tokens"
-                    raise BackendError(name, f"generation failed: {value}{hint}") from value
+                    raise value
                 if kind == "done":
                     if value.tokens or value.prompt_tokens:
                         yield value
@@ -265,12 +329,99 @@ class LlamaCppBackend(Backend):
             loaded.busy.remove(stop)
             await asyncio.shield(future)
 
+    async def prompt_tokens(self, name: str, config: Any, messages: list[ChatMessage]) -> int:
+        """The tokens ``messages`` take in model ``name``'s context, counted as a chat call
+        counts them (the model's chat template, then its tokenizer), from the file's vocabulary
+        alone: no weights are loaded. BackendError when the vocabulary cannot be read.
+
+        Tokenizing is native code that cannot be interrupted and is slow on some text (it grows
+        faster than the length: 160,000 repeated characters take seconds). It runs in a daemon
+        thread, not in the event loop's pool: a cancelled caller (a client gone, a signal)
+        stops waiting at once and leaves the thread to end on its own, and the process never
+        waits for it on exit.
+        """
+        if not isinstance(config, LlamaCppModel):
+            raise TypeError(f"LlamaCppBackend cannot count tokens for {type(config).__name__}")
+        loop = asyncio.get_running_loop()
+        counted: asyncio.Future[int] = loop.create_future()
+
+        def give(tokens: int) -> None:
+            if not counted.done():  # done: the caller gave up
+                counted.set_result(tokens)
+
+        def fail(error: BaseException) -> None:
+            if not counted.done():
+                counted.set_exception(error)
+
+        def work() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                try:
+                    tokens = _count(self._vocab(config.path), messages)
+                except Exception as exc:
+                    error = BackendError(name, f"cannot count the prompt's tokens: {exc}")
+                    error.__cause__ = exc
+                    loop.call_soon_threadsafe(fail, error)
+                else:
+                    loop.call_soon_threadsafe(give, tokens)
+
+        threading.Thread(target=work, name=f"tokenize-{name}", daemon=True).start()
+        return await counted
+
+    def _vocab(self, path: Path) -> Any:
+        """The vocabulary-only ``Llama`` of ``path`` (tokenizer and chat template, no weights),
+        kept for the next prompt; a file changed since is read again."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        with self._vocabs_lock:
+            vocab = self._vocabs.get(key)
+            if vocab is None:
+                vocab, _ = _new_llama(model_path=str(path), vocab_only=True)
+                self._vocabs = {k: v for k, v in self._vocabs.items() if k[0] != key[0]}
+                self._vocabs[key] = vocab
+        return vocab
+
     def resident_bytes(self, name: str) -> int | None:
         loaded = self._models.get(name)
         return loaded.measured if loaded else None
 
     def loaded(self) -> list[str]:
         return list(self._models)
+
+
+_ASKED = re.compile(r"Requested tokens \((\d+)\) exceed context window")
+
+
+def _failure(
+    name: str, n_ctx: int, request: ChatRequest, exc: Exception, prompt: int, generated: int
+) -> BackendError:
+    """A failed call as a BackendError. A context overflow, in each form llama-cpp-python gives
+    it, names the n_ctx and what to do:
+
+    - ``Requested tokens (N) exceed context window of C``: the prompt alone does not fit;
+    - ``llama_decode returned 1`` (no KV slot): the answer filled the context;
+    - ``could not broadcast input array ...``: the same, when llama.cpp rounded the context up
+      (to a multiple of 256) past the configured n_ctx, whose size llama-cpp-python's token
+      array keeps.
+    """
+    text = str(exc)
+    asked = _ASKED.search(text)
+    if asked:
+        tokens = int(asked[1])
+        why = (
+            f"the prompt's {tokens} tokens do not fit the context (n_ctx {n_ctx}); raise n_ctx "
+            f"of [models.{name}] to at least {tokens + request.max_tokens}, or shorten the prompt"
+        )
+    elif text == "llama_decode returned 1" or "could not broadcast input array" in text:
+        used = f": {prompt} prompt tokens + {generated} generated" if generated else ""
+        why = (
+            f"the context is full (n_ctx {n_ctx}{used}); raise n_ctx of [models.{name}] or "
+            "lower max_tokens / shorten the prompt"
+        )
+    else:
+        why = f"generation failed: {exc}"
+    error = BackendError(name, why)
+    error.__cause__ = exc
+    return error
 
 
 def _stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
@@ -287,3 +438,37 @@ def _stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
         text = chunk["choices"][0]["delta"].get("content")
         if text:
             yield text
+
+
+class _Counted(Exception):
+    def __init__(self, tokens: int) -> None:
+        super().__init__(tokens)
+        self.tokens = tokens
+
+
+class _Counter:
+    """Stands in for a ``Llama`` in ``Llama.create_chat_completion``: the model's own chat
+    handler formats and tokenizes with the real vocabulary, exactly as in a call, and the count
+    is taken where evaluation would begin."""
+
+    def __init__(self, vocab: Any) -> None:
+        self._vocab = vocab
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vocab, name)
+
+    def create_completion(self, prompt: Any, **kwargs: Any) -> Any:
+        if isinstance(prompt, str):
+            prompt = self._vocab.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        raise _Counted(len(prompt))
+
+
+def _count(vocab: Any, messages: list[ChatMessage]) -> int:
+    from llama_cpp import Llama
+
+    complete: Any = Llama.create_chat_completion  # called with the stand-in as ``self``
+    try:
+        complete(_Counter(vocab), messages=[m.model_dump() for m in messages], max_tokens=1)
+    except _Counted as counted:
+        return counted.tokens
+    raise RuntimeError("llama-cpp-python's chat handler never asked for a completion")
