@@ -4,29 +4,57 @@ This is where the pure parts meet the facts of the machine: each model's footpri
 backend: GGUF header, Ollama's model facts or an earlier measurement, or the ``memory``
 override), the device budget, and the plan. ``localmoa plan`` stops here; ``localmoa run`` hands
 the result to the executor.
+
+The prompt is checked here too, before anything loads (:func:`check_prompt`): a prompt that no
+model of a stage can read would otherwise be found only after every model had loaded, and a
+hostile one (megabytes of text) would keep a tokenizer busy for minutes first. So its length in
+characters is bounded by the largest context of the ensemble (:data:`CHARS_PER_TOKEN_MAX`)
+before any tokenizer sees it, and then its tokens are counted exactly for llama.cpp models.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from localmoa.backends.base import Backend
-from localmoa.config import Config
+from localmoa.backends.base import Backend, ChatMessage
+from localmoa.backends.llamacpp import LlamaCppBackend
+from localmoa.config import Config, LlamaCppModel, OllamaModel
 from localmoa.costmodel import Profile
-from localmoa.errors import BudgetError, UserError
+from localmoa.errors import BackendError, BudgetError, PromptTooLongError, UserError
 from localmoa.hardware import Budget, resolve_budget
 from localmoa.memory import Footprint
-from localmoa.moa import Call, calls_for
+from localmoa.moa import Call, build_request, calls_for
 from localmoa.planner import Plan, make_plan
 from localmoa.refine import profile_for, refine
 
-__all__ = ["TIMED_BACKENDS", "Prepared", "footprints", "prepare"]
+__all__ = [
+    "CHARS_PER_TOKEN_MAX",
+    "TIMED_BACKENDS",
+    "Prepared",
+    "check_prompt",
+    "context_tokens",
+    "footprints",
+    "prepare",
+    "prompt_char_limit",
+]
+
+log = logging.getLogger(__name__)
 
 TIMED_BACKENDS = frozenset({"llamacpp", "ollama"})
 """Backends whose loads read weights as the cost model assumes; a plan that uses any other (a
 fake, an always-resident OpenAI-compatible server) keeps the fewest-loads plan."""
+
+CHARS_PER_TOKEN_MAX = 8
+"""Characters per token that no real tokenizer's average exceeds on ordinary text (English
+prose averages about 4 with today's vocabularies; code, numbers and most other scripts fewer).
+A prompt longer than the largest context of the ensemble times this cannot fit any of its
+models, so it is refused before a tokenizer ever sees it: tokenizing is native code that
+cannot be interrupted, and slow on hostile text (megabytes of one repeated character kept
+llama.cpp's tokenizer busy for minutes)."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +102,16 @@ async def prepare(
     """Resolve ``ensemble`` of ``config`` into calls, footprints, budget and plan.
 
     Reads model headers or asks model servers (never loads weights); raises UserError
-    subclasses for what the user must fix. With ``settings.plan_for = "time"`` and only
+    subclasses for what the user must fix, PromptTooLongError included when ``prompt`` is
+    given and cannot fit (see :func:`check_prompt`). With ``settings.plan_for = "time"`` and only
     ``TIMED_BACKENDS``, the plan is refined for time on this machine's kind of hardware
     (``prompt``, when known, sizes the first layer's prompt).
     """
     stages = calls_for(config.ensemble(ensemble))
     used = list(dict.fromkeys(c.model for stage in stages for c in stage))
     sizes = await footprints(config, used, backends)
+    if prompt is not None:
+        await check_prompt(config, stages, backends, [ChatMessage(role="user", content=prompt)])
     budget = resolve_budget(memory_budget, config.settings.memory_budget)
     totals = {name: fp.total for name, fp in sizes.items()}
     try:
@@ -94,3 +125,131 @@ async def prepare(
         timing = profile_for(budget, name=config.settings.timing_profile)
         plan = refine(plan, stages, totals, timing, prompt=prompt)
     return Prepared(ensemble, stages, sizes, budget, plan, timing)
+
+
+def context_tokens(model: Any) -> int | None:
+    """The context a model is configured with, in tokens; None when localmoa does not know it
+    (an OpenAI-compatible server's, a fake's)."""
+    if isinstance(model, LlamaCppModel):
+        return model.n_ctx
+    if isinstance(model, OllamaModel):
+        return model.num_ctx
+    return None
+
+
+def prompt_char_limit(config: Config, stages: Sequence[Sequence[Call]]) -> int | None:
+    """The most characters a prompt may have: the largest known context among the models the
+    stages use, times CHARS_PER_TOKEN_MAX; None when no context is known."""
+    known = [context_tokens(config.models[name]) for name in _used(stages)]
+    contexts = [n for n in known if n is not None]
+    return max(contexts) * CHARS_PER_TOKEN_MAX if contexts else None
+
+
+async def check_prompt(
+    config: Config,
+    stages: Sequence[Sequence[Call]],
+    backends: Mapping[str, Backend],
+    messages: list[ChatMessage],
+) -> None:
+    """Refuse, before anything loads, a prompt that cannot fit (PromptTooLongError).
+
+    First its length: text longer than :func:`prompt_char_limit` is refused at once, without
+    tokenizing. Then, for llama.cpp models, its tokens, counted exactly (the model's chat
+    template and tokenizer, from a vocabulary-only read of the file) for each call as the call
+    would send it; a later stage's references are not known yet, so its count is a lower bound.
+    A model whose n_ctx cannot hold the prompt fails all its calls: when no call of some stage
+    (a layer, or the aggregator) could take it, the run could not give an answer, and this
+    raises; when only some agents of a stage cannot, it logs a warning and the run goes on on
+    quorum. Ollama truncates an over-long prompt itself, so its models never fail here;
+    OpenAI-compatible and fake models are not checked.
+    """
+    limit = prompt_char_limit(config, stages)
+    chars = sum(len(m.content) for m in messages)
+    if limit is not None and chars > limit:
+        widest = max(_used(stages), key=lambda name: context_tokens(config.models[name]) or 0)
+        raise PromptTooLongError(
+            f"the prompt has {chars:,} characters, more than any model of this ensemble can "
+            f"read: the largest context is {limit // CHARS_PER_TOKEN_MAX} tokens "
+            f"([models.{widest}]), at most {limit:,} characters; shorten the prompt"
+        )
+    tokens = await _count_tokens(config, stages, backends, messages)
+    for number, stage in enumerate(stages):
+        over: dict[str, tuple[int, int, int]] = {}  # model -> (n_ctx, tokens, room for answers)
+        failing = 0
+        for call in stage:
+            counted = tokens.get(_request_key(call, messages, number))
+            n_ctx = context_tokens(config.models[call.model])
+            if counted is None or n_ctx is None or counted < n_ctx:
+                continue
+            failing += 1
+            _, most, room = over.get(call.model, (n_ctx, 0, 0))
+            over[call.model] = (n_ctx, max(most, counted), max(room, counted + call.max_tokens))
+        if not over:
+            continue
+        what = "the aggregator" if number == len(stages) - 1 else f"layer {number + 1}"
+        read = "; ".join(
+            f'model "{name}" reads it as {t} tokens, its n_ctx is {n}'
+            for name, (n, t, _) in over.items()
+        )
+        raise_to = " or ".join(
+            f"raise n_ctx of [models.{name}] to at least {room}"
+            for name, (_, _, room) in over.items()
+        )
+        if failing == len(stage):
+            raise PromptTooLongError(
+                f"the prompt does not fit {what}: {read}; {raise_to}, or shorten the prompt"
+            )
+        log.warning(
+            "the prompt does not fit %d of %d agents of %s, which will fail: %s; %s",
+            failing,
+            len(stage),
+            what,
+            read,
+            raise_to,
+        )
+
+
+def _used(stages: Sequence[Sequence[Call]]) -> list[str]:
+    return list(dict.fromkeys(c.model for stage in stages for c in stage))
+
+
+def _request_key(
+    call: Call, messages: list[ChatMessage], stage: int
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What ``call`` sends, without the references of later stages (unknown before the run)."""
+    request = build_request(call, messages, None if stage == 0 else [])
+    return call.model, tuple((m.role, m.content) for m in request.messages)
+
+
+async def _count_tokens(
+    config: Config,
+    stages: Sequence[Sequence[Call]],
+    backends: Mapping[str, Backend],
+    messages: list[ChatMessage],
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], int]:
+    """The prompt's tokens for every distinct request a llama.cpp model will get; a model whose
+    vocabulary cannot be read is left unchecked (its load will say why)."""
+    keys = {
+        _request_key(call, messages, number)
+        for number, stage in enumerate(stages)
+        for call in stage
+        if isinstance(config.models[call.model], LlamaCppModel)
+    }
+    jobs = []
+    for key in keys:
+        name, sent = key
+        backend = backends[config.models[name].backend]
+        if not isinstance(backend, LlamaCppBackend):  # a stand-in for llama.cpp, in tests
+            continue
+        request = [ChatMessage.model_validate({"role": r, "content": c}) for r, c in sent]
+        jobs.append((key, backend.prompt_tokens(name, config.models[name], request)))
+    counts = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
+    tokens = {}
+    for (key, _), counted in zip(jobs, counts, strict=True):
+        if isinstance(counted, BackendError):
+            log.warning("the prompt is not checked against %s: %s", key[0], counted)
+        elif isinstance(counted, BaseException):
+            raise counted
+        else:
+            tokens[key] = counted
+    return tokens
