@@ -194,7 +194,7 @@ async def test_a_load_cancelled_while_its_preload_is_held_is_unloaded(tmp_path: 
         assert fake.resident() == {}
         assert unloads(fake) == [{"model": "qwen2.5:7b", "keep_alive": 0, "stream": False}]
         assert backend.loaded() == []
-        assert await backend.aclose() == []
+        assert await backend.aclose() == ["qwen"]  # unloaded on the way out: said so
 
 
 async def test_a_load_cancelled_while_reading_ps_after_the_preload_is_unloaded(
@@ -219,7 +219,7 @@ async def test_a_load_cancelled_while_reading_ps_after_the_preload_is_unloaded(
         await load
     assert server.resident() == {} and len(unloads(server)) == 1
     assert backend.loaded() == []
-    await backend.aclose()
+    assert await backend.aclose() == ["qwen"]
 
 
 async def test_a_load_ollama_refuses_is_undone_and_not_left_loaded(

@@ -129,6 +129,7 @@ class OllamaBackend(Backend):
         self._listed: dict[str, Any] | None = None
         self._listing = asyncio.Lock()
         self._described: dict[str, InstalledModel] = {}
+        self._undone: list[str] = []  # unloaded after their load was interrupted
 
     @classmethod
     def from_settings(
@@ -252,8 +253,8 @@ class OllamaBackend(Backend):
             running = await self._running(model.tag)
             if running is None:
                 raise BackendError(name, f"Ollama says it loaded {model.tag} but does not list it")
-        except BaseException:
-            await self._undo_load(name)
+        except BaseException as exc:
+            await self._undo_load(name, interrupted=not isinstance(exc, Exception))
             raise
         self._configs[name] = config
         size, vram = int(running.size or 0), int(running.size_vram or 0)
@@ -287,10 +288,11 @@ class OllamaBackend(Backend):
             ) from None
         self._tags.pop(name, None)
 
-    async def _undo_load(self, name: str) -> None:
-        """Unload ``name`` after its load was interrupted, to the end even if cancelled again
-        meanwhile (the cancellation is raised once it is done); a failure is logged, since the
-        load's own error is the one to report."""
+    async def _undo_load(self, name: str, *, interrupted: bool) -> None:
+        """Unload ``name`` after its load failed or was ``interrupted`` (cancelled), to the end
+        even if cancelled again meanwhile (the cancellation is raised once it is done). A
+        failure is logged, since the load's own error is the one to report; an interrupted load
+        undone is reported by :meth:`aclose`, as Ollama may well have loaded it by then."""
         undo = asyncio.ensure_future(self.unload(name))
         cancelled = False
         while not undo.done():
@@ -304,6 +306,8 @@ class OllamaBackend(Backend):
             log.warning(
                 '"%s": its load was interrupted and Ollama may still hold it: %s', name, error
             )
+        elif interrupted:
+            self._undone.append(name)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -350,8 +354,12 @@ class OllamaBackend(Backend):
         return list(self._tags)
 
     async def aclose(self) -> list[str]:
+        """Unload what is loaded (see :meth:`Backend.aclose`); the names returned include the
+        models unloaded after their load was interrupted, which happened on the way out too."""
         try:
-            return await super().aclose()
+            unloaded = await super().aclose()
+            undone, self._undone = self._undone, []
+            return [*dict.fromkeys([*undone, *unloaded])]
         finally:
             if self._client is not None:
                 await self._client.close()  # type: ignore[no-untyped-call]
