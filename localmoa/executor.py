@@ -9,7 +9,9 @@ plan's waves say (so memory stays within the planned budget), or a pool shared b
   ``max_calls_per_second`` (asyncio-throttle, a rate limiter: it bounds starts per second, not
   concurrency, hence the semaphore beside it);
 - a failed call or load is recorded and left out of the references; the run goes on while each
-  layer keeps at least one usable answer (LayerFailedError otherwise);
+  layer keeps at least one usable answer (LayerFailedError otherwise). A load fails whatever
+  the reason (file gone since planning, out of memory, a runtime's own exception): that model's
+  agents fail with the reason, the others go on; only cancellation ends the run;
 - a backend that measures what a loaded model really holds (Ollama) can make the rest of the
   run be planned again from what is resident, with the measurement in place of the estimate;
 - on every exit (done, error, Ctrl-C/cancel) the residency is told, and with the default one
@@ -37,7 +39,7 @@ from localmoa.errors import LayerFailedError, LocalMoaError
 from localmoa.moa import Call, build_request
 from localmoa.planner import Plan, Wave, make_plan
 from localmoa.refine import refine
-from localmoa.residency import LoadOutcome, PlanResidency, Residency, timed_load
+from localmoa.residency import LoadOutcome, PlanResidency, Residency, still_loaded, timed_load
 
 __all__ = [
     "CallFinished",
@@ -46,6 +48,7 @@ __all__ = [
     "CallStarted",
     "Event",
     "Executor",
+    "LoadFailed",
     "ModelLoaded",
     "ModelUnloaded",
     "RunResult",
@@ -97,7 +100,17 @@ class ModelLoaded:
 
 
 @dataclass(frozen=True)
+class LoadFailed:
+    """A model could not load; its agents fail with ``error``, the run goes on on quorum."""
+
+    model: str
+    error: str
+
+
+@dataclass(frozen=True)
 class ModelUnloaded:
+    """A model that was loaded has been unloaded (never sent for one that failed to load)."""
+
     model: str
 
 
@@ -118,7 +131,9 @@ class CallFinished:
     record: CallRecord
 
 
-Event = WaveStarted | ModelLoaded | ModelUnloaded | CallStarted | CallPiece | CallFinished
+Event = (
+    WaveStarted | ModelLoaded | LoadFailed | ModelUnloaded | CallStarted | CallPiece | CallFinished
+)
 
 
 class Executor:
@@ -306,7 +321,9 @@ class _Run:
         """Account for a load; True when its measurement should re-plan the rest."""
         if outcome.error is not None:
             self.broken[outcome.model] = outcome.error
+            self.emit(LoadFailed(outcome.model, outcome.error))
             return False
+        self.broken.pop(outcome.model, None)  # a reload that worked: its later calls run
         self.loads += 1
         self.emit(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
         return self.executor._remeasure(outcome.model, outcome.measured, sizes)
@@ -469,7 +486,13 @@ class _Flow:
                 lambda: sum(self.loaded.values()) + self.sizes[model] <= self.budget
             )
             self.loaded[model] = self.sizes[model]  # reserved before the load starts
-        outcome = await timed_load(self.executor.backend(model), model, self.executor.models[model])
+        backend = self.executor.backend(model)
+        try:
+            outcome = await timed_load(backend, model, self.executor.models[model])
+        except BaseException:  # cancelled mid-load: unload_all frees only what is loaded
+            if not still_loaded(backend, model):
+                del self.loaded[model]
+            raise
         if outcome.error is not None:
             async with self.changed:
                 del self.loaded[model]

@@ -19,6 +19,7 @@ from localmoa.executor import (
     CallPiece,
     CallStarted,
     Event,
+    LoadFailed,
     ModelLoaded,
     ModelUnloaded,
     WaveStarted,
@@ -51,6 +52,8 @@ class Progress:
                 self._say(f"wave {n + 1}/{self.n_waves} · {stage}: {runs}")
             case ModelLoaded(model=model, seconds=seconds):
                 self._say(f"  loaded {model} in {seconds:.2f}s")
+            case LoadFailed(error=error):
+                self._say(f"  load failed: {error}; its agents fail, the others go on")
             case ModelUnloaded(model=model):
                 self._say(f"  unloaded {model}")
             case CallStarted(call=call):

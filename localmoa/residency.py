@@ -18,6 +18,10 @@ The pool:
 
 A run pins only the wave it is in and releases it before asking for the next, so no run holds
 memory while it waits: the pool cannot deadlock. Loads are serialized, as Ollama does.
+
+A load that fails, for whatever reason, is an outcome, not an exception (:func:`timed_load`):
+the executor fails that model's agents and the run goes on on quorum. The pool tries such a
+model again for the next wave that needs it (the file may be back, memory may have freed).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "PlanResidency",
     "PoolResidency",
     "Residency",
+    "still_loaded",
     "timed_load",
 ]
 
@@ -80,13 +85,35 @@ class Residency(ABC):
 
 
 async def timed_load(backend: Backend, model: str, config: Any) -> LoadOutcome:
-    """Load ``model``, timing it; a BackendError becomes the outcome's error."""
+    """Load ``model``, timing it; any failure becomes the outcome's error.
+
+    A failed load fails that model's agents only, and the run goes on on quorum: a file that
+    vanished since planning (ModelFileError), out of memory or a server's refusal
+    (BackendError), or a runtime's own exception. Only cancellation (Ctrl-C, a client gone)
+    propagates: it is not a failure of this model but the end of the run.
+    """
     began = time.perf_counter()
     try:
         await backend.load(model, config)
-    except BackendError as exc:
-        return LoadOutcome(model, time.perf_counter() - began, None, str(exc))
+    except Exception as exc:
+        return LoadOutcome(model, time.perf_counter() - began, None, _load_error(model, exc))
     return LoadOutcome(model, time.perf_counter() - began, backend.resident_bytes(model))
+
+
+def _load_error(model: str, exc: Exception) -> str:
+    """Why ``model`` could not load, for its agents' records: the model named once."""
+    if isinstance(exc, BackendError):
+        return str(exc)  # already 'model "NAME": ...'
+    if isinstance(exc, LocalMoaError):
+        return f'model "{model}" could not load: {exc}'
+    log.debug("loading %s failed", model, exc_info=True)
+    return f'model "{model}" could not load: {type(exc).__name__}: {exc}'
+
+
+def still_loaded(backend: Backend, model: str) -> bool:
+    """After a load was cancelled: does the backend hold the model anyway (a load that
+    completed before the cancellation reached it)? Then the caller must unload it."""
+    return model in backend.loaded()
 
 
 class PlanResidency(Residency):
@@ -104,7 +131,13 @@ class PlanResidency(Residency):
             await self.backend(model).unload(model)
         outcomes = []
         for model in wave.load:
-            outcome = await timed_load(self.backend(model), model, self.models[model])
+            backend = self.backend(model)
+            try:
+                outcome = await timed_load(backend, model, self.models[model])
+            except BaseException:
+                if still_loaded(backend, model):
+                    self._resident.append(model)  # finish() unloads it
+                raise
             if outcome.error is None:
                 self._resident.append(model)
             outcomes.append(outcome)
@@ -179,7 +212,13 @@ class ModelPool:
                     if model in self.loaded:
                         self.loaded.move_to_end(model)
                         continue
-                    outcome = await timed_load(self.backend(model), model, self.models[model])
+                    backend = self.backend(model)
+                    try:
+                        outcome = await timed_load(backend, model, self.models[model])
+                    except BaseException:
+                        if still_loaded(backend, model):
+                            self.loaded[model] = self.sizes[model]  # close() unloads it
+                        raise
                     outcomes.append(outcome)
                     if outcome.error is not None:
                         pinned.remove(model)
