@@ -24,7 +24,7 @@ from localmoa.backends.base import ChatMessage, ChatRequest
 from localmoa.backends.ollama import OllamaBackend
 from localmoa.backends.openai import OpenAIBackend
 from localmoa.config import OllamaModel, OpenAIModel
-from localmoa.egress import client_options, is_localhost_name, is_loopback
+from localmoa.egress import LoopbackNameTransport, client_options, is_localhost_name, is_loopback
 from localmoa.errors import EgressError
 from localmoa.measurements import MeasurementCache
 
@@ -206,3 +206,20 @@ async def test_an_openai_server_on_a_localhost_name_needs_no_lookup(
         await backend.aclose()
     assert [r.headers["host"] for r in received] == [f"api.localhost:{port_of(root)}"]
     assert not [host for host in lookups if is_localhost_name(host)]
+
+
+async def test_https_to_a_localhost_name_keeps_the_name_for_tls() -> None:
+    """The address is what is dialled; the certificate is checked against the name (SNI)."""
+    seen: list[tuple[str, object]] = []
+
+    def inner(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.extensions.get("sni_hostname")))
+        return httpx.Response(200)
+
+    transport = LoopbackNameTransport()
+    transport._transport = httpx.MockTransport(inner)  # type: ignore[assignment]
+    request = httpx.Request("GET", "https://secure.localhost:8443/v1/models")
+    assert (await transport.handle_async_request(request)).status_code == 200
+    assert seen == [("https://127.0.0.1:8443/v1/models", "secure.localhost")]
+    assert request.url == "https://secure.localhost:8443/v1/models"
+    assert request.headers["host"] == "secure.localhost:8443"
