@@ -5,6 +5,11 @@ The file has three tables: ``[settings]``, ``[models.NAME]`` (one per model, tag
 forbids unknown keys, because a misspelt key silently ignored (``n_ctxx = 8192``) is a run that
 quietly overflows memory later.
 
+Sizes (``memory_budget``, ``memory``) go through :func:`localmoa.sizes.parse_size`, which refuses
+``inf``, ``nan``, ``1e400`` and anything over 1 PiB with a ValueError, so each becomes a line
+naming its key. Context lengths stop at 2^30 tokens (a hundred times the longest real context,
+10M): the KV cache grows with them, and the memory estimate must stay a sane number of bytes.
+
 Errors are collected, not raised one at a time: schema problems from pydantic and reference
 problems (an agent naming a model that does not exist) are reported together, each with its key
 path, in one :class:`~localmoa.errors.ConfigError`.
@@ -59,6 +64,8 @@ def _size(value: Any) -> Any:
 
 
 Size = Annotated[int, BeforeValidator(_size)]
+MAX_CTX = 1 << 30
+ContextLength = Annotated[int, Field(gt=0, le=MAX_CTX)]
 
 
 class _Strict(BaseModel):
@@ -70,7 +77,7 @@ class Settings(_Strict):
 
     memory_budget: Annotated[Literal["auto"] | int, BeforeValidator(_size)] = "auto"
     """"auto" = detected device memory minus a safety margin (see localmoa.hardware), or a size
-    such as "12GiB" used exactly as given."""
+    such as "12GiB" used exactly as given (at most 1 PiB: localmoa.sizes)."""
     max_parallel_calls: PositiveInt | None = None
     """Upper bound on calls running at once; unset = one per resident model."""
     max_calls_per_second: PositiveInt | None = None
@@ -96,7 +103,7 @@ class LlamaCppModel(_Strict):
     backend: Literal["llamacpp"]
     path: Path
     """GGUF file; ``~`` is expanded, relative paths are relative to the config file."""
-    n_ctx: PositiveInt = 4096
+    n_ctx: ContextLength = 4096
     n_gpu_layers: int = -1
     """Layers offloaded to the GPU: -1 = all (ignored by CPU-only builds)."""
     n_batch: PositiveInt = 512
@@ -114,7 +121,7 @@ class OllamaModel(_Strict):
     backend: Literal["ollama"]
     model: str
     """The Ollama tag, e.g. "llama3.1:8b"."""
-    num_ctx: PositiveInt = 4096
+    num_ctx: ContextLength = 4096
     """Context length, sent with every request for this model (preload included), so Ollama
     never reloads it because options changed."""
     memory: Size | None = None

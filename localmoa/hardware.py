@@ -15,7 +15,8 @@ The margin is ``max(1 GiB, 10 % of the device)``: 1 GiB matches llama.cpp's own 
 default headroom (common/fit.cpp) for the runtime's context and allocator slack; 10 % guards
 large devices where fragmentation and other tenants grow with size.
 
-An explicit budget (``--memory-budget`` or ``settings.memory_budget``) is used exactly as given.
+An explicit budget (``--memory-budget`` or ``settings.memory_budget``) is used exactly as given,
+once :func:`localmoa.sizes.parse_size` has accepted it: 1 byte to 1 PiB, never ``inf`` or ``nan``.
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ def resolve_budget(flag: str | None, setting: int | Literal["auto"]) -> Budget:
             raise BudgetError(f"--memory-budget: {exc}") from None
         return Budget(bytes=size, source="flag", detail="--memory-budget")
     if flag is None and setting != "auto":
-        if setting <= 0:
-            raise BudgetError("settings.memory_budget must be positive")
-        return Budget(bytes=int(setting), source="config", detail="settings.memory_budget")
+        try:  # validated with the config already; checked again for settings made in code
+            size = parse_size(setting)
+        except ValueError as exc:
+            raise BudgetError(f"settings.memory_budget: {exc}") from None
+        return Budget(bytes=size, source="config", detail="settings.memory_budget")
     return detect_budget()
 
 
