@@ -6,7 +6,9 @@ LangChain) can then talk to an ensemble as if it were one model, streaming inclu
 - ``GET /v1/models`` lists each ensemble as ``moa/<name>``; ``POST /v1/chat/completions``
   answers, non-streamed or as ``chat.completion.chunk`` server-sent events ending with
   ``data: [DONE]`` (``finish_reason`` exactly once); ``GET /health`` says the server is up.
-  Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``.
+  Every error, 404 and 405 included, uses OpenAI's shape
+  ``{"error": {"message", "type", "param", "code"}}`` (localmoa.webguard); a client's mistake is a
+  4xx, and only what fails on the server's side is a 5xx.
 - The request's ``messages`` are the conversation every agent sees; its ``temperature`` and
   ``max_tokens`` (or ``max_completion_tokens``) apply to the aggregator, the ensemble's own
   settings to the proposers. ``usage`` counts every call of the ensemble, since all of them were
@@ -19,6 +21,11 @@ LangChain) can then talk to an ensemble as if it were one model, streaming inclu
   its run, which releases what it held.
 - With ``api_key`` set, every ``/v1`` request needs ``Authorization: Bearer <key>`` (401
   otherwise). ``localmoa serve`` refuses to listen beyond loopback without a key.
+- Hostile input is refused before it costs anything (localmoa.webguard): foreign ``Host`` and
+  ``Origin`` headers, a POST that is not JSON, a body over ``max_body``; then JSON nested too
+  deeply, text that is not valid Unicode, and a conversation longer than the ensemble's largest
+  context (checked in characters first, then in tokens, before any model loads:
+  localmoa.ensemble.check_prompt). So no request can keep a tokenizer busy for minutes.
 """
 
 from __future__ import annotations
@@ -31,26 +38,35 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.config import Agent, Config, Ensemble
-from localmoa.ensemble import footprints
-from localmoa.errors import BudgetError, ConfigError, LayerFailedError, LocalMoaError
+from localmoa.ensemble import check_prompt, footprints
+from localmoa.errors import (
+    BudgetError,
+    ConfigError,
+    LayerFailedError,
+    LocalMoaError,
+    PromptTooLongError,
+)
 from localmoa.executor import CallPiece, Event, Executor, RunResult
 from localmoa.hardware import Budget
 from localmoa.memory import Footprint
 from localmoa.moa import calls_for
 from localmoa.planner import make_plan
 from localmoa.residency import ModelPool, PoolResidency
+from localmoa.webguard import DEFAULT_MAX_BODY, Refused, RequestGuard, error_response, read_body
 
 __all__ = ["ChatCompletionRequest", "MoaServer"]
 
@@ -91,23 +107,6 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, gt=0)
 
 
-class _Refused(Exception):
-    """An HTTP error answer, raised inside a handler and rendered in OpenAI's shape."""
-
-    def __init__(
-        self, status: int, message: str, kind: str, code: str, headers: Mapping[str, str] = {}
-    ) -> None:
-        super().__init__(message)
-        self.response = _error(status, message, kind, code, headers)
-
-
-def _error(
-    status: int, message: str, kind: str, code: str, headers: Mapping[str, str] = {}
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "code": code}}
-    return JSONResponse(body, status_code=status, headers=dict(headers))
-
-
 class MoaServer:
     """The ensembles of one config, served; :meth:`start` before serving, :meth:`aclose` after."""
 
@@ -119,12 +118,16 @@ class MoaServer:
         *,
         api_key: str | None = None,
         max_queue: int = 16,
+        max_body: int = DEFAULT_MAX_BODY,
+        loopback_only: bool = True,
+        allowed_origins: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.backends = backends
         self.budget = budget
         self.api_key = api_key
         self.max_queue = max_queue
+        self.max_body = max_body
         self.admitted = 0
         self.idle = asyncio.Event()
         """Set while no request is admitted (for tests and graceful shutdown)."""
@@ -132,6 +135,8 @@ class MoaServer:
         self.created = int(time.time())
         self._tickets = itertools.count()
         self._footprints: dict[str, Footprint] = {}
+        self.runs: set[asyncio.Task[RunResult]] = set()
+        """Runs in progress, so that a shutdown can cancel them before it unloads."""
         self.pool: ModelPool | None = None
         self.executor = Executor(
             config.models,
@@ -139,12 +144,20 @@ class MoaServer:
             max_parallel_calls=config.settings.max_parallel_calls,
             max_calls_per_second=config.settings.max_calls_per_second,
         )
+        guard = Middleware(
+            RequestGuard,
+            loopback_only=loopback_only,
+            allowed_origins=allowed_origins,
+            max_body=max_body,
+        )
         self.app = Starlette(
             routes=[
                 Route("/health", self.health),
                 Route("/v1/models", self.list_models),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            ]
+            ],
+            middleware=[guard],
+            exception_handlers={HTTPException: _http_error, Exception: _server_error},
         )
 
     async def start(self) -> None:
@@ -173,6 +186,11 @@ class MoaServer:
         self.executor.sizes = sizes
 
     async def aclose(self) -> None:
+        """Cancel every run still going (a shutdown does not wait for answers), then unload."""
+        runs = list(self.runs)
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
         if self.pool is not None:
             await self.pool.close()
 
@@ -184,7 +202,7 @@ class MoaServer:
     async def list_models(self, request: Request) -> Response:
         try:
             self._authorize(request)
-        except _Refused as refused:
+        except Refused as refused:
             return refused.response
         data = [
             {
@@ -202,22 +220,27 @@ class MoaServer:
             self._authorize(request)
             body = await self._parse(request)
             ensemble = self._ensemble(body)
+            conversation = [_to_chat(i, m) for i, m in enumerate(body.messages)]
             self._admit()
-        except _Refused as refused:
+        except Refused as refused:
             return refused.response
-        ticket = next(self._tickets)
+        run = _Run(self, next(self._tickets), body, ensemble, conversation)
         try:
-            conversation = [_to_chat(m) for m in body.messages]
-        except _Refused as refused:
+            await check_prompt(self.config, run.stages, self.backends, conversation)
+        except PromptTooLongError as exc:
             self._done()
-            return refused.response
-        run = _Run(self, ticket, body, ensemble, conversation)
+            return error_response(
+                400, str(exc), "invalid_request_error", "context_length_exceeded", param="messages"
+            )
+        except BaseException:
+            self._done()
+            raise
         if body.stream:
             run.start()  # now, so the admission slot comes back even if nobody reads the stream
             return EventSourceResponse(run.events(), ping=PING_SECONDS, sep="\n")
         try:
             result = await run.to_completion(request)
-        except _Refused as refused:
+        except Refused as refused:
             return refused.response
         return JSONResponse(run.completion(result))
 
@@ -228,8 +251,12 @@ class MoaServer:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), self.api_key):
-            raise _Refused(
+        # Bytes, not str: compare_digest refuses non-ASCII str, and a header may carry any byte.
+        given_bytes = given.strip().encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given_bytes, self.api_key.encode("utf-8")
+        ):
+            raise Refused(
                 401,
                 "missing or wrong API key: send Authorization: Bearer <the key given to "
                 "localmoa serve>",
@@ -238,26 +265,39 @@ class MoaServer:
             )
 
     async def _parse(self, request: Request) -> ChatCompletionRequest:
+        raw = await read_body(request, self.max_body)
         try:
-            raw = await request.json()
+            parsed = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _Refused(
+            raise Refused(
                 400, "the body is not JSON", "invalid_request_error", "invalid_json"
             ) from None
+        except RecursionError:
+            raise Refused(
+                400,
+                "the body's JSON is nested too deeply to read",
+                "invalid_request_error",
+                "invalid_json",
+            ) from None
         try:
-            return ChatCompletionRequest.model_validate(raw)
+            return ChatCompletionRequest.model_validate(parsed)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-            )
-            raise _Refused(400, problems, "invalid_request_error", "invalid_request") from None
+            errors = exc.errors()
+            problems = "; ".join(f"{_path(e['loc']) or 'body'}: {e['msg']}" for e in errors)
+            raise Refused(
+                400,
+                problems,
+                "invalid_request_error",
+                "invalid_request",
+                param=_path(errors[0]["loc"]) or None,
+            ) from None
 
     def _ensemble(self, body: ChatCompletionRequest) -> Ensemble:
         name = body.model.removeprefix(PREFIX)
         ensemble = self.config.ensembles.get(name)
         if ensemble is None:
             known = ", ".join(PREFIX + n for n in self.config.ensembles)
-            raise _Refused(
+            raise Refused(
                 404,
                 f'no model "{body.model}" here; this server has {known}',
                 "invalid_request_error",
@@ -278,13 +318,13 @@ class MoaServer:
 
     def _admit(self) -> None:
         if self.admitted >= self.max_queue:
-            raise _Refused(
+            raise Refused(
                 503,
                 f"busy: {self.admitted} requests are running or waiting (the limit is "
                 f"{self.max_queue}); retry in a few seconds",
                 "server_error",
                 "queue_full",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         self.admitted += 1
         self.idle.clear()
@@ -324,8 +364,14 @@ class _Run:
             if isinstance(event, CallPiece) and event.call.is_aggregator:
                 self.pieces.put_nowait(("text", event.text))
 
-        self.task = asyncio.create_task(self.run(on_event))
+        self.task = self._spawn(self.run(on_event))
         self.task.add_done_callback(lambda _: self.pieces.put_nowait(("end", "")))
+
+    def _spawn(self, run: Coroutine[Any, Any, RunResult]) -> asyncio.Task[RunResult]:
+        task = asyncio.create_task(run)
+        self.server.runs.add(task)
+        task.add_done_callback(self.server.runs.discard)
+        return task
 
     async def run(self, on_event: Any = None) -> RunResult:
         """Plan from what the pool holds now, then run; always gives the admission slot back."""
@@ -351,19 +397,22 @@ class _Run:
 
     async def to_completion(self, request: Request) -> RunResult:
         """Run to the end, or until the client goes away (then the run is cancelled)."""
-        task = asyncio.create_task(self.run())
+        task = self._spawn(self.run())
         watcher = asyncio.create_task(_disconnected(request))
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        watcher.cancel()
-        if task not in done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, LocalMoaError):
-                await task
-            raise _Refused(499, "client disconnected", "invalid_request_error", "cancelled")
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the client went away, or this handler was cancelled (shutdown)
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LocalMoaError):
+                    await task
+        if task.cancelled():
+            raise Refused(499, "client disconnected", "invalid_request_error", "cancelled")
         try:
             return task.result()
         except LocalMoaError as exc:
-            raise _Refused(*_failure(exc)) from None
+            raise Refused(*_failure(exc)) from None
 
     async def events(self) -> AsyncIterator[dict[str, str]]:
         """The run as chat.completion.chunk events; cancelled if the client disconnects."""
@@ -438,24 +487,77 @@ def _usage(result: RunResult) -> dict[str, int]:
 def _failure(exc: LocalMoaError) -> tuple[int, str, str, str]:
     if isinstance(exc, LayerFailedError):
         return 500, str(exc), "server_error", "ensemble_failed"
-    return 500 if exc.exit_code == 1 else 400, str(exc), "server_error", "run_failed"
+    if exc.exit_code == 1:
+        return 500, str(exc), "server_error", "run_failed"
+    return 400, str(exc), "invalid_request_error", "run_failed"
 
 
-def _to_chat(message: _Message) -> ChatMessage:
+def _to_chat(index: int, message: _Message) -> ChatMessage:
     role = "system" if message.role == "developer" else message.role
     content = message.content
+    param = f"messages[{index}].content"
     if isinstance(content, list):
         unsupported = sorted({p.type for p in content if p.type != "text"})
         if unsupported:
-            raise _Refused(
+            raise Refused(
                 400,
                 f"message parts of type {', '.join(unsupported)} are not supported: "
                 "ensembles read text only",
                 "invalid_request_error",
                 "unsupported_content",
+                param=param,
             )
         content = "\n".join(p.text or "" for p in content)
-    return ChatMessage(role=role, content=content or "")
+    text = content or ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON may spell a lone surrogate: "\ud800"
+        raise Refused(
+            400,
+            f"{param} is not valid Unicode text (a lone surrogate at character {exc.start}); "
+            "send UTF-8 text",
+            "invalid_request_error",
+            "invalid_text",
+            param=param,
+        ) from None
+    return ChatMessage(role=role, content=text)
+
+
+def _path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as a JSON path: ("messages", 0, "role") -> messages[0].role."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """404 and 405 (and any other HTTPException) in OpenAI's shape, not plain text."""
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {
+        404: f"no route {request.url.path}; this server has /v1/models, /v1/chat/completions "
+        "and /health",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return error_response(
+        exc.status_code,
+        message,
+        "invalid_request_error",
+        codes.get(exc.status_code, "http_error"),
+        headers=exc.headers,
+    )
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered as a 500 in OpenAI's shape."""
+    log.error("request %s failed", request.url.path, exc_info=exc)
+    return error_response(
+        500,
+        f"internal error ({type(exc).__name__}); the server log has the details",
+        "server_error",
+        "internal_error",
+    )
 
 
 async def _disconnected(request: Request) -> None:

@@ -6,6 +6,7 @@
   sent, so a test can pin the exact request (body and headers) that went over the wire.
 - :func:`stub_server` answers from a function, for the replies a real server will not give on
   demand (401, a 400 for an unknown field).
+- :func:`serving` runs localmoa's own MoaServer under uvicorn, in a thread with its own loop.
 
 All of them bind 127.0.0.1 only, and all run in threads or subprocesses that the context manager
 stops on exit.
@@ -13,6 +14,7 @@ stops on exit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -21,17 +23,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
+from localmoa.backends import make_backends
+from localmoa.config import Config
+from localmoa.hardware import Budget
+from localmoa.server import MoaServer
+
 __all__ = [
     "Recorded",
     "RecordingProxy",
+    "Serving",
     "free_port",
     "llama_cpp_server",
     "recording_proxy",
+    "serving",
     "stub_server",
 ]
 
@@ -302,3 +314,64 @@ def stub_server(answer: Callable[[Recorded], Reply]) -> Iterator[tuple[str, list
         server.shutdown()
         server.server_close()
         thread.join(timeout=STOP_TIMEOUT)
+
+
+class _Uvicorn(uvicorn.Server):
+    """Says when it accepts connections, so tests wait on an event rather than a sleep."""
+
+    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+
+class Serving:
+    """A MoaServer on a loopback port, in its own thread and event loop."""
+
+    def __init__(self, server: MoaServer, url: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.server, self.url, self.loop = server, url, loop
+
+    def call(self, coroutine: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's loop (its objects belong to that loop)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def wait_idle(self) -> None:
+        self.call(self.server.idle.wait())
+
+
+@contextmanager
+def serving(config: Config, budget: int, **options: Any) -> Iterator[Serving]:
+    port = free_port()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def main() -> None:
+        server = MoaServer(
+            config,
+            make_backends(config.settings),
+            Budget(bytes=budget, source="flag", detail="test"),
+            **options,
+        )
+        await server.start()
+        uv = _Uvicorn(
+            uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"), ready
+        )
+        box.update(server=server, uv=uv, loop=asyncio.get_running_loop())
+        try:
+            await uv.serve()
+        finally:
+            await server.aclose()
+            for backend in server.backends.values():
+                await backend.aclose()
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    assert ready.wait(60), "server did not start"
+    try:
+        yield Serving(box["server"], f"http://127.0.0.1:{port}/v1", box["loop"])
+    finally:
+        box["uv"].should_exit = True
+        thread.join(30)

@@ -6,86 +6,19 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from servers import free_port
+from servers import Serving, free_port, serving
 
-from localmoa.backends import FakeBackend, make_backends
+from localmoa.backends import FakeBackend
 from localmoa.config import Config, parse_config
-from localmoa.hardware import Budget
-from localmoa.server import MoaServer
 from localmoa.tinymodels import ensemble_config
 
 MiB = 1 << 20
-
-
-class _Uvicorn(uvicorn.Server):
-    """Says when it accepts connections, so tests wait on an event rather than a sleep."""
-
-    def __init__(self, config: uvicorn.Config, ready: threading.Event) -> None:
-        super().__init__(config)
-        self.ready = ready
-
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
-        self.ready.set()
-
-
-class Serving:
-    """A MoaServer on a loopback port, in its own thread and event loop."""
-
-    def __init__(self, server: MoaServer, url: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.server, self.url, self.loop = server, url, loop
-
-    def call(self, coroutine: Any, timeout: float = 60) -> Any:
-        """Run a coroutine on the server's loop (its objects belong to that loop)."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def wait_idle(self) -> None:
-        self.call(self.server.idle.wait())
-
-
-@contextmanager
-def serving(config: Config, budget: int, **options: Any) -> Iterator[Serving]:
-    port = free_port()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def main() -> None:
-        server = MoaServer(
-            config,
-            make_backends(config.settings),
-            Budget(bytes=budget, source="flag", detail="test"),
-            **options,
-        )
-        await server.start()
-        uv = _Uvicorn(
-            uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="warning"), ready
-        )
-        box.update(server=server, uv=uv, loop=asyncio.get_running_loop())
-        try:
-            await uv.serve()
-        finally:
-            await server.aclose()
-            for backend in server.backends.values():
-                await backend.aclose()
-
-    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
-    thread.start()
-    assert ready.wait(60), "server did not start"
-    try:
-        yield Serving(box["server"], f"http://127.0.0.1:{port}/v1", box["loop"])
-    finally:
-        box["uv"].should_exit = True
-        thread.join(30)
 
 
 def tiny_config(tiny_models: dict[str, Path]) -> Config:
@@ -291,8 +224,12 @@ def test_errors_come_in_openai_shape() -> None:
             response = httpx.post(f"{served.url}/chat/completions", json=body)
             assert response.status_code == status
             assert response.json()["error"]["code"] == code
-            assert set(response.json()["error"]) == {"message", "type", "code"}
-        raw = httpx.post(f"{served.url}/chat/completions", content=b"{not json")
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        raw = httpx.post(
+            f"{served.url}/chat/completions",
+            content=b"{not json",
+            headers={"Content-Type": "application/json"},
+        )
         assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
 
 
