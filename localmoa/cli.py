@@ -2,7 +2,13 @@
 
 stdout carries only the answer (or JSON with ``--json``), so it can be piped; progress, layer
 outputs, warnings and errors go to stderr. A user's mistake exits 2 with one line naming the
-culprit and no traceback; a failed run exits 1; Ctrl-C exits 130 after every model is unloaded.
+culprit and no traceback; a failed run exits 1.
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP stop a command the same way: the run is cancelled, every
+model any backend holds is unloaded (a load in flight included), and one line says what was
+unloaded. ``run`` then exits 128 + the signal's number (130 for Ctrl-C); ``serve`` finishes the
+requests it can within a few seconds, cancels the rest, and exits 0. While unloading, a second
+signal is answered with a line saying so; a third quits at once, leaving what is still loaded.
 
 With no models.toml anywhere, ``run`` and ``plan`` build an ensemble from the models a local
 Ollama has (localmoa.zeroconfig).
@@ -11,10 +17,15 @@ Ollama has (localmoa.zeroconfig).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import logging
+import os
+import signal
+import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +41,21 @@ from localmoa.backends import OllamaBackend, make_backends
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.config import Config, OllamaModel, Settings, load_config
 from localmoa.ensemble import Prepared, prepare
-from localmoa.errors import ConfigNotFoundError, LocalMoaError, UsageRefused, UserError
-from localmoa.executor import CallFinished, CallPiece, Event, Executor, RunResult
+from localmoa.errors import (
+    AddressInUseError,
+    ConfigNotFoundError,
+    LocalMoaError,
+    UsageRefused,
+    UserError,
+)
+from localmoa.executor import (
+    CallFinished,
+    CallPiece,
+    Event,
+    Executor,
+    ModelUnloaded,
+    RunResult,
+)
 from localmoa.hardware import resolve_budget
 from localmoa.memory import Footprint
 from localmoa.sizes import format_bytes
@@ -55,8 +79,11 @@ class _Group(click.Group):
             kind = "error" if isinstance(exc, UserError) else "run failed"
             _stderr().print(f"[bold red]localmoa: {kind}:[/] {escape(str(exc))}", soft_wrap=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            _stderr().print("localmoa: interrupted; every model was unloaded", markup=False)
+        except _Stopped as stopped:
+            _stderr().print(f"localmoa: {stopped}", markup=False)
+            ctx.exit(stopped.exit_code)
+        except KeyboardInterrupt:  # before or after the event loop: nothing was loaded
+            _stderr().print("localmoa: interrupted", markup=False)
             ctx.exit(130)
 
 
@@ -95,6 +122,40 @@ class _Session:
     reasons: list[str]
 
 
+class _Unloads:
+    """What was really unloaded during a command, so an interrupted one can tell the truth."""
+
+    def __init__(self) -> None:
+        self.unloaded: list[str] = []
+        self.failed: list[str] = []
+
+    def add(self, names: list[str]) -> None:
+        self.unloaded += [n for n in names if n not in self.unloaded]
+
+    def summary(self) -> str:
+        said = f"unloaded {', '.join(self.unloaded)}" if self.unloaded else "nothing was loaded"
+        if self.failed:
+            said += (
+                f"; could not unload {', '.join(self.failed)} (see above): it may still hold "
+                "memory in its server"
+            )
+        return said
+
+
+_unloads = _Unloads()
+"""This process's account; a command runs once per process."""
+
+
+class _Stopped(Exception):
+    """A signal stopped the command; its message is the line to print."""
+
+    def __init__(self, signum: int, unloads: _Unloads, *, exit_code: int | None) -> None:
+        name = signal.Signals(signum).name
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {name}"
+        super().__init__(f"{what}; {unloads.summary()}")
+        self.exit_code = 128 + signum if exit_code is None else exit_code
+
+
 @asynccontextmanager
 async def _session(config_path: Path | None, memory_budget: str | None) -> AsyncIterator[_Session]:
     """Open the backends for the config (or zero-config) and close them on every exit."""
@@ -123,15 +184,76 @@ async def _session(config_path: Path | None, memory_budget: str | None) -> Async
 
 
 async def _close(backends: dict[str, Backend]) -> None:
-    for backend in backends.values():
+    """Unload what every backend still holds (a load in flight included); never interrupted."""
+
+    async def close_all() -> None:
+        for backend in backends.values():
+            held = backend.loaded()
+            done: list[str] = []
+            try:
+                done = await backend.aclose()
+            except LocalMoaError as exc:
+                logging.getLogger(__name__).warning("closing a backend failed: %s", exc)
+            _unloads.add(done)
+            _unloads.failed += [m for m in held if m not in done]
+
+    await asyncio.shield(close_all())
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _arun(
+    factory: Callable[[], Coroutine[Any, Any, T]],
+    on_stop: Callable[[], None] | None = None,
+    *,
+    stopped_exit: int | None = None,
+) -> T:
+    """Run ``factory()``; the first SIGINT/SIGTERM/SIGHUP calls ``on_stop`` (default: cancel the
+    run, whose cleanup unloads everything) and the command then exits as :class:`_Stopped`,
+    with ``stopped_exit`` (default 128 + the signal)."""
+    received: list[int] = []
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stop = on_stop or task.cancel
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            if len(received) == 1:
+                stop()
+            elif len(received) == 2:
+                _stderr().print(
+                    "localmoa: unloading models, please wait; signal again to quit at once and "
+                    "leave them loaded",
+                    markup=False,
+                )
+            else:
+                os._exit(128 + signum)
+
+        installed = []
+        for signum in _STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, on_signal, signum)
+                installed.append(signum)
+            except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+                pass
         try:
-            await backend.aclose()
-        except LocalMoaError as exc:
-            logging.getLogger(__name__).warning("closing a backend failed: %s", exc)
+            return await factory()
+        except asyncio.CancelledError:
+            if received:
+                raise _Stopped(received[0], _unloads, exit_code=stopped_exit) from None
+            raise
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
 
-
-def _arun(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(factory())
+    result = asyncio.run(main())
+    if received:  # a signal that did not cancel (serve) still ends the command as stopped
+        raise _Stopped(received[0], _unloads, exit_code=stopped_exit)
+    return result
 
 
 @cli.command()
@@ -153,7 +275,9 @@ def run(
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise click.UsageError("give a PROMPT, or pipe one on stdin")
-        prompt = sys.stdin.read()
+        prompt = _utf8(sys.stdin.buffer.read(), "stdin")
+    else:  # an argument with bytes that are not UTF-8 arrives with surrogate escapes
+        prompt = _utf8(os.fsencode(prompt), "the PROMPT argument")
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
     question = prompt
@@ -176,6 +300,17 @@ def run(
         click.echo(json.dumps(_run_json(result)))
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    """The prompt as text, refused before anything loads when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
 async def _run(
     session: _Session, prepared: Prepared, prompt: str, *, show_layers: bool, quiet: bool
 ) -> RunResult:
@@ -191,6 +326,8 @@ async def _run(
 
     def on_event(event: Event) -> None:
         nonlocal streaming
+        if isinstance(event, ModelUnloaded):
+            _unloads.add([event.model])
         if isinstance(event, CallPiece) and event.call.is_aggregator and not quiet:
             if not streaming:
                 progress.pause()
@@ -425,6 +562,10 @@ def _size(value: int | None) -> str:
     return "-" if value is None else format_bytes(value)
 
 
+SHUTDOWN_SECONDS = 5
+"""How long ``serve`` lets running requests finish after a signal before cancelling them."""
+
+
 @cli.command()
 @_config_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -442,6 +583,21 @@ def _size(value: int | None) -> str:
     type=click.IntRange(1),
     help="Requests running or waiting at once; more get 503 with Retry-After.",
 )
+@click.option(
+    "--max-body",
+    metavar="SIZE",
+    default="4MiB",
+    show_default=True,
+    help="Largest request body accepted; larger ones get 413 before they are read.",
+)
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="A web origin (e.g. http://localhost:3000) whose pages may call this server; "
+    "repeatable. Others are refused. Open WebUI needs none: it calls from its backend.",
+)
 def serve(
     config_path: Path | None,
     host: str,
@@ -449,19 +605,47 @@ def serve(
     api_key: str | None,
     memory_budget: str | None,
     max_queue: int,
+    max_body: str,
+    allow_origins: tuple[str, ...],
 ) -> None:
     """Serve every ensemble as an OpenAI-compatible model (moa/NAME) at http://HOST:PORT/v1."""
     from localmoa.egress import is_loopback
+    from localmoa.sizes import parse_size
 
-    if not is_loopback(host) and not api_key:
+    loopback = is_loopback(host)
+    if not loopback and not api_key:
         raise UsageRefused(
             f"refusing to listen on {host} without --api-key: anyone who can reach this "
             "machine could use your models; pass --api-key KEY (or set LOCALMOA_API_KEY), or "
             "keep the default --host 127.0.0.1"
         )
+    try:
+        body_limit = parse_size(max_body)
+    except ValueError as exc:
+        raise UserError(f"--max-body: {exc}") from None
+    for origin in allow_origins:
+        if not _is_origin(origin):
+            raise UserError(
+                f'--allow-origin: "{origin}" is not an origin; write scheme://host[:port], '
+                "e.g. http://localhost:3000"
+            )
+    listener = _listen(host, port)  # before anything else: a busy port is said at once
+    uv: Any = None
+    starting: list[asyncio.Task[Any]] = []
+
+    def stop() -> None:
+        if uv is None:  # still starting: nothing serves yet, so cancel the start
+            starting[0].cancel()
+        else:
+            uv.should_exit = True
 
     async def go() -> None:
+        nonlocal uv
         import uvicorn
+
+        task = asyncio.current_task()
+        assert task is not None
+        starting.append(task)
 
         from localmoa.server import MoaServer
 
@@ -470,22 +654,92 @@ def serve(
                 _stderr().print(f"zero-config: {reason}", markup=False)
             budget = resolve_budget(memory_budget, session.config.settings.memory_budget)
             server = MoaServer(
-                session.config, session.backends, budget, api_key=api_key, max_queue=max_queue
-            )
-            await server.start()
-            names = ", ".join(f"moa/{n}" for n in session.config.ensembles)
-            _stderr().print(
-                f"localmoa: serving {names} at http://{host}:{port}/v1 "
-                f"(budget {format_bytes(budget.bytes)}: {budget.detail})",
-                markup=False,
+                session.config,
+                session.backends,
+                budget,
+                api_key=api_key,
+                max_queue=max_queue,
+                max_body=body_limit,
+                loopback_only=loopback,
+                allowed_origins=allow_origins,
             )
             try:
-                config = uvicorn.Config(server.app, host=host, port=port, log_level="warning")
-                await uvicorn.Server(config).serve()
+                await server.start()
+                config = uvicorn.Config(
+                    server.app,
+                    log_level="warning",
+                    timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+                )
+                uv = _Uvicorn(config)
+                names = ", ".join(f"moa/{n}" for n in session.config.ensembles)
+                _stderr().print(
+                    f"localmoa: serving {names} at http://{host}:{port}/v1 "
+                    f"(budget {format_bytes(budget.bytes)}: {budget.detail})",
+                    markup=False,
+                )
+                await uv.serve(sockets=[listener])
             finally:
-                await server.aclose()
+                if server.pool is not None:
+                    _unloads.add(server.pool.resident())
+                await asyncio.shield(server.aclose())
 
-    _arun(go)
+    try:
+        _arun(go, stop, stopped_exit=0)
+    finally:
+        listener.close()
+
+
+class _Uvicorn:
+    """uvicorn's server without its own signal handling: localmoa's handlers stop it, so that
+    models are unloaded first (uvicorn re-raises the signal after serving, which would end the
+    process before the cleanup runs)."""
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        return Server(config)
+
+
+def _is_origin(text: str) -> bool:
+    """scheme://host[:port], as a browser sends it in ``Origin``."""
+    import httpx
+
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL:
+        return False
+    return url.scheme in ("http", "https") and bool(url.host) and url.path in ("", "/")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now; AddressInUseError when another program has the port.
+
+    Loopback names (``localhost``, ``*.localhost``) bind to 127.0.0.1 without a name lookup."""
+    from localmoa.egress import is_loopback
+
+    address = host.strip("[]")
+    if is_loopback(address) and not address.replace(".", "").isdigit() and ":" not in address:
+        address = "127.0.0.1"
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(
+                f"cannot listen on {host}:{port}: another program is using that port; pick "
+                "another with --port, or stop the program that holds it"
+            ) from None
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def main() -> None:

@@ -220,7 +220,7 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
     )
     code, err = interrupt_when("loaded c", "run", "q", "--memory-budget", "3GiB")
     assert code == 130
-    assert "interrupted; every model was unloaded" in err and "Traceback" not in err
+    assert "localmoa: interrupted; unloaded " in err and "Traceback" not in err
 
 
 def test_ctrl_c_while_llama_cpp_generates(tiny_config: Path) -> None:
@@ -228,5 +228,32 @@ def test_ctrl_c_while_llama_cpp_generates(tiny_config: Path) -> None:
     tiny_config.write_text(config.replace("n_ctx = 2048", "n_ctx = 8192"))
     code, err = interrupt_when("loaded tiny-c", "run", "q", "--memory-budget", "4GiB")
     assert code == 130
-    assert "interrupted; every model was unloaded" in err and "Traceback" not in err
+    assert "localmoa: interrupted; unloaded " in err and "Traceback" not in err
     assert "calls (" not in err  # it really was cut short, not finished
+
+
+def test_stdin_that_is_not_utf8_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    write_config(tmp_path, FAKE_THREE)
+    out = subprocess.run(
+        [sys.executable, "-m", "localmoa", "run", "--memory-budget", "3GiB"],
+        input=b"caf\xe9 au lait",
+        capture_output=True,
+        timeout=120,
+    )
+    err = out.stderr.decode()
+    assert out.returncode == 2 and "Traceback" not in err
+    assert err.strip() == (
+        "localmoa: error: stdin is not UTF-8 text (byte 0xe9 at offset 3); convert it first, "
+        "e.g. iconv -f latin1 -t utf-8"
+    )
+
+
+def test_a_prompt_argument_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    write_config(tmp_path, FAKE_THREE)
+    out = subprocess.run(
+        [sys.executable.encode(), b"-m", b"localmoa", b"run", b"caf\xe9"],
+        capture_output=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert b"the PROMPT argument is not UTF-8 text" in out.stderr
