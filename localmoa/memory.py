@@ -29,21 +29,47 @@ The constants were fitted by ``scripts/calibrate_memory.py`` on 99 shapes and co
 llama-cpp-python) would only shrink the buffers, so the estimate stays an upper bound.
 
 ``memory = "6GiB"`` in models.toml replaces the whole estimate, as-is.
+
+Every fact is checked before it enters the formula, because a model file (or an Ollama server's
+``model_info``) is input from elsewhere: a negative layer count once gave a negative footprint
+that the planner's cost model never finished with. Each must be an integer (not a string, float,
+bool or array of the wrong kind) within these limits, each far beyond any real model; the
+per-layer keys may also be arrays of one such integer per layer, checked element by element.
+
+=============================  ===========  =======================================================
+``ARCH.block_count``           1 to 4096    8 times llama.cpp's own LLAMA_MAX_LAYERS (512)
+``ARCH.embedding_length``      1 to 2^20    real models: up to 16,384 (Llama 3.1 405B)
+``ARCH.attention.head_count``  0 to 16,384  per layer; 0 for attention-free layers and models
+``…head_count_kv``             0 to 16,384  per layer
+``…key_length``, ``value_…``   0 to 65,536  real models: up to 576 (MLA)
+``ARCH.feed_forward_length``   0 to 2^20    per layer; real models: up to 53,248
+``ARCH.vocab_size`` (or the    0 to 2^24    real models: up to 262,144
+token list's length)
+``ARCH.context_length``        0 to 2^32    only reported; real models: up to 10M
+weights (the tensors' bytes)   0 to 1 PiB   the largest size localmoa accepts (localmoa.sizes)
+=============================  ===========  =======================================================
+
+A fact outside them is a :class:`~localmoa.ggufheader.GGUFError` naming the key and its value
+(a missing key stays a ``KeyError``); :func:`read_gguf` turns both into a
+:class:`~localmoa.errors.ModelFileError` naming the file. With the limits (and ``n_ctx`` at most
+2^30, localmoa.config), every footprint is a positive whole number of bytes below 2^80:
+:class:`Footprint` refuses a negative part, so no other code has to wonder.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from localmoa.errors import ModelFileError
-from localmoa.ggufheader import ArrayInfo, read_header
+from localmoa.ggufheader import ArrayInfo, GGUFError, LongString, printable, read_header
+from localmoa.sizes import MAX_SIZE
 
 __all__ = [
+    "LIMITS",
     "Footprint",
     "GGUFFacts",
     "compute_bytes",
@@ -62,6 +88,19 @@ CTX_PAD = 256  # llama.cpp pads n_ctx to a multiple of this
 N_UBATCH = 512  # llama-cpp-python's default micro-batch
 GRAPH_SLACK = MiB // 4  # covers ggml's rounding of the graph buffer
 FIXED_PER_MODEL = 8 * MiB  # context, sampler, thread pool: 3-5 MiB measured
+
+LIMITS: dict[str, tuple[int, int]] = {
+    "block_count": (1, 4096),
+    "embedding_length": (1, 1 << 20),
+    "attention.head_count": (0, 1 << 14),
+    "attention.head_count_kv": (0, 1 << 14),
+    "attention.key_length": (0, 1 << 16),
+    "attention.value_length": (0, 1 << 16),
+    "feed_forward_length": (0, 1 << 20),
+    "vocab_size": (0, 1 << 24),
+    "context_length": (0, 1 << 32),
+}
+"""Each fact's smallest and largest value, under its key after ``ARCH.`` (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +135,14 @@ class Footprint:
     OpenAI-compatible server's own model, outside localmoa's budget (0 bytes)."""
     note: str = ""
 
+    def __post_init__(self) -> None:
+        # The planner and its cost model assume sizes that only add up: a negative part once
+        # made the cost model search forever.
+        for part in ("weights", "kv_cache", "compute"):
+            value = getattr(self, part)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"footprint {part} must be a whole number of bytes ≥ 0: {value!r}")
+
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
@@ -113,21 +160,20 @@ def read_gguf(path: Path) -> GGUFFacts:
         raise ModelFileError(f"{path}: not a file; point the model's path at a .gguf file")
     try:
         header = read_header(path)
-    except PermissionError as exc:
-        raise ModelFileError(f"{path}: cannot read: {exc.strerror}") from None
-    except (OSError, ValueError, KeyError, struct.error) as exc:
-        raise ModelFileError(
-            f"{path}: not a valid GGUF file ({exc}); the file may be truncated or not a "
-            "model: download or convert it again"
-        ) from None
-    tokens = header.metadata.get("tokenizer.ggml.tokens")
-    try:
+        tokens = header.metadata.get("tokenizer.ggml.tokens")
         return facts_from_metadata(
             header.metadata,
             path=path,
             weights=sum(header.tensor_bytes.values()),
             vocab=tokens.length if isinstance(tokens, ArrayInfo) else 0,
         )
+    except PermissionError as exc:
+        raise ModelFileError(f"{path}: cannot read: {exc.strerror}") from None
+    except (OSError, GGUFError) as exc:
+        raise ModelFileError(
+            f"{path}: not a valid GGUF file ({exc}); the file may be truncated or not a "
+            "model: download or convert it again"
+        ) from None
     except KeyError as exc:
         raise ModelFileError(
             f"{path}: GGUF header lacks {exc.args[0]}; not a model file localmoa can size"
@@ -140,26 +186,57 @@ def facts_from_metadata(
     """The facts from GGUF-style metadata (a file's header, or Ollama's ``model_info``).
 
     ``vocab`` is the vocabulary size when the metadata has no ``vocab_size`` (the length of the
-    token list). KeyError names a required key that is missing.
+    token list). KeyError names a required key that is missing; GGUFError (a ValueError) names
+    a key whose value breaks the limits in the module docstring.
     """
     arch = meta.get("general.architecture")
-    if not isinstance(arch, str):
+    if arch is None or isinstance(arch, LongString):
         raise KeyError("general.architecture")
+    if not isinstance(arch, str) or not 0 < len(arch) <= 64 or not arch.isprintable():
+        raise GGUFError(f"general.architecture = {_show(arch)}: must be a name such as 'llama'")
+    if not 0 <= weights <= MAX_SIZE:
+        raise GGUFError(f"the tensors' {weights:,} bytes are not a size (0 to 1 PiB)")
+    if not 0 <= vocab <= LIMITS["vocab_size"][1]:
+        raise GGUFError(f"tokenizer.ggml.tokens has {vocab:,} entries: too many for a vocabulary")
+
+    def given(key: str) -> Any:
+        value = meta.get(f"{arch}.{key}")
+        # Ollama blanks long arrays in /api/show unless asked to be verbose: as if missing.
+        return None if value is None or value == [] else value
 
     def number(key: str, default: int | None = None) -> int:
-        """A per-model number; per-layer lists count at their largest (an upper bound)."""
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None or value == []:
+        """A per-model number within its limits; KeyError when missing and required."""
+        value = given(key)
+        if value is None:
             if default is None:
                 raise KeyError(f"{arch}.{key}")
-            value = default
-        return int(max(value) if isinstance(value, list) else value)
+            return default
+        return _whole(f"{arch}.{key}", value, LIMITS[key])
+
+    def per_layer(key: str, default: list[int] | None = None) -> list[int]:
+        """One number per layer: an array of them, or one number for every layer."""
+        value, name = given(key), f"{arch}.{key}"
+        if value is None:
+            if default is None:
+                raise KeyError(name)
+            return default
+        if not isinstance(value, list | ArrayInfo):
+            return [_whole(name, value, LIMITS[key])] * n_layer
+        length = value.length if isinstance(value, ArrayInfo) else len(value)
+        if length != n_layer:
+            raise GGUFError(
+                f"{name} has {length:,} entries for {n_layer} layers ({arch}.block_count): "
+                "must have one per layer"
+            )
+        if isinstance(value, ArrayInfo):  # a per-layer array of strings, or of arrays
+            raise GGUFError(f"{name} = {_show(value)}: must be integers, one per layer")
+        return [_whole(f"{name}[{i}]", v, LIMITS[key]) for i, v in enumerate(value)]
 
     n_layer = number("block_count")
     n_embd = number("embedding_length")
-    n_head = number("attention.head_count")
-    kv_heads = meta.get(f"{arch}.attention.head_count_kv", n_head)
-    n_head_kv_total = int(sum(kv_heads)) if isinstance(kv_heads, list) else int(kv_heads) * n_layer
+    heads = per_layer("attention.head_count")
+    kv_heads = per_layer("attention.head_count_kv", heads)
+    n_head = max(heads)
     head_dim = n_embd // max(n_head, 1)
     return GGUFFacts(
         path=path,
@@ -167,14 +244,38 @@ def facts_from_metadata(
         n_layer=n_layer,
         n_embd=n_embd,
         n_head=n_head,
-        n_head_kv_total=n_head_kv_total,
+        n_head_kv_total=sum(kv_heads),
         key_length=number("attention.key_length", head_dim),
         value_length=number("attention.value_length", head_dim),
-        n_ff=number("feed_forward_length", 4 * n_embd),
+        n_ff=max(per_layer("feed_forward_length", [4 * n_embd])),
         n_vocab=number("vocab_size", vocab),
         n_ctx_train=number("context_length", 0),
         weights_bytes=weights,
     )
+
+
+def _whole(key: str, value: Any, limits: tuple[int, int]) -> int:
+    """``value`` when it is an integer within ``limits``, else a GGUFError naming ``key``."""
+    low, high = limits
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    raise GGUFError(f"{key} = {_show(value)}: must be an integer from {low} to {high:,}")
+
+
+def _show(value: Any) -> str:
+    """A metadata value as a message quotes it: short, whatever it is."""
+    if isinstance(value, ArrayInfo):
+        return f"an array of {value.length:,} {value.item_type.name}"
+    if isinstance(value, LongString):
+        return f"a string of {value.length:,} bytes"
+    if isinstance(value, list):
+        shown = ", ".join(_show(v) for v in value[:4])
+        return f"[{shown}{', …' if len(value) > 4 else ''}]"
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return printable(repr(value), 40)
+    return f"a {type(value).__name__}"
 
 
 def kv_cache_bytes(facts: GGUFFacts, n_ctx: int) -> int:

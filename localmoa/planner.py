@@ -112,7 +112,8 @@ def make_plan(
     ``resident`` models are loaded already (a plan made mid-run): the ones the run still needs
     are free to use, the others are unloaded by the first wave. Should they not fit the budget
     together (a measurement came out larger than its estimate), the ones needed latest go first.
-    Raises BudgetError when the budget is not positive or a model alone exceeds it.
+    Raises BudgetError when the budget is not positive or a model alone exceeds it, and
+    ValueError for a size that is not a whole number of bytes ≥ 0.
     """
     if budget <= 0:
         raise BudgetError(f"the memory budget must be positive, got {budget} bytes")
@@ -120,6 +121,10 @@ def make_plan(
         raise ValueError("every stage must call at least one model")
     names = list(dict.fromkeys(model for stage in stages for model in stage))
     for name in names:
+        # Footprint refuses negative parts; a negative size here would be a bug upstream, and
+        # one once sent the cost model searching forever.
+        if isinstance(sizes[name], bool) or not isinstance(sizes[name], int) or sizes[name] < 0:
+            raise ValueError(f'model "{name}": {sizes[name]!r} is not a size in bytes')
         if sizes[name] > budget:
             raise BudgetError(
                 f'model "{name}" needs {format_bytes(sizes[name])} but the memory budget is '

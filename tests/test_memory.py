@@ -7,8 +7,10 @@ from pathlib import Path
 import gguf
 import pytest
 
+from localmoa.backends.ollama import _facts as _ollama_facts
 from localmoa.errors import ModelFileError
-from localmoa.memory import estimate, kv_cache_bytes, read_gguf
+from localmoa.ggufheader import GGUFError
+from localmoa.memory import Footprint, estimate, facts_from_metadata, kv_cache_bytes, read_gguf
 from localmoa.tinymodels import PRESETS, write_header_only
 
 
@@ -84,3 +86,53 @@ def test_header_without_its_tensor_data_is_truncated(tmp_path: Path) -> None:
     path = write_header_only(tmp_path / "partial.gguf", PRESETS["tiny-a"], sparse_size=False)
     with pytest.raises(ModelFileError, match="truncated"):
         read_gguf(path)
+
+
+# An Ollama /api/show model_info as it looks for a small llama (JSON numbers, per-layer arrays).
+OLLAMA_INFO = {
+    "general.architecture": "llama",
+    "llama.block_count": 2,
+    "llama.embedding_length": 64,
+    "llama.attention.head_count": 4,
+    "llama.attention.head_count_kv": [2, 1],
+    "llama.feed_forward_length": [128, 256],
+    "llama.context_length": 4096,
+}
+
+
+def test_per_layer_values_are_summed_or_maxed() -> None:
+    facts = facts_from_metadata(OLLAMA_INFO, path=Path("m"), weights=1000, vocab=32000)
+    assert (facts.n_head_kv_total, facts.n_ff, facts.n_vocab) == (3, 256, 32000)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"llama.block_count": -1_000_000}, "llama.block_count = -1000000: must be an integer"),
+        ({"llama.block_count": "32"}, "llama.block_count = '32'"),
+        ({"llama.block_count": 32.0}, "llama.block_count = 32.0"),
+        ({"llama.block_count": [2, 2]}, "llama.block_count = [2, 2]"),
+        ({"llama.embedding_length": True}, "llama.embedding_length = True"),
+        ({"llama.attention.head_count_kv": [2, -1]}, "head_count_kv[1] = -1"),
+        ({"llama.attention.head_count_kv": [2, 1, 1]}, "has 3 entries for 2 layers"),
+        ({"llama.feed_forward_length": [128, 2.5]}, "feed_forward_length[1] = 2.5"),
+        ({"llama.attention.key_length": 1 << 40}, "key_length = 1099511627776"),
+        ({"general.architecture": 5}, "general.architecture = 5"),
+    ],
+)
+def test_metadata_out_of_its_limits_is_a_value_error_naming_the_key(
+    change: dict[str, object], expected: str
+) -> None:
+    """A ValueError (GGUFError) whatever the source: Ollama's backend falls back to the model's
+    file size on ValueError, read_gguf turns it into a ModelFileError naming the file."""
+    with pytest.raises(GGUFError) as caught:
+        facts_from_metadata({**OLLAMA_INFO, **change}, path=Path("m"), weights=1000)
+    assert isinstance(caught.value, ValueError) and expected in str(caught.value)
+    assert _ollama_facts("m", {**OLLAMA_INFO, **change}, 1000) is None
+
+
+def test_footprint_refuses_negative_parts() -> None:
+    assert Footprint(weights=0, kv_cache=0, compute=0, source="server").total == 0
+    for parts in [(-1, 0, 0), (0, -1, 0), (0, 0, -(1 << 40))]:
+        with pytest.raises(ValueError, match="must be a whole number of bytes"):
+            Footprint(*parts, source="gguf")

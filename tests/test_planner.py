@@ -182,3 +182,10 @@ def test_large_ensembles_fall_back_to_a_bounded_heuristic() -> None:
     assert_valid(plan, stages, sizes, budget)
     assert not plan.optimal
     assert plan.loads <= sum(len(set(stage)) for stage in stages)
+
+
+def test_a_negative_size_is_refused_at_once() -> None:
+    """Footprints are never negative; should one get here, the planner refuses it instead of
+    handing the cost model sizes that do not add up (one once made it search forever)."""
+    with pytest.raises(ValueError, match='model "a": -1099511627776 is not a size'):
+        make_plan([["a", "b"], ["a", "b"]], {"a": -(1 << 40), "b": GiB}, 2 * GiB)
