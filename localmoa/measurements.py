@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import platformdirs
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, NonNegativeInt, ValidationError
 
 __all__ = ["Measurement", "MeasurementCache", "default_cache_path"]
 
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 class Measurement(BaseModel):
     """What one loaded model held."""
 
-    bytes: int
-    vram_bytes: int | None = None
+    bytes: NonNegativeInt
+    vram_bytes: NonNegativeInt | None = None
     measured_at: str
 
 

@@ -186,7 +186,7 @@ class OllamaBackend(Backend):
             listed = (await self._list())[tag]
             show = await self._show(tag)
             details = listed.details
-            size = int(listed.size or 0)
+            size = max(0, int(listed.size or 0))  # a broken server's negative stays out
             self._described[tag] = InstalledModel(
                 tag=tag,
                 digest=listed.digest or "",
@@ -257,7 +257,7 @@ class OllamaBackend(Backend):
             await self._undo_load(name, interrupted=not isinstance(exc, Exception))
             raise
         self._configs[name] = config
-        size, vram = int(running.size or 0), int(running.size_vram or 0)
+        size, vram = max(0, int(running.size or 0)), max(0, int(running.size_vram or 0))
         self._measured[name] = size
         self.cache.put(self._cache_key(model, config), size, vram)
         if 0 < vram < size:
