@@ -375,7 +375,9 @@ class LlamaCppBackend(Backend):
         with self._vocabs_lock:
             vocab = self._vocabs.get(key)
             if vocab is None:
-                vocab, _ = _new_llama(model_path=str(path), vocab_only=True)
+                # The smallest context and batch: llama-cpp-python still makes a context, and
+                # sizes its token and logits arrays (n_batch x n_vocab floats) by them.
+                vocab, _ = _new_llama(model_path=str(path), vocab_only=True, n_ctx=16, n_batch=16)
                 self._vocabs = {k: v for k, v in self._vocabs.items() if k[0] != key[0]}
                 self._vocabs[key] = vocab
         return vocab
