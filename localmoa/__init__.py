@@ -15,7 +15,6 @@ from localmoa.backends import (
     make_backends,
 )
 from localmoa.config import Config, load_config, parse_config
-from localmoa.ensemble import Prepared, prepare
 from localmoa.errors import (
     AddressInUseError,
     BackendError,
@@ -33,11 +32,12 @@ from localmoa.errors import (
     UsageRefused,
     UserError,
 )
-from localmoa.executor import CallRecord, Executor, RunResult
+from localmoa.footprint.estimate import Footprint, estimate, read_gguf
 from localmoa.hardware import Budget, detect_budget
-from localmoa.memory import Footprint, estimate, read_gguf
-from localmoa.planner import Plan, Wave, make_plan
-from localmoa.residency import ModelPool, PlanResidency, PoolResidency, Residency
+from localmoa.planning.fewest_loads import Plan, Wave, make_plan
+from localmoa.runtime.admission import ModelPool, PlanResidency, PoolResidency, Residency
+from localmoa.runtime.engine import CallRecord, Executor, RunResult
+from localmoa.runtime.prepare import Prepared, prepare
 
 __all__ = [
     "AddressInUseError",

@@ -89,11 +89,11 @@ class Settings(_Strict):
     loopback only: localmoa refuses any other host before connecting."""
     plan_for: Literal["time", "loads"] = "time"
     """"time": the fewest-loads plan, then a search for one the cost model estimates faster on
-    this kind of machine (localmoa.refine); "loads": the fewest-loads plan as it is."""
+    this kind of machine (localmoa.planning.refine); "loads": the fewest-loads plan as it is."""
     timing_profile: Literal[
         "auto", "laptop-8g", "desktop-24g", "server-80g", "apple-32g", "cpu-16g"
     ] = "auto"
-    """The cost-model profile whose speeds time the plan (localmoa.costmodel.PROFILES); "auto"
+    """The cost-model profile whose speeds time the plan (localmoa.planning.timing.PROFILES); "auto"
     picks by the detected device. Set it when `localmoa plan` names the wrong kind."""
 
 

@@ -4,8 +4,8 @@
 
 Writes an 8B-shaped llama header (32 layers, n_embd 4096, 128,256-token vocabulary) with no
 tensor data, sparse on disk (localmoa.tinymodels.write_header_only), then times
-localmoa.memory.read_gguf and gguf's own GGUFReader on it. Planning reads every model of an
-ensemble, so this is paid once per model per `localmoa plan` or `run`.
+localmoa.footprint.estimate.read_gguf and gguf's own GGUFReader on it. Planning reads every
+model of an ensemble, so this is paid once per model per `localmoa plan` or `run`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import gguf
 
-from localmoa.memory import read_gguf
+from localmoa.footprint.estimate import read_gguf
 from localmoa.tinymodels import TinySpec, write_header_only
 
 SPEC = TinySpec(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256)
@@ -44,7 +44,7 @@ def main() -> None:
         ours = timed(read_gguf, path, args.repeat)
         theirs = timed(gguf.GGUFReader, path, max(1, args.repeat // 5))
     print("| reader | median |\n|---|--:|")
-    print(f"| localmoa.memory.read_gguf | {ours * 1000:.0f} ms |")
+    print(f"| localmoa.footprint.estimate.read_gguf | {ours * 1000:.0f} ms |")
     print(f"| gguf.GGUFReader | {theirs:.1f} s |")
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 # Run from a checkout without installing: the repository's package wins over an installed one.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localmoa.memory import estimate, read_gguf
+from localmoa.footprint.estimate import estimate, read_gguf
 from localmoa.tinymodels import PRESETS, TinySpec, write_tiny_model
 
 MiB = 1 << 20

@@ -19,9 +19,9 @@ import time
 from localmoa.backends.base import ChatMessage
 from localmoa.backends.fake import FakeBackend
 from localmoa.config import Agent, Ensemble, FakeModel
-from localmoa.executor import Event, Executor
-from localmoa.moa import calls_for, stages_of
-from localmoa.planner import make_plan
+from localmoa.planning.fewest_loads import make_plan
+from localmoa.runtime.engine import Event, Executor
+from localmoa.runtime.moa import calls_for, stages_of
 
 GiB = 1 << 30
 NAMES = [f"model{i}" for i in range(6)]

@@ -14,7 +14,7 @@ import random
 import statistics
 import time
 
-from localmoa.planner import make_plan
+from localmoa.planning.fewest_loads import make_plan
 
 GiB = 1 << 30
 FOOTPRINTS = {

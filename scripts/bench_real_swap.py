@@ -11,11 +11,11 @@ must swap. Each model is loaded with ``use_mmap=false`` (the weights are copied 
 process, so a load costs what it costs and an unload really frees it), ``temperature`` 0 and a
 fixed seed, so every policy computes the same answers (checked and reported).
 
-Two plans of the same ensemble run through the same :class:`~localmoa.executor.Executor`, in
+Two plans of the same ensemble run through the same :class:`~localmoa.runtime.engine.Executor`, in
 one process, with the footprints localmoa estimates (``memory.estimate`` of each file's header):
 
 - ``localmoa``: the plan ``localmoa run`` makes under the two-model budget: ``make_plan``,
-  refined for time on this machine's kind of hardware (``localmoa.refine``);
+  refined for time on this machine's kind of hardware (``localmoa.planning.refine``);
 - ``localmoa_loads``: ``make_plan`` alone (``plan_for = "loads"``), run only when the
   refinement changed the plan;
 - ``one_at_a_time``: one model resident at a time, calls in order, consecutive calls of the
@@ -57,12 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from localmoa.backends import make_backends
 from localmoa.backends.base import ChatMessage
 from localmoa.config import Config, parse_config
-from localmoa.executor import Event, Executor, ModelLoaded, RunResult
+from localmoa.footprint.estimate import estimate, read_gguf
 from localmoa.hardware import Budget
-from localmoa.memory import estimate, read_gguf
-from localmoa.moa import Call, calls_for
-from localmoa.planner import Plan, Wave, make_plan
-from localmoa.refine import profile_for, refine
+from localmoa.planning.fewest_loads import Plan, Wave, make_plan
+from localmoa.planning.refine import profile_for, refine
+from localmoa.runtime.engine import Event, Executor, ModelLoaded, RunResult
+from localmoa.runtime.moa import Call, calls_for
 from localmoa.tinymodels import PRESETS, TinySpec, ensemble_config, write_tiny_model
 
 MB = 10**6

@@ -3,14 +3,14 @@
     python scripts/bench_scheduler.py [--json] [--timeline NAME] [--max-nodes N]
 
 A fixed-seed suite of MoA runs (1-3 layers, 2-6 proposers, an aggregator) built from real 4-bit
-model footprints, on every hardware profile of localmoa.costmodel. Each run is timed, in the cost
-model, under these policies:
+model footprints, on every hardware profile of localmoa.planning.timing. Each run is timed, in the
+cost model, under these policies:
 
 - ``localmoa``: as shipped: the planner's fewest-loads plan refined for time by
-  :func:`localmoa.refine.refine` (which knows the machine's profile, not the answer lengths:
-  every call is assumed to write ``max_tokens``), executed by dataflow as localmoa's executor
-  does (a load starts as soon as memory allows, a call as soon as its model and references are
-  ready);
+  :func:`localmoa.planning.refine.refine` (which knows the machine's profile, not the answer
+  lengths: every call is assumed to write ``max_tokens``), executed by dataflow as localmoa's
+  executor does (a load starts as soon as memory allows, a call as soon as its model and
+  references are ready);
 - ``localmoa_loads``: the fewest-loads plan unrefined (``settings.plan_for = "loads"``);
 - ``localmoa_waves``: the fewest-loads plan executed wave by wave (the executor before
   dataflow);
@@ -45,7 +45,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from localmoa.costmodel import (
+from localmoa.planning.fewest_loads import Plan as PlanModel
+from localmoa.planning.fewest_loads import make_plan
+from localmoa.planning.refine import refine
+from localmoa.planning.timing import (
     MAX_OPTIMAL_NODES,
     PROFILES,
     CallSpec,
@@ -59,10 +62,7 @@ from localmoa.costmodel import (
     reactive,
     simulate_plan,
 )
-from localmoa.moa import Call
-from localmoa.planner import Plan as PlanModel
-from localmoa.planner import make_plan
-from localmoa.refine import refine
+from localmoa.runtime.moa import Call
 
 MiB = 1 << 20
 GB = 10**9

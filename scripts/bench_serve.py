@@ -48,9 +48,9 @@ import uvicorn
 
 from localmoa.backends import make_backends
 from localmoa.config import Config, parse_config
+from localmoa.footprint.estimate import estimate, read_gguf
 from localmoa.hardware import Budget
-from localmoa.memory import estimate, read_gguf
-from localmoa.server import MoaServer
+from localmoa.serve.app import MoaServer
 from localmoa.tinymodels import PRESETS, ensemble_config, write_tiny_model
 
 MiB = 1 << 20

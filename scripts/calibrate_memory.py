@@ -8,11 +8,11 @@
 Models are random-weight GGUF files from localmoa.tinymodels, written once into --workdir
 (default: a directory under the system temp dir) and reused. Nothing is downloaded.
 
-The formula under test is ``localmoa.memory`` itself (its docstring has the formula and where
-its constants come from): every figure below is read from the generated file with ``read_gguf``
-and computed by its functions, so this script cannot drift from what the planner uses. Loads
-pass what localmoa's llama.cpp backend passes (``n_ctx``, ``n_batch``; ``n_ubatch`` left at
-llama-cpp-python's default), so the contexts measured are the ones localmoa can ask for.
+The formula under test is ``localmoa.footprint.estimate`` itself (its docstring has the formula
+and where its constants come from): every figure below is read from the generated file with
+``read_gguf`` and computed by its functions, so this script cannot drift from what the planner
+uses. Loads pass what localmoa's llama.cpp backend passes (``n_ctx``, ``n_batch``; ``n_ubatch``
+left at llama-cpp-python's default), so the contexts measured are the ones localmoa can ask for.
 
 ``buffers`` loads each (model shape x context) pair with ``verbose=True`` and reads the sizes
 llama.cpp logs (model, KV cache, compute, output buffers). Weights and KV cache must match the
@@ -48,7 +48,7 @@ from pathlib import Path
 # Run from a checkout without installing: the repository's package wins over an installed one.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localmoa import memory
+from localmoa.footprint import estimate as memory
 from localmoa.tinymodels import BASE_VOCAB, PRESETS, TinySpec, write_tiny_model
 
 MiB = 1 << 20

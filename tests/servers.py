@@ -34,7 +34,7 @@ import uvicorn
 from localmoa.backends import make_backends
 from localmoa.config import Config
 from localmoa.hardware import Budget
-from localmoa.server import MoaServer
+from localmoa.serve.app import MoaServer
 
 __all__ = [
     "Recorded",

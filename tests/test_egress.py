@@ -26,7 +26,7 @@ from localmoa.backends.openai import OpenAIBackend
 from localmoa.config import OllamaModel, OpenAIModel
 from localmoa.egress import LoopbackNameTransport, client_options, is_localhost_name, is_loopback
 from localmoa.errors import EgressError
-from localmoa.measurements import MeasurementCache
+from localmoa.footprint.measurements import MeasurementCache
 
 REQUEST = ChatRequest(
     messages=[ChatMessage(role="user", content="Is this private?")], temperature=0.0, max_tokens=4

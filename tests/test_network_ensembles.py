@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import write_config
 from fake_ollama import FakeOllama, FakeOllamaModel
+from planning.test_fewest_loads import exhaustive_min_loads
 from servers import free_port, llama_cpp_server
-from test_planner import exhaustive_min_loads
 
 from localmoa.cli import cli
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import free_port
-from test_server import fake_config, serving
+from serve.test_app import fake_config
+from servers import free_port, serving
 
 from localmoa.backends import FakeBackend
 from localmoa.config import parse_config

@@ -12,7 +12,7 @@ import gguf
 import llama_cpp
 import pytest
 
-from localmoa.memory import estimate, read_gguf
+from localmoa.footprint.estimate import estimate, read_gguf
 from localmoa.tinymodels import BASE_VOCAB, PRESETS, TinySpec, write_header_only, write_tiny_model
 
 GiB = 1 << 30

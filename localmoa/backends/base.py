@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
-from localmoa.memory import Footprint
+from localmoa.footprint.estimate import Footprint
 
 __all__ = ["Backend", "ChatDelta", "ChatMessage", "ChatRequest"]
 

@@ -16,7 +16,7 @@ from typing import Any
 from localmoa.backends.base import Backend, ChatDelta, ChatRequest
 from localmoa.config import FakeModel
 from localmoa.errors import BackendError
-from localmoa.memory import Footprint
+from localmoa.footprint.estimate import Footprint
 
 __all__ = ["FakeBackend"]
 

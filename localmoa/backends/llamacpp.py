@@ -11,7 +11,7 @@ seconds on a CPU), llama.cpp's abort callback reads the flag between graph nodes
 ends early (see :class:`_Abort`); while tokens are sampled, a logits processor forces
 end-of-sequence within one token. Either way the worker is free again at once, so ``unload``
 never waits for a prompt nobody will read. Only tokenizing (native, uninterruptible) cannot be
-stopped: prompts are bounded before they get here (``localmoa.ensemble.check_prompt``), and
+stopped: prompts are bounded before they get here (``localmoa.runtime.prepare.check_prompt``), and
 :meth:`LlamaCppBackend.prompt_tokens` tokenizes in a thread a cancelled caller abandons.
 
 Two things llama-cpp-python does by default are unsafe in a concurrent program and are avoided:
@@ -43,7 +43,7 @@ from typing import Any
 from localmoa.backends.base import Backend, ChatDelta, ChatMessage, ChatRequest
 from localmoa.config import LlamaCppModel
 from localmoa.errors import BackendError, ModelFileError
-from localmoa.memory import Footprint, estimate, read_gguf
+from localmoa.footprint.estimate import Footprint, estimate, read_gguf
 
 __all__ = ["LlamaCppBackend"]
 

@@ -22,9 +22,10 @@ plan, so this backend:
   the run (the executor re-plans when it differs) and is remembered in the measurement cache;
   ``size_vram < size`` means Ollama put part of the model on the CPU, which is warned about.
 
-Before a load, a model's footprint is estimated like a GGUF file's (localmoa.memory), from
-``/api/show`` ``model_info`` and the ``/api/tags`` file size. localmoa never pulls, pushes or
-deletes models: a missing one is an error that gives the ``ollama pull`` line to run.
+Before a load, a model's footprint is estimated like a GGUF file's
+(localmoa.footprint.estimate), from ``/api/show`` ``model_info`` and the ``/api/tags`` file
+size. localmoa never pulls, pushes or deletes models: a missing one is an error that gives the
+``ollama pull`` line to run.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from localmoa.errors import (
     ModelNotInstalledError,
     ServerUnavailableError,
 )
-from localmoa.measurements import MeasurementCache
-from localmoa.memory import Footprint, GGUFFacts, estimate, facts_from_metadata
+from localmoa.footprint.estimate import Footprint, GGUFFacts, estimate, facts_from_metadata
+from localmoa.footprint.measurements import MeasurementCache
 
 __all__ = ["DEFAULT_HOST", "InstalledModel", "OllamaBackend", "ollama_host"]
 

@@ -70,7 +70,7 @@ from localmoa.errors import (
     LocalMoaError,
     ServerUnavailableError,
 )
-from localmoa.memory import Footprint
+from localmoa.footprint.estimate import Footprint
 
 __all__ = ["OpenAIBackend"]
 

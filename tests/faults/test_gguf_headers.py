@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from localmoa.errors import ModelFileError
-from localmoa.ggufheader import MAX_KEPT_STRING, MAX_NESTED, MAX_WALKED, LongString, read_header
-from localmoa.memory import estimate, read_gguf
+from localmoa.footprint.estimate import estimate, read_gguf
+from localmoa.footprint.gguf import MAX_KEPT_STRING, MAX_NESTED, MAX_WALKED, LongString, read_header
 from localmoa.tinymodels import TinySpec, write_header_only
 
 SPEC = TinySpec(n_layer=1, n_embd=8, n_head=2, n_head_kv=1, n_ff=8)

@@ -24,10 +24,12 @@ from rich.console import Console
 
 from localmoa.backends import make_backends
 from localmoa.backends.fake import FakeBackend
+from localmoa.cli.progress import Progress
 from localmoa.config import Agent, Ensemble, FakeModel, Settings, parse_config
-from localmoa.ensemble import prepare
 from localmoa.errors import BackendError, LayerFailedError, ModelFileError
-from localmoa.executor import (
+from localmoa.planning.fewest_loads import Plan, make_plan
+from localmoa.runtime.admission import ModelPool, PoolResidency
+from localmoa.runtime.engine import (
     Event,
     Executor,
     LoadFailed,
@@ -35,10 +37,8 @@ from localmoa.executor import (
     ModelUnloaded,
     RunResult,
 )
-from localmoa.moa import Call, calls_for, stages_of
-from localmoa.planner import Plan, make_plan
-from localmoa.progress import Progress
-from localmoa.residency import ModelPool, PoolResidency
+from localmoa.runtime.moa import Call, calls_for, stages_of
+from localmoa.runtime.prepare import prepare
 from localmoa.tinymodels import ensemble_config
 
 GiB = 1 << 30

@@ -72,7 +72,7 @@ def tiny_server(tiny_models: dict[str, Path]) -> Iterator[Serving]:
 _SIZES = """
 import json, sys
 from pathlib import Path
-from localmoa.memory import estimate, read_gguf
+from localmoa.footprint.estimate import estimate, read_gguf
 print(json.dumps([estimate(read_gguf(Path(p)), n_ctx=2048, n_batch=512).total for p in sys.argv[1:]]))
 """
 

@@ -12,7 +12,8 @@ from types import ModuleType
 
 import pytest
 
-from localmoa.costmodel import (
+from localmoa.planning.fewest_loads import Plan, Wave, make_plan
+from localmoa.planning.timing import (
     BYTES_PER_PARAM,
     PROFILES,
     CallSpec,
@@ -33,7 +34,6 @@ from localmoa.costmodel import (
     simulate_waves,
     wave_specs,
 )
-from localmoa.planner import Plan, Wave, make_plan
 
 GB = 10**9
 
@@ -100,7 +100,7 @@ def check(result: PolicyResult, seconds: float, loads: int) -> None:
 
 
 def load_bench() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_scheduler.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_scheduler.py"
     spec = importlib.util.spec_from_file_location("bench_scheduler", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -9,7 +9,7 @@ k, so stages run in order. A *wave* is a set of models resident together (its by
 budget) and the calls run in it. The cost to minimise is the number of loads.
 
 Why a search over stage boundaries is exact. Within a stage we may assume, without raising the
-number of loads (the exhaustive comparison in tests/test_planner.py checks this):
+number of loads (the exhaustive comparison in tests/planning/test_fewest_loads.py checks this):
 
 1. models of D_k already resident when the stage starts run in its first wave, for free;
 2. every other model of D_k is loaded exactly once in the stage (each fits alone, checked first),
@@ -70,7 +70,7 @@ class Plan(BaseModel):
     lower_bound: int = Field(description="distinct models: no plan can load fewer")
     optimal: bool = Field(
         description="loads is the proven minimum (the search was not pruned); a plan refined "
-        "for time (localmoa.refine) may load more, and then says False"
+        "for time (localmoa.planning.refine) may load more, and then says False"
     )
     bytes_loaded: int
     waves: list[Wave]

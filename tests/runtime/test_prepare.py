@@ -14,15 +14,15 @@ from localmoa.backends import llamacpp, make_backends
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Config, Settings, parse_config
-from localmoa.ensemble import (
+from localmoa.errors import PromptTooLongError
+from localmoa.runtime.moa import build_request, calls_for
+from localmoa.runtime.prepare import (
     CHARS_PER_TOKEN_MAX,
     check_prompt,
     context_tokens,
     prepare,
     prompt_char_limit,
 )
-from localmoa.errors import PromptTooLongError
-from localmoa.moa import build_request, calls_for
 
 TINY_N_CTX = 256
 
@@ -141,7 +141,7 @@ async def test_some_agents_that_cannot_read_it_are_a_warning_and_the_run_goes_on
     tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     config = config_for(tiny_models, ["tiny-a", "tiny-b"], "tiny-c", n_ctx={"tiny-a": TINY_N_CTX})
-    with caplog.at_level(logging.WARNING, logger="localmoa.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="localmoa.runtime.prepare"):
         await check(config, "the sea " * 100)
     assert "the prompt does not fit 1 of 2 agents of layer 1" in caplog.text
     assert "raise n_ctx of [models.tiny-a] to at least" in caplog.text

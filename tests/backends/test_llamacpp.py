@@ -18,7 +18,7 @@ from localmoa.backends.base import ChatMessage, ChatRequest
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import LlamaCppModel
 from localmoa.errors import BackendError
-from localmoa.memory import estimate, read_gguf
+from localmoa.footprint.estimate import estimate, read_gguf
 from localmoa.tinymodels import TinySpec, write_tiny_model
 
 REQUEST = ChatRequest(

@@ -49,7 +49,7 @@ token list's length)
 weights (the tensors' bytes)   0 to 1 PiB   the largest size localmoa accepts (localmoa.sizes)
 =============================  ===========  =======================================================
 
-A fact outside them is a :class:`~localmoa.ggufheader.GGUFError` naming the key and its value
+A fact outside them is a :class:`~localmoa.footprint.gguf.GGUFError` naming the key and its value
 (a missing key stays a ``KeyError``); :func:`read_gguf` turns both into a
 :class:`~localmoa.errors.ModelFileError` naming the file. With the limits (and ``n_ctx`` at most
 2^30, localmoa.config), every footprint is a positive whole number of bytes below 2^80:
@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from localmoa.errors import ModelFileError
-from localmoa.ggufheader import ArrayInfo, GGUFError, LongString, printable, read_header
+from localmoa.footprint.gguf import ArrayInfo, GGUFError, LongString, printable, read_header
 from localmoa.sizes import MAX_SIZE
 
 __all__ = [

@@ -39,7 +39,7 @@ from typing import Any
 
 from localmoa.backends.base import Backend
 from localmoa.errors import BackendError, LocalMoaError
-from localmoa.planner import Wave
+from localmoa.planning.fewest_loads import Wave
 
 __all__ = [
     "LoadOutcome",

@@ -67,7 +67,7 @@ from functools import cache
 from typing import NamedTuple
 
 from localmoa.hardware import APPLE_SMALL_FRACTION, margin
-from localmoa.planner import Plan, make_plan
+from localmoa.planning.fewest_loads import Plan, make_plan
 
 __all__ = [
     "BYTES_PER_PARAM",
@@ -393,8 +393,9 @@ def _chains(
 
 
 class WaveSpec(NamedTuple):
-    """A wave as the simulation reads it: a planner :class:`~localmoa.planner.Wave` without
-    pydantic (the searches build hundreds of thousands)."""
+    """A wave as the simulation reads it: a planner
+    :class:`~localmoa.planning.fewest_loads.Wave` without pydantic (the searches build hundreds
+    of thousands)."""
 
     stage: int
     """0-based stage (the Wave's ``layer`` - 1)."""
@@ -850,7 +851,7 @@ def search(
     the stages begun, each model's memory and turn) is free no later than the other's is kept
     alone. Both assume that running a call earlier never delays the rest, which sharing can
     break (a call started earlier slows a neighbour whose unload a load was waiting for): then
-    the optimum can be missed by a little (tests/test_costmodel.py compares with the exhaustive
+    the optimum can be missed by a little (tests/planning/test_timing.py compares with the exhaustive
     enumeration: when written, 1 random case in 1,100 came out 0.5 % above it).
 
     A plan replaces ``seed`` only when it is faster by more than ``slack`` (a fraction): with

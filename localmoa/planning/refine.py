@@ -3,8 +3,8 @@
 The planner minimises loads: that is exact and needs no speeds, but plans with equal loads can
 differ in time, and a plan with one load more can finish sooner (a model loaded while another
 computes costs nothing). :func:`refine` searches for a faster plan in the cost model
-(:func:`localmoa.costmodel.search`, branch and bound, started from the planner's plan) and keeps
-it only when it is faster *on paper* by more than ``SLACK``.
+(:func:`localmoa.planning.timing.search`, branch and bound, started from the planner's plan)
+and keeps it only when it is faster *on paper* by more than ``SLACK``.
 
 What it knows is an estimate, never the run itself:
 
@@ -26,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from localmoa.costmodel import (
+from localmoa.hardware import Budget, detect_budget
+from localmoa.planning.fewest_loads import Plan, Wave
+from localmoa.planning.timing import (
     PROFILES,
     CallSpec,
     Profile,
@@ -35,9 +37,7 @@ from localmoa.costmodel import (
     simulate_waves,
     wave_specs,
 )
-from localmoa.hardware import Budget, detect_budget
-from localmoa.moa import AGGREGATE_PROMPT, Call
-from localmoa.planner import Plan, Wave
+from localmoa.runtime.moa import AGGREGATE_PROMPT, Call
 
 __all__ = ["CHARS_PER_TOKEN", "calls_as_planned", "profile_for", "refine"]
 

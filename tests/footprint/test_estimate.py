@@ -9,8 +9,14 @@ import pytest
 
 from localmoa.backends.ollama import _facts as _ollama_facts
 from localmoa.errors import ModelFileError
-from localmoa.ggufheader import GGUFError
-from localmoa.memory import Footprint, estimate, facts_from_metadata, kv_cache_bytes, read_gguf
+from localmoa.footprint.estimate import (
+    Footprint,
+    estimate,
+    facts_from_metadata,
+    kv_cache_bytes,
+    read_gguf,
+)
+from localmoa.footprint.gguf import GGUFError
 from localmoa.tinymodels import PRESETS, write_header_only
 
 

@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from localmoa.executor import (
+from localmoa.runtime.engine import (
     CallFinished,
     CallPiece,
     CallStarted,
@@ -24,7 +24,7 @@ from localmoa.executor import (
     ModelUnloaded,
     WaveStarted,
 )
-from localmoa.moa import Call
+from localmoa.runtime.moa import Call
 
 __all__ = ["Progress"]
 

@@ -45,7 +45,7 @@ tensor data                every tensor inside the file, and their bytes togethe
 
 A file that ends inside its header, or before the end of its tensor data (a partial download), is
 refused the same way. The model facts the memory estimate reads from the metadata have limits of
-their own, in :mod:`localmoa.memory`.
+their own, in :mod:`localmoa.footprint.estimate`.
 """
 
 from __future__ import annotations

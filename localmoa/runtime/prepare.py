@@ -23,13 +23,13 @@ from typing import Any
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Config, LlamaCppModel, OllamaModel
-from localmoa.costmodel import Profile
 from localmoa.errors import BackendError, BudgetError, PromptTooLongError, UserError
+from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget, resolve_budget
-from localmoa.memory import Footprint
-from localmoa.moa import Call, build_request, calls_for
-from localmoa.planner import Plan, make_plan
-from localmoa.refine import profile_for, refine
+from localmoa.planning.fewest_loads import Plan, make_plan
+from localmoa.planning.refine import profile_for, refine
+from localmoa.planning.timing import Profile
+from localmoa.runtime.moa import Call, build_request, calls_for
 
 __all__ = [
     "CHARS_PER_TOKEN_MAX",

@@ -12,9 +12,9 @@ from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
 from localmoa.config import Agent, Ensemble, FakeModel
 from localmoa.errors import LayerFailedError
-from localmoa.executor import CallPiece, Event, Executor, RunResult, WaveStarted
-from localmoa.moa import AGGREGATE_PROMPT, calls_for, stages_of
-from localmoa.planner import Plan, make_plan
+from localmoa.planning.fewest_loads import Plan, make_plan
+from localmoa.runtime.engine import CallPiece, Event, Executor, RunResult, WaveStarted
+from localmoa.runtime.moa import AGGREGATE_PROMPT, calls_for, stages_of
 
 GiB = 1 << 30
 QUESTION = [ChatMessage(role="user", content="Why is the sky blue?")]
@@ -209,9 +209,9 @@ async def test_a_replan_starts_no_wave_of_the_plan_it_abandons() -> None:
 async def test_a_replan_is_refined_for_time_from_what_is_resident(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import localmoa.executor
-    from localmoa.costmodel import PROFILES
-    from localmoa.refine import refine
+    import localmoa.runtime.engine
+    from localmoa.planning.refine import refine
+    from localmoa.planning.timing import PROFILES
 
     refined: list[Plan] = []
     seen: list[list[str]] = []
@@ -221,7 +221,7 @@ async def test_a_replan_is_refined_for_time_from_what_is_resident(
         refined.append(refine(*args, **kwargs))
         return refined[-1]
 
-    monkeypatch.setattr(localmoa.executor, "refine", spy)
+    monkeypatch.setattr(localmoa.runtime.engine, "refine", spy)
     models = fake_models("a", "b")
     ensemble = Ensemble(layers=[["a"], ["b"], ["a"], ["b"]], aggregator=Agent(model="a"))
     planned = {"a": 3 * GiB, "b": 3 * GiB}

@@ -1,6 +1,6 @@
 """Run a plan: swap models wave by wave, run each wave's calls concurrently, pass answers on.
 
-What is loaded when is a :mod:`~localmoa.residency`'s decision: by default exactly what the
+What is loaded when is a :mod:`~localmoa.runtime.admission`'s decision: by default exactly what the
 plan's waves say (so memory stays within the planned budget), or a pool shared by the runs of
 ``localmoa serve``. The executor adds what a plan cannot know:
 
@@ -34,12 +34,18 @@ from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel
 
 from localmoa.backends.base import Backend, ChatMessage
-from localmoa.costmodel import Profile
 from localmoa.errors import LayerFailedError, LocalMoaError
-from localmoa.moa import Call, build_request
-from localmoa.planner import Plan, Wave, make_plan
-from localmoa.refine import refine
-from localmoa.residency import LoadOutcome, PlanResidency, Residency, still_loaded, timed_load
+from localmoa.planning.fewest_loads import Plan, Wave, make_plan
+from localmoa.planning.refine import refine
+from localmoa.planning.timing import Profile
+from localmoa.runtime.admission import (
+    LoadOutcome,
+    PlanResidency,
+    Residency,
+    still_loaded,
+    timed_load,
+)
+from localmoa.runtime.moa import Call, build_request
 
 __all__ = [
     "CallFinished",
@@ -154,8 +160,8 @@ class Executor:
         self.sizes = sizes
         """The footprints the plan was made with; given, measurements can re-plan the run."""
         self.timing = timing
-        """The cost-model profile the plan was refined on (localmoa.refine); given, a re-plan
-        is refined on it too."""
+        """The cost-model profile the plan was refined on (localmoa.planning.refine); given, a
+        re-plan is refined on it too."""
         self.backends = backends
         self.on_event = on_event or (lambda event: None)
         self._slots = asyncio.Semaphore(max_parallel_calls) if max_parallel_calls else None
@@ -407,7 +413,7 @@ class _Flow:
       are all in (calls to one model still take turns), whatever later loads are doing: a model
       loaded ahead for a later layer never holds up the calls before it.
 
-    These are the semantics ``localmoa.costmodel.simulate_plan`` times. Nothing waits on
+    These are the semantics ``localmoa.planning.timing.simulate_plan`` times. Nothing waits on
     anything later in the plan, so the flow cannot deadlock; every load checks the bytes
     actually loaded, so it cannot exceed the budget.
     """

@@ -13,13 +13,9 @@ from localmoa.backends.base import ChatMessage
 from localmoa.backends.fake import FakeBackend
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Agent, Ensemble, FakeModel, load_config
-from localmoa.costmodel import PROFILES, simulate_plan, wave_specs
-from localmoa.ensemble import prepare
-from localmoa.executor import Executor
 from localmoa.hardware import Budget
-from localmoa.moa import AGGREGATE_PROMPT, Call, calls_for
-from localmoa.planner import make_plan
-from localmoa.refine import (
+from localmoa.planning.fewest_loads import make_plan
+from localmoa.planning.refine import (
     CHARS_PER_TOKEN,
     MAX_MODELS,
     SLACK,
@@ -27,6 +23,10 @@ from localmoa.refine import (
     profile_for,
     refine,
 )
+from localmoa.planning.timing import PROFILES, simulate_plan, wave_specs
+from localmoa.runtime.engine import Executor
+from localmoa.runtime.moa import AGGREGATE_PROMPT, Call, calls_for
+from localmoa.runtime.prepare import prepare
 
 GiB = 1 << 30
 GB = 10**9

@@ -7,13 +7,13 @@ LangChain) can then talk to an ensemble as if it were one model, streaming inclu
   answers, non-streamed or as ``chat.completion.chunk`` server-sent events ending with
   ``data: [DONE]`` (``finish_reason`` exactly once); ``GET /health`` says the server is up.
   Every error, 404 and 405 included, uses OpenAI's shape
-  ``{"error": {"message", "type", "param", "code"}}`` (localmoa.webguard); a client's mistake is a
-  4xx, and only what fails on the server's side is a 5xx.
+  ``{"error": {"message", "type", "param", "code"}}`` (localmoa.serve.guard); a client's
+  mistake is a 4xx, and only what fails on the server's side is a 5xx.
 - The request's ``messages`` are the conversation every agent sees; its ``temperature`` and
   ``max_tokens`` (or ``max_completion_tokens``) apply to the aggregator, the ensemble's own
   settings to the proposers. ``usage`` counts every call of the ensemble, since all of them were
   generated for this request.
-- One :class:`~localmoa.residency.ModelPool` owns the hardware for all requests: concurrent
+- One :class:`~localmoa.runtime.admission.ModelPool` owns the hardware for all requests: concurrent
   requests share loaded models, never load one twice and never exceed the budget; requests are
   served in arrival order; models stay loaded between requests while nothing else needs the
   memory (each request's plan starts from what is loaded). At most ``max_queue`` requests are
@@ -21,11 +21,11 @@ LangChain) can then talk to an ensemble as if it were one model, streaming inclu
   its run, which releases what it held.
 - With ``api_key`` set, every ``/v1`` request needs ``Authorization: Bearer <key>`` (401
   otherwise). ``localmoa serve`` refuses to listen beyond loopback without a key.
-- Hostile input is refused before it costs anything (localmoa.webguard): foreign ``Host`` and
+- Hostile input is refused before it costs anything (localmoa.serve.guard): foreign ``Host`` and
   ``Origin`` headers, a POST that is not JSON, a body over ``max_body``; then JSON nested too
   deeply, text that is not valid Unicode, and a conversation longer than the ensemble's largest
   context (checked in characters first, then in tokens, before any model loads:
-  localmoa.ensemble.check_prompt). So no request can keep a tokenizer busy for minutes.
+  localmoa.runtime.prepare.check_prompt). So no request can keep a tokenizer busy for minutes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from starlette.routing import Route
 
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.config import Agent, Config, Ensemble
-from localmoa.ensemble import check_prompt, footprints
 from localmoa.errors import (
     BudgetError,
     ConfigError,
@@ -60,13 +59,14 @@ from localmoa.errors import (
     LocalMoaError,
     PromptTooLongError,
 )
-from localmoa.executor import CallPiece, Event, Executor, RunResult
+from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget
-from localmoa.memory import Footprint
-from localmoa.moa import calls_for
-from localmoa.planner import make_plan
-from localmoa.residency import ModelPool, PoolResidency
-from localmoa.webguard import DEFAULT_MAX_BODY, Refused, RequestGuard, error_response, read_body
+from localmoa.planning.fewest_loads import make_plan
+from localmoa.runtime.admission import ModelPool, PoolResidency
+from localmoa.runtime.engine import CallPiece, Event, Executor, RunResult
+from localmoa.runtime.moa import calls_for
+from localmoa.runtime.prepare import check_prompt, footprints
+from localmoa.serve.guard import DEFAULT_MAX_BODY, Refused, RequestGuard, error_response, read_body
 
 __all__ = ["ChatCompletionRequest", "MoaServer"]
 

@@ -40,7 +40,6 @@ from rich.table import Table
 from localmoa.backends import OllamaBackend, make_backends
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.config import Config, OllamaModel, Settings, load_config
-from localmoa.ensemble import Prepared, prepare
 from localmoa.errors import (
     AddressInUseError,
     ConfigNotFoundError,
@@ -48,7 +47,9 @@ from localmoa.errors import (
     UsageRefused,
     UserError,
 )
-from localmoa.executor import (
+from localmoa.footprint.estimate import Footprint
+from localmoa.hardware import resolve_budget
+from localmoa.runtime.engine import (
     CallFinished,
     CallPiece,
     Event,
@@ -56,8 +57,7 @@ from localmoa.executor import (
     ModelUnloaded,
     RunResult,
 )
-from localmoa.hardware import resolve_budget
-from localmoa.memory import Footprint
+from localmoa.runtime.prepare import Prepared, prepare
 from localmoa.sizes import format_bytes
 
 __all__ = ["cli", "main"]
@@ -314,7 +314,7 @@ def _utf8(raw: bytes, where: str) -> str:
 async def _run(
     session: _Session, prepared: Prepared, prompt: str, *, show_layers: bool, quiet: bool
 ) -> RunResult:
-    from localmoa.progress import Progress
+    from localmoa.cli.progress import Progress
 
     progress = Progress(
         _stderr(),
@@ -647,7 +647,7 @@ def serve(
         assert task is not None
         starting.append(task)
 
-        from localmoa.server import MoaServer
+        from localmoa.serve.app import MoaServer
 
         async with _session(config_path, memory_budget) as session:
             for reason in session.reasons:

@@ -80,11 +80,11 @@ def test_plan_table_says_when_a_timed_plan_loads_more_than_the_fewest() -> None:
 
     from rich.console import Console
 
-    from localmoa.cli import _print_plan
-    from localmoa.ensemble import Prepared
+    from localmoa.cli.commands import _print_plan
+    from localmoa.footprint.estimate import Footprint
     from localmoa.hardware import Budget
-    from localmoa.memory import Footprint
-    from localmoa.planner import make_plan
+    from localmoa.planning.fewest_loads import make_plan
+    from localmoa.runtime.prepare import Prepared
 
     plan = make_plan([["a"], ["a"]], {"a": GiB}, 2 * GiB)
     timed = plan.model_copy(

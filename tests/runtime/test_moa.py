@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from localmoa.backends.base import ChatMessage
 from localmoa.config import Agent, Ensemble
-from localmoa.moa import AGGREGATE_PROMPT, build_request, calls_for, stages_of
+from localmoa.runtime.moa import AGGREGATE_PROMPT, build_request, calls_for, stages_of
 
 ENSEMBLE = Ensemble(
     layers=[["a", "b"], ["a", Agent(model="b", system_prompt="Be brief.", temperature=0.1)]],

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from localmoa.errors import BudgetError
-from localmoa.planner import Plan, make_plan
+from localmoa.planning.fewest_loads import Plan, make_plan
 
 GiB = 1 << 30
 

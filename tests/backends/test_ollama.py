@@ -21,7 +21,7 @@ from localmoa.errors import (
     ModelNotInstalledError,
     ServerUnavailableError,
 )
-from localmoa.measurements import MeasurementCache
+from localmoa.footprint.measurements import MeasurementCache
 
 GB = 1_000_000_000
 QWEN = FakeOllamaModel(name="qwen2.5:7b", family="qwen2", size=4 * GB)

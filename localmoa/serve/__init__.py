@@ -1,0 +1,1 @@
+"""``localmoa serve``: every ensemble as one model behind an OpenAI-compatible endpoint."""
