@@ -90,6 +90,11 @@ class Settings(_Strict):
     plan_for: Literal["time", "loads"] = "time"
     """"time": the fewest-loads plan, then a search for one the cost model estimates faster on
     this kind of machine (localmoa.planning.refine); "loads": the fewest-loads plan as it is."""
+    min_gain: float = Field(default=0.03, ge=0.0, le=1.0)
+    """A plan with more loads than the fewest is chosen only when the cost model estimates it
+    at least this much faster (a fraction): below that, the estimate's own error could make it
+    slower in fact (scripts/bench_fidelity.py measures that error). Reorderings with as many
+    loads as the fewest need no margin."""
     timing_profile: Literal[
         "auto", "laptop-8g", "desktop-24g", "server-80g", "apple-32g", "cpu-16g"
     ] = "auto"
