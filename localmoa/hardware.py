@@ -33,7 +33,7 @@ from pydantic import BaseModel
 from localmoa.errors import BudgetError
 from localmoa.sizes import parse_size
 
-__all__ = ["Budget", "detect_budget", "resolve_budget"]
+__all__ = ["DETECTED", "Budget", "detect_budget", "device_budget", "resolve_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ MARGIN_FRACTION = 0.10
 APPLE_SMALL_FRACTION = 2 / 3
 APPLE_LARGE_FRACTION = 3 / 4
 APPLE_LARGE_RAM = 36 * GiB
+
+
+DETECTED = frozenset({"nvml", "apple", "ram"})
+"""Budget sources that read the device: such a budget also says what kind of device it is."""
 
 
 class Budget(BaseModel):
@@ -73,6 +77,13 @@ def resolve_budget(flag: str | None, setting: int | Literal["auto"]) -> Budget:
             raise BudgetError(f"settings.memory_budget: {exc}") from None
         return Budget(bytes=size, source="config", detail="settings.memory_budget")
     return detect_budget()
+
+
+def device_budget(budget: Budget) -> Budget:
+    """The device behind ``budget``: ``budget`` itself when it was detected, else the device
+    read now (a budget from a flag or the config says nothing about the hardware, and the
+    planner, which is pure, times plans by the kind of device it is given)."""
+    return budget if budget.source in DETECTED else detect_budget()
 
 
 def detect_budget() -> Budget:

@@ -78,6 +78,12 @@ class Plan(BaseModel):
         default=None,
         description="the planner's fewest loads, when a plan refined for time loads more",
     )
+    fewest_loads_seconds: float | None = Field(
+        default=None,
+        description="when a plan refined for time loads more than the fewest: the estimate of "
+        "the fastest plan with the fewest loads, which the extra loads beat by at least "
+        "settings.min_gain",
+    )
     estimated_seconds: float | None = Field(
         default=None,
         description="the cost model's estimate of the run (every call writing max_tokens) on "

@@ -3,13 +3,18 @@
 The planner minimises loads: that is exact and needs no speeds, but plans with equal loads can
 differ in time, and a plan with one load more can finish sooner (a model loaded while another
 computes costs nothing). :func:`refine` searches for a faster plan in the cost model
-(:func:`localmoa.planning.timing.search`, branch and bound, started from the planner's plan)
-and keeps it only when it is faster *on paper* by more than ``SLACK``.
+(:func:`localmoa.planning.search.search`, branch and bound, started from the planner's plan)
+and keeps it only when it is faster *on paper*: by more than ``SLACK`` with as many loads, and
+by at least ``min_gain`` (``settings.min_gain``) with more. An extra load is a cost the estimate
+can understate (``scripts/bench_fidelity.py`` measures how far the estimated ratio of two plans
+strays from the measured one), and a plan with fewer loads also fails less: it is the safer
+bet when the two are close.
 
 What it knows is an estimate, never the run itself:
 
-- the machine: :func:`profile_for` picks the cost model's profile of the same kind (an NVIDIA GPU
-  by its memory, Apple unified memory, or a CPU) and gives it the plan's budget;
+- the machine: :func:`localmoa.planning.profiles.profile_for` picks the cost model's profile of
+  the same kind (an NVIDIA GPU by its memory, Apple unified memory, or a CPU), and the plan's
+  budget is its memory;
 - the calls: every call writes its ``max_tokens`` (answer lengths are unknown before the run), a
   later layer reads the references of those lengths, and text is 4 characters per token.
 
@@ -26,20 +31,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from localmoa.hardware import Budget, detect_budget
 from localmoa.planning.fewest_loads import Plan, Wave
-from localmoa.planning.timing import (
-    PROFILES,
-    CallSpec,
-    Profile,
-    WaveSpec,
-    search,
-    simulate_waves,
-    wave_specs,
-)
+from localmoa.planning.profiles import Profile
+from localmoa.planning.timing import CallSpec, WaveSpec, search, simulate_waves, wave_specs
 from localmoa.runtime.moa import AGGREGATE_PROMPT, Call
 
-__all__ = ["CHARS_PER_TOKEN", "calls_as_planned", "profile_for", "refine"]
+__all__ = ["CHARS_PER_TOKEN", "calls_as_planned", "refine", "timed"]
 
 CHARS_PER_TOKEN = 4
 """English text in BPE vocabularies averages about 4 characters per token (OpenAI's tokenizer
@@ -56,35 +53,6 @@ SLACK = 0.002
 """A plan must be estimated this much faster (a fraction) to replace the planner's: with
 guessed answer lengths, a plan a hair faster on paper is as likely slower in fact (in the
 benchmark, a tie broken by rounding cost 6.7 %)."""
-
-GiB = 1 << 30
-
-
-def profile_for(budget: Budget, device: Budget | None = None, *, name: str = "auto") -> Profile:
-    """The cost-model profile that stands for this machine, with ``budget``'s bytes.
-
-    ``name`` picks one of ``PROFILES`` (``settings.timing_profile``); "auto" goes by the
-    device: ``device`` when given, else ``budget`` when it was detected, else detected now (a
-    budget from a flag or the config says nothing about the hardware).
-    """
-    if name != "auto":
-        return dataclasses.replace(PROFILES[name], memory_bytes=budget.bytes)
-    if budget.source in ("nvml", "apple", "ram"):
-        device = budget
-    elif device is None:
-        device = detect_budget()
-    if device.source == "nvml":
-        if device.bytes <= 12 * GiB:
-            base = PROFILES["laptop-8g"]
-        elif device.bytes <= 40 * GiB:
-            base = PROFILES["desktop-24g"]
-        else:
-            base = PROFILES["server-80g"]
-    elif device.source == "apple":
-        base = PROFILES["apple-32g"]
-    else:
-        base = PROFILES["cpu-16g"]
-    return dataclasses.replace(base, memory_bytes=budget.bytes)
 
 
 def calls_as_planned(stages: Sequence[Sequence[Call]], prompt: str | None) -> list[list[CallSpec]]:
@@ -105,7 +73,7 @@ def calls_as_planned(stages: Sequence[Sequence[Call]], prompt: str | None) -> li
     return out
 
 
-def refine(
+def timed(
     plan: Plan,
     stages: Sequence[Sequence[Call]],
     sizes: Mapping[str, int],
@@ -114,29 +82,59 @@ def refine(
     prompt: str | None = None,
     resident: Sequence[str] = (),
 ) -> Plan:
+    """``plan`` as it is, with the cost model's estimate of it on ``profile`` (within the plan's
+    budget, whatever ``profile`` holds)."""
+    profile = dataclasses.replace(profile, memory_bytes=plan.budget_bytes)
+    calls = calls_as_planned(stages, prompt)
+    estimate = simulate_waves(wave_specs(plan), calls, sizes, profile, resident=resident)
+    return plan.model_copy(
+        update={"estimated_seconds": estimate.makespan_s, "timed_for": profile.name}
+    )
+
+
+def refine(
+    plan: Plan,
+    stages: Sequence[Sequence[Call]],
+    sizes: Mapping[str, int],
+    profile: Profile,
+    *,
+    prompt: str | None = None,
+    resident: Sequence[str] = (),
+    min_gain: float = 0.0,
+) -> Plan:
     """``plan``, or a plan estimated faster on ``profile``; either way with its estimate.
 
     ``stages`` are the calls ``plan`` was made from, ``sizes`` the bytes it was made with, and
     ``resident`` what was loaded when it was made (a re-plan mid-run). The result is a plan for
-    the same calls within the same budget (``plan``'s, whatever ``profile`` holds).
+    the same calls within the same budget (``plan``'s, whatever ``profile`` holds): with as many
+    loads, estimated faster by more than ``SLACK``, or with more loads, estimated at least
+    ``min_gain`` faster than the fastest plan with as many (``fewest_loads_seconds``).
     """
+    kept = timed(plan, stages, sizes, profile, prompt=prompt, resident=resident)
+    assert kept.estimated_seconds is not None
     profile = dataclasses.replace(profile, memory_bytes=plan.budget_bytes)
-    calls = calls_as_planned(stages, prompt)
-    seed = wave_specs(plan)
-    estimate = simulate_waves(seed, calls, sizes, profile, resident=resident).makespan_s
     models = {c.model for stage in stages for c in stage}
-    nodes = min(MAX_NODES, int(NODES_PER_SECOND * estimate))
-    kept = plan.model_copy(update={"estimated_seconds": estimate, "timed_for": profile.name})
+    nodes = min(MAX_NODES, int(NODES_PER_SECOND * kept.estimated_seconds))
     if len(models) > MAX_MODELS or nodes <= 0 or not models.issuperset(resident):
         return kept  # (a model resident but no longer needed: the search starts without it)
+    seed = wave_specs(plan)
     found = search(
-        calls, sizes, profile, seed, max_nodes=nodes, slack=SLACK, resident=tuple(resident)
+        calls_as_planned(stages, prompt),
+        sizes,
+        profile,
+        seed,
+        max_nodes=nodes,
+        slack=SLACK,
+        min_gain=min_gain,
+        resident=tuple(resident),
     )
     if found.waves == seed:
         return kept
-    return _as_plan(found.waves, stages, sizes, plan).model_copy(
-        update={"estimated_seconds": found.makespan_s, "timed_for": profile.name}
-    )
+    better = _as_plan(found.waves, stages, sizes, plan)
+    update: dict[str, object] = {"estimated_seconds": found.makespan_s, "timed_for": profile.name}
+    if better.loads > plan.loads:
+        update["fewest_loads_seconds"] = found.fewest_s
+    return better.model_copy(update=update)
 
 
 def _as_plan(

@@ -66,8 +66,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
 
-from localmoa.hardware import APPLE_SMALL_FRACTION, margin
 from localmoa.planning.fewest_loads import Plan, make_plan
+from localmoa.planning.profiles import PROFILES, Profile
 
 __all__ = [
     "BYTES_PER_PARAM",
@@ -99,137 +99,6 @@ GB = 10**9
 BYTES_PER_PARAM = 4.5 / 8
 """Q4_K_M averages about 4.5 bits per weight (llama.cpp's k-quant mix: Q4_K 4.5 bpw, some
 tensors Q6_K); llama.cpp prints 4.53 BPW for a Q4_K_M Mixtral (ggml-org/llama.cpp#5206)."""
-
-MEMORY_EFFICIENCY = 0.7
-"""Share of the theoretical memory bandwidth decode reaches. "Real-world efficiency is typically
-70-85% of theoretical maximum" (https://calculator-cloud.com/other/memory-bandwidth); llama.cpp
-measures 68 % on a CPU (i9-13900K, DDR5-6400 = 102.4 GB/s, 7B Q4_0 3.8 GB at 18.27 t/s,
-ggml-org/llama.cpp#34) and 56 % on an RTX 4090 (7B q4_0 at 146.8 t/s, ggml-org/llama.cpp#6766,
-where per-token overhead, our ``stream_cap``, is part of the loss)."""
-
-CUDA_STREAM_CAP = 200.0
-"""A small model on a big NVIDIA GPU tops out near 190-200 tokens/s in llama.cpp: Gemma-3 4B
-Q4_K_M (≈2.5 GB) decodes at 189-197 t/s on an RTX 3090 (https://calebcoffie.com/benchmarks/
-gemma-3-4b-it-gguf), where bandwidth alone would allow ≈260 t/s."""
-
-METAL_STREAM_CAP = 100.0
-"""llama.cpp on an M4 decodes a 0.8B Q4_K_M at 103 t/s (https://www.jitesh.dev/blog/
-qwen35-apple-silicon-benchmark.html), well under what its bandwidth would allow."""
-
-CUDA_LOAD_INIT_S = 1.3
-"""CUDA context ≈0.8 s plus warm-up ≈0.5 s per model start (harvard-edge/cs249r_book#1631)."""
-
-METAL_LOAD_INIT_S = 1.0
-"""Assumed (no measurement found): a Metal device and pipeline setup, like CUDA's order. It
-shifts every policy by the same amount per load."""
-
-CPU_LOAD_INIT_S = 0.5
-"""Assumed (no measurement found): a runner process start and warm-up with no device context."""
-
-OLLAMA_MAX_LOADED = 3
-"""``OLLAMA_MAX_LOADED_MODELS`` = 0 means 3 per GPU (scheduler-anchors.md §1.1, server/sched.go)."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One machine: what it holds and how fast it reads, computes and loads."""
-
-    name: str
-    memory_bytes: int
-    """The planner's budget: the device minus localmoa's margin (localmoa.hardware)."""
-    bandwidth: float
-    """Bytes/s decode reaches from device memory (theoretical × MEMORY_EFFICIENCY)."""
-    compute: float
-    """FLOP/s prefill reaches."""
-    disk: float
-    """Bytes/s a model file is read at."""
-    load_init_s: float
-    """Fixed seconds per load on top of reading the file."""
-    stream_cap: float
-    """Most tokens/s one decode stream reaches, whatever its size (runtime overhead)."""
-    max_loaded: int = OLLAMA_MAX_LOADED
-    """Most models Ollama keeps loaded at once (used by :func:`reactive` only)."""
-
-
-def _budget(device_bytes: float) -> int:
-    return int(device_bytes) - margin(int(device_bytes))
-
-
-PROFILES: dict[str, Profile] = {
-    p.name: p
-    for p in (
-        # RTX 4060 Laptop: 8 GB GDDR6, 128-bit at 16 Gbps = 256.0 GB/s (https://fpsbench.com/
-        # compare/gpu/nvidia-geforce-rtx-4060-mobile-vs-nvidia-t400). Prefill ≈24 TFLOPS: 1000+
-        # tok/s prefill of a 12B on an RTX 4060 8 GB (https://threadreaderapp.com/user/
-        # analogalok: 2·12e9·1000), and the 4090's 165 TFLOPS scaled by tensor cores (96/512)
-        # and boost clock (2370/2520 MHz) gives 29. Laptop SSDs: PCIe 3.0 x4 NVMe "up to
-        # 3,500 MB/s" (https://nuvorix.com/glossary/nvme).
-        Profile(
-            name="laptop-8g",
-            memory_bytes=_budget(8 * GiB),
-            bandwidth=256 * GB * MEMORY_EFFICIENCY,
-            compute=24e12,
-            disk=3.5 * GB,
-            load_init_s=CUDA_LOAD_INIT_S,
-            stream_cap=CUDA_STREAM_CAP,
-        ),
-        # RTX 4090: 24 GB GDDR6X, 1008 GB/s; FP16 tensor 165 TFLOPS dense (https://waredb.com/
-        # processor/nvidia-geforce-rtx-4090), matched by llama.cpp's 8B Q4_0 pp512 at 10359
-        # t/s (ggml-org/llama.cpp#7676: 2·8e9·10359 = 166e12). PCIe 4.0 NVMe "up to 7,000
-        # MB/s" (https://nuvorix.com/glossary/nvme).
-        Profile(
-            name="desktop-24g",
-            memory_bytes=_budget(24 * GiB),
-            bandwidth=1008 * GB * MEMORY_EFFICIENCY,
-            compute=165e12,
-            disk=7.0 * GB,
-            load_init_s=CUDA_LOAD_INIT_S,
-            stream_cap=CUDA_STREAM_CAP,
-        ),
-        # A100 80GB: HBM2e 2039 GB/s, FP16 matrix 312 TFLOPS (https://glennklockwood.com/
-        # garden/processors/A100, from NVIDIA's datasheet). PCIe 4.0 NVMe as above.
-        Profile(
-            name="server-80g",
-            memory_bytes=_budget(80 * GiB),
-            bandwidth=2039 * GB * MEMORY_EFFICIENCY,
-            compute=312e12,
-            disk=7.0 * GB,
-            load_init_s=CUDA_LOAD_INIT_S,
-            stream_cap=CUDA_STREAM_CAP,
-        ),
-        # M2 Pro, 32 GB unified, 200 GB/s (https://www.moneycontrol.com/news/technology/
-        # apple-m2-pro-m2-max-chips-announced-for-next-generation-of-macs-9883741.html). The
-        # GPU may keep only recommendedMaxWorkingSetSize resident, about 2/3 of RAM at this
-        # size: 21845 MB on a 32 GB Mac (ggml-org/llama.cpp#2011); localmoa.hardware uses the
-        # same 2/3. Prefill ≈6 TFLOPS: an M4 (10 GPU cores) reaches 3.9 (9B Q4_K_M pp 214 t/s,
-        # jitesh.dev above), the M2 Pro has 19 older cores, assumed ×1.5. SSD read 5,372 MB/s
-        # (https://macrumors.com/2023/01/24/new-macbook-pro-ssd-speeds).
-        Profile(
-            name="apple-32g",
-            memory_bytes=_budget(32 * GiB * APPLE_SMALL_FRACTION),
-            bandwidth=200 * GB * MEMORY_EFFICIENCY,
-            compute=6e12,
-            disk=5.37 * GB,
-            load_init_s=METAL_LOAD_INIT_S,
-            stream_cap=METAL_STREAM_CAP,
-        ),
-        # CPU only, 16 GiB dual-channel DDR5-5600: 89.6 GB/s (https://calculator-cloud.com/
-        # other/memory-bandwidth); of the RAM, 13 GiB assumed available (OS and desktop hold the
-        # rest). Prefill 0.74 TFLOPS: i9-13900K 7B pp512 55.2 t/s at 32 threads
-        # (ggml-org/llama.cpp#34: 2·6.74e9·55.2). SATA SSD "tops out around 550 MB/s"
-        # (https://ricojia.github.io/2018/05/05/SSD). No stream cap binds on a CPU: decode is
-        # bandwidth-bound at every size.
-        Profile(
-            name="cpu-16g",
-            memory_bytes=13 * GiB - margin(16 * GiB),
-            bandwidth=89.6 * GB * MEMORY_EFFICIENCY,
-            compute=0.74e12,
-            disk=0.55 * GB,
-            load_init_s=CPU_LOAD_INIT_S,
-            stream_cap=math.inf,
-        ),
-    )
-}
 
 
 class CallSpec(NamedTuple):
@@ -830,6 +699,9 @@ class Found(NamedTuple):
     makespan_s: float
     loads: int
     complete: bool
+    fewest_s: float
+    """The simulated run of the fastest plan found with no more loads than the seed (the seed's
+    own when none beat it): what a plan with extra loads was weighed against."""
 
 
 def search(
@@ -840,6 +712,7 @@ def search(
     *,
     max_nodes: int,
     slack: float = 0.0,
+    min_gain: float = 0.0,
     resident: Sequence[str] = (),
 ) -> Found:
     """The fastest wave plan found under dataflow execution, starting from ``seed``.
@@ -851,50 +724,78 @@ def search(
     the stages begun, each model's memory and turn) is free no later than the other's is kept
     alone. Both assume that running a call earlier never delays the rest, which sharing can
     break (a call started earlier slows a neighbour whose unload a load was waiting for): then
-    the optimum can be missed by a little (tests/planning/test_timing.py compares with the exhaustive
-    enumeration: when written, 1 random case in 1,100 came out 0.5 % above it).
+    the optimum can be missed by a little (tests/planning/test_search.py compares with the
+    exhaustive enumeration: when written, 1 random case in 1,100 came out 0.5 % above it).
 
-    A plan replaces ``seed`` only when it is faster by more than ``slack`` (a fraction): with
-    estimated call lengths, a plan a hair faster on paper is as likely slower in fact. The
-    search is anytime: after ``max_nodes`` partial plans it returns the best found so far
-    (``complete`` False). ``resident`` models are loaded at the start (a plan made mid-run:
-    ``seed``'s first wave keeps or unloads them); each must be one the run calls.
+    Two margins, because the estimate is not the run. A plan with no more loads than ``seed``
+    replaces it only when faster by more than ``slack`` (a fraction): with estimated call
+    lengths, a plan a hair faster on paper is as likely slower in fact. A plan with more loads
+    than ``seed`` is taken only when also at least ``min_gain`` faster than the fastest plan
+    found with no more loads (each extra load is a cost the estimate may understate; with
+    ``min_gain`` 0 only time counts, fewer loads breaking ties). The search is anytime: after
+    ``max_nodes`` partial plans it returns the best found so far (``complete`` False).
+    ``resident`` models are loaded at the start (a plan made mid-run: ``seed``'s first wave
+    keeps or unloads them); each must be one the run calls.
     """
     space = _Space(calls, sizes, profile, resident)
     mine = simulate_waves(seed, calls, sizes, profile, resident=resident)
-    # To beat: the seed less the slack (with a slack, no tie goes to fewer loads).
-    best_s, best_loads = mine.makespan_s * (1 - slack), mine.loads if slack == 0 else -1
+    fewest = mine.loads
+    # The fastest plan with no more loads than the seed (None: the seed), and the bar a plan
+    # of that kind must pass to replace it: the seed less the slack (with a slack, no tie
+    # goes to fewer loads), then the plan found. ``fewest_s`` is its own makespan.
     best: _Node | None = None
+    best_s, best_loads = mine.makespan_s * (1 - slack), mine.loads if slack == 0 else -1
+    fewest_s = mine.makespan_s
+    # The fastest plan with extra loads, whether or not it pays for them yet.
+    extra: _Node | None = None
+    extra_s, extra_loads = math.inf, 0
     nodes = 0
-    seen: dict[tuple[int, int, int, int], list[tuple[tuple[float, ...], tuple[float, ...]]]] = {}
+    seen: dict[tuple[int, int, int, int], list[tuple[tuple[float, ...], tuple[float, ...], int]]]
+    seen = {}
+
+    def bar(loads: int) -> float:
+        """What a completion with ``loads`` so far must beat to change the answer. A plan with
+        no more loads than the seed must be the fastest of its kind and keep any extra-loads
+        plan from paying; one with more must beat both the others, that by ``min_gain``."""
+        if loads <= fewest:
+            return min(best_s, extra_s / (1 - min_gain))
+        return min(extra_s, best_s, fewest_s * (1 - min_gain))
 
     def dominated(node: _Node, early: tuple[float, ...], late: tuple[float, ...]) -> bool:
         """Has another partial plan reached the same state with everything free no later, at
-        its latest, than this one at its earliest? Then its best continuation does as well."""
+        its latest, than this one at its earliest? Then its best continuation does as well
+        (when extra loads must pay, only one with no more loads counts)."""
         key = (node.stage, node.done, node.resident, node.unrun)
         marks = seen.setdefault(key, [])
-        if any(_le(other_late, early) for _, other_late in marks):
+        loads = node.loads if min_gain > 0 else 0
+        if any(n <= loads and _le(other_late, early) for _, other_late, n in marks):
             return True
-        marks[:] = [(e, la) for e, la in marks if not _le(late, e)]
-        marks.append((early, late))
+        marks[:] = [(e, la, n) for e, la, n in marks if not (loads <= n and _le(late, e))]
+        marks.append((early, late, loads))
         return False
 
     def visit(node: _Node, makespan: float) -> bool:
-        nonlocal nodes, best, best_s, best_loads
+        nonlocal nodes, best, best_s, best_loads, fewest_s, extra, extra_s, extra_loads
         if node.stage == len(calls):  # a complete plan: its bound is its makespan
-            if (makespan, node.loads) < (best_s, best_loads):
-                best, best_s, best_loads = node, makespan, node.loads
+            if node.loads <= fewest:
+                if (makespan, node.loads) < (best_s, best_loads):
+                    best, best_s, best_loads, fewest_s = node, makespan, node.loads, makespan
+            elif (makespan, node.loads) < (extra_s, extra_loads):
+                extra, extra_s, extra_loads = node, makespan, node.loads
             return True
         children = sorted(space.children(node), key=lambda c: (space.quick_bound(c), c.loads))
         for child in children:
-            if space.quick_bound(child) >= best_s * (1 - 1e-12):
+            quick = space.quick_bound(child)
+            if quick >= bar(0) * (1 - 1e-12):
                 break
+            if quick >= bar(child.loads) * (1 - 1e-12):
+                continue
             nodes += 1
             if nodes > max_nodes:
                 return False
             bound, early, late = space.bound(child)
             if child.stage < len(calls) and (
-                bound >= best_s * (1 - 1e-12) or dominated(child, early, late)
+                bound >= bar(child.loads) * (1 - 1e-12) or dominated(child, early, late)
             ):
                 continue
             if not visit(child, bound):
@@ -902,9 +803,12 @@ def search(
         return True
 
     complete = visit(space.root(), math.inf)
+    pays = (extra_s, extra_loads) < (best_s, best_loads) and extra_s <= fewest_s * (1 - min_gain)
+    if extra is not None and pays:
+        return Found(extra.waves(), extra_s, extra_loads, complete, fewest_s)
     if best is None:
-        return Found(list(seed), mine.makespan_s, mine.loads, complete)
-    return Found(best.waves(), best_s, best_loads, complete)
+        return Found(list(seed), mine.makespan_s, mine.loads, complete, fewest_s)
+    return Found(best.waves(), best_s, best_loads, complete, fewest_s)
 
 
 def candidate_plans(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from localmoa.backends.base import Backend, ChatMessage
@@ -25,10 +25,10 @@ from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Config, LlamaCppModel, OllamaModel
 from localmoa.errors import BackendError, BudgetError, PromptTooLongError, UserError
 from localmoa.footprint.estimate import Footprint
-from localmoa.hardware import Budget, resolve_budget
-from localmoa.planning.fewest_loads import Plan, make_plan
-from localmoa.planning.refine import profile_for, refine
-from localmoa.planning.timing import Profile
+from localmoa.hardware import Budget, device_budget, resolve_budget
+from localmoa.planning import PlanPolicy, plan_run
+from localmoa.planning.fewest_loads import Plan
+from localmoa.planning.profiles import Profile
 from localmoa.runtime.moa import Call, build_request, calls_for
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "check_prompt",
     "context_tokens",
     "footprints",
+    "plan_policy",
     "prepare",
     "prompt_char_limit",
 ]
@@ -67,7 +68,22 @@ class Prepared:
     budget: Budget
     plan: Plan
     timing: Profile | None = None
-    """The cost-model profile the plan was refined on; None when it was not."""
+    """The cost-model profile the plan was refined on; None when it was not (untimed backends,
+    or ``plan_for = "loads"``)."""
+    policy: PlanPolicy = field(default_factory=lambda: PlanPolicy(None))
+    """How the plan was made: a re-plan mid-run is made the same way (``plan_run``)."""
+
+
+def plan_policy(config: Config, models: Sequence[str], budget: Budget) -> PlanPolicy:
+    """How plans of ``models`` are made on this machine (``settings.plan_for``, ``min_gain``,
+    ``timing_profile``): timed when every model's backend is one of ``TIMED_BACKENDS``, on the
+    profile of the device (read here when ``budget`` did not come from it and the profile is
+    "auto"), untimed otherwise."""
+    timed = all(config.models[name].backend in TIMED_BACKENDS for name in models)
+    device = None
+    if timed and config.settings.timing_profile == "auto":
+        device = device_budget(budget)
+    return PlanPolicy.from_settings(config.settings, device, timed=timed)
 
 
 async def footprints(
@@ -103,9 +119,10 @@ async def prepare(
 
     Reads model headers or asks model servers (never loads weights); raises UserError
     subclasses for what the user must fix, PromptTooLongError included when ``prompt`` is
-    given and cannot fit (see :func:`check_prompt`). With ``settings.plan_for = "time"`` and only
-    ``TIMED_BACKENDS``, the plan is refined for time on this machine's kind of hardware
-    (``prompt``, when known, sizes the first layer's prompt).
+    given and cannot fit (see :func:`check_prompt`). The plan is made by
+    :func:`localmoa.planning.plan_run` with :func:`plan_policy`: with only ``TIMED_BACKENDS``
+    it is timed on this machine's kind of hardware, and with ``settings.plan_for = "time"``
+    refined for time (``prompt``, when known, sizes the first layer's prompt).
     """
     stages = calls_for(config.ensemble(ensemble))
     used = list(dict.fromkeys(c.model for stage in stages for c in stage))
@@ -114,17 +131,13 @@ async def prepare(
         await check_prompt(config, stages, backends, [ChatMessage(role="user", content=prompt)])
     budget = resolve_budget(memory_budget, config.settings.memory_budget)
     totals = {name: fp.total for name, fp in sizes.items()}
+    policy = plan_policy(config, used, budget)
     try:
-        plan = make_plan([[c.model for c in stage] for stage in stages], totals, budget.bytes)
+        plan = plan_run(stages, totals, budget.bytes, policy, prompt=prompt)
     except BudgetError as exc:
         raise BudgetError(f"{exc} (budget from {budget.detail})") from None
-    timing = None
-    if config.settings.plan_for == "time" and all(
-        config.models[name].backend in TIMED_BACKENDS for name in used
-    ):
-        timing = profile_for(budget, name=config.settings.timing_profile)
-        plan = refine(plan, stages, totals, timing, prompt=prompt)
-    return Prepared(ensemble, stages, sizes, budget, plan, timing)
+    refined_on = policy.profile if policy.plan_for == "time" else None
+    return Prepared(ensemble, stages, sizes, budget, plan, refined_on, policy)
 
 
 def context_tokens(model: Any) -> int | None:

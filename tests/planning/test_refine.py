@@ -15,12 +15,12 @@ from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Agent, Ensemble, FakeModel, load_config
 from localmoa.hardware import Budget
 from localmoa.planning.fewest_loads import make_plan
+from localmoa.planning.profiles import profile_for
 from localmoa.planning.refine import (
     CHARS_PER_TOKEN,
     MAX_MODELS,
     SLACK,
     calls_as_planned,
-    profile_for,
     refine,
 )
 from localmoa.planning.timing import PROFILES, simulate_plan, wave_specs
@@ -56,10 +56,28 @@ def test_the_profile_follows_the_kind_of_device_and_takes_the_budget(
     assert profile.bandwidth == PROFILES[expected].bandwidth
 
 
-def test_a_budget_from_a_flag_is_timed_with_the_detected_device() -> None:
-    given = budget("flag", 3 * GiB)
-    profile = profile_for(given, budget("nvml", 22 * GiB))
-    assert (profile.name, profile.memory_bytes) == ("desktop-24g", 3 * GiB)
+def test_a_budget_from_a_flag_is_timed_with_the_device_behind_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import localmoa.hardware
+
+    read: list[str] = []
+
+    def detect() -> Budget:
+        read.append("device")
+        return budget("nvml", 22 * GiB)
+
+    monkeypatch.setattr(localmoa.hardware, "detect_budget", detect)
+    detected = budget("nvml", 70 * GiB)
+    assert localmoa.hardware.device_budget(detected) is detected and not read
+    device = localmoa.hardware.device_budget(budget("flag", 3 * GiB))
+    assert read == ["device"] and profile_for(device).name == "desktop-24g"
+
+
+def test_the_profile_is_pure_and_auto_needs_the_device() -> None:
+    with pytest.raises(ValueError, match="device"):
+        profile_for(None)
+    assert profile_for(None, name="cpu-16g") == PROFILES["cpu-16g"]
 
 
 def call(layer: int, index: int, model: str, max_tokens: int, system: str | None = None) -> Call:
@@ -185,7 +203,7 @@ def test_the_executor_follows_a_refined_plan_within_the_device_capacity() -> Non
     assert backend.peak_bytes <= SERVER.memory_bytes and backend.resident == {}
 
 
-def test_prepare_refines_a_llama_cpp_ensemble_and_plan_for_loads_keeps_the_fewest(
+def test_prepare_refines_a_llama_cpp_ensemble_and_plan_for_loads_keeps_the_fewest_timed(
     tiny_config: Path,
 ) -> None:
     config = load_config(tiny_config)
@@ -198,8 +216,10 @@ def test_prepare_refines_a_llama_cpp_ensemble_and_plan_for_loads_keeps_the_fewes
     )
     tiny_config.write_text(text)
     fewest = asyncio.run(prepare(load_config(tiny_config), "default", backends))
-    assert fewest.plan.estimated_seconds is None and fewest.plan.timed_for is None
-    assert fewest.plan.loads <= timed.plan.loads
+    assert fewest.plan.timed_for == timed.plan.timed_for
+    assert fewest.plan.estimated_seconds is not None and fewest.plan.estimated_seconds > 0
+    assert fewest.plan.loads <= timed.plan.loads and fewest.plan.fewest_loads is None
+    assert fewest.timing is None and fewest.policy.plan_for == "loads"
 
 
 def test_a_fake_ensemble_keeps_the_fewest_loads_plan(tmp_path: Path) -> None:
