@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import write_config
 
-from localmoa.cli.commands import _listen
+from localmoa.cli.serve import listen as _listen
 from localmoa.errors import AddressInUseError
 
 FAKE = """

@@ -1,0 +1,62 @@
+"""``localmoa plan``: which models will be resident together, in which order, before any load.
+
+The plan is the one ``run`` would make (both ask localmoa.cli.session.plan_run); it is shown as
+tables, or with ``--json`` as the :class:`~localmoa.cli.reports.PlanReport`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from localmoa.cli.options import budget_option, config_option, ensemble_option, json_option
+from localmoa.cli.render import print_json, print_plan, stdout
+from localmoa.cli.reports import ModelCost, ModelParts, PlanReport
+from localmoa.cli.session import open_session, plan_run
+from localmoa.cli.signals import arun
+from localmoa.runtime.prepare import Prepared
+
+__all__ = ["plan_command", "plan_report"]
+
+
+@click.command(name="plan")
+@config_option
+@ensemble_option
+@budget_option
+@json_option
+def plan_command(
+    config_path: Path | None, ensemble: str, memory_budget: str | None, as_json: bool
+) -> None:
+    """Show which models will be resident together, without loading anything."""
+
+    async def go() -> PlanReport:
+        async with open_session(config_path, memory_budget) as session:
+            prepared = await plan_run(session, ensemble, memory_budget)
+            return plan_report(prepared, session.reasons)
+
+    report = arun(go)
+    if as_json:
+        print_json(report)
+    else:
+        print_plan(stdout(), report)
+
+
+def plan_report(prepared: Prepared, zero_config: list[str]) -> PlanReport:
+    """What ``plan --json`` prints: the plan's fields as they are, and what it was made from."""
+    footprints = prepared.footprints
+    return PlanReport.model_validate(
+        {
+            **dict(prepared.plan),
+            "ensemble": prepared.ensemble,
+            "models": {
+                name: ModelCost(bytes=fp.total, source=fp.source) for name, fp in footprints.items()
+            },
+            "footprints": {
+                name: ModelParts(weights=fp.weights, kv_cache=fp.kv_cache, compute=fp.compute)
+                for name, fp in footprints.items()
+            },
+            "budget_source": prepared.budget.detail,
+            "zero_config": zero_config or None,
+        }
+    )

@@ -1,0 +1,124 @@
+"""How the CLI's results look: ``--json`` and the tables, both from the report models.
+
+A command builds one report (localmoa.cli.reports) and hands it here: with ``--json`` it is
+dumped as is, otherwise printed as rich tables read from the same fields, so the table and the
+JSON of one run always agree. Progress during a run is localmoa.cli.progress's; this module draws
+what is left when it is done.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from localmoa.cli.reports import SOURCE_LABELS, ModelsReport, PlanReport, RunReport
+from localmoa.sizes import format_bytes
+
+__all__ = ["print_json", "print_models", "print_plan", "run_summary", "stderr", "stdout"]
+
+
+def stderr() -> Console:
+    """Where progress, warnings and errors go: stdout carries only the answer or the JSON."""
+    return Console(stderr=True, highlight=False)
+
+
+def stdout() -> Console:
+    return Console(highlight=False)
+
+
+def print_json(report: BaseModel) -> None:
+    """The report as one line of JSON on stdout: exactly its ``model_dump(mode="json")``."""
+    click.echo(json.dumps(report.model_dump(mode="json")))
+
+
+def print_plan(console: Console, report: PlanReport) -> None:
+    """The models table, the waves table and the plan's figures."""
+    if report.zero_config is not None:
+        console.print("No models.toml found: an ensemble was built from Ollama's models.")
+        for reason in report.zero_config:
+            console.print(f"  {reason}", markup=False)
+    models = Table(title="Models", title_justify="left")
+    for column in ("model", "weights", "KV cache", "compute", "total", "from"):
+        models.add_column(column, justify="left" if column in ("model", "from") else "right")
+    for name, cost in report.models.items():
+        parts = report.footprints[name]
+        figures = (
+            (format_bytes(parts.weights), format_bytes(parts.kv_cache), format_bytes(parts.compute))
+            if parts.kv_cache or parts.compute
+            else ("-", "-", "-")
+        )
+        models.add_row(
+            name, *figures, format_bytes(cost.bytes), SOURCE_LABELS.get(cost.source, cost.source)
+        )
+    console.print(models)
+    waves = Table(title=f'Plan for ensemble "{report.ensemble}"', title_justify="left")
+    for column in ("wave", "layer", "unload", "load", "resident", "runs", "bytes"):
+        waves.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
+    aggregator = max((wave.layer for wave in report.waves), default=0)  # always the last stage
+    for i, wave in enumerate(report.waves, start=1):
+        waves.add_row(
+            str(i),
+            "aggregator" if wave.layer == aggregator else str(wave.layer),
+            ", ".join(wave.unload) or "-",
+            ", ".join(wave.load) or "-",
+            ", ".join(wave.resident),
+            ", ".join(wave.runs),
+            format_bytes(wave.bytes),
+        )
+    console.print(waves)
+    if report.fewest_loads is not None:
+        proof = f"the planner's fewest is {report.fewest_loads}; more are estimated faster"
+    else:
+        proof = "optimal" if report.optimal else "heuristic: at most one load per call"
+    timed = (
+        f"\nestimated {report.estimated_seconds:.1f}s with {report.timed_for} speeds, every call "
+        "writing max_tokens"
+        if report.estimated_seconds is not None
+        else ""
+    )
+    console.print(
+        f"loads: {report.loads} (lower bound {report.lower_bound}; {proof}), "
+        f"{format_bytes(report.bytes_loaded)} read\n"
+        f"budget: {format_bytes(report.budget_bytes)} ({report.budget_source}){timed}",
+        markup=False,
+    )
+
+
+def print_models(console: Console, report: ModelsReport) -> None:
+    """One row per model: its estimate, its measurement and the figure the planner uses."""
+    table = Table(title="Models", title_justify="left")
+    for column in ("model", "backend", "estimate", "measured", "planner uses", "source"):
+        table.add_column(column, justify="right" if column in ("estimate", "measured") else "left")
+    for row in report.models:
+        if row.error is not None:
+            table.add_row(row.name, row.backend, "-", "-", "-", f"unusable: {row.error}")
+            continue
+        table.add_row(
+            row.name,
+            row.backend,
+            _size(row.estimate_bytes),
+            _size(row.measured_bytes),
+            _size(row.bytes),
+            row.source or "-",
+        )
+    console.print(table)
+    for note in report.notes:
+        console.print(note, markup=False)
+
+
+def run_summary(report: RunReport) -> str:
+    """The line ``run`` ends with on stderr: calls, failures, loads, re-plans, time."""
+    failed = sum(not call.ok for call in report.calls)
+    replanned = f", re-planned {report.replans}x after measuring" if report.replans else ""
+    return (
+        f"{len(report.calls)} calls ({failed} failed), {report.loads} loads{replanned}, "
+        f"{report.seconds:.2f}s"
+    )
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else format_bytes(value)

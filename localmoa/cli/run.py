@@ -1,0 +1,153 @@
+"""``localmoa run``: answer a prompt with an ensemble, the answer streamed to stdout.
+
+stdout carries only the answer (or the :class:`~localmoa.cli.reports.RunReport` with ``--json``),
+so it can be piped; progress, layer outputs and the closing summary go to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from localmoa.backends.base import ChatMessage
+from localmoa.cli.options import budget_option, config_option, ensemble_option, json_option
+from localmoa.cli.render import print_json, run_summary, stderr
+from localmoa.cli.reports import RunReport
+from localmoa.cli.session import Session, open_session, plan_run
+from localmoa.cli.signals import arun, unloads
+from localmoa.errors import UserError
+from localmoa.runtime.engine import (
+    CallFinished,
+    CallPiece,
+    Event,
+    Executor,
+    ModelUnloaded,
+    RunResult,
+)
+from localmoa.runtime.prepare import Prepared
+
+__all__ = ["execute", "run_command", "run_report"]
+
+
+@click.command(name="run")
+@click.argument("prompt", required=False)
+@config_option
+@ensemble_option
+@budget_option
+@click.option("--show-layers", is_flag=True, help="Print every agent's response (on stderr).")
+@json_option
+def run_command(
+    prompt: str | None,
+    config_path: Path | None,
+    ensemble: str,
+    memory_budget: str | None,
+    show_layers: bool,
+    as_json: bool,
+) -> None:
+    """Answer PROMPT with the ensemble (PROMPT or stdin); the answer streams to stdout."""
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or pipe one on stdin")
+        prompt = _utf8(sys.stdin.buffer.read(), "stdin")
+    else:  # an argument with bytes that are not UTF-8 arrives with surrogate escapes
+        prompt = _utf8(os.fsencode(prompt), "the PROMPT argument")
+    if not prompt.strip():
+        raise click.UsageError("the prompt is empty")
+    question = prompt
+
+    async def go() -> RunReport:
+        async with open_session(config_path, memory_budget) as session:
+            for reason in session.reasons:
+                stderr().print(f"zero-config: {reason}", markup=False)
+            prepared = await plan_run(session, ensemble, memory_budget, question)
+            result = await execute(session, prepared, question, show_layers, quiet=as_json)
+            report = run_report(result)
+            stderr().print(run_summary(report), markup=False)  # before the closing unloads
+        return report
+
+    report = arun(go)
+    if as_json:
+        print_json(report)
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    """The prompt as text, refused before anything loads when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def run_report(result: RunResult) -> RunReport:
+    """What ``run --json`` prints for ``result``."""
+    return RunReport(
+        answer=result.answer,
+        calls=result.calls,
+        loads=result.loads,
+        replans=result.replans,
+        seconds=round(result.seconds, 4),
+        plan=result.plan,
+    )
+
+
+async def execute(
+    session: Session, prepared: Prepared, prompt: str, show_layers: bool, *, quiet: bool
+) -> RunResult:
+    """Run the plan, progress on stderr and (unless ``quiet``) the answer streamed to stdout."""
+    from localmoa.cli.progress import Progress
+
+    progress = Progress(
+        stderr(),
+        show_layers=show_layers,
+        n_waves=len(prepared.plan.waves),
+        n_layers=len(prepared.stages) - 1,
+    )
+    streaming = False
+
+    def on_event(event: Event) -> None:
+        nonlocal streaming
+        if isinstance(event, ModelUnloaded):
+            unloads.add([event.model])
+        if isinstance(event, CallPiece) and event.call.is_aggregator and not quiet:
+            if not streaming:
+                progress.pause()
+                streaming = True
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, CallFinished) and event.call.is_aggregator and streaming:
+            sys.stdout.write("\n")  # end the answer's line before stderr speaks again
+            sys.stdout.flush()
+            streaming = False
+        progress(event)
+
+    executor = _executor(session, prepared, on_event)
+    try:
+        return await executor.run(
+            prepared.stages, prepared.plan, [ChatMessage(role="user", content=prompt)]
+        )
+    finally:
+        progress.close()
+        if streaming:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _executor(session: Session, prepared: Prepared, on_event: Callable[[Event], None]) -> Executor:
+    """The engine for this run: the CLI's one place that builds an Executor."""
+    settings = session.config.settings
+    return Executor(
+        session.config.models,
+        session.backends,
+        max_parallel_calls=settings.max_parallel_calls,
+        max_calls_per_second=settings.max_calls_per_second,
+        on_event=on_event,
+        sizes={name: fp.total for name, fp in prepared.footprints.items()},
+        timing=prepared.timing,
+    )
