@@ -35,9 +35,11 @@ from localmoa.errors import (
 from localmoa.footprint.estimate import Footprint, estimate, read_gguf
 from localmoa.hardware import Budget, detect_budget
 from localmoa.planning.fewest_loads import Plan, Wave, make_plan
-from localmoa.runtime.admission import ModelPool, PlanResidency, PoolResidency, Residency
-from localmoa.runtime.engine import CallRecord, Executor, RunResult
+from localmoa.runtime.engine import Executor
+from localmoa.runtime.events import CallRecord, RunResult
+from localmoa.runtime.moa import Call
 from localmoa.runtime.prepare import Prepared, prepare
+from localmoa.serve.pool import ModelPool
 
 __all__ = [
     "AddressInUseError",
@@ -45,6 +47,7 @@ __all__ = [
     "BackendError",
     "Budget",
     "BudgetError",
+    "Call",
     "CallRecord",
     "ChatDelta",
     "ChatMessage",
@@ -65,11 +68,8 @@ __all__ = [
     "OllamaBackend",
     "OpenAIBackend",
     "Plan",
-    "PlanResidency",
-    "PoolResidency",
     "Prepared",
     "PromptTooLongError",
-    "Residency",
     "RunError",
     "RunResult",
     "ServerUnavailableError",

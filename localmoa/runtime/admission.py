@@ -1,54 +1,49 @@
-"""Who decides what is loaded while a plan runs: the plan alone, or a pool shared by runs.
+"""The memory seam: the engine asks, per model, for it to be resident, and says when it is done.
 
-``localmoa run`` has one run and one plan, and the plan is exact: :class:`PlanResidency` loads
-and unloads what each wave says, and unloads everything at the end.
+The engine (:mod:`localmoa.runtime.engine`) follows a plan; what it may load *when* is an
+:class:`Admission`'s decision, asked one model at a time:
 
-``localmoa serve`` has many runs at once on one machine, so one :class:`ModelPool` owns the
-hardware. Each run asks it, wave by wave, for the models the wave needs (:class:`PoolResidency`).
-The pool:
+- :meth:`~Admission.admit` before a model's stay: wait for room (or make it), load the model
+  unless it is resident already, and hold it for this run. It returns what it unloaded to make
+  room and the load's outcome;
+- :meth:`~Admission.using` around each call on a held model: it is loaded while the call runs;
+- :meth:`~Admission.release` when the stay's calls are done: this run no longer needs it;
+- :meth:`~Admission.resident` for a re-plan, :meth:`~Admission.finish` on every exit.
 
-- never holds more than the budget: before a load it evicts idle models, least recently used
-  first, and if pinned models of other runs leave too little room it waits for them;
-- never loads a model twice: a model loaded for one run serves every run that needs it (calls
-  to it are serialized by the executor's per-model lock);
-- serves runs in arrival order: a waiting run with an earlier ticket goes first, and nobody
-  overtakes a waiting run (no starvation);
-- keeps models loaded after a run while nothing else needs the memory, so the next request
-  reuses them (its plan starts from what is resident).
-
-A run pins only the wave it is in and releases it before asking for the next, so no run holds
-memory while it waits: the pool cannot deadlock. Loads are serialized, as Ollama does.
+Two implementations. :class:`BudgetAdmission` is ``localmoa run``'s: one run owns the budget, a
+load starts once the bytes loaded plus its own fit, a released model is unloaded at once, and
+:meth:`~Admission.finish` unloads everything. ``localmoa serve`` shares one pool among its
+requests (:class:`localmoa.serve.pool.ModelPool`): models stay loaded between requests, and room
+is made by evicting idle ones.
 
 A load that fails, for whatever reason, is an outcome, not an exception (:func:`timed_load`):
-the executor fails that model's agents and the run goes on on quorum. The pool tries such a
-model again for the next wave that needs it (the file may be back, memory may have freed).
+the engine fails that model's agents and the run goes on on quorum.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 from localmoa.backends.base import Backend
 from localmoa.errors import BackendError, LocalMoaError
-from localmoa.planning.fewest_loads import Wave
 
 __all__ = [
+    "Admission",
+    "Admitted",
+    "BudgetAdmission",
+    "Changes",
     "LoadOutcome",
-    "ModelPool",
-    "PlanResidency",
-    "PoolResidency",
-    "Residency",
     "still_loaded",
     "timed_load",
+    "too_large",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadOutcome:
-    """One load a wave needed: how long it took and what it measured, or why it failed."""
+    """One load: how long it took and what it measured, or why it failed."""
 
     model: str
     seconds: float
@@ -64,24 +59,63 @@ class LoadOutcome:
     error: str | None = None
 
 
-class Residency(ABC):
-    """Makes each wave's models resident; the executor runs the calls in between."""
+@dataclass(frozen=True)
+class Admitted:
+    """What making a model resident for a run took."""
+
+    unloaded: list[str] = field(default_factory=list)
+    """Models unloaded to make room, in the order they went."""
+    outcome: LoadOutcome | None = None
+    """The load; None when the model was resident already."""
+
+
+class Admission(ABC):
+    """Decides when each model a run needs is loaded, and when it leaves (see module docs)."""
 
     @abstractmethod
-    async def enter(self, wave: Wave) -> tuple[list[str], list[LoadOutcome]]:
-        """Make ``wave.resident`` loaded; returns (models unloaded, loads done)."""
+    async def admit(self, model: str) -> Admitted:
+        """Hold ``model`` resident for this run, loading it unless it is already."""
 
     @abstractmethod
-    async def leave(self, wave: Wave) -> None:
-        """The wave's calls are done."""
+    def using(self, model: str) -> AbstractAsyncContextManager[Admitted]:
+        """Keep held ``model`` loaded while one call runs on it; loads it again first if it was
+        made to leave meanwhile (the outcome says so, and whether that load failed)."""
+
+    @abstractmethod
+    async def release(self, model: str) -> list[str]:
+        """This run no longer needs ``model``; returns the models unloaded now."""
 
     @abstractmethod
     def resident(self) -> list[str]:
-        """Models loaded now (a re-plan starts from them)."""
+        """The models loaded now, that a re-plan may count on."""
 
     @abstractmethod
     async def finish(self) -> list[str]:
         """The run is over, however it ended; returns the models unloaded."""
+
+
+class Changes:
+    """Wakes every waiter when shared state changes.
+
+    asyncio runs one task at a time, so state read and written between two awaits needs no lock;
+    only waiting for a condition does. A waiter checks its condition, and only if it is false
+    waits for the next :meth:`notify`, with no await in between: no wake-up can be missed.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self.next()
+
+    async def next(self) -> None:
+        """The next change; call it right after finding the state wanting."""
+        await self._event.wait()
 
 
 async def timed_load(backend: Backend, model: str, config: Any) -> LoadOutcome:
@@ -116,189 +150,87 @@ def still_loaded(backend: Backend, model: str) -> bool:
     return model in backend.loaded()
 
 
-class PlanResidency(Residency):
-    """One run, one plan: load and unload exactly as the waves say."""
-
-    def __init__(self, models: Mapping[str, Any], backend: Callable[[str], Backend]) -> None:
-        self.models = models
-        self.backend = backend
-        self._resident: list[str] = []
-
-    async def enter(self, wave: Wave) -> tuple[list[str], list[LoadOutcome]]:
-        unloaded = [m for m in wave.unload if m in self._resident]
-        for model in unloaded:
-            self._resident.remove(model)
-            await self.backend(model).unload(model)
-        outcomes = []
-        for model in wave.load:
-            backend = self.backend(model)
-            try:
-                outcome = await timed_load(backend, model, self.models[model])
-            except BaseException:
-                if still_loaded(backend, model):
-                    self._resident.append(model)  # finish() unloads it
-                raise
-            if outcome.error is None:
-                self._resident.append(model)
-            outcomes.append(outcome)
-        return unloaded, outcomes
-
-    async def leave(self, wave: Wave) -> None:
-        return None
-
-    def resident(self) -> list[str]:
-        return list(self._resident)
-
-    async def finish(self) -> list[str]:
-        unloaded = []
-        for model in reversed(self._resident):
-            try:
-                await self.backend(model).unload(model)
-                unloaded.append(model)
-            except LocalMoaError as exc:
-                log.warning("unloading %s failed: %s", model, exc)
-        self._resident.clear()
-        return unloaded
+def too_large(model: str, size: int, budget: int) -> LoadOutcome:
+    """The outcome of a load that could never fit: the model alone exceeds the budget (a
+    measurement came out larger than the estimate the plan was made with)."""
+    error = f'model "{model}" needs {size} bytes, more than the whole budget of {budget}'
+    return LoadOutcome(model, 0.0, None, error)
 
 
-class ModelPool:
-    """The models loaded on this machine, shared by concurrent runs (see module docstring)."""
+class BudgetAdmission(Admission):
+    """One run owns ``budget`` bytes (``localmoa run``).
+
+    A load starts once the bytes held plus its own fit (the engine asks in plan order, so loads
+    happen in plan order); a released model is unloaded at once, so its memory lets the next
+    load start while other models still compute. These are the semantics the cost model times
+    (``localmoa.planning.timing.simulate_plan``). Held bytes are the plan's sizes, or what the
+    backend measured once a model is loaded, when it measures whole footprints (Ollama).
+    """
 
     def __init__(
         self,
         models: Mapping[str, Any],
-        backends: Mapping[str, Backend],
+        backend: Callable[[str], Backend],
         sizes: Mapping[str, int],
         budget: int,
     ) -> None:
         self.models = models
-        self.backends = backends
-        self.sizes = dict(sizes)
+        self.backend = backend
+        self.sizes = sizes
         self.budget = budget
-        self.loaded: OrderedDict[str, int] = OrderedDict()  # least recently used first
-        self.pins: Counter[str] = Counter()
-        self.peak_bytes = 0
-        self.loads = 0
-        self._changed = asyncio.Condition()
-        self._waiting: list[tuple[int, int]] = []
-        self._order = itertools.count()
+        self.loaded: dict[str, int] = {}
+        """Model -> the bytes it holds against the budget (reserved before its load starts)."""
+        self.changes = Changes()
 
-    def backend(self, model: str) -> Backend:
-        return self.backends[self.models[model].backend]
+    async def admit(self, model: str) -> Admitted:
+        if model in self.loaded:
+            return Admitted()
+        size = self.sizes[model]
+        if size > self.budget:
+            return Admitted(outcome=too_large(model, size, self.budget))
+        await self.changes.wait_for(lambda: sum(self.loaded.values()) + size <= self.budget)
+        self.loaded[model] = size  # reserved before the load starts
+        backend = self.backend(model)
+        try:
+            outcome = await timed_load(backend, model, self.models[model])
+        except BaseException:  # cancelled mid-load: finish() frees only what is loaded
+            if not still_loaded(backend, model):
+                self._forget(model)
+            raise
+        if outcome.error is not None:
+            self._forget(model)
+        elif outcome.measured is not None and backend.measures_footprint:
+            self.loaded[model] = outcome.measured
+        return Admitted(outcome=outcome)
+
+    @contextlib.asynccontextmanager
+    async def _held(self, model: str) -> AsyncIterator[Admitted]:
+        yield Admitted()  # a held model stays loaded until released: nothing to do
+
+    def using(self, model: str) -> AbstractAsyncContextManager[Admitted]:
+        return self._held(model)
+
+    async def release(self, model: str) -> list[str]:
+        if model not in self.loaded:
+            return []
+        try:
+            await self.backend(model).unload(model)
+        finally:
+            self._forget(model)
+        return [model]
 
     def resident(self) -> list[str]:
         return list(self.loaded)
 
-    def resident_bytes(self) -> int:
-        return sum(self.loaded.values())
-
-    async def acquire(self, ticket: int, need: list[str]) -> tuple[list[str], list[LoadOutcome]]:
-        """Pin ``need`` loaded for run ``ticket``; waits its turn and for the room."""
-        me = (ticket, next(self._order))
-        async with self._changed:
-            heapq.heappush(self._waiting, me)
-            try:
-                await self._changed.wait_for(lambda: self._waiting[0] == me and self._room(need))
-            finally:
-                self._waiting.remove(me)
-                heapq.heapify(self._waiting)
-                self._changed.notify_all()
-            pinned = list(need)
-            self.pins.update(pinned)  # pinned before anything moves: nobody evicts them now
-            try:
-                unloaded = await self._evict_for(need)
-                outcomes = []
-                for model in need:
-                    if model in self.loaded:
-                        self.loaded.move_to_end(model)
-                        continue
-                    backend = self.backend(model)
-                    try:
-                        outcome = await timed_load(backend, model, self.models[model])
-                    except BaseException:
-                        if still_loaded(backend, model):
-                            self.loaded[model] = self.sizes[model]  # close() unloads it
-                        raise
-                    outcomes.append(outcome)
-                    if outcome.error is not None:
-                        pinned.remove(model)
-                        self.pins[model] -= 1
-                        continue
-                    self.loads += 1
-                    measured = outcome.measured if self.backend(model).measures_footprint else None
-                    self.loaded[model] = measured or self.sizes[model]
-                    self.peak_bytes = max(self.peak_bytes, self.resident_bytes())
-            except BaseException:
-                self.pins.subtract(pinned)
-                raise
-            finally:
-                self.pins = +self.pins  # drop zero counts
-                self._changed.notify_all()
-            return unloaded, outcomes
-
-    async def release(self, need: list[str]) -> None:
-        async with self._changed:
-            self.pins.subtract(m for m in need if self.pins[m] > 0)
-            self.pins = +self.pins
-            self._changed.notify_all()
-
-    async def close(self) -> None:
-        """Unload everything (server shutdown)."""
-        async with self._changed:
-            for model in list(self.loaded):
-                await self._unload(model)
-
-    def _room(self, need: list[str]) -> bool:
-        """Would ``need`` fit beside every model another run has pinned?"""
-        keep = set(need) | {m for m, n in self.pins.items() if n > 0}
-        return sum(self.loaded.get(m, self.sizes[m]) for m in keep) <= self.budget
-
-    async def _evict_for(self, need: list[str]) -> list[str]:
-        wanted = set(need)
-        total = sum(self.loaded.values()) + sum(self.sizes[m] for m in wanted - set(self.loaded))
-        evicted = []
-        for model in list(self.loaded):  # least recently used first
-            if total <= self.budget:
-                break
-            if model in wanted or self.pins[model] > 0:
-                continue
-            total -= self.loaded[model]
-            await self._unload(model)
-            evicted.append(model)
-        return evicted
-
-    async def _unload(self, model: str) -> None:
-        self.loaded.pop(model, None)
-        try:
-            await self.backend(model).unload(model)
-        except LocalMoaError as exc:
-            log.warning("unloading %s failed: %s", model, exc)
-
-
-class PoolResidency(Residency):
-    """One run's view of a shared pool: pins each wave's models while the wave runs."""
-
-    def __init__(self, pool: ModelPool, ticket: int) -> None:
-        self.pool = pool
-        self.ticket = ticket
-        self._held: list[str] = []
-
-    async def enter(self, wave: Wave) -> tuple[list[str], list[LoadOutcome]]:
-        need = list(wave.resident)
-        unloaded, outcomes = await self.pool.acquire(self.ticket, need)
-        failed = {o.model for o in outcomes if o.error is not None}
-        self._held = [m for m in need if m not in failed]
-        return unloaded, outcomes
-
-    async def leave(self, wave: Wave) -> None:
-        held, self._held = self._held, []
-        await self.pool.release(held)
-
-    def resident(self) -> list[str]:
-        return self.pool.resident()
-
     async def finish(self) -> list[str]:
-        held, self._held = self._held, []  # non-empty when the run ended mid-wave
-        if held:
-            await self.pool.release(held)
-        return []
+        unloaded = []
+        for model in list(self.loaded):
+            try:
+                unloaded += await self.release(model)
+            except LocalMoaError as exc:
+                log.warning("unloading %s failed: %s", model, exc)
+        return unloaded
+
+    def _forget(self, model: str) -> None:
+        self.loaded.pop(model, None)
+        self.changes.notify()

@@ -1,8 +1,27 @@
-"""Run a plan: swap models wave by wave, run each wave's calls concurrently, pass answers on.
+"""The one engine: every plan runs here, for ``localmoa run``, each ``serve`` request and every
+re-plan, as a dataflow within a memory seam.
 
-What is loaded when is a :mod:`~localmoa.runtime.admission`'s decision: by default exactly what the
-plan's waves say (so memory stays within the planned budget), or a pool shared by the runs of
-``localmoa serve``. The executor adds what a plan cannot know:
+The plan fixes what is loaded, in which order, and which calls run with which models. The engine
+removes every wait that memory does not require:
+
+- loads are asked for one at a time in plan order, each of the memory seam
+  (:class:`~localmoa.runtime.admission.Admission`), once the model's previous stay (if the plan
+  reloads it) has ended; the seam decides when there is room. A *stay* is one residency of a
+  model: from the wave that loads it to the wave that unloads it;
+- a stay ends, and its model is released, as soon as its calls are done: its memory then lets
+  the next load start while other models still compute;
+- a call starts as soon as its model's load for it is done and the previous stage's answers are
+  all in, whatever later loads are doing: a model loaded ahead for a later layer never holds up
+  the calls before it.
+
+These are the semantics ``localmoa.planning.timing.simulate_plan`` times. Nothing waits on
+anything later in the plan, so a run cannot deadlock itself; the seam never admits beyond its
+budget. With ``localmoa run`` the seam is the run's own budget
+(:class:`~localmoa.runtime.admission.BudgetAdmission`); with ``localmoa serve`` it is the pool
+the requests share (:class:`localmoa.serve.pool.ModelPool`, whose docstring says why runs
+sharing it cannot deadlock each other either).
+
+Around the calls:
 
 - calls to one model are serialized (one lock per model) and calls to different models run
   concurrently, bounded by ``max_parallel_calls`` (a semaphore) and, for shared servers, by
@@ -13,11 +32,13 @@ plan's waves say (so memory stays within the planned budget), or a pool shared b
   the reason (file gone since planning, out of memory, a runtime's own exception): that model's
   agents fail with the reason, the others go on; only cancellation ends the run;
 - a backend that measures what a loaded model really holds (Ollama) can make the rest of the
-  run be planned again from what is resident, with the measurement in place of the estimate;
-- on every exit (done, error, Ctrl-C/cancel) the residency is told, and with the default one
-  everything still resident is unloaded.
+  run be planned again from what is resident, with the measurement in place of the estimate,
+  by the one planner entry (:func:`localmoa.planning.plan_run`) and the run's policy;
+- on every exit (done, error, Ctrl-C/cancel) the seam is told (``finish``): a run's budget
+  unloads everything, a shared pool keeps what it holds for the next request.
 
-Progress is reported through ``on_event`` callbacks; the executor itself prints nothing.
+Progress is reported through ``on_event`` callbacks (:mod:`localmoa.runtime.events`); the
+engine itself prints nothing. What a run has done is one :class:`~localmoa.runtime.state.RunState`.
 """
 
 from __future__ import annotations
@@ -27,25 +48,30 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from asyncio_throttle.throttler import Throttler
-from pydantic import BaseModel
 
-from localmoa.backends.base import Backend, ChatMessage
-from localmoa.errors import LayerFailedError, LocalMoaError
-from localmoa.planning.fewest_loads import Plan, Wave, make_plan
-from localmoa.planning.refine import refine
-from localmoa.planning.timing import Profile
-from localmoa.runtime.admission import (
-    LoadOutcome,
-    PlanResidency,
-    Residency,
-    still_loaded,
-    timed_load,
+from localmoa.backends.base import Backend, ChatMessage, ChatRequest
+from localmoa.errors import LocalMoaError
+from localmoa.planning import PlanPolicy, plan_run
+from localmoa.planning.fewest_loads import Plan, Wave
+from localmoa.planning.profiles import Profile
+from localmoa.runtime.admission import Admission, BudgetAdmission, Changes, LoadOutcome
+from localmoa.runtime.events import (
+    CallFinished,
+    CallPiece,
+    CallRecord,
+    CallStarted,
+    Event,
+    LoadFailed,
+    ModelLoaded,
+    ModelUnloaded,
+    RunResult,
+    WaveStarted,
 )
 from localmoa.runtime.moa import Call, build_request
+from localmoa.runtime.state import RunState, layer_of, stage_of
 
 __all__ = [
     "CallFinished",
@@ -64,86 +90,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REPLAN_SLACK = 0.10
+"""A measurement smaller than the plan's figure by less than this fraction does not re-plan:
+the time a re-plan takes would not buy a better plan."""
 
-
-class CallRecord(BaseModel):
-    """What one call did: the ``calls`` entries of ``run --json``."""
-
-    layer: int
-    index: int
-    model: str
-    ok: bool
-    error: str | None
-    seconds: float
-    tokens: int
-    prompt_tokens: int = 0
-    text: str
-
-
-class RunResult(BaseModel):
-    """The answer and the account of how it was made."""
-
-    answer: str
-    calls: list[CallRecord]
-    loads: int
-    replans: int = 0
-    """Times the rest of the run was planned again after a measurement (see Executor.run)."""
-    plan: Plan
-    seconds: float
-
-
-@dataclass(frozen=True)
-class WaveStarted:
-    number: int
-    wave: Wave
-
-
-@dataclass(frozen=True)
-class ModelLoaded:
-    model: str
-    seconds: float
-    measured_bytes: int | None
-
-
-@dataclass(frozen=True)
-class LoadFailed:
-    """A model could not load; its agents fail with ``error``, the run goes on on quorum."""
-
-    model: str
-    error: str
-
-
-@dataclass(frozen=True)
-class ModelUnloaded:
-    """A model that was loaded has been unloaded (never sent for one that failed to load)."""
-
-    model: str
-
-
-@dataclass(frozen=True)
-class CallStarted:
-    call: Call
-
-
-@dataclass(frozen=True)
-class CallPiece:
-    call: Call
-    text: str
-
-
-@dataclass(frozen=True)
-class CallFinished:
-    call: Call
-    record: CallRecord
-
-
-Event = (
-    WaveStarted | ModelLoaded | LoadFailed | ModelUnloaded | CallStarted | CallPiece | CallFinished
-)
+Emit = Callable[[Event], None]
 
 
 class Executor:
-    """Runs plans on backends. One executor may run many plans, one at a time."""
+    """Runs plans on backends; one executor may run many plans, one after another or (a
+    server's requests, each with the shared pool's admission) at once."""
 
     def __init__(
         self,
@@ -152,17 +107,21 @@ class Executor:
         *,
         max_parallel_calls: int | None = None,
         max_calls_per_second: int | None = None,
-        on_event: Callable[[Event], None] | None = None,
+        on_event: Emit | None = None,
         sizes: Mapping[str, int] | None = None,
+        policy: PlanPolicy | None = None,
         timing: Profile | None = None,
     ) -> None:
         self.models = models
-        self.sizes = sizes
-        """The footprints the plan was made with; given, measurements can re-plan the run."""
-        self.timing = timing
-        """The cost-model profile the plan was refined on (localmoa.planning.refine); given, a
-        re-plan is refined on it too."""
         self.backends = backends
+        self.sizes = sizes
+        """The footprints plans are made with; when None, each run reads them from the
+        backends (as ``localmoa.runtime.prepare`` does) before it starts."""
+        if policy is None:  # ``timing``: the older spelling of a policy that refines for time
+            policy = PlanPolicy(timing) if timing is not None else PlanPolicy(None)
+        self.policy = policy
+        """How a re-plan is made mid-run: the policy the first plan was made with
+        (``localmoa.runtime.prepare.Prepared.policy``)."""
         self.on_event = on_event or (lambda event: None)
         self._slots = asyncio.Semaphore(max_parallel_calls) if max_parallel_calls else None
         self._throttler = Throttler(max_calls_per_second) if max_calls_per_second else None
@@ -177,73 +136,39 @@ class Executor:
         plan: Plan,
         conversation: list[ChatMessage],
         *,
-        residency: Residency | None = None,
-        on_event: Callable[[Event], None] | None = None,
+        admission: Admission | None = None,
+        on_event: Emit | None = None,
     ) -> RunResult:
         """Run every call of ``stages`` as ``plan`` schedules them; the last stage's answer wins.
 
-        By default the plan runs as a dataflow (see :class:`_Flow`): a model's calls start as
-        soon as it is loaded, and a model leaves as soon as its calls are done, so loads overlap
-        with calls while memory stays within the budget. This needs each model's bytes
-        (``sizes``); without them, or with a ``residency`` (``localmoa serve`` passes a shared
-        pool's view), waves run one after another.
-
+        ``admission`` is the memory seam: by default the run owns the plan's budget
+        (``localmoa run``); a server passes its shared pool's admission for this request.
         ``on_event`` replaces the executor's callback for this run (a server's runs each stream
-        their own answer). When a backend measures a loaded model (Ollama does) and the figure is
-        larger than the plan assumed, or much smaller, the rest of the run is planned again from
-        what is resident, with the measurement in place of the estimate.
+        their own answer). When a backend measures a loaded model (Ollama does) and the figure
+        is larger than the plan assumed, or much smaller, the rest of the run is planned again
+        from what is resident, with the measurement in place of the estimate.
         """
         started = time.perf_counter()
-        emit = on_event or self.on_event
-        run = _Run(self, stages, conversation, emit)
-        if residency is None and self.sizes is not None:
-            await run.flow(plan, dict(self.sizes))
-        else:
-            await run.waves(plan, residency or PlanResidency(self.models, self.backend))
-        return RunResult(
-            answer=run.answer(),
-            calls=sorted(run.records, key=lambda r: (r.layer, r.index)),
-            loads=run.loads,
-            replans=run.replans,
-            plan=plan,
-            seconds=time.perf_counter() - started,
-        )
+        sizes = await self._sizes(stages)
+        if admission is None:
+            admission = BudgetAdmission(self.models, self.backend, sizes, plan.budget_bytes)
+        state = RunState(stages, conversation)
+        flow = _Dataflow(self, state, admission, sizes, on_event or self.on_event)
+        await flow.run(plan)
+        return state.result(plan, time.perf_counter() - started)
 
-    def _remeasure(self, model: str, measured: int | None, sizes: dict[str, int] | None) -> bool:
-        """Take a complete measurement in place of the estimate; True when it changes the plan:
-        larger than assumed (the rest might not fit) or smaller by more than REPLAN_SLACK."""
-        if measured is None or sizes is None or not self.backend(model).measures_footprint:
-            return False
-        planned, sizes[model] = sizes[model], measured
-        return measured > planned or measured < planned * (1 - REPLAN_SLACK)
-
-    @staticmethod
-    def _usable(layer: int, records: list[CallRecord], *, final: bool) -> list[str]:
-        done = sorted((r for r in records if r.layer == layer), key=lambda r: r.index)
-        usable = [r.text for r in done if r.ok and r.text.strip()]
-        if not usable:
-            why = "; ".join(r.error or f'model "{r.model}": empty answer' for r in done)
-            what = "the aggregator" if final else f"every agent of layer {layer}"
-            raise LayerFailedError(f"{what} failed ({why})")
-        return usable
-
-    async def _call(
-        self,
-        call: Call,
-        conversation: list[ChatMessage],
-        references: list[str] | None,
-        broken: Mapping[str, str],
-        emit: Callable[[Event], None],
+    async def call(
+        self, call: Call, request: ChatRequest | None, emit: Emit, *, error: str | None = None
     ) -> CallRecord:
+        """Make one call and record it; with ``error`` (its model could not load) the call
+        fails with it without reaching a backend. Calls to one model take turns."""
         lock = self._locks.setdefault(call.model, asyncio.Lock())
         async with lock, _maybe(self._slots), _maybe(self._throttler):
             emit(CallStarted(call))
             began = time.perf_counter()
             pieces: list[str] = []
             tokens = prompt_tokens = 0
-            error: str | None = broken.get(call.model)
-            if error is None:
-                request = build_request(call, conversation, references)
+            if error is None and request is not None:
                 try:
                     async for delta in self.backend(call.model).chat(call.model, request):
                         tokens += delta.tokens
@@ -270,6 +195,13 @@ class Executor:
             emit(CallFinished(call, record))
             return record
 
+    async def _sizes(self, stages: Sequence[Sequence[Call]]) -> dict[str, int]:
+        if self.sizes is not None:
+            return dict(self.sizes)
+        used = list(dict.fromkeys(c.model for stage in stages for c in stage))
+        found = await asyncio.gather(*(self.backend(m).footprint(m, self.models[m]) for m in used))
+        return {model: footprint.total for model, footprint in zip(used, found, strict=True)}
+
 
 @contextlib.asynccontextmanager
 async def _maybe(guard: Any) -> AsyncIterator[None]:
@@ -280,278 +212,194 @@ async def _maybe(guard: Any) -> AsyncIterator[None]:
             yield
 
 
-class _Run:
-    """One run's state: calls still to make, records, each stage's references, loads."""
+class _Dataflow:
+    """One run of a plan, and of its re-plans, as a dataflow (see the module docstring)."""
 
     def __init__(
         self,
         executor: Executor,
-        stages: Sequence[Sequence[Call]],
-        conversation: list[ChatMessage],
-        emit: Callable[[Event], None],
+        state: RunState,
+        admission: Admission,
+        sizes: dict[str, int],
+        emit: Emit,
     ) -> None:
         self.executor = executor
-        self.stages = stages
-        self.conversation = conversation
-        self.emit = emit
-        self.pending = [list(stage) for stage in stages]  # calls not made yet, by stage
-        self.records: list[CallRecord] = []
-        self.references: dict[int, list[str]] = {}  # stage index -> its usable answers
-        self.broken: dict[str, str] = {}  # model -> why its load failed
-        self.loads = self.replans = self.waves_started = 0
-
-    def answer(self) -> str:
-        final = self.references.get(len(self.stages) - 1)
-        return final[0] if final else ""
-
-    async def call(self, call: Call) -> None:
-        """Make one call with the previous stage's references; close the stage when it is the
-        stage's last (LayerFailedError when no usable answer came back)."""
-        stage = call.layer - 1
-        record = await self.executor._call(
-            call, self.conversation, self.references.get(stage - 1), self.broken, self.emit
-        )
-        self.records.append(record)
-        self.pending[stage].remove(call)
-        if not self.pending[stage]:
-            final = stage == len(self.stages) - 1
-            self.references[stage] = Executor._usable(stage + 1, self.records, final=final)
-
-    def start_wave(self, wave: Wave, base: int) -> None:
-        stage = base + wave.layer - 1
-        shown = wave if base == 0 else wave.model_copy(update={"layer": stage + 1})
-        self.emit(WaveStarted(self.waves_started, shown))
-        self.waves_started += 1
-
-    def loaded(self, outcome: LoadOutcome, sizes: dict[str, int] | None) -> bool:
-        """Account for a load; True when its measurement should re-plan the rest."""
-        if outcome.error is not None:
-            self.broken[outcome.model] = outcome.error
-            self.emit(LoadFailed(outcome.model, outcome.error))
-            return False
-        self.broken.pop(outcome.model, None)  # a reload that worked: its later calls run
-        self.loads += 1
-        self.emit(ModelLoaded(outcome.model, outcome.seconds, outcome.measured))
-        return self.executor._remeasure(outcome.model, outcome.measured, sizes)
-
-    async def replan(
-        self, sizes: dict[str, int], budget: int, resident: list[str]
-    ) -> tuple[Plan, int]:
-        base = next(k for k, calls in enumerate(self.pending) if calls)
-        self.replans += 1
-        log.info("re-planned the rest of the run with measured sizes (%d)", self.replans)
-        stages = self.pending[base:]
-        plan = make_plan(
-            [[c.model for c in stage] for stage in stages], sizes, budget, resident=resident
-        )
-        timing = self.executor.timing
-        if timing is not None:  # off the event loop: the search may take seconds
-            prompt = "\n".join(m.content for m in self.conversation)
-            plan = await asyncio.to_thread(
-                refine, plan, stages, sizes, timing, prompt=prompt, resident=resident
-            )
-        return plan, base
-
-    # --- one wave after another (a shared pool, or no sizes) ---------------------------------
-
-    async def waves(self, plan: Plan, residency: Residency) -> None:
-        sizes = dict(self.executor.sizes) if self.executor.sizes is not None else None
-        current, base = plan, 0
-        try:
-            while True:
-                replan = False
-                for wave in current.waves:
-                    stage = base + wave.layer - 1
-                    self.start_wave(wave, base)
-                    unloaded, outcomes = await residency.enter(wave)
-                    for model in unloaded:
-                        self.emit(ModelUnloaded(model))
-                    for outcome in outcomes:
-                        replan |= self.loaded(outcome, sizes)
-                    runs = set(wave.runs)
-                    try:
-                        await asyncio.gather(
-                            *(self.call(c) for c in list(self.pending[stage]) if c.model in runs)
-                        )
-                    finally:
-                        await residency.leave(wave)
-                    if replan and any(self.pending):
-                        break
-                else:
-                    return  # the plan ran to its end
-                assert sizes is not None  # _remeasure only asks for a re-plan with sizes
-                current, base = await self.replan(sizes, plan.budget_bytes, residency.resident())
-        finally:
-            # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
-            for model in await asyncio.shield(residency.finish()):
-                self.emit(ModelUnloaded(model))
-
-    # --- the plan as a dataflow --------------------------------------------------------------
-
-    async def flow(self, plan: Plan, sizes: dict[str, int]) -> None:
-        flow = _Flow(self, sizes, plan.budget_bytes)
-        current, base = plan, 0
-        try:
-            while await flow.run(current, base):  # True: a measurement asks for a re-plan
-                current, base = await self.replan(sizes, plan.budget_bytes, list(flow.loaded))
-        finally:
-            await asyncio.shield(flow.unload_all())
-
-
-class _Flow:
-    """A plan executed as a dataflow, within the same memory budget.
-
-    The plan fixes what is loaded, in which order, and which calls run with which models; the
-    flow only removes the waits between waves that memory does not require:
-
-    - loads run one at a time in plan order; a load starts once the previous one is done, the
-      model's previous stay (if the plan reloads it) has ended, and the bytes loaded now plus
-      its own fit the budget;
-    - a model a wave unloads leaves as soon as its calls before that wave are done (its memory
-      then lets the next load start, while other models still compute);
-    - a call starts as soon as its model's load for it is done and the previous stage's answers
-      are all in (calls to one model still take turns), whatever later loads are doing: a model
-      loaded ahead for a later layer never holds up the calls before it.
-
-    These are the semantics ``localmoa.planning.timing.simulate_plan`` times. Nothing waits on
-    anything later in the plan, so the flow cannot deadlock; every load checks the bytes
-    actually loaded, so it cannot exceed the budget.
-    """
-
-    def __init__(self, run: _Run, sizes: dict[str, int], budget: int) -> None:
-        self.owner = run
+        self.state = state
+        self.admission = admission
         self.sizes = sizes
-        self.budget = budget
-        self.executor = run.executor
-        self.loaded: dict[str, int] = {}  # model -> bytes counted against the budget
-        self.changed = asyncio.Condition()  # signalled when memory frees or a stage closes
-        self.leaving: list[asyncio.Task[None]] = []
+        """The bytes plans are made with; a measurement replaces its model's estimate."""
+        self.emit = emit
+        self.held: set[str] = set()
+        """Models this run holds through the admission (admitted, not yet released)."""
+        self.changes = Changes()  # a stage closed, or the flow stopped
         self.stopped = False  # a measurement asked for a re-plan: start nothing new
 
-    async def run(self, plan: Plan, base: int) -> bool:
+    async def run(self, plan: Plan) -> None:
+        current, base = plan, 0
+        try:
+            while await self._follow(current, base):  # True: a measurement asks for a re-plan
+                current, base = await self._replan(plan.budget_bytes)
+        finally:
+            # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
+            for model in await asyncio.shield(self.admission.finish()):
+                self.emit(ModelUnloaded(model))
+
+    async def _follow(self, plan: Plan, base: int) -> bool:
         """Follow ``plan`` (its first stage is ``base``); True when it stopped to re-plan."""
         self.stopped = False
         try:
-            return await self._follow(plan, base)
+            return await self._flow(plan, base)
         except BaseExceptionGroup as failed:
             # A stage with no usable answer (or a bug) ended the task group: say that, not
             # "unhandled errors in a TaskGroup".
             first = failed.exceptions[0]
             raise first if isinstance(first, Exception) else failed from None
 
-    async def _follow(self, plan: Plan, base: int) -> bool:
-        # A stay: one residency of a model, from the wave that loads it (-1: loaded before this
-        # plan) to the wave that unloads it. Its event is set once its load is done (or skipped).
-        stay: dict[str, int] = dict.fromkeys(self.loaded, -1)  # model -> its current stay
-        ready: dict[tuple[int, str], asyncio.Event] = {}
+    async def _flow(self, plan: Plan, base: int) -> bool:
+        first = plan.waves[0]
+        kept = [m for m in first.resident if m not in first.load]  # resident when it was made
+        for model in sorted(self.held - set(kept)):  # a re-plan that needs it no more
+            await self._release(model)
+        # Stay -1: resident before this plan. A model the plan counts on that this run does not
+        # hold yet (a server's request planned from the pool) is admitted before the first load.
+        stay: dict[str, int] = dict.fromkeys(kept, -1)
+        loads: list[tuple[int, str]] = [(-1, m) for m in kept if m not in self.held]
+        ready = {key: asyncio.Event() for key in loads}  # set once the stay's load is done
         calls: dict[tuple[int, str], list[asyncio.Task[None]]] = {}
         after: dict[tuple[int, str], asyncio.Task[None]] = {}  # stay -> the previous one's exit
         ended: dict[str, asyncio.Task[None]] = {}  # model -> its last stay's exit
         async with asyncio.TaskGroup() as group:
             for number, wave in enumerate(plan.waves):
-                stage = base + wave.layer - 1
+                stage = base + stage_of(wave.layer)
                 for model in wave.unload:
                     if model in stay:
                         key = (stay.pop(model), model)
                         leave = self._leave(model, ready.get(key), list(calls.get(key, [])))
                         ended[model] = group.create_task(leave)
-                        self.leaving.append(ended[model])
                 for model in wave.load:
                     stay[model] = number
                     ready[number, model] = asyncio.Event()
+                    loads.append((number, model))
                     if model in ended:
                         after[number, model] = ended[model]
                 runs = set(wave.runs)
-                for call in [c for c in self.owner.pending[stage] if c.model in runs]:
+                for call in [c for c in self.state.pending[stage] if c.model in runs]:
                     key = (stay[call.model], call.model)
                     task = group.create_task(self._call(call, stage, ready.get(key)))
                     calls.setdefault(key, []).append(task)
             shown = 0
-            for number, wave in enumerate(plan.waves):
-                for model in wave.load:
-                    if not self.stopped:  # once stopped, later waves never start
-                        while shown <= number:
-                            self.owner.start_wave(plan.waves[shown], base)
-                            shown += 1
-                        self.stopped = await self._load(model, after.get((number, model)))
-                    ready[number, model].set()
+            for number, model in loads:
+                if not self.stopped:  # once stopped, later waves never start
+                    while shown <= number:
+                        self._show(plan.waves[shown], base)
+                        shown += 1
+                    self.stopped = await self._load(model, after.get((number, model)))
+                ready[number, model].set()
             if self.stopped:
-                async with self.changed:
-                    self.changed.notify_all()  # calls waiting for answers: start nothing new
+                self.changes.notify()  # calls waiting for answers: start nothing new
             else:
                 for wave in plan.waves[shown:]:
-                    self.owner.start_wave(wave, base)
+                    self._show(wave, base)
         return self.stopped
 
+    def _show(self, wave: Wave, base: int) -> None:
+        stage = base + stage_of(wave.layer)
+        shown = wave if base == 0 else wave.model_copy(update={"layer": layer_of(stage)})
+        self.emit(WaveStarted(self.state.waves_started, shown))
+        self.state.waves_started += 1
+
     async def _load(self, model: str, previous: asyncio.Task[None] | None) -> bool:
-        """Load ``model`` once it fits; True when its measurement asks for a re-plan."""
+        """Admit ``model`` for its stay; True when its measurement asks for a re-plan."""
         if previous is not None:  # the plan reloads a model: its last stay must end first
             await previous
-        async with self.changed:
-            await self.changed.wait_for(
-                lambda: sum(self.loaded.values()) + self.sizes[model] <= self.budget
-            )
-            self.loaded[model] = self.sizes[model]  # reserved before the load starts
-        backend = self.executor.backend(model)
-        try:
-            outcome = await timed_load(backend, model, self.executor.models[model])
-        except BaseException:  # cancelled mid-load: unload_all frees only what is loaded
-            if not still_loaded(backend, model):
-                del self.loaded[model]
-            raise
-        if outcome.error is not None:
-            async with self.changed:
-                del self.loaded[model]
-                self.changed.notify_all()
-        replan = self.owner.loaded(outcome, self.sizes)
-        if outcome.error is None and replan:
-            self.loaded[model] = self.sizes[model]  # the measurement, for the rest of the run
-        return replan and any(self.owner.pending)
+        admitted = await self.admission.admit(model)
+        for gone in admitted.unloaded:
+            self.emit(ModelUnloaded(gone))
+        replan = self._loaded(model, admitted.outcome)
+        return replan and self.state.has_pending()
+
+    def _loaded(self, model: str, outcome: LoadOutcome | None) -> bool:
+        """Account for an admission (``outcome`` None: resident already); True when the load's
+        measurement should re-plan the rest."""
+        if outcome is not None and outcome.error is not None:
+            self.held.discard(model)
+            self.state.failed_loads[model] = outcome.error
+            self.emit(LoadFailed(model, outcome.error))
+            return False
+        self.held.add(model)
+        self.state.failed_loads.pop(model, None)  # a reload that worked: its later calls run
+        if outcome is None:
+            return False
+        self.state.loads += 1
+        self.emit(ModelLoaded(model, outcome.seconds, outcome.measured))
+        return self._remeasure(model, outcome.measured)
+
+    def _remeasure(self, model: str, measured: int | None) -> bool:
+        """Take a complete measurement in place of the estimate; True when it changes the plan:
+        larger than assumed (the rest might not fit) or smaller by more than REPLAN_SLACK."""
+        if measured is None or not self.executor.backend(model).measures_footprint:
+            return False
+        planned, self.sizes[model] = self.sizes[model], measured
+        return measured > planned or measured < planned * (1 - REPLAN_SLACK)
 
     async def _leave(
         self, model: str, loaded: asyncio.Event | None, calls: list[asyncio.Task[None]]
     ) -> None:
-        """Unload ``model`` once its stay's load and calls are done, and say memory freed; not
-        when the flow stopped to re-plan (the new plan decides what stays)."""
+        """Release ``model`` once its stay's load and calls are done; not when the flow
+        stopped to re-plan (the new plan decides what stays)."""
         if loaded is not None:
             await loaded.wait()
         await asyncio.gather(*calls, return_exceptions=True)
         if not self.stopped:
-            await self._unload(model)
+            await self._release(model)
 
-    async def _unload(self, model: str) -> None:
-        if model not in self.loaded:
-            return
-        try:
-            await self.executor.backend(model).unload(model)
-        finally:
-            async with self.changed:
-                del self.loaded[model]
-                self.changed.notify_all()
-        self.owner.emit(ModelUnloaded(model))
+    async def _release(self, model: str) -> None:
+        if model in self.held:
+            self.held.discard(model)
+            for gone in await self.admission.release(model):
+                self.emit(ModelUnloaded(gone))
 
     async def _call(self, call: Call, stage: int, ready: asyncio.Event | None) -> None:
         if ready is not None:
             await ready.wait()
-        if call.model not in self.loaded and call.model not in self.owner.broken:
+        if call.model not in self.held and call.model not in self.state.failed_loads:
             return  # stopped to re-plan before its model came: it stays pending
-        if stage > 0:
-            async with self.changed:
-                await self.changed.wait_for(
-                    lambda: stage - 1 in self.owner.references or self.stopped
-                )
+        await self.changes.wait_for(lambda: self.state.may_start(stage) or self.stopped)
         if self.stopped:
             return  # not started before the re-plan: the new plan runs it
-        await self.owner.call(call)
-        if stage in self.owner.references:  # this call closed its stage: wake the next one
-            async with self.changed:
-                self.changed.notify_all()
+        record = await self._make(call, stage)
+        if self.state.record(call, record):  # it closed its stage: wake the next one
+            self.changes.notify()
 
-    async def unload_all(self) -> None:
-        for task in self.leaving:
-            task.cancel()
-        for model in list(self.loaded):
-            try:
-                await self._unload(model)
-            except LocalMoaError as exc:
-                log.warning("unloading %s failed: %s", model, exc)
+    async def _make(self, call: Call, stage: int) -> CallRecord:
+        """The call, on its model held loaded while it runs (a shared pool may have lent the
+        memory to an older request meanwhile: then the model is loaded again first)."""
+        error = self.state.failed_loads.get(call.model)
+        if error is not None:
+            return await self.executor.call(call, None, self.emit, error=error)
+        async with self.admission.using(call.model) as admitted:
+            for gone in admitted.unloaded:
+                self.emit(ModelUnloaded(gone))
+            self._loaded(call.model, admitted.outcome)  # mid-stay: a measurement re-plans not
+            error = self.state.failed_loads.get(call.model)
+            if error is not None:
+                return await self.executor.call(call, None, self.emit, error=error)
+            request = build_request(call, self.state.conversation, self.state.references_for(stage))
+            return await self.executor.call(call, request, self.emit)
+
+    async def _replan(self, budget: int) -> tuple[Plan, int]:
+        """The rest of the run, planned again from what is resident with what was measured."""
+        base = self.state.first_pending_stage()
+        self.state.replans += 1
+        log.info("re-planned the rest of the run with measured sizes (%d)", self.state.replans)
+        prompt = "\n".join(m.content for m in self.state.conversation)
+        plan = await asyncio.to_thread(  # off the event loop: a search may take a second
+            plan_run,
+            self.state.pending[base:],
+            dict(self.sizes),
+            budget,
+            self.executor.policy,
+            resident=self.admission.resident(),
+            prompt=prompt,
+        )
+        return plan, base

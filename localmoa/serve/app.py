@@ -13,12 +13,14 @@ LangChain) can then talk to an ensemble as if it were one model, streaming inclu
   ``max_tokens`` (or ``max_completion_tokens``) apply to the aggregator, the ensemble's own
   settings to the proposers. ``usage`` counts every call of the ensemble, since all of them were
   generated for this request.
-- One :class:`~localmoa.runtime.admission.ModelPool` owns the hardware for all requests: concurrent
+- One :class:`~localmoa.serve.pool.ModelPool` owns the hardware for all requests: concurrent
   requests share loaded models, never load one twice and never exceed the budget; requests are
   served in arrival order; models stay loaded between requests while nothing else needs the
-  memory (each request's plan starts from what is loaded). At most ``max_queue`` requests are
-  admitted at once; the next gets 503 with ``Retry-After``. A client that disconnects cancels
-  its run, which releases what it held.
+  memory. Each request is planned as ``localmoa run`` plans (``localmoa.planning.plan_run``,
+  with ``plan_for``, ``min_gain`` and ``timing_profile``), from what the pool holds, and run by
+  the same engine, its loads overlapping its calls within the pool's budget. At most
+  ``max_queue`` requests are admitted at once; the next gets 503 with ``Retry-After``. A client
+  that disconnects cancels its run, which releases what it held.
 - With ``api_key`` set, every ``/v1`` request needs ``Authorization: Bearer <key>`` (401
   otherwise). ``localmoa serve`` refuses to listen beyond loopback without a key.
 - Hostile input is refused before it costs anything (localmoa.serve.guard): foreign ``Host`` and
@@ -61,12 +63,13 @@ from localmoa.errors import (
 )
 from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget
-from localmoa.planning.fewest_loads import make_plan
-from localmoa.runtime.admission import ModelPool, PoolResidency
-from localmoa.runtime.engine import CallPiece, Event, Executor, RunResult
+from localmoa.planning import PlanPolicy, plan_run
+from localmoa.runtime.engine import Executor
+from localmoa.runtime.events import CallPiece, Event, RunResult
 from localmoa.runtime.moa import calls_for
-from localmoa.runtime.prepare import check_prompt, footprints
+from localmoa.runtime.prepare import check_prompt, footprints, plan_policy
 from localmoa.serve.guard import DEFAULT_MAX_BODY, Refused, RequestGuard, error_response, read_body
+from localmoa.serve.pool import ModelPool
 
 __all__ = ["ChatCompletionRequest", "MoaServer"]
 
@@ -138,6 +141,8 @@ class MoaServer:
         self.runs: set[asyncio.Task[RunResult]] = set()
         """Runs in progress, so that a shutdown can cancel them before it unloads."""
         self.pool: ModelPool | None = None
+        self.policy = PlanPolicy(None)
+        """How each request is planned (:meth:`start` sets it from the settings)."""
         self.executor = Executor(
             config.models,
             backends,
@@ -161,7 +166,8 @@ class MoaServer:
         )
 
     async def start(self) -> None:
-        """Size every model and check every ensemble can be planned, before serving anything."""
+        """Size every model, check every ensemble can be planned, and settle how requests are
+        planned (the settings' policy, as ``localmoa run``'s), before serving anything."""
         if not self.config.ensembles:
             raise ConfigError("no ensembles defined: add an [ensembles.NAME] table to serve")
         used = list(
@@ -175,15 +181,16 @@ class MoaServer:
         self._footprints = await footprints(self.config, used, self.backends)
         sizes = {name: fp.total for name, fp in self._footprints.items()}
         for name, ensemble in self.config.ensembles.items():
-            stages = [[c.model for c in stage] for stage in calls_for(ensemble)]
-            try:
-                make_plan(stages, sizes, self.budget.bytes)
+            try:  # whether a plan exists at all: the fewest loads say, timing would not change it
+                plan_run(calls_for(ensemble), sizes, self.budget.bytes, PlanPolicy(None))
             except BudgetError as exc:
                 raise BudgetError(
                     f"ensemble {name}: {exc} (budget from {self.budget.detail})"
                 ) from None
+        self.policy = plan_policy(self.config, used, self.budget)
         self.pool = ModelPool(self.config.models, self.backends, sizes, self.budget.bytes)
         self.executor.sizes = sizes
+        self.executor.policy = self.policy
 
     async def aclose(self) -> None:
         """Cancel every run still going (a shutdown does not wait for answers), then unload."""
@@ -374,22 +381,26 @@ class _Run:
         return task
 
     async def run(self, on_event: Any = None) -> RunResult:
-        """Plan from what the pool holds now, then run; always gives the admission slot back."""
+        """Plan from what the pool holds now, then run the one engine on the pool's admission;
+        always gives the admission slot back."""
         server = self.server
-        assert server.pool is not None, "MoaServer.start() first"
+        pool, sizes = server.pool, server.executor.sizes
+        assert pool is not None and sizes is not None, "MoaServer.start() first"
         try:
-            sizes = {n: fp.total for n, fp in server._footprints.items()}
-            plan = make_plan(
-                [[c.model for c in stage] for stage in self.stages],
+            plan = await asyncio.to_thread(  # off the event loop: a search may take a second
+                plan_run,
+                self.stages,
                 sizes,
                 server.budget.bytes,
-                resident=server.pool.resident(),
+                server.policy,
+                resident=pool.resident(),
+                prompt="\n".join(m.content for m in self.conversation),
             )
             return await server.executor.run(
                 self.stages,
                 plan,
                 self.conversation,
-                residency=PoolResidency(server.pool, self.ticket),
+                admission=pool.admission(self.ticket),
                 on_event=on_event,
             )
         finally:

@@ -1,10 +1,11 @@
 """A model that cannot load fails its own agents only: the run goes on on quorum.
 
 Loads fail for many reasons: the file was deleted after planning, the device is out of memory,
-a runtime raises something of its own. Each is tried on both execution paths (the dataflow of
-`localmoa run`, and the wave-by-wave path of `localmoa serve`'s shared pool, and of a run
-without sizes), with the shipped fake backend and with real llama.cpp. Cancellation must still
-end the run, and the events must never say a model was unloaded that never was loaded.
+a runtime raises something of its own. Each is tried with both memory seams of the one engine
+(the run's own budget, as `localmoa run` has, with the sizes given or read from the backend; and
+a request's admission on `localmoa serve`'s shared pool), with the shipped fake backend and with
+real llama.cpp. Cancellation must still end the run, and the events must never say a model was
+unloaded that never was loaded.
 """
 
 from __future__ import annotations
@@ -28,23 +29,17 @@ from localmoa.cli.progress import Progress
 from localmoa.config import Agent, Ensemble, FakeModel, Settings, parse_config
 from localmoa.errors import BackendError, LayerFailedError, ModelFileError
 from localmoa.planning.fewest_loads import Plan, make_plan
-from localmoa.runtime.admission import ModelPool, PoolResidency
-from localmoa.runtime.engine import (
-    Event,
-    Executor,
-    LoadFailed,
-    ModelLoaded,
-    ModelUnloaded,
-    RunResult,
-)
+from localmoa.runtime.engine import Executor
+from localmoa.runtime.events import Event, LoadFailed, ModelLoaded, ModelUnloaded, RunResult
 from localmoa.runtime.moa import Call, calls_for, stages_of
 from localmoa.runtime.prepare import prepare
+from localmoa.serve.pool import ModelPool
 from localmoa.tinymodels import ensemble_config
 
 GiB = 1 << 30
 QUESTION = "Why is the sky blue?"
 THREE = Ensemble(layers=[["a", "b", "c"], ["a", "b", "c"]], aggregator=Agent(model="a"))
-PATHS = ["dataflow", "waves", "pool"]
+PATHS = ["budget", "budget-no-sizes", "pool"]
 FAILURES = {
     "file gone": ModelFileError("/models/b.gguf: file not found (model b)"),
     "out of memory": BackendError("b", "out of memory: CUDA error 2"),
@@ -95,24 +90,22 @@ async def run_on(
     sizes: dict[str, int],
     events: list[Event],
 ) -> RunResult:
-    """Run ``plan`` as `localmoa run` does (dataflow), or wave by wave as `serve` does (a
-    shared pool) or as a run without sizes does; the pool is closed at the end, as serve's
-    shutdown does."""
+    """Run ``plan`` as `localmoa run` does (its own budget; without sizes, the engine reads
+    them from the backend), or as a `serve` request does (a shared pool, closed at the end as
+    serve's shutdown does)."""
     backends = {"fake": backend, "llamacpp": backend}
     question = [{"role": "user", "content": QUESTION}]
     conversation = [type_checked(m) for m in question]
-    if path == "dataflow":
+    if path == "budget":
         executor = Executor(models, backends, sizes=sizes, on_event=events.append)
         return await executor.run(stages, plan, conversation)
-    if path == "waves":
+    if path == "budget-no-sizes":
         executor = Executor(models, backends, on_event=events.append)
         return await executor.run(stages, plan, conversation)
     pool = ModelPool(models, backends, sizes, plan.budget_bytes)
     executor = Executor(models, backends, sizes=sizes, on_event=events.append)
     try:
-        return await executor.run(
-            stages, plan, conversation, residency=PoolResidency(pool, ticket=1)
-        )
+        return await executor.run(stages, plan, conversation, admission=pool.admission(ticket=1))
     finally:
         for model in pool.resident():  # serve's shutdown; what it unloads is really loaded
             events.append(ModelUnloaded(model))
@@ -162,10 +155,9 @@ async def test_a_model_that_cannot_load_fails_its_agents_and_the_run_goes_on(
         "runtime's own": 'model "b" could not load: RuntimeError: ggml_backend_alloc failed',
     }[failure]
     assert all(c.error == why for c in failed)
-    # The pool tries again for each wave that needs the model (the file may be back, memory
-    # may have freed); a plan's own residency loads it once, as planned.
-    tries = 2 if path == "pool" else 1
-    assert [e for e in events if isinstance(e, LoadFailed)] == [LoadFailed("b", why)] * tries
+    # Admission is per model, not per wave: the plan's one stay of b tries once, on either seam
+    # (a later stay or request tries again: tests/serve/test_pool.py).
+    assert [e for e in events if isinstance(e, LoadFailed)] == [LoadFailed("b", why)]
     assert "b" not in {e.model for e in events if isinstance(e, ModelUnloaded)}
     unloaded_only_what_loaded(events)
     assert backend.resident == {}
@@ -226,7 +218,7 @@ def test_progress_says_the_load_failed_and_never_that_it_unloaded_it() -> None:
     out = StringIO()
     progress = Progress(Console(file=out, width=200), show_layers=False, n_waves=1, n_layers=1)
     backend = FailingLoads({"b": FAILURES["file gone"]}, capacity=3 * GiB)
-    result, events = asyncio.run(fake_run("dataflow", backend))
+    result, events = asyncio.run(fake_run("budget", backend))
     for event in events:
         progress(event)
     progress.close()
@@ -250,7 +242,7 @@ def own_models(tmp_path: Path, tiny_models: dict[str, Path]) -> dict[str, Path]:
     return {name: Path(shutil.copy(path, folder / path.name)) for name, path in tiny_models.items()}
 
 
-@pytest.mark.parametrize("path", ["dataflow", "pool"])
+@pytest.mark.parametrize("path", ["budget", "pool"])
 async def test_a_gguf_deleted_after_planning_fails_its_agents_only(
     own_models: dict[str, Path], path: str
 ) -> None:

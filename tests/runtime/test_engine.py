@@ -210,29 +210,32 @@ async def test_a_replan_is_refined_for_time_from_what_is_resident(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import localmoa.runtime.engine
-    from localmoa.planning.refine import refine
-    from localmoa.planning.timing import PROFILES
+    from localmoa.planning import PlanPolicy, plan_run
+    from localmoa.planning.profiles import PROFILES
 
-    refined: list[Plan] = []
+    made: list[Plan] = []
     seen: list[list[str]] = []
+    policies: list[PlanPolicy] = []
 
     def spy(*args: Any, **kwargs: Any) -> Plan:
         seen.append(list(kwargs["resident"]))
-        refined.append(refine(*args, **kwargs))
-        return refined[-1]
+        policies.append(args[3])
+        made.append(plan_run(*args, **kwargs))
+        return made[-1]
 
-    monkeypatch.setattr(localmoa.runtime.engine, "refine", spy)
+    monkeypatch.setattr(localmoa.runtime.engine, "plan_run", spy)
     models = fake_models("a", "b")
     ensemble = Ensemble(layers=[["a"], ["b"], ["a"], ["b"]], aggregator=Agent(model="a"))
     planned = {"a": 3 * GiB, "b": 3 * GiB}
     plan = make_plan(stages_of(ensemble), planned, 4 * GiB)
     backend = MeasuringFake({"a": GiB, "b": GiB}, capacity=4 * GiB)
-    timing = PROFILES["desktop-24g"]
-    executor = Executor(models, {"fake": backend}, sizes=planned, timing=timing)
+    policy = PlanPolicy(PROFILES["desktop-24g"], "time", 0.05)
+    executor = Executor(models, {"fake": backend}, sizes=planned, policy=policy)
     result = await executor.run(calls_for(ensemble), plan, QUESTION)
     assert result.replans == 2 and all(c.ok for c in result.calls)
     assert seen == [["a"], ["a", "b"]]  # each re-plan starts from what is loaded
-    assert all(p.timed_for == "desktop-24g" and p.estimated_seconds for p in refined)
+    assert policies == [policy, policy]  # the one planner entry, with the run's policy
+    assert all(p.timed_for == "desktop-24g" and p.estimated_seconds for p in made)
     assert backend.peak_bytes <= 4 * GiB and backend.resident == {}
 
 
