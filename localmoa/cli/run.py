@@ -140,7 +140,8 @@ async def execute(
 
 
 def _executor(session: Session, prepared: Prepared, on_event: Callable[[Event], None]) -> Executor:
-    """The engine for this run: the CLI's one place that builds an Executor."""
+    """The engine for this run: the CLI's one place that builds an Executor. A re-plan mid-run
+    follows the policy the first plan was made with (plan_for, min_gain, the profile)."""
     settings = session.config.settings
     return Executor(
         session.config.models,
@@ -149,5 +150,5 @@ def _executor(session: Session, prepared: Prepared, on_event: Callable[[Event], 
         max_calls_per_second=settings.max_calls_per_second,
         on_event=on_event,
         sizes={name: fp.total for name, fp in prepared.footprints.items()},
-        timing=prepared.timing,
+        policy=prepared.policy,
     )

@@ -9,10 +9,17 @@ from pathlib import Path
 
 from conftest import write_config
 
+from localmoa.backends import make_backends
 from localmoa.cli.reports import RunReport
-from localmoa.cli.run import run_report
+from localmoa.cli.run import _executor, run_report
+from localmoa.cli.session import Session
+from localmoa.config import load_config
+from localmoa.footprint.estimate import Footprint
+from localmoa.hardware import Budget
+from localmoa.planning import PlanPolicy
 from localmoa.planning.fewest_loads import make_plan
 from localmoa.runtime.engine import CallRecord, RunResult
+from localmoa.runtime.prepare import Prepared
 
 from .invoke import FAKE_THREE, GiB, interrupt_when, localmoa
 
@@ -55,6 +62,19 @@ def test_run_report_rounds_seconds_to_a_tenth_of_a_millisecond() -> None:
     report = run_report(result)
     assert report.seconds == 1.2346 and report.replans == 2 and report.calls == [record]
     assert report.plan == plan
+
+
+def test_a_run_re_plans_the_way_its_first_plan_was_made(tmp_path: Path) -> None:
+    """A re-plan mid-run follows the first plan's policy, ``min_gain`` and ``plan_for`` included,
+    not only its cost-model profile."""
+    config = load_config(write_config(tmp_path, FAKE_THREE))
+    session = Session(config, make_backends(config.settings), [])
+    plan = make_plan([["a"], ["a"]], {"a": GiB}, GiB)
+    policy = PlanPolicy(None, plan_for="loads", min_gain=0.25)
+    budget = Budget(bytes=GiB, source="flag", detail="--memory-budget")
+    prepared = Prepared("default", [], {"a": Footprint.override(GiB)}, budget, plan, None, policy)
+    executor = _executor(session, prepared, lambda event: None)
+    assert executor.policy is policy and executor.sizes == {"a": GiB}
 
 
 def test_run_streams_the_answer_to_stdout_and_progress_to_stderr(tiny_config: Path) -> None:
