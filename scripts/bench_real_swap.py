@@ -14,8 +14,9 @@ fixed seed, so every policy computes the same answers (checked and reported).
 Two plans of the same ensemble run through the same :class:`~localmoa.runtime.engine.Executor`, in
 one process, with the footprints localmoa estimates (``memory.estimate`` of each file's header):
 
-- ``localmoa``: the plan ``localmoa run`` makes under the two-model budget: ``make_plan``,
-  refined for time on this machine's kind of hardware (``localmoa.planning.refine``);
+- ``localmoa``: the plan ``localmoa run`` makes under the two-model budget
+  (``localmoa.planning.plan_run`` with the default settings: the fewest loads, refined for
+  time on this machine's kind of hardware);
 - ``localmoa_loads``: ``make_plan`` alone (``plan_for = "loads"``), run only when the
   refinement changed the plan;
 - ``one_at_a_time``: one model resident at a time, calls in order, consecutive calls of the
@@ -58,9 +59,9 @@ from localmoa.backends import make_backends
 from localmoa.backends.base import ChatMessage
 from localmoa.config import Config, parse_config
 from localmoa.footprint.estimate import estimate, read_gguf
-from localmoa.hardware import Budget
+from localmoa.hardware import Budget, device_budget
+from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave, make_plan
-from localmoa.planning.refine import profile_for, refine
 from localmoa.runtime.engine import Event, Executor, ModelLoaded, RunResult
 from localmoa.runtime.moa import Call, calls_for
 from localmoa.tinymodels import PRESETS, TinySpec, ensemble_config, write_tiny_model
@@ -207,7 +208,8 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stages = calls_for(config.ensemble("default"))
     fewest = make_plan([[c.model for c in s] for s in stages], sizes, budget)
     given = Budget(bytes=budget, source="flag", detail="two of three")
-    shipped = refine(fewest, stages, sizes, profile_for(given), prompt=QUESTION)
+    how = PlanPolicy.from_settings(config.settings, device_budget(given), timed=True)
+    shipped = plan_run(stages, sizes, budget, how, prompt=QUESTION)
     plans = {"localmoa": shipped, "one_at_a_time": one_at_a_time_plan(stages, sizes)}
     if shipped.waves != fewest.waves:
         plans["localmoa_loads"] = fewest

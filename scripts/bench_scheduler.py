@@ -3,8 +3,9 @@
     python scripts/bench_scheduler.py [--json] [--timeline NAME] [--max-nodes N]
 
 A fixed-seed suite of MoA runs (1-3 layers, 2-6 proposers, an aggregator) built from real 4-bit
-model footprints, on every hardware profile of localmoa.planning.timing. Each run is timed, in the
-cost model, under these policies:
+model footprints, on every hardware profile of localmoa.planning.profiles. Each run is timed, in
+the cost model (localmoa.planning.timing), under these policies (scripts/policies.py holds the
+ones that are not localmoa's):
 
 - ``localmoa``: as shipped: the planner's fewest-loads plan refined for time by
   :func:`localmoa.planning.refine.refine` (which knows the machine's profile, not the answer
@@ -41,27 +42,30 @@ import dataclasses
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from localmoa.planning.fewest_loads import Plan as PlanModel
-from localmoa.planning.fewest_loads import make_plan
-from localmoa.planning.refine import refine
-from localmoa.planning.timing import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # policies.py, beside this file
+
+from policies import (
     MAX_OPTIMAL_NODES,
-    PROFILES,
-    CallSpec,
     PolicyResult,
-    Profile,
-    Span,
-    localmoa,
+    fewest_loads,
     one_at_a_time,
     optimal,
     optimal_waves,
     reactive,
-    simulate_plan,
+    wave_by_wave,
 )
+
+from localmoa.planning.fewest_loads import Plan as PlanModel
+from localmoa.planning.fewest_loads import make_plan
+from localmoa.planning.profiles import PROFILES, Profile
+from localmoa.planning.refine import refine
+from localmoa.planning.timing import CallSpec, Span, simulate_plan
 from localmoa.runtime.moa import Call
 
 MiB = 1 << 20
@@ -209,8 +213,8 @@ def run(
     args = (instance.calls, SIZES, instance.profile)
     return {
         "localmoa": shipped(instance),
-        "localmoa_loads": localmoa(*args),
-        "localmoa_waves": localmoa(*args, dataflow=False),
+        "localmoa_loads": fewest_loads(*args),
+        "localmoa_waves": fewest_loads(*args, dataflow=False),
         "localmoa_misjudged": shipped(instance, PROFILES["desktop-24g"]),
         "one_at_a_time": one_at_a_time(*args),
         "reactive": reactive(*args),
@@ -256,7 +260,7 @@ def timeline(name: str) -> None:
             f"unload {w.unload} ({w.bytes / GB:.1f} GB)"
         )
     dataflow = simulate_plan(plan, calls, SIZES, profile)
-    waves = simulate_plan(plan, calls, SIZES, profile, dataflow=False)
+    waves = wave_by_wave(plan, calls, SIZES, profile)
     spans: list[Span] = []
     result = reactive(calls, SIZES, profile, spans=spans)
     print(

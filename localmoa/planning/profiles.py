@@ -46,9 +46,6 @@ shifts every policy by the same amount per load."""
 CPU_LOAD_INIT_S = 0.5
 """Assumed (no measurement found): a runner process start and warm-up with no device context."""
 
-OLLAMA_MAX_LOADED = 3
-"""``OLLAMA_MAX_LOADED_MODELS`` = 0 means 3 per GPU (scheduler-anchors.md §1.1, server/sched.go)."""
-
 
 @dataclass(frozen=True)
 class Profile:
@@ -67,8 +64,6 @@ class Profile:
     """Fixed seconds per load on top of reading the file."""
     stream_cap: float
     """Most tokens/s one decode stream reaches, whatever its size (runtime overhead)."""
-    max_loaded: int = OLLAMA_MAX_LOADED
-    """Most models Ollama keeps loaded at once (used by :func:`reactive` only)."""
 
 
 def _budget(device_bytes: float) -> int:

@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 
 from localmoa.planning.fewest_loads import Plan, Wave
 from localmoa.planning.profiles import Profile
-from localmoa.planning.timing import CallSpec, WaveSpec, search, simulate_waves, wave_specs
+from localmoa.planning.search import search
+from localmoa.planning.timing import CallSpec, WaveSpec, simulate_waves, wave_specs
 from localmoa.runtime.moa import AGGREGATE_PROMPT, Call
 
 __all__ = ["CHARS_PER_TOKEN", "calls_as_planned", "refine", "timed"]

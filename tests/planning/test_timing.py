@@ -1,9 +1,9 @@
-"""The cost model: fluid sharing, loads, and each policy on cases small enough to time by hand."""
+"""The cost model: fluid sharing, loads, and dataflow execution, on cases small enough to time
+by hand."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import random
 import sys
@@ -13,27 +13,20 @@ from types import ModuleType
 import pytest
 
 from localmoa.planning.fewest_loads import Plan, Wave, make_plan
+from localmoa.planning.profiles import PROFILES, Profile
 from localmoa.planning.timing import (
     BYTES_PER_PARAM,
-    PROFILES,
     CallSpec,
-    PolicyResult,
-    Profile,
     Span,
     Timing,
     call_seconds,
-    candidate_plans,
     load_seconds,
-    localmoa,
-    one_at_a_time,
-    optimal,
-    optimal_waves,
-    reactive,
-    search,
     simulate_plan,
     simulate_waves,
-    wave_specs,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from policies import candidate_plans, wave_by_wave
 
 GB = 10**9
 
@@ -57,10 +50,15 @@ def stage(*calls: tuple[str, int]) -> list[CallSpec]:
     return [CallSpec(model, 0, tokens) for model, tokens in calls]
 
 
-def wave_only(calls: list[list[CallSpec]], profile: Profile) -> float:
-    """Seconds of compute in localmoa's plan run wave by wave (its loads taken out)."""
-    plan = make_plan([[c.model for c in s] for s in calls], SIZES, profile.memory_bytes)
-    return simulate_plan(plan, calls, SIZES, profile, dataflow=False).compute_s
+def together(calls: list[list[CallSpec]], profile: Profile) -> float:
+    """Seconds the calls take from a start where every model is loaded already."""
+    models = list(dict.fromkeys(c.model for s in calls for c in s))
+    plan = make_plan(
+        [[c.model for c in s] for s in calls], SIZES, profile.memory_bytes, resident=models
+    )
+    timing = simulate_plan(plan, calls, SIZES, profile, resident=models)
+    assert timing.loads == 0 and timing.compute_s == pytest.approx(timing.makespan_s)
+    return timing.makespan_s
 
 
 def plan_of(budget: int, *waves: tuple[int, list[str], list[str], list[str], list[str]]) -> Plan:
@@ -94,11 +92,6 @@ def peak_bytes(timing: Timing, sizes: dict[str, int]) -> int:
     return peak
 
 
-def check(result: PolicyResult, seconds: float, loads: int) -> None:
-    assert result.makespan_s == pytest.approx(seconds)
-    assert result.loads == loads
-
-
 def load_bench() -> ModuleType:
     path = Path(__file__).resolve().parents[2] / "scripts" / "bench_scheduler.py"
     spec = importlib.util.spec_from_file_location("bench_scheduler", path)
@@ -113,25 +106,25 @@ def load_bench() -> ModuleType:
 
 
 def test_two_bandwidth_bound_streams_together_take_twice_as_long() -> None:
-    alone = wave_only([stage(("a", 100))], BOUND)
+    alone = together([stage(("a", 100))], BOUND)
     assert alone == pytest.approx(10.0)
-    assert wave_only([stage(("a", 100), ("b", 100))], BOUND) == pytest.approx(20.0)
+    assert together([stage(("a", 100), ("b", 100))], BOUND) == pytest.approx(20.0)
 
 
 def test_capped_small_streams_overlap_for_free_until_the_device_is_full() -> None:
-    assert wave_only([stage(("a", 10))], CAPPED) == pytest.approx(4.0)
-    assert wave_only([stage(*((m, 10) for m in "abcd"))], CAPPED) == pytest.approx(4.0)
+    assert together([stage(("a", 10))], CAPPED) == pytest.approx(4.0)
+    assert together([stage(*((m, 10) for m in "abcd"))], CAPPED) == pytest.approx(4.0)
     # Five quarters: everyone slows by 1/1.25.
-    assert wave_only([stage(*((m, 10) for m in "abcde"))], CAPPED) == pytest.approx(5.0)
+    assert together([stage(*((m, 10) for m in "abcde"))], CAPPED) == pytest.approx(5.0)
 
 
 def test_rates_change_when_a_stream_ends_exactly_not_in_steps() -> None:
     # Both at half speed until b's 50 tokens are out (10 s); a's last 50 then go at full speed.
-    assert wave_only([stage(("a", 100), ("b", 50))], BOUND) == pytest.approx(15.0)
+    assert together([stage(("a", 100), ("b", 50))], BOUND) == pytest.approx(15.0)
 
 
 def test_calls_to_one_model_are_serialized() -> None:
-    assert wave_only([stage(("a", 10), ("a", 10))], CAPPED) == pytest.approx(8.0)
+    assert together([stage(("a", 10), ("a", 10))], CAPPED) == pytest.approx(8.0)
 
 
 # --- single-call formulas ----------------------------------------------------------------------
@@ -154,7 +147,7 @@ def test_prefill_is_compute_bound_and_decode_bandwidth_bound() -> None:
 def test_every_profile_is_plausible() -> None:
     assert set(PROFILES) == {"laptop-8g", "desktop-24g", "server-80g", "apple-32g", "cpu-16g"}
     for p in PROFILES.values():
-        assert 4 * GB < p.memory_bytes < 80 * GB and p.bandwidth > 0 and p.max_loaded == 3
+        assert 4 * GB < p.memory_bytes < 80 * GB and p.bandwidth > 0
 
 
 # --- dataflow execution by hand ----------------------------------------------------------------
@@ -171,8 +164,8 @@ def test_a_waves_second_load_overlaps_its_first_models_call() -> None:
     assert span(flow, "call", "a").end_s == pytest.approx(20.0)
     assert flow.makespan_s == pytest.approx(21.5)
     assert flow.load_s == pytest.approx(3.0) and flow.compute_s == pytest.approx(20.0)
-    # Wave by wave: both loads (3.0), then both calls together (20.0).
-    waves = simulate_plan(plan, calls, SIZES, BOUND, dataflow=False)
+    # Wave by wave (the executor before dataflow): both loads (3.0), then both calls (20.0).
+    waves = wave_by_wave(plan, calls, SIZES, BOUND)
     assert waves.makespan_s == pytest.approx(23.0)
     assert span(waves, "call", "a").start_s == pytest.approx(3.0)
 
@@ -196,7 +189,7 @@ def test_a_victim_leaves_when_its_last_call_ends_and_the_next_load_starts_then()
     assert flow.makespan_s == pytest.approx(43.0)
     assert peak_bytes(flow, SIZES) == 2 * GB
     # Wave by wave, c waits for b: 3.0 + 40 + 1.5 + 4.
-    assert simulate_plan(plan, calls, SIZES, two, dataflow=False).makespan_s == pytest.approx(48.5)
+    assert wave_by_wave(plan, calls, SIZES, two).makespan_s == pytest.approx(48.5)
 
 
 def test_a_call_waits_for_every_reference_of_the_stage_before() -> None:
@@ -232,7 +225,7 @@ def test_dataflow_never_exceeds_the_budget_and_beats_waves_on_the_bench() -> Non
         calls, profile = instance.calls, instance.profile
         plan = make_plan([[c.model for c in s] for s in calls], bench.SIZES, profile.memory_bytes)
         flow = simulate_plan(plan, calls, bench.SIZES, profile)
-        waves = simulate_plan(plan, calls, bench.SIZES, profile, dataflow=False)
+        waves = wave_by_wave(plan, calls, bench.SIZES, profile)
         assert peak_bytes(flow, bench.SIZES) <= profile.memory_bytes
         assert flow.makespan_s <= waves.makespan_s * (1 + 1e-9)
         assert flow.loads == waves.loads == plan.loads
@@ -258,44 +251,6 @@ def test_a_plan_over_its_budget_cannot_run() -> None:
         simulate_plan(plan, [stage(("a", 1), ("b", 1))], SIZES, tight)
 
 
-# --- baselines by hand -------------------------------------------------------------------------
-
-
-def test_one_at_a_time_reloads_on_every_change_of_model() -> None:
-    calls = [stage(("a", 100), ("b", 100)), stage(("a", 100))]
-    # load a, a, load b, b, load a, a
-    check(one_at_a_time(calls, SIZES, BOUND), 3 * 1.5 + 3 * 10, 3)
-    # consecutive calls to the resident model need no load
-    calls = [stage(("a", 100), ("a", 100)), stage(("a", 100), ("b", 100))]
-    check(one_at_a_time(calls, SIZES, BOUND), 2 * 1.5 + 4 * 10, 2)
-
-
-def test_reactive_overlaps_a_load_with_the_calls_already_running() -> None:
-    calls = [stage(("a", 10), ("b", 10)), stage(("a", 10))]
-    # load a 0-1.5, a runs 1.5-5.5 while b loads 1.5-3.0, b runs 3.0-7.0 (two quarters: no
-    # slowdown); the next layer arrives at 7.0 and finds a loaded: 7.0-11.0.
-    check(reactive(calls, SIZES, CAPPED), 11.0, 2)
-
-
-def test_reactive_waits_for_a_busy_runner_before_evicting_it() -> None:
-    tight = Profile(**{**BOUND.__dict__, "memory_bytes": int(1.5 * GB)})
-    calls = [stage(("a", 100), ("b", 100)), stage(("a", 100))]
-    # a 0-1.5 load, 1.5-11.5 run; b waits for a to go idle: evict, load 11.5-13, run 13-23;
-    # layer 2: evict b, load a 23-24.5, run 24.5-34.5.
-    check(reactive(calls, SIZES, tight), 34.5, 3)
-
-
-def test_reactive_evicts_by_name_not_by_last_use() -> None:
-    two = Profile(**{**CAPPED.__dict__, "max_loaded": 2})
-    calls = [stage(("b", 10)), stage(("a", 10)), stage(("c", 10)), stage(("a", 10))]
-    # c's load evicts a (first by name, though b is older); a then comes back: 4 loads, where
-    # least-recently-used eviction would need 3. Each step: 1.5 s load + 4 s call.
-    check(reactive(calls, SIZES, two), 4 * 5.5, 4)
-
-
-# --- the optimum -------------------------------------------------------------------------------
-
-
 def random_case(
     rng: random.Random, *, models: int = 5, stages: int = 4, calls: int = 5
 ) -> tuple[list[list[CallSpec]], dict[str, int], Profile]:
@@ -311,142 +266,7 @@ def random_case(
     return made, sizes, profile
 
 
-def test_optimal_never_loses_to_localmoa_or_one_at_a_time() -> None:
-    rng = random.Random(7)
-    for _ in range(40):
-        calls, sizes, profile = random_case(rng, models=4, stages=3, calls=4)
-        best = optimal(calls, sizes, profile)
-        assert best is not None
-        assert best.makespan_s <= localmoa(calls, sizes, profile).makespan_s * (1 + 1e-9)
-        assert best.makespan_s <= one_at_a_time(calls, sizes, profile).makespan_s * (1 + 1e-9)
-        waves = optimal_waves(calls, sizes, profile)
-        assert waves is not None
-        assert waves.makespan_s <= localmoa(calls, sizes, profile, dataflow=False).makespan_s * (
-            1 + 1e-9
-        )
-
-
-def test_optimal_matches_the_exhaustive_enumeration() -> None:
-    """The search prunes by a bound and by dominance that assume an added call never lets
-    another finish sooner; under sharing that can fail (a scheduling anomaly), so it may miss
-    the optimum by a little: 1 case in 1100 by 0.5 % when this was written."""
-    rng = random.Random(11)
-    for _ in range(60):
-        calls, sizes, profile = random_case(rng, models=3, stages=3, calls=4)
-        best = optimal(calls, sizes, profile, max_nodes=10**6)
-        assert best is not None
-        exhaustive = min(
-            simulate_waves(w, calls, sizes, profile).makespan_s
-            for w in candidate_plans(calls, sizes, profile)
-        )
-        exhaustive = min(exhaustive, localmoa(calls, sizes, profile).makespan_s)
-        assert exhaustive * (1 - 1e-9) <= best.makespan_s <= exhaustive * 1.01
-
-
-def test_search_keeps_its_seed_unless_beaten_by_more_than_the_slack() -> None:
-    rng = random.Random(11)
-    for _ in range(20):
-        calls, sizes, profile = random_case(rng, models=4, stages=3, calls=4)
-        plan = make_plan([[c.model for c in s] for s in calls], sizes, profile.memory_bytes)
-        seed = wave_specs(plan)
-        mine = simulate_waves(seed, calls, sizes, profile).makespan_s
-        found = search(calls, sizes, profile, seed, max_nodes=10**6, slack=0.05)
-        assert found.complete
-        best = optimal(calls, sizes, profile, max_nodes=10**6)
-        assert best is not None
-        if found.waves == seed:
-            assert best.makespan_s >= mine * (1 - 0.05) - 1e-9
-        else:
-            assert found.makespan_s < mine * (1 - 0.05)
-            assert simulate_waves(found.waves, calls, sizes, profile).makespan_s == pytest.approx(
-                found.makespan_s
-            )
-
-
-def test_search_stops_at_its_node_budget_with_the_best_plan_so_far() -> None:
-    calls = [stage(*((m, 10 * (i + 1)) for i, m in enumerate("abcde")))] * 3
-    three = Profile(**{**CAPPED.__dict__, "memory_bytes": 3 * GB})
-    plan = make_plan([[c.model for c in s] for s in calls], SIZES, three.memory_bytes)
-    seed = wave_specs(plan)
-    mine = simulate_waves(seed, calls, SIZES, three).makespan_s
-    found = search(calls, SIZES, three, seed, max_nodes=200)
-    assert not found.complete
-    assert found.makespan_s <= mine
-    timing = simulate_waves(found.waves, calls, SIZES, three)  # a valid plan: every call, budget
-    assert timing.makespan_s == pytest.approx(found.makespan_s)
-    assert peak_bytes(timing, SIZES) <= three.memory_bytes
-
-
-def test_optimal_gives_up_beyond_its_search_cap() -> None:
-    calls = [stage(*((m, 10 * (i + 1)) for i, m in enumerate("abcde")))] * 3
-    three = Profile(**{**CAPPED.__dict__, "memory_bytes": 3 * GB})
-    assert optimal(calls, SIZES, three, max_nodes=50) is None
-    assert optimal(calls, SIZES, three, max_models=4) is None
-
-
 def test_a_plan_that_skips_calls_is_refused() -> None:
     plan = make_plan([["a"]], SIZES, BOUND.memory_bytes)
     with pytest.raises(ValueError, match="unrun"):
         simulate_plan(plan, [stage(("a", 1)), stage(("b", 1))], SIZES, BOUND)
-
-
-# --- the benchmark suite -----------------------------------------------------------------------
-
-
-def test_the_bench_suite_has_fifty_runs_on_every_profile_within_budget() -> None:
-    bench = load_bench()
-    instances = bench.suite()
-    assert len(instances) >= 50
-    assert {i.profile.name for i in instances} == set(PROFILES)
-    assert len({i.name for i in instances}) == len(instances)
-    for instance in instances:
-        assert 2 <= len(instance.calls) <= 4 and len(instance.calls[-1]) == 1
-        assert all(2 <= len(s) <= 6 for s in instance.calls[:-1])
-        for s in instance.calls:
-            assert all(bench.SIZES[c.model] <= instance.profile.memory_bytes for c in s)
-            assert all(256 <= c.output_tokens <= 512 for c in s)
-
-
-def test_the_bench_prints_json_with_every_policy(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bench = load_bench()
-    argv = ["bench_scheduler.py", "--json", "--per-profile", "2", "--max-nodes", "2000"]
-    monkeypatch.setattr(sys, "argv", argv)
-    bench.main()
-    doc = json.loads(capsys.readouterr().out)
-    assert len(doc["instances"]) == 2 * len(PROFILES)
-    first = doc["instances"][0]
-    assert set(first) == {"name", "profile", "policies"}
-    assert (
-        set(first["policies"])
-        == set(bench.POLICIES)
-        >= {
-            "localmoa",
-            "one_at_a_time",
-            "reactive",
-            "optimal",
-        }
-    )
-    assert set(first["policies"]["localmoa"]) == {"makespan_s", "loads"}
-    computed = [i for i in doc["instances"] if i["policies"]["optimal"] is not None]
-    assert len(computed) >= 5
-    for i in doc["instances"]:
-        p = i["policies"]
-        assert p["localmoa_loads"]["makespan_s"] <= p["localmoa_waves"]["makespan_s"] + 1e-3
-        if p["optimal"] is not None:  # the refined plan is a candidate of the same search
-            assert p["optimal"]["makespan_s"] <= p["localmoa_loads"]["makespan_s"] + 1e-3
-            assert p["optimal"]["makespan_s"] <= p["localmoa"]["makespan_s"] * 1.01
-        if p["optimal_waves"] is not None:
-            assert p["optimal_waves"]["makespan_s"] <= p["localmoa_waves"]["makespan_s"] + 1e-3
-
-
-def test_the_bench_prints_a_timeline(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bench = load_bench()
-    name = bench.suite()[0].name
-    monkeypatch.setattr(sys, "argv", ["bench_scheduler.py", "--timeline", name])
-    bench.main()
-    out = capsys.readouterr().out
-    assert "localmoa (dataflow)" in out and "reactive" in out and " load " in out
