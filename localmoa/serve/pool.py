@@ -40,9 +40,11 @@ Why runs sharing the pool cannot deadlock. (Runs are ordered by ticket: older fi
 4. So the oldest run's requests are always served in finite time, and the oldest run ends; then
    the next oldest is the oldest, and so on. No run waits forever, whatever the ensembles.
 
-A call that asks for a model its own run's holds leave no room for (possible only when a
-measurement came out larger than its estimate) may evict its run's own idle models, which are
-then loaded again for their calls: slower, never stuck.
+A stay on a model that is loaded already is held at once, without waiting (it costs no
+memory now), so a run may come to hold more than the budget's worth; and a measurement may come
+out larger than its estimate. Then a call whose model was evicted may find no room beside its
+own run's other holds: it may evict its run's own idle models, which are loaded again for
+their calls. Slower, never stuck.
 
 A load that fails, for whatever reason, is an outcome, not an exception (see
 :func:`localmoa.runtime.admission.timed_load`): that run's engine fails the model's agents, and
@@ -123,6 +125,10 @@ class ModelPool:
 
     def resident(self) -> list[str]:
         return list(self.loaded)
+
+    def waiting(self) -> list[tuple[int, str]]:
+        """(ticket, model) of each request waiting for room, in the order they will be served."""
+        return [(request[0], self._queue[request]) for request in sorted(self._queue)]
 
     def resident_bytes(self) -> int:
         return sum(self.loaded.values())

@@ -6,8 +6,10 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -15,7 +17,13 @@ import pytest
 from servers import Serving, free_port, serving
 
 from localmoa.backends import FakeBackend
+from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
 from localmoa.config import Config, parse_config
+from localmoa.hardware import Budget
+from localmoa.planning import PlanPolicy, plan_run
+from localmoa.runtime.engine import Executor
+from localmoa.runtime.moa import calls_for
+from localmoa.serve.app import MoaServer
 from localmoa.tinymodels import ensemble_config
 
 MiB = 1 << 20
@@ -287,3 +295,85 @@ def test_models_stay_loaded_between_requests() -> None:
         assert sorted(pool.resident()) == ["a", "b", "c"] and loads == 3
         client.chat.completions.create(model="moa/default", messages=question)  # type: ignore[arg-type]
         assert pool.loads == loads  # the second request loaded nothing
+
+
+class Timeline(FakeBackend):
+    """Records when each load and each call ran: (kind, model, start, end)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spans: list[tuple[str, str, float, float]] = []
+
+    async def load(self, name: str, config: Any) -> None:
+        began = time.perf_counter()
+        await super().load(name, config)
+        self.spans.append(("load", name, began, time.perf_counter()))
+
+    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        began = time.perf_counter()
+        async for piece in super().chat(name, request):
+            yield piece
+        self.spans.append(("call", name, began, time.perf_counter()))
+
+
+def loads_during_calls(spans: list[tuple[str, str, float, float]]) -> list[tuple[str, str]]:
+    """(loaded, calling): each load that ran while a call to another model ran."""
+    loads = [s for s in spans if s[0] == "load"]
+    calls = [s for s in spans if s[0] == "call"]
+    return [
+        (load[1], call[1])
+        for load in loads
+        for call in calls
+        if load[1] != call[1] and load[2] < call[3] and call[2] < load[3]
+    ]
+
+
+def swapping_config() -> Config:
+    """Three 1 GiB models that load in 50 ms and write 20 tokens in 100 ms; in 2 GiB the run
+    must swap."""
+    model = {
+        "backend": "fake",
+        "memory": "1GiB",
+        "load_seconds": 0.05,
+        "seconds_per_token": 0.005,
+        "reply": " ".join(["word"] * 20),
+    }
+    return parse_config(
+        {
+            "models": {name: model for name in ("a", "b", "c")},
+            "ensembles": {"default": {"layers": [["a", "b", "c"]], "aggregator": "a"}},
+        }
+    )
+
+
+async def test_a_serve_request_overlaps_a_load_with_a_running_call_as_run_does() -> None:
+    """One request, alone, on a budget that forces swaps: while a model loads, another
+    model's call runs, as in `localmoa run` (the same engine, the pool as its memory seam)."""
+    config = swapping_config()
+    budget = 2 << 30
+    served = Timeline(capacity=budget)
+    server = MoaServer(config, {"fake": served}, Budget(bytes=budget, source="flag", detail="t"))
+    await server.start()
+    try:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            response = await client.post(
+                "/v1/chat/completions",
+                json={"model": "moa/default", "messages": [{"role": "user", "content": "q"}]},
+                timeout=30,
+            )
+        assert response.status_code == 200, response.text
+        assert response.json()["localmoa"]["loads"] >= 3
+    finally:
+        await server.aclose()
+    assert loads_during_calls(served.spans)
+    assert served.peak_bytes <= budget
+
+    ran = Timeline(capacity=budget)
+    stages = calls_for(config.ensembles["default"])
+    sizes = {name: 1 << 30 for name in ("a", "b", "c")}
+    plan = plan_run(stages, sizes, budget, PlanPolicy(None))
+    executor = Executor(config.models, {"fake": ran}, sizes=sizes)
+    result = await executor.run(stages, plan, [ChatMessage(role="user", content="q")])
+    assert all(c.ok for c in result.calls)
+    assert loads_during_calls(ran.spans)
