@@ -161,6 +161,7 @@ class Serving:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
         self.ready = threading.Event()
         self.server: MoaServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.uv: _Uvicorn | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._thread, name="bench-serve", daemon=True)
@@ -189,6 +190,7 @@ class Serving:
             self.config, make_backends(self.config.settings), self.budget, max_queue=self.max_queue
         )
         self.server = server
+        self.loop = asyncio.get_running_loop()
         await server.start()
         self.uv = _Uvicorn(uvicorn.Config(server.app, log_level="warning"), self.ready)
         try:
@@ -197,6 +199,13 @@ class Serving:
             await server.aclose()
             for backend in server.backends.values():
                 await backend.aclose()
+
+    async def empty_pool(self) -> None:
+        """Unload everything the pool holds (on the server's loop, where the pool lives), so
+        the next request starts cold."""
+        assert self.server is not None and self.server.pool is not None and self.loop is not None
+        done = asyncio.run_coroutine_threadsafe(self.server.pool.close(), self.loop)
+        await asyncio.wrap_future(done)
 
     @property
     def pool_loads(self) -> int:

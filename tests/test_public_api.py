@@ -38,3 +38,9 @@ def test_every_module_imports_without_reading_config_or_environment(
     for module in pkgutil.walk_packages(localmoa.__path__, "localmoa."):
         if module.name != "localmoa.__main__":
             importlib.import_module(module.name)
+
+
+def test_the_engine_its_calls_and_the_shared_pool_are_public_and_the_wave_classes_gone() -> None:
+    assert {"Call", "CallRecord", "Executor", "ModelPool", "RunResult"} <= set(localmoa.__all__)
+    for gone in ("Residency", "PlanResidency", "PoolResidency"):
+        assert not hasattr(localmoa, gone)

@@ -1,0 +1,225 @@
+"""A `localmoa serve` request against `localmoa run`: the same ensemble on the same budget.
+
+    python scripts/bench_serve_vs_run.py [--repeat 4] [--max-tokens 32] [--threads N] [--json]
+                                         [--workdir DIR]
+
+The promise (issue #10): a request to the server takes as long as ``localmoa run`` of the same
+ensemble, where loads can overlap calls, since both are planned by the one planner entry and run
+by the one engine; only the memory seam differs (the run's own budget, the server's shared pool).
+
+The ensemble is ``scripts/bench_real_swap.py``'s: three random-weight F32 GGUF models of about
+310, 235 and 150 MB (``use_mmap = false``, so a load copies the weights and an unload frees
+them), two layers of all three and the largest aggregating: 7 calls of ``--max-tokens`` tokens.
+The budget holds the two largest by localmoa's estimate, never all three, so every run swaps.
+
+Three modes, in one process, alternating (run, serve, serve-warm; then serve, serve-warm, run;
+...) ``--repeat`` times each after one untimed round, so drift on a noisy machine falls on all:
+
+- ``run``: what ``localmoa run`` does once its process is up: ``prepare`` (footprints, budget,
+  ``plan_run`` with the settings' policy) and the engine on the run's own budget, which unloads
+  everything at the end; timed from ``prepare`` to the answer;
+- ``serve``: one request to a ``MoaServer`` (real uvicorn on loopback in a thread, the official
+  ``openai`` client), its pool emptied first so that it starts cold, as a run does; timed from
+  sending the request to the whole answer (planning, HTTP and JSON included);
+- ``serve-warm``: the same request right after, the pool holding what the previous request left
+  (a server's steady state). Not part of the comparison: it shows what keeping models buys.
+
+Reported per mode: median wall-clock, min–max, loads; the ratio serve / run of the medians, and
+whether every mode gave the same answer (temperature 0, fixed seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+
+# Run from a checkout without installing: the repository's package wins over an installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_real_swap import N_BATCH, N_CTX, QUESTION, SPECS, build_config, model_file
+from bench_serve import Serving
+
+from localmoa.backends import make_backends
+from localmoa.backends.base import Backend, ChatMessage
+from localmoa.config import Config
+from localmoa.footprint.estimate import estimate, read_gguf
+from localmoa.hardware import Budget
+from localmoa.runtime.engine import Executor
+from localmoa.runtime.prepare import prepare
+
+MB = 10**6
+MODES = ("run", "serve", "serve-warm")
+
+
+@dataclass
+class Sample:
+    mode: str
+    seconds: float
+    loads: int
+    answer: str
+
+
+async def run_once(config: Config, backends: dict[str, Backend], budget: Budget) -> Sample:
+    """``localmoa run``, in process: prepare, then the engine on the run's own budget."""
+    began = time.perf_counter()
+    prepared = await prepare(
+        config, "default", backends, memory_budget=str(budget.bytes), prompt=QUESTION
+    )
+    settings = config.settings
+    executor = Executor(
+        config.models,
+        backends,
+        max_parallel_calls=settings.max_parallel_calls,
+        max_calls_per_second=settings.max_calls_per_second,
+        sizes={name: fp.total for name, fp in prepared.footprints.items()},
+        policy=prepared.policy,
+    )
+    result = await executor.run(
+        prepared.stages, prepared.plan, [ChatMessage(role="user", content=QUESTION)]
+    )
+    failed = [c for c in result.calls if not c.ok]
+    if failed:
+        raise RuntimeError(f"run: {len(failed)} calls failed: {failed[0].error}")
+    return Sample("run", time.perf_counter() - began, result.loads, result.answer)
+
+
+async def serve_once(
+    client: openai.AsyncOpenAI, serving: Serving, mode: str, max_tokens: int
+) -> Sample:
+    """One request; ``serve`` empties the pool first, ``serve-warm`` keeps what it holds."""
+    if mode == "serve":
+        await serving.empty_pool()
+    loads = serving.pool_loads
+    began = time.perf_counter()
+    reply = await client.chat.completions.create(
+        model="moa/default",
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=max_tokens,
+        temperature=0.0,
+    )
+    seconds = time.perf_counter() - began
+    return Sample(mode, seconds, serving.pool_loads - loads, reply.choices[0].message.content or "")
+
+
+async def measure(
+    args: argparse.Namespace, config: Config, budget: Budget, serving: Serving
+) -> list[Sample]:
+    backends = make_backends(config.settings)
+    samples: list[Sample] = []
+    async with (
+        openai.DefaultAsyncHttpxClient(trust_env=False, timeout=600) as http,  # loopback: no proxy
+        openai.AsyncOpenAI(
+            base_url=serving.url, api_key="unused", http_client=http, max_retries=0
+        ) as client,
+    ):
+        try:
+            await run_once(config, backends, budget)  # untimed: page cache, first loads
+            await serve_once(client, serving, "serve", args.max_tokens)
+            for i in range(args.repeat):
+                order = MODES if i % 2 == 0 else ("serve", "serve-warm", "run")
+                for mode in order:
+                    if mode == "run":
+                        sample = await run_once(config, backends, budget)
+                    else:
+                        sample = await serve_once(client, serving, mode, args.max_tokens)
+                    samples.append(sample)
+                    print(f"  {mode:10} {sample.seconds:6.2f} s, {sample.loads} loads", flush=True)
+        finally:
+            for backend in backends.values():
+                await backend.aclose()
+    return samples
+
+
+def report(args: argparse.Namespace, budget: Budget, samples: list[Sample]) -> dict[str, Any]:
+    modes = {}
+    for mode in MODES:
+        mine = [s for s in samples if s.mode == mode]
+        seconds = [s.seconds for s in mine]
+        modes[mode] = {
+            "runs": len(mine),
+            "median_s": statistics.median(seconds),
+            "min_s": min(seconds),
+            "max_s": max(seconds),
+            "loads": sorted({s.loads for s in mine}),
+            "samples": seconds,
+        }
+    return {
+        "command": args.command,
+        "budget_mb": round(budget.bytes / MB, 1),
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "modes": modes,
+        "ratio_serve_run": modes["serve"]["median_s"] / modes["run"]["median_s"],
+        "same_answers": len({s.answer for s in samples}) == 1,
+        "raw": [asdict(s) for s in samples],
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        f"`{doc['command']}`",
+        "",
+        f"budget {doc['budget_mb']} MB (two of three models); {doc['threads']} threads per "
+        f"model; 7 calls of {doc['max_tokens']} tokens",
+        "",
+        "| mode | runs | wall s (median) | min–max | loads |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode, m in doc["modes"].items():
+        lines.append(
+            f"| {mode} | {m['runs']} | {m['median_s']:.2f} | {m['min_s']:.2f}–{m['max_s']:.2f} "
+            f"| {', '.join(map(str, m['loads']))} |"
+        )
+    lines += [
+        "",
+        f"serve / run (median wall): **{doc['ratio_serve_run']:.3f}**; "
+        f"same answers in every mode: {'yes' if doc['same_answers'] else 'NO'}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=4, help="timed runs per mode")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens each call writes")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads per model"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "localmoa-bench",
+        help="where the model files are written and reused (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.max_tokens < 1:
+        parser.error("--repeat and --max-tokens must be positive")
+    args.command = shlex.join(["python", "scripts/bench_serve_vs_run.py", *(argv or sys.argv[1:])])
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    paths = {name: model_file(args.workdir, name, spec) for name, spec in SPECS.items()}
+    config = build_config(paths, args.max_tokens, args.threads)
+    sizes = [estimate(read_gguf(p), n_ctx=N_CTX, n_batch=N_BATCH).total for p in paths.values()]
+    room = sum(sorted(sizes)[-2:])  # the two largest, never all three
+    budget = Budget(bytes=room, source="flag", detail="bench_serve_vs_run: two of three")
+    with Serving(config, budget, max_queue=4) as serving:
+        samples = asyncio.run(measure(args, config, budget, serving))
+    doc = report(args, budget, samples)
+    print(json.dumps(doc, indent=2) if args.json else markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
