@@ -51,9 +51,10 @@ NODES_PER_SECOND = 20
 MAX_NODES = 10_000
 MAX_MODELS = 10
 SLACK = 0.002
-"""A plan must be estimated this much faster (a fraction) to replace the planner's: with
-guessed answer lengths, a plan a hair faster on paper is as likely slower in fact (in the
-benchmark, a tie broken by rounding cost 6.7 %)."""
+"""A plan with as many loads must be estimated this much faster (a fraction) to replace the
+planner's: with guessed answer lengths, a plan a hair faster on paper is as likely slower in
+fact (in the benchmark, a tie broken by rounding cost 6.7 %). A plan with more loads must also
+pay ``min_gain``."""
 
 
 def calls_as_planned(stages: Sequence[Sequence[Call]], prompt: str | None) -> list[list[CallSpec]]:

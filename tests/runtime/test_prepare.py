@@ -188,3 +188,37 @@ async def test_a_cancelled_check_never_waits_for_the_tokenizer(
     with pytest.raises(asyncio.CancelledError):
         await checking
     release.set()
+
+
+def test_plan_policy_times_only_timed_backends_and_reads_the_device_only_when_needed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import localmoa.hardware
+    from localmoa.hardware import Budget
+    from localmoa.runtime.prepare import plan_policy
+
+    reads: list[str] = []
+
+    def detect() -> Budget:
+        reads.append("device")
+        return Budget(bytes=40 << 30, source="nvml", detail="test")
+
+    monkeypatch.setattr(localmoa.hardware, "detect_budget", detect)
+    models = {
+        "gguf": {"backend": "llamacpp", "path": str(tmp_path / "m.gguf")},
+        "fake": {"backend": "fake", "memory": "1GiB"},
+    }
+    ensembles = {"default": {"layers": [["gguf"]], "aggregator": "gguf"}}
+    config = parse_config({"models": models, "ensembles": ensembles})
+    flag = Budget(bytes=8 << 30, source="flag", detail="--memory-budget")
+    assert plan_policy(config, ["gguf", "fake"], flag).profile is None and not reads
+    timed = plan_policy(config, ["gguf"], flag)
+    assert reads == ["device"] and timed.profile is not None
+    assert timed.profile.name == "desktop-24g" and timed.min_gain == config.settings.min_gain
+    detected = Budget(bytes=70 << 30, source="nvml", detail="GPU 0")
+    assert plan_policy(config, ["gguf"], detected).profile.name == "server-80g"  # type: ignore[union-attr]
+    named = parse_config(
+        {"settings": {"timing_profile": "cpu-16g"}, "models": models, "ensembles": ensembles}
+    )
+    assert plan_policy(named, ["gguf"], flag).profile.name == "cpu-16g"  # type: ignore[union-attr]
+    assert reads == ["device"]
