@@ -4,9 +4,16 @@ Why not ``gguf.GGUFReader``: it builds a numpy view for every element of every m
 which for a real vocabulary (128k tokens, 280k merges) takes 8 seconds per model, and planning
 must read every model of an ensemble. This reader walks the same layout (the llama.cpp project's
 ``gguf-py`` and ``docs/gguf.md``) with ``struct`` over a memory map, keeps scalars, keeps only
-the length of arrays, and skips their contents: a few tens of milliseconds for the same file. It
-uses the ``gguf`` package's constants for value types and tensor type sizes, so new quantization
-types come with a ``gguf`` upgrade.
+the length of arrays, and skips their contents: a few tens of milliseconds for the same file.
+
+The few format constants it needs (the magic, the default alignment, the 13 value types and each
+tensor type's block size and bytes) are written out here instead of imported from the ``gguf``
+package. They are facts of the file format, not code; ``gguf`` would bring numpy with it (about
+80 ms to import, and 45 MB installed) to a reader that never uses it; and without it the core
+install (``pip install localmoa``, no llama.cpp) still reads GGUF headers and plans. The tests
+compare every constant with the installed ``gguf`` package's (tests/footprint/test_gguf.py),
+so a ``gguf`` release with a new quantization type fails them until the table here has it; a
+file with a type not in the table is refused by name (:class:`GGUFError`).
 
 A model file is input from the internet, so the reader treats every count, length and type in it
 as hostile: each is checked *before* it sizes a loop, an allocation or a division, and a file
@@ -37,7 +44,7 @@ nesting                    arrays inside arrays at most 4 deep and 65,536 in all
 tensor name                ≤ 65,535 bytes, no name twice
 tensor dimensions          1 to 4 (``GGML_MAX_DIMS``); the first a multiple of the type's block
                            size; elements ≤ 2^62 (llama.cpp's own overflow bound)
-tensor type                one the ``gguf`` package knows
+tensor type                one of :data:`TENSOR_TYPES` (the ``gguf`` package's, see above)
 ``general.alignment``      an integer, a power of two from 1 to 1 MiB (GGUF's default is 32)
 tensor data                every tensor inside the file, and their bytes together no more than the
                            data section holds (overlapping tensors would inflate the estimate)
@@ -53,17 +60,84 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from gguf.constants import (
-    GGML_QUANT_SIZES,
-    GGUF_DEFAULT_ALIGNMENT,
-    GGUF_MAGIC,
-    GGUFValueType,
-)
+__all__ = [
+    "GGUF_DEFAULT_ALIGNMENT",
+    "GGUF_MAGIC",
+    "TENSOR_TYPES",
+    "ArrayInfo",
+    "GGUFError",
+    "GGUFHeader",
+    "GGUFValueType",
+    "LongString",
+    "printable",
+    "read_header",
+]
 
-__all__ = ["ArrayInfo", "GGUFError", "GGUFHeader", "LongString", "printable", "read_header"]
+GGUF_MAGIC = 0x46554747
+"""b"GGUF" read as a little-endian uint32."""
+GGUF_DEFAULT_ALIGNMENT = 32
+
+
+class GGUFValueType(IntEnum):
+    """The type of a metadata value (gguf-py's ``GGUFValueType``)."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+TENSOR_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+"""Tensor type id: (name, elements per block, bytes per block), as gguf-py's
+``GGMLQuantizationType`` and ``GGML_QUANT_SIZES`` (gguf 0.19) have them."""
 
 _SCALARS = {
     GGUFValueType.UINT8: "B",
@@ -79,7 +153,7 @@ _SCALARS = {
     GGUFValueType.FLOAT64: "d",
 }
 _TYPES = {int(kind): kind for kind in GGUFValueType}
-_TENSOR_TYPES = {int(kind): sizes for kind, sizes in GGML_QUANT_SIZES.items()}
+_TENSOR_TYPES = {kind: (block, size) for kind, (_, block, size) in TENSOR_TYPES.items()}
 
 HEADER_BYTES = 24  # magic, version, tensor count, key/value count
 MAX_TENSORS = 1 << 17
@@ -231,7 +305,7 @@ class _Parser:
             if kind not in _TENSOR_TYPES:
                 raise GGUFError(
                     f"tensor {shown}: unknown tensor type {kind} (a newer quantization? upgrade "
-                    "the gguf package)"
+                    "localmoa)"
                 )
             block, type_size = _TENSOR_TYPES[kind]
             elements = 1
