@@ -5,10 +5,14 @@ The file has three tables: ``[settings]``, ``[models.NAME]`` (one per model, tag
 forbids unknown keys, because a misspelt key silently ignored (``n_ctxx = 8192``) is a run that
 quietly overflows memory later.
 
+The ``[models.NAME]`` tables are the backends' own (:mod:`localmoa.backends.configs`): the union
+of them, tagged by ``backend``, and the backends an error message lists are derived from the
+backend registry (:mod:`localmoa.backends.registry`), so a new backend is added in one place.
+Their classes are re-exported here for callers that build configs in code.
+
 Sizes (``memory_budget``, ``memory``) go through :func:`localmoa.sizes.parse_size`, which refuses
 ``inf``, ``nan``, ``1e400`` and anything over 1 PiB with a ValueError, so each becomes a line
-naming its key. Context lengths stop at 2^30 tokens (a hundred times the longest real context,
-10M): the KV cache grows with them, and the memory estimate must stay a sane number of bytes.
+naming its key.
 
 Errors are collected, not raised one at a time: schema problems from pydantic and reference
 problems (an agent naming a model that does not exist) are reported together, each with its key
@@ -17,27 +21,37 @@ path, in one :class:`~localmoa.errors.ConfigError`.
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import platformdirs
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    NonNegativeFloat,
     PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from localmoa.backends.base import ResponseFormat, Seed, StopList
+from localmoa.backends.configs import (
+    FakeModel,
+    LlamaCppModel,
+    ModelTable,
+    OllamaModel,
+    OpenAIModel,
+)
+from localmoa.backends.configs import StrictModel as _Strict
+from localmoa.backends.configs import size_or_auto as _size
+from localmoa.backends.registry import NAMES, REGISTRY
 from localmoa.errors import ConfigError, ConfigNotFoundError
-from localmoa.sizes import parse_size
 
 __all__ = [
     "Agent",
@@ -56,20 +70,6 @@ __all__ = [
 ]
 
 CONFIG_NAME = "models.toml"
-
-
-def _size(value: Any) -> Any:
-    """Sizes as people write them; "auto" passes through to the field that allows it."""
-    return value if value == "auto" else parse_size(value)
-
-
-Size = Annotated[int, BeforeValidator(_size)]
-MAX_CTX = 1 << 30
-ContextLength = Annotated[int, Field(gt=0, le=MAX_CTX)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Settings(_Strict):
@@ -102,69 +102,17 @@ class Settings(_Strict):
     picks by the detected device. Set it when `localmoa plan` names the wrong kind."""
 
 
-class LlamaCppModel(_Strict):
-    """A GGUF file run in process by llama.cpp (llama-cpp-python)."""
-
-    backend: Literal["llamacpp"]
-    path: Path
-    """GGUF file; ``~`` is expanded, relative paths are relative to the config file."""
-    n_ctx: ContextLength = 4096
-    n_gpu_layers: int = -1
-    """Layers offloaded to the GPU: -1 = all (ignored by CPU-only builds)."""
-    n_batch: PositiveInt = 512
-    n_threads: PositiveInt | None = None
-    use_mmap: bool = True
-    seed: int | None = None
-    """Sampling seed for reproducible answers; unset = random."""
-    memory: Size | None = None
-    """Overrides the estimate from the GGUF header; the planner uses it as-is."""
-
-
-class OllamaModel(_Strict):
-    """A model served by a local Ollama; localmoa decides when it is loaded and unloaded."""
-
-    backend: Literal["ollama"]
-    model: str
-    """The Ollama tag, e.g. "llama3.1:8b"."""
-    num_ctx: ContextLength = 4096
-    """Context length, sent with every request for this model (preload included), so Ollama
-    never reloads it because options changed."""
-    memory: Size | None = None
-    """Overrides the estimate and any measurement."""
-
-
-class OpenAIModel(_Strict):
-    """A model behind an OpenAI-compatible server (llama-server, LM Studio, vLLM...)."""
-
-    backend: Literal["openai"]
-    base_url: str
-    """The API root, e.g. "http://127.0.0.1:8080/v1"."""
-    model: str
-    """The model id the server expects."""
-    api_key: str | None = None
-    """Sent as a Bearer token when set."""
-    memory: Size | None = None
-    """Counted against the budget only when declared: such servers manage their own models, so
-    by default localmoa treats them as always resident and outside its budget."""
-
-
-class FakeModel(_Strict):
-    """A model that answers from a script, for trying plans and for tests (no weights at all)."""
-
-    backend: Literal["fake"]
-    memory: Size
-    reply: str = "{model} has considered: {prompt}"
-    """Reply template; ``{model}`` and ``{prompt}`` (the last user message) are filled in."""
-    load_seconds: NonNegativeFloat = 0.0
-    seconds_per_token: NonNegativeFloat = 0.0
-    fail: str | None = None
-    """When set, every call to this model fails with this message."""
-
-
-ModelConfig = Annotated[
-    LlamaCppModel | OllamaModel | OpenAIModel | FakeModel, Field(discriminator="backend")
-]
-BACKENDS = ("llamacpp", "ollama", "openai", "fake")
+if TYPE_CHECKING:
+    ModelConfig: TypeAlias = ModelTable
+    """To the type checker, a model's table is some backend's: narrow with ``isinstance``."""
+else:
+    ModelConfig = Annotated[
+        functools.reduce(operator.or_, (k.table for k in REGISTRY)),
+        Field(discriminator="backend"),
+    ]
+    """A ``[models.NAME]`` table: the registry's tables, chosen by their ``backend`` tag."""
+BACKENDS = NAMES
+"""The ``backend`` values models.toml accepts (from the registry)."""
 
 
 class Agent(_Strict):
@@ -178,6 +126,13 @@ class Agent(_Strict):
     system_prompt: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: PositiveInt | None = None
+    stop: StopList | None = None
+    """Strings that end this agent's answer (one, or a list of up to 4); not included in it."""
+    seed: Seed | None = None
+    """Sampling seed of this agent's calls, for reproducible answers (beats a model's seed)."""
+    response_format: ResponseFormat | None = None
+    """OpenAI's shape: ``{type = "json_object"}`` for any JSON object, or ``{type =
+    "json_schema", json_schema = {name = "...", schema = {...}}}`` for JSON matching a schema."""
 
     @model_validator(mode="before")
     @classmethod
@@ -277,7 +232,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None) -> Confi
 
 def _resolve_paths(config: Config) -> Config:
     base = config.source.parent if config.source else Path.cwd()
-    models: dict[str, LlamaCppModel | OllamaModel | OpenAIModel | FakeModel] = {}
+    models: dict[str, ModelConfig] = {}
     for name, model in config.models.items():
         if isinstance(model, LlamaCppModel):
             path = model.path.expanduser()
@@ -327,13 +282,7 @@ def _allowed_keys(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
     elif loc[:1] == ["models"] and len(loc) >= 3:
         model = raw.get("models", {}).get(loc[1], {})
         tag = model.get("backend") if isinstance(model, dict) else None
-        by_tag: dict[str, type[BaseModel]] = {
-            "llamacpp": LlamaCppModel,
-            "ollama": OllamaModel,
-            "openai": OpenAIModel,
-            "fake": FakeModel,
-        }
-        owner = by_tag.get(str(tag))
+        owner = next((k.table for k in REGISTRY if k.name == tag), None)
     elif loc[:1] == ["ensembles"] and len(loc) == 3:
         owner = Ensemble
     elif loc[:1] == ["ensembles"] and len(loc) > 3:

@@ -39,6 +39,12 @@ A load whose client went away still completes and keeps its keep_alive (real Oll
 when it notices the disconnect before the runner is up): the worst case, which a client must
 clean up after itself.
 
+Of the sampling options it acts on ``num_predict`` (the reply is cut to that many words) and
+``stop`` (the reply ends before the first stop string, which it leaves out, as Ollama does);
+``seed`` and the others are only type-checked and recorded. ``format`` must be ``"json"`` or a
+JSON schema object (otherwise Ollama's "invalid format" error, a 500 from ``llm/server.go``); the
+reply is not made to match it.
+
 What it simplifies: expiry is checked lazily (on each request and on :meth:`FakeOllama.resident`)
 against an injectable monotonic ``clock``, so tests advance time instead of sleeping; memory is
 :func:`loaded_bytes`, not a GGUF read; one request per runner at a time is *not* enforced
@@ -514,6 +520,22 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             if message.get(key) is not None and not isinstance(message[key], str):
                 raise _bad_field("Message", key, "string", message[key])
     return value
+
+
+def _format(value: Any) -> None:
+    """``format``: absent, "" or null, "json", or a JSON schema object (``llm/server.go``)."""
+    if value in (None, "", "json") or isinstance(value, dict):
+        return
+    shown = json.dumps(value)
+    raise _ApiError(
+        500, f'invalid format: {shown!r}; expected "json" or a valid JSON Schema object'
+    )
+
+
+def _before_stop(text: str, stop: Any) -> str:
+    """The reply up to the first stop string, which is left out (Ollama's runner does so)."""
+    stops = [s for s in stop if s] if isinstance(stop, list) else []
+    return text[: min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))]
 
 
 def _pieces(text: str) -> list[str]:
@@ -1004,6 +1026,7 @@ class FakeOllama:
             raise _bad_field(struct, "stream", "bool", stream)
         keep_alive = _keep_alive(body.get("keep_alive"))
         options = _options(body.get("options"), struct)
+        _format(body.get("format"))
         if endpoint == "chat":
             messages = _messages(body.get("messages"))
             empty = not messages
@@ -1031,7 +1054,7 @@ class FakeOllama:
             return _json_response(self._empty_reply(endpoint, requested, "load"))
 
         text = model.reply.replace("{model}", name).replace("{prompt}", prompt)
-        pieces = _pieces(text)
+        pieces = _pieces(_before_stop(text, options.get("stop")))
         done_reason = "stop"
         num_predict = options.get("num_predict")
         if isinstance(num_predict, int | float) and 0 < num_predict < len(pieces):

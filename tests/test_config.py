@@ -138,3 +138,71 @@ def test_example_models_toml_in_the_repository_is_valid() -> None:
     example = Path(__file__).parents[1] / "models.toml"
     config = load_config(example)
     assert "default" in config.ensembles
+
+
+def test_agents_take_stop_seed_and_response_format(tmp_path: Path) -> None:
+    config = load_config(
+        write_config(
+            tmp_path,
+            """
+            [models.a]
+            backend = "fake"
+            memory = "1GiB"
+
+            [ensembles.default]
+            layers = [[{model = "a", stop = "END", seed = 7}]]
+            aggregator = {model = "a", stop = ["###", "END"], response_format = {type = "json_schema", json_schema = {name = "answer", schema = {type = "object", required = ["text"], properties = {text = {type = "string"}}}}}}
+
+            [ensembles.json]
+            layers = [["a"]]
+            aggregator = {model = "a", response_format = {type = "json_object"}}
+            """,
+        )
+    )
+    default = config.ensembles["default"]
+    proposer, aggregator = default.layers[0][0], default.aggregator
+    assert (proposer.stop, proposer.seed) == (["END"], 7)
+    assert aggregator.stop == ["###", "END"]
+    assert aggregator.response_format is not None and aggregator.response_format.json_schema
+    assert aggregator.response_format.json_schema.name == "answer"
+    assert aggregator.response_format.json_schema.schema_["required"] == ["text"]
+    json_only = config.ensembles["json"].aggregator.response_format
+    assert json_only is not None and json_only.type == "json_object"
+
+
+@pytest.mark.parametrize(
+    ("agent", "expected"),
+    [
+        (
+            '{model = "a", stop = ""}',
+            "ensembles.default.aggregator.stop: a stop string cannot be empty",
+        ),
+        (
+            '{model = "a", stop = ["1", "2", "3", "4", "5"]}',
+            "ensembles.default.aggregator.stop: at most 4 stop strings (OpenAI's limit), not 5",
+        ),
+        (
+            '{model = "a", seed = "x"}',
+            "ensembles.default.aggregator.seed: Input should be a valid integer",
+        ),
+        (
+            '{model = "a", response_format = {type = "yaml"}}',
+            "ensembles.default.aggregator.response_format.type: Input should be 'text', "
+            "'json_object' or 'json_schema'",
+        ),
+        (
+            '{model = "a", response_format = {type = "json_schema"}}',
+            'ensembles.default.aggregator.response_format: type "json_schema" needs json_schema = '
+            '{name = "...", schema = {...}}',
+        ),
+        (
+            '{model = "a", response_format = {type = "json_schema", json_schema = {name = "x", shema = {}}}}',
+            "ensembles.default.aggregator.response_format.json_schema.shema: unknown key",
+        ),
+    ],
+)
+def test_bad_agent_options_name_their_key(tmp_path: Path, agent: str, expected: str) -> None:
+    text = f'[models.a]\nbackend = "fake"\nmemory = 1\n[ensembles.default]\nlayers = [["a"]]\naggregator = {agent}\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, text))
+    assert expected in str(caught.value)

@@ -206,6 +206,30 @@ async def test_chat_not_streamed_and_num_predict(client: ollama.AsyncClient) -> 
     )
 
 
+async def test_stop_strings_end_the_reply_before_them(client: ollama.AsyncClient) -> None:
+    hello = [{"role": "user", "content": "hello"}]
+    stopped = await client.chat("qwen2.5:7b", messages=hello, options={"stop": [" hel", "zz"]})
+    assert (stopped.message.content, stopped.done_reason, stopped.eval_count) == (
+        "qwen says",
+        "stop",
+        2,
+    )
+    with pytest.raises(ollama.ResponseError, match="must be of an array of strings"):
+        await client.chat("qwen2.5:7b", messages=hello, options={"stop": "says"})
+
+
+async def test_format_is_json_or_a_schema(client: ollama.AsyncClient, fake: FakeOllama) -> None:
+    hello = [{"role": "user", "content": "hello"}]
+    for fmt in ("json", {"type": "object"}, ""):
+        assert (await client.chat("qwen2.5:7b", messages=hello, format=fmt)).done
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        body = {"model": "qwen2.5:7b", "messages": hello, "format": "yaml", "stream": False}
+        bad = await http.post("/api/chat", json=body)
+    assert bad.status_code == 500
+    assert bad.json()["error"].startswith("invalid format: ")
+    assert bad.json()["error"].endswith('expected "json" or a valid JSON Schema object')
+
+
 async def test_wire_format_is_ndjson_and_streams_by_default(fake: FakeOllama) -> None:
     async with (
         httpx.AsyncClient(base_url=fake.url) as http,

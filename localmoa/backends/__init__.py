@@ -1,16 +1,36 @@
-"""Backends: the runtimes localmoa drives through one seam (see :mod:`localmoa.backends.base`)."""
+"""Backends: the runtimes localmoa drives through one seam (see :mod:`localmoa.backends.base`),
+listed once in :mod:`localmoa.backends.registry`."""
 
 from __future__ import annotations
 
-from localmoa.backends.base import Backend, ChatDelta, ChatMessage, ChatRequest
+from localmoa.backends.base import (
+    REQUEST_OPTIONS,
+    Backend,
+    ChatDelta,
+    ChatMessage,
+    ChatRequest,
+    ResponseFormat,
+)
 from localmoa.backends.fake import FakeBackend
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.backends.ollama import OllamaBackend
 from localmoa.backends.openai import OpenAIBackend
-from localmoa.config import Settings
+from localmoa.backends.registry import (
+    REGISTRY,
+    TIMED_BACKENDS,
+    BackendKind,
+    Backends,
+    backend_for,
+    make_backends,
+)
 
 __all__ = [
+    "REGISTRY",
+    "REQUEST_OPTIONS",
+    "TIMED_BACKENDS",
     "Backend",
+    "BackendKind",
+    "Backends",
     "ChatDelta",
     "ChatMessage",
     "ChatRequest",
@@ -18,19 +38,7 @@ __all__ = [
     "LlamaCppBackend",
     "OllamaBackend",
     "OpenAIBackend",
+    "ResponseFormat",
+    "backend_for",
     "make_backends",
 ]
-
-
-def make_backends(settings: Settings) -> dict[str, Backend]:
-    """One instance of every backend, keyed by the ``backend`` value of models.toml.
-
-    Constructing them opens nothing: network backends connect on first use, after the egress
-    check (localmoa.egress).
-    """
-    return {
-        "llamacpp": LlamaCppBackend(),
-        "ollama": OllamaBackend.from_settings(settings),
-        "openai": OpenAIBackend(allowed_hosts=settings.allowed_hosts),
-        "fake": FakeBackend(),
-    }

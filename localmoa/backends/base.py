@@ -7,22 +7,118 @@ exceptions into :class:`~localmoa.errors.BackendError` at this boundary.
 
 Calls to one model are serialized by the executor, so a backend may assume one call per model at
 a time (a llama.cpp context is not thread-safe).
+
+A request may also ask for a few things beyond the messages, each OpenAI's own field with its
+meaning (``REQUEST_OPTIONS``): ``stop`` strings that end the answer (not included in it), a
+``seed`` for reproducible sampling, and a ``response_format`` that constrains the answer to JSON,
+or to JSON matching a schema. A backend says which it honours in :attr:`Backend.supports`, so a
+server can refuse a request up front (400) for an aggregator whose backend cannot; a backend
+handed one it cannot honour refuses it before generating (:meth:`Backend.refuse_unsupported`)
+rather than answer as if it had been honoured.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
+from localmoa.errors import BackendError
 from localmoa.footprint.estimate import Footprint
 
-__all__ = ["Backend", "ChatDelta", "ChatMessage", "ChatRequest"]
+__all__ = [
+    "REQUEST_OPTIONS",
+    "Backend",
+    "ChatDelta",
+    "ChatMessage",
+    "ChatRequest",
+    "JsonSchemaFormat",
+    "ResponseFormat",
+    "Seed",
+    "StopList",
+]
 
 log = logging.getLogger(__name__)
+
+REQUEST_OPTIONS = ("stop", "seed", "response_format")
+"""The optional fields of :class:`ChatRequest` a backend may or may not honour."""
+
+MAX_STOPS = 4
+"""OpenAI's limit on stop strings; OpenAI-compatible servers may refuse more."""
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _check_stops(stops: list[str]) -> list[str]:
+    if not stops:
+        raise ValueError("give at least one stop string, or leave stop out")
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings (OpenAI's limit), not {len(stops)}")
+    if "" in stops:
+        raise ValueError("a stop string cannot be empty: it would end the answer before it began")
+    return stops
+
+
+StopList = Annotated[list[str], BeforeValidator(_one_or_many), AfterValidator(_check_stops)]
+"""Stop strings: one string or a list of 1 to 4, none empty."""
+
+Seed = Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)]
+"""A sampling seed: any 64-bit integer (OpenAI's and Ollama's range)."""
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``json_schema`` object: the JSON schema the answer must match, and its name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """OpenAI's rule: letters, digits, ``_`` and ``-``, at most 64."""
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    """The JSON schema; empty means any JSON value."""
+    strict: bool | None = None
+    """OpenAI's strict mode. llama.cpp and Ollama always enforce the schema with a grammar."""
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (no constraint), ``{"type":
+    "json_object"}`` (any JSON object) or ``{"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}}}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError(
+                'type "json_schema" needs json_schema = {name = "...", schema = {...}}'
+            )
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'json_schema is read only with type "json_schema", not "{self.type}"')
+        return self
+
+    def __hash__(self) -> int:  # the schema is a dict: hash its canonical JSON instead
+        return hash(json.dumps(self.model_dump(mode="json"), sort_keys=True))
+
+    def openai(self) -> dict[str, Any]:
+        """As OpenAI's API spells it (``schema``, unset fields left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class ChatMessage(BaseModel):
@@ -38,6 +134,23 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage]
     temperature: float = Field(ge=0.0, le=2.0)
     max_tokens: int = Field(gt=0)
+    stop: StopList | None = None
+    """The answer ends before the first of these strings, which it does not include."""
+    seed: Seed | None = None
+    """Sampling seed: the same seed, prompt and settings give the same answer on one machine."""
+    response_format: ResponseFormat | None = None
+    """Constrain the answer to JSON (``json_object``) or to a JSON schema (``json_schema``)."""
+
+    def options(self) -> list[str]:
+        """The ``REQUEST_OPTIONS`` this request sets; a ``text`` response format constrains
+        nothing, so it is not one."""
+        asked = {
+            "stop": self.stop is not None,
+            "seed": self.seed is not None,
+            "response_format": self.response_format is not None
+            and self.response_format.type != "text",
+        }
+        return [option for option in REQUEST_OPTIONS if asked[option]]
 
 
 class ChatDelta(NamedTuple):
@@ -60,6 +173,22 @@ class Backend(ABC):
     measures_footprint: bool = False
     """True when ``resident_bytes`` is the model's whole footprint (Ollama's /api/ps size), so
     the executor may re-plan with it; llama.cpp's logged buffers miss ggml's work buffer."""
+
+    supports: ClassVar[frozenset[str]] = frozenset()
+    """Which of ``REQUEST_OPTIONS`` this backend honours. None by default: a backend written
+    without them refuses a request that asks for one instead of ignoring it."""
+
+    def refuse_unsupported(self, name: str, request: ChatRequest) -> None:
+        """BackendError naming the first option ``request`` asks for that this backend cannot
+        honour; called by ``chat`` before anything is generated."""
+        for option in request.options():
+            if option not in self.supports:
+                raise BackendError(
+                    name,
+                    f"the {type(self).__name__} backend cannot honour {option}; leave {option} "
+                    "out of the agent's settings or the request, or use a model whose backend "
+                    "supports it",
+                )
 
     @abstractmethod
     async def footprint(self, name: str, config: Any) -> Footprint:

@@ -5,6 +5,11 @@ callable given in code), loads and tokens take the configured time, and everythi
 is recorded in :attr:`FakeBackend.events`. It also keeps the books a real device would: resident
 bytes, their peak, and an optional ``capacity`` beyond which a load fails as out of memory, so
 tests can prove the executor never exceeds its plan.
+
+Of a request's options it honours ``stop`` as a runtime does (the reply ends before the first
+stop string) and records ``seed`` and ``response_format`` with the request
+(:attr:`FakeBackend.requests`) without acting on them: a scripted reply is the same whatever the
+seed, and it is JSON only if the script or template writes JSON.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from localmoa.backends.base import Backend, ChatDelta, ChatRequest
-from localmoa.config import FakeModel
+from localmoa.backends.base import REQUEST_OPTIONS, Backend, ChatDelta, ChatRequest
+from localmoa.backends.configs import FakeModel
 from localmoa.errors import BackendError
 from localmoa.footprint.estimate import Footprint
 
@@ -25,6 +30,8 @@ Script = Callable[[str, ChatRequest], str]
 
 class FakeBackend(Backend):
     """Scripted replies, recorded events, real memory bookkeeping."""
+
+    supports = frozenset(REQUEST_OPTIONS)
 
     def __init__(self, *, script: Script | None = None, capacity: int | None = None) -> None:
         self.script = script
@@ -64,6 +71,7 @@ class FakeBackend(Backend):
         config = self._configs.get(name)
         if config is None:
             raise BackendError(name, "called while not loaded: the plan should never do this")
+        self.refuse_unsupported(name, request)
         self.events.append(("chat", name))
         self.requests.append((name, request))
         if config.fail is not None:
@@ -74,6 +82,7 @@ class FakeBackend(Backend):
             if self.script
             else config.reply.format(model=name, prompt=prompt)
         )
+        text = _before_stop(text, request.stop or [])
         words = text.split(" ")[: request.max_tokens]
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
         for i, word in enumerate(words):
@@ -87,3 +96,9 @@ class FakeBackend(Backend):
 
     def loaded(self) -> list[str]:
         return list(self.resident)
+
+
+def _before_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string, which is left out."""
+    cut = min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))
+    return text[:cut]

@@ -22,6 +22,17 @@ Two things llama-cpp-python does by default are unsafe in a concurrent program a
   logger ``localmoa.llama_cpp``) with our own log callback, and swallow the few Python-level
   prints of the constructor under a lock.
 - ``Llama.from_pretrained`` downloads from a hub. It is never called: models are local paths.
+
+A request's options go to ``create_chat_completion`` as llama.cpp's own: ``stop`` strings,
+``seed`` (taken modulo 2^32 − 1, since llama.cpp reads 2^32 − 1 as "random" and a caller who
+sets a seed wants the same answer back), and ``response_format`` as a grammar built here from
+the JSON schema (``json_object``: llama.cpp's JSON grammar). The grammar is built by us rather
+than through llama-cpp-python's ``response_format``, which silently falls back to any JSON when
+it cannot convert a schema: here such a schema fails the call, before generating, naming it.
+
+llama-cpp-python is the optional ``llamacpp`` extra: this module imports it only inside
+functions, and the registry (:mod:`localmoa.backends.registry`) makes this backend only after
+importing it, so a missing library is one line naming the extra, never an ImportError.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import asyncio
 import contextlib
 import ctypes
 import io
+import json
 import logging
 import re
 import sys
@@ -40,8 +52,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localmoa.backends.base import Backend, ChatDelta, ChatMessage, ChatRequest
-from localmoa.config import LlamaCppModel
+from localmoa.backends.base import (
+    REQUEST_OPTIONS,
+    Backend,
+    ChatDelta,
+    ChatMessage,
+    ChatRequest,
+    ResponseFormat,
+)
+from localmoa.backends.configs import LlamaCppModel
 from localmoa.errors import BackendError, ModelFileError
 from localmoa.footprint.estimate import Footprint, estimate, read_gguf
 
@@ -217,6 +236,8 @@ class _Loaded:
 class LlamaCppBackend(Backend):
     """Models from GGUF files, run in this process by llama.cpp."""
 
+    supports = frozenset(REQUEST_OPTIONS)
+
     def __init__(self) -> None:
         self._models: dict[str, _Loaded] = {}
         self._vocabs: dict[tuple[str, int, int], Any] = {}  # (path, size, mtime) -> vocab
@@ -268,6 +289,7 @@ class LlamaCppBackend(Backend):
         loaded = self._models.get(name)
         if loaded is None:
             raise BackendError(name, "called while not loaded")
+        self.refuse_unsupported(name, request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
@@ -299,13 +321,15 @@ class LlamaCppBackend(Backend):
 
             loaded.abort.arm(stop)
             try:
-                for text in _stream(loaded.llama, request, each_token):
+                for text in _stream(name, loaded.llama, request, each_token):
                     if stop.is_set():
                         return
                     emit("delta", ChatDelta(text, generated - counted))
                     counted = generated
                 # The loop samples one token past max_tokens before it notices the limit.
                 emit("done", ChatDelta("", min(generated, request.max_tokens) - counted, prompt))
+            except BackendError as exc:
+                emit("error", exc)
             except Exception as exc:
                 if stop.is_set():
                     return  # the decode was aborted on purpose: nobody reads this stream now
@@ -426,13 +450,17 @@ def _failure(
     return error
 
 
-def _stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
-    from llama_cpp import LogitsProcessorList
+def _stream(name: str, llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
+    from llama_cpp import LLAMA_DEFAULT_SEED, LogitsProcessorList
 
+    grammar = _grammar(name, request.response_format)
     chunks = llama.create_chat_completion(
         messages=[m.model_dump() for m in request.messages],
         temperature=request.temperature,
         max_tokens=request.max_tokens,
+        stop=request.stop or [],
+        seed=None if request.seed is None else request.seed % LLAMA_DEFAULT_SEED,
+        grammar=grammar,
         logits_processor=LogitsProcessorList([each_token]),
         stream=True,
     )
@@ -440,6 +468,26 @@ def _stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
         text = chunk["choices"][0]["delta"].get("content")
         if text:
             yield text
+
+
+def _grammar(name: str, response_format: ResponseFormat | None) -> Any:
+    """The llama.cpp grammar that keeps the answer to ``response_format``; None for free text.
+    A schema llama.cpp cannot express is a BackendError naming it (see the module docstring)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    schema = response_format.json_schema
+    if schema is None:
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema.schema_), verbose=False)
+    except Exception as exc:  # the converter asserts, or raises whatever its parser does
+        raise BackendError(
+            name,
+            f'response_format: llama.cpp cannot turn the JSON schema "{schema.name}" into a '
+            f"grammar ({exc}); simplify the schema",
+        ) from exc
 
 
 class _Counted(Exception):

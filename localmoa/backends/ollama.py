@@ -22,6 +22,10 @@ plan, so this backend:
   the run (the executor re-plans when it differs) and is remembered in the measurement cache;
   ``size_vram < size`` means Ollama put part of the model on the CPU, which is warned about.
 
+A request's options are Ollama's own: ``stop`` and ``seed`` go in ``options`` (sampling options,
+which never make Ollama reload a model), and ``response_format`` becomes ``format``: ``"json"``
+for a JSON object, the schema itself for a JSON schema (Ollama turns it into a grammar).
+
 Before a load, a model's footprint is estimated like a GGUF file's
 (localmoa.footprint.estimate), from ``/api/show`` ``model_info`` and the ``/api/tags`` file
 size. localmoa never pulls, pushes or deletes models: a missing one is an error that gives the
@@ -37,13 +41,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import ollama
 
-from localmoa.backends.base import Backend, ChatDelta, ChatRequest
-from localmoa.config import OllamaModel, Settings
+from localmoa.backends.base import REQUEST_OPTIONS, Backend, ChatDelta, ChatRequest, ResponseFormat
+from localmoa.backends.configs import OllamaModel
 from localmoa.egress import check_url, client_options, is_loopback, normalize_url
 from localmoa.errors import (
     BackendError,
@@ -53,6 +57,9 @@ from localmoa.errors import (
 )
 from localmoa.footprint.estimate import Footprint, GGUFFacts, estimate, facts_from_metadata
 from localmoa.footprint.measurements import MeasurementCache
+
+if TYPE_CHECKING:
+    from localmoa.config import Settings
 
 __all__ = ["DEFAULT_HOST", "InstalledModel", "OllamaBackend", "ollama_host"]
 
@@ -110,6 +117,7 @@ class OllamaBackend(Backend):
     """Models served by a local Ollama, loaded and unloaded when the plan says."""
 
     measures_footprint = True
+    supports = frozenset(REQUEST_OPTIONS)
 
     def __init__(
         self,
@@ -316,16 +324,22 @@ class OllamaBackend(Backend):
         config = self._configs.get(name)
         if config is None:
             raise BackendError(name, "called while not loaded")
-        options = {
+        self.refuse_unsupported(name, request)
+        options: dict[str, Any] = {
             **self._options(config),
             "temperature": request.temperature,
             "num_predict": request.max_tokens,
         }
+        if request.stop is not None:
+            options["stop"] = request.stop
+        if request.seed is not None:
+            options["seed"] = request.seed
         stream = await self._call(
             self.client.chat(
                 model=self._tags[name],
                 messages=[m.model_dump() for m in request.messages],
                 options=options,
+                format=_format(request.response_format),
                 keep_alive=-1,
                 stream=True,
             ),
@@ -402,6 +416,15 @@ class OllamaBackend(Backend):
             f"Ollama is not reachable at {self.host}: start it on {where} with `ollama serve` "
             f"(or open the Ollama app), or point {point} at it"
         )
+
+
+def _format(response_format: ResponseFormat | None) -> Literal["json"] | dict[str, Any] | None:
+    """Ollama's ``format``: "json" for any JSON object, the schema for a JSON schema."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.json_schema is None:
+        return "json"
+    return response_format.json_schema.schema_
 
 
 def _facts(tag: str, info: dict[str, Any], size: int) -> GGUFFacts | None:

@@ -23,7 +23,9 @@ against llama_cpp.server 0.3:
   count never exceeds ``max_tokens``. When the server reports usage (``stream_options:
   {"include_usage": true}``, which OpenAI, vLLM and recent llama-server honour and
   llama_cpp.server silently ignores), the final delta corrects the count to it. A server that
-  rejects ``stream_options`` with a 4xx is asked again without it, once, and remembered.
+  rejects ``stream_options`` with a 4xx is asked again without it, once, and remembered (unless
+  its error names another option of the request and not ``stream_options``: that option is the
+  one refused).
 - **An answer is complete only with a finish_reason.** llama_cpp.server cuts a running stream
   short when another request reaches it (its ``--interrupt_requests``, on by default), sending
   ``[DONE]`` with no finish_reason, and a prompt longer than its context window ends the stream
@@ -35,6 +37,11 @@ against llama_cpp.server 0.3:
   fresh connection: nothing was answered, so nothing is repeated.
 - **Closing the stream closes the response**, which closes its connection (an unread response
   is never put back in the pool); the server notices the disconnect and stops generating.
+
+A request's options (``stop``, ``seed``, ``response_format``) are OpenAI's own fields and pass
+through as they are: whether the server honours them is the server's to say, and one that
+refuses them answers with an error that becomes a BackendError in its own words (llama_cpp.server
+0.3, for one, knows ``json_object`` but not ``json_schema``).
 
 Every request goes through one ``httpx.AsyncClient`` per base URL, built with
 :func:`localmoa.egress.client_options` (loopback or ``settings.allowed_hosts`` only, proxies
@@ -55,8 +62,8 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, SSEError, aconnect_sse
 
-from localmoa.backends.base import Backend, ChatDelta, ChatRequest
-from localmoa.config import OpenAIModel
+from localmoa.backends.base import REQUEST_OPTIONS, Backend, ChatDelta, ChatRequest
+from localmoa.backends.configs import OpenAIModel
 from localmoa.egress import (
     check_url,
     client_options,
@@ -107,6 +114,8 @@ class _Served:
 class OpenAIBackend(Backend):
     """Models behind OpenAI-compatible servers that load their models themselves."""
 
+    supports = frozenset(REQUEST_OPTIONS)
+
     def __init__(self, *, allowed_hosts: Sequence[str] = ()) -> None:
         self.allowed_hosts = list(allowed_hosts)
         self._clients: dict[str, httpx.AsyncClient] = {}
@@ -144,6 +153,7 @@ class OpenAIBackend(Backend):
         served = self._models.get(name)
         if served is None:
             raise BackendError(name, "called while not loaded")
+        self.refuse_unsupported(name, request)
         async with contextlib.AsyncExitStack() as stack:
             source = await self._open_stream(stack, name, served, request)
             deltas = self._deltas(name, served, source, request)
@@ -255,6 +265,12 @@ class OpenAIBackend(Backend):
             "max_tokens": request.max_tokens,
             "stream": True,
         }
+        if request.stop is not None:
+            body["stop"] = request.stop
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.response_format is not None:
+            body["response_format"] = request.response_format.openai()
         if base not in self._no_stream_options:
             body["stream_options"] = {"include_usage": True}
         retried = False
@@ -278,7 +294,12 @@ class OpenAIBackend(Backend):
             await source.response.aread()
             message = _error_text(source.response)
             await source.response.aclose()
-            if "stream_options" in body and status < 500 and status not in _NOT_USAGE_REJECTIONS:
+            if (
+                "stream_options" in body
+                and status < 500
+                and status not in _NOT_USAGE_REJECTIONS
+                and not _blames_an_option(message, request)
+            ):
                 log.debug("%s rejected stream_options (%d: %s)", url, status, message)
                 self._no_stream_options.add(base)
                 del body["stream_options"]
@@ -385,6 +406,11 @@ def _nothing_answers(name: str, base: str, exc: Exception) -> str:
         f"nothing answers at {base} ({type(exc).__name__}): no OpenAI-compatible server is "
         f"running there; start one (e.g. `{hint}`) or fix models.{name}.base_url"
     )
+
+
+def _blames_an_option(message: str, request: ChatRequest) -> bool:
+    """True when a server's error names an option the request set, and not stream_options."""
+    return "stream_options" not in message and any(o in message for o in request.options())
 
 
 def _model_ids(response: httpx.Response) -> list[str]:

@@ -8,13 +8,17 @@ words, and it repeats the references once only (a bug of some local ports).
 
 Only usable answers become references: a failed call is left out and its error text never
 reaches another model (another local port's bug), and an empty answer is left out too.
+
+An agent's ``stop``, ``seed`` and ``response_format`` travel with its calls unchanged, so
+``localmoa serve`` honours a client's for the aggregator by setting them on the aggregator's
+call (``dataclasses.replace``); the backend honours each or refuses it before generating.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localmoa.backends.base import ChatMessage, ChatRequest
+from localmoa.backends.base import ChatMessage, ChatRequest, ResponseFormat
 from localmoa.config import Agent, Ensemble
 
 __all__ = ["AGGREGATE_PROMPT", "Call", "build_request", "calls_for", "stages_of"]
@@ -40,6 +44,10 @@ class Call:
     temperature: float
     max_tokens: int
     is_aggregator: bool
+    stop: tuple[str, ...] | None = None
+    """Strings that end the answer (not included in it)."""
+    seed: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 def calls_for(ensemble: Ensemble) -> list[list[Call]]:
@@ -54,6 +62,9 @@ def calls_for(ensemble: Ensemble) -> list[list[Call]]:
             temperature=ensemble.temperature if agent.temperature is None else agent.temperature,
             max_tokens=ensemble.max_tokens if agent.max_tokens is None else agent.max_tokens,
             is_aggregator=aggregator,
+            stop=None if agent.stop is None else tuple(agent.stop),
+            seed=agent.seed,
+            response_format=agent.response_format,
         )
 
     stages = [
@@ -88,5 +99,10 @@ def build_request(
         [ChatMessage(role="system", content="\n\n".join(system_parts))] if system_parts else []
     )
     return ChatRequest(
-        messages=[*messages, *turns], temperature=call.temperature, max_tokens=call.max_tokens
+        messages=[*messages, *turns],
+        temperature=call.temperature,
+        max_tokens=call.max_tokens,
+        stop=None if call.stop is None else list(call.stop),
+        seed=call.seed,
+        response_format=call.response_format,
     )

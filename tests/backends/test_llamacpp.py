@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,12 @@ async def test_cancelling_a_stream_stops_generation_within_a_token(
     generating = threading.Event()
     real_stream = llamacpp._stream
 
-    def stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
+    def stream(name: str, llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
         def spy(input_ids: Any, scores: Any) -> Any:
             generating.set()
             return each_token(input_ids, scores)
 
-        return real_stream(llama, request, spy)
+        return real_stream(name, llama, request, spy)
 
     monkeypatch.setattr(llamacpp, "_stream", stream)
     backend = LlamaCppBackend()
@@ -157,7 +158,7 @@ async def test_an_answer_that_fills_the_context_says_which_n_ctx_to_raise(
     Forcing the byte 0xF0 (a 4-byte character's lead) makes that happen on any weights."""
     real_stream = llamacpp._stream
 
-    def stream(llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
+    def stream(name: str, llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
         lead = next(t for t in range(llama.n_vocab()) if llama.detokenize([t]) == b"\xf0")
 
         def never_complete(input_ids: Any, scores: Any) -> Any:
@@ -166,7 +167,7 @@ async def test_an_answer_that_fills_the_context_says_which_n_ctx_to_raise(
             scores[lead] = 0.0
             return scores
 
-        return real_stream(llama, request, never_complete)
+        return real_stream(name, llama, request, never_complete)
 
     monkeypatch.setattr(llamacpp, "_stream", stream)
     backend = LlamaCppBackend()
@@ -314,3 +315,82 @@ async def test_an_unreadable_vocabulary_is_a_backend_error(tmp_path: Path) -> No
     bad.write_bytes(b"GGUF" + os.urandom(64))
     with pytest.raises(BackendError, match=r'model "x": cannot count the prompt\'s tokens'):
         await LlamaCppBackend().prompt_tokens("x", model(bad), REQUEST.messages)
+
+
+# --- request options: stop, seed, response_format ---------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "calm": {"type": "boolean"},
+        "waves": {"type": "integer"},
+        "colour": {"enum": ["blue", "grey"]},
+    },
+    "required": ["calm", "waves", "colour"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+async def tiny_a(tiny_models: dict[str, Path]) -> AsyncIterator[LlamaCppBackend]:
+    backend = LlamaCppBackend()
+    await backend.load("a", model(tiny_models["tiny-a"]))
+    yield backend
+    await backend.unload("a")
+
+
+async def reply(backend: LlamaCppBackend, **options: Any) -> str:
+    request = ChatRequest.model_validate(
+        {**REQUEST.model_dump(), "temperature": 1.0, "max_tokens": 32, **options}
+    )
+    return "".join([d.text async for d in backend.chat("a", request)])
+
+
+async def test_the_same_seed_gives_the_same_answer_and_another_differs(
+    tiny_a: LlamaCppBackend,
+) -> None:
+    first = await reply(tiny_a, seed=5)
+    assert first and await reply(tiny_a, seed=5) == first
+    assert await reply(tiny_a, seed=6) != first
+    assert await reply(tiny_a, seed=-1) == await reply(tiny_a, seed=-1)  # never "random"
+
+
+async def test_a_stop_string_ends_the_answer_before_it(tiny_a: LlamaCppBackend) -> None:
+    whole = await reply(tiny_a, seed=5)
+    # A character the answer has, not at its start: the stopped answer is what precedes it.
+    firsts = {c: whole.index(c) for c in whole if c.isascii() and c.isprintable()}
+    stop = max((c for c in firsts if firsts[c] > 0), key=firsts.__getitem__)
+    cut = await reply(tiny_a, seed=5, stop=[stop, "never in it \u2603"])
+    assert cut == whole[: whole.index(stop)] and 0 < len(cut) < len(whole)
+
+
+async def test_json_object_answers_are_json_objects(tiny_a: LlamaCppBackend) -> None:
+    for seed in range(4):
+        text = await reply(
+            tiny_a, seed=seed, max_tokens=256, response_format={"type": "json_object"}
+        )
+        assert isinstance(json.loads(text), dict), text
+
+
+async def test_json_schema_answers_match_the_schema(tiny_a: LlamaCppBackend) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "sea", "schema": SCHEMA}}
+    for seed in range(4):
+        text = await reply(tiny_a, seed=seed, max_tokens=256, response_format=response_format)
+        answer = json.loads(text)
+        assert set(answer) == {"calm", "waves", "colour"}, text
+        assert isinstance(answer["calm"], bool) and answer["colour"] in ("blue", "grey")
+        assert isinstance(answer["waves"], int) and not isinstance(answer["waves"], bool)
+
+
+async def test_a_schema_llama_cpp_cannot_express_fails_before_generating(
+    tiny_a: LlamaCppBackend,
+) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "odd", "schema": {"type": "wave"}}}
+    with pytest.raises(BackendError) as failed:
+        await reply(tiny_a, response_format=bad)
+    assert str(failed.value).startswith(
+        'model "a": response_format: llama.cpp cannot turn the JSON schema "odd" into a grammar '
+        "(Unrecognized schema"
+    )
+    assert tiny_a._models["a"].llama.n_tokens == 0  # nothing was evaluated
+    assert await reply(tiny_a, seed=1)  # and the model still answers

@@ -341,3 +341,54 @@ async def test_unreachable_ollama_from_the_environment_says_to_point_ollama_host
         await backend.installed()
     assert str(down.value).endswith("or point OLLAMA_HOST at it")
     await backend.aclose()
+
+
+# --- request options ------------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"why": {"type": "string"}}, "required": ["why"]}
+
+
+@pytest.mark.parametrize(
+    ("options", "sent_options", "sent_format"),
+    [
+        ({"stop": "answer"}, {"stop": ["answer"]}, None),
+        ({"stop": ["x", "answer"]}, {"stop": ["x", "answer"]}, None),
+        ({"seed": 42}, {"seed": 42}, None),
+        ({"response_format": {"type": "json_object"}}, {}, "json"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "w", "schema": SCHEMA},
+                }
+            },
+            {},
+            SCHEMA,
+        ),
+        ({"response_format": {"type": "text"}}, {}, None),
+    ],
+)
+async def test_request_options_are_ollamas_own(
+    server: FakeOllama,
+    tmp_path: Path,
+    options: dict[str, object],
+    sent_options: dict[str, object],
+    sent_format: object,
+) -> None:
+    backend = backend_for(server, tmp_path)
+    await backend.load("qwen", model())
+    request = ChatRequest.model_validate({**REQUEST.model_dump(), **options})
+    pieces = [d async for d in backend.chat("qwen", request)]
+    await backend.aclose()
+    (chat,) = bodies(server, "/api/chat")
+    assert chat["options"] == {
+        "num_ctx": 8192,
+        "temperature": 0.3,
+        "num_predict": 3,
+        **sent_options,
+    }
+    assert chat.get("format") == sent_format
+    # The fake, like Ollama, ends the reply before a stop string.
+    expected = "a fake " if "stop" in options else "a fake answer"
+    assert "".join(d.text for d in pieces) == expected
+    assert [kind for kind, _ in server.events] == ["load", "unload"]  # sampling options: no reload

@@ -265,3 +265,98 @@ async def test_errors_reported_by_the_server(backend: OpenAIBackend) -> None:
             current[0] = key
             with pytest.raises(BackendError, match=pattern):
                 await answer(backend, "tiny")
+
+
+# --- request options: passed through as OpenAI's own fields ----------------------------------
+
+SCHEMA = {"type": "object", "properties": {"why": {"type": "string"}}, "required": ["why"]}
+
+
+def answering(request: Recorded) -> tuple[int, str, str]:
+    if request.method == "GET":
+        return 200, "application/json", LISTING
+    return 200, "text/event-stream", sse(piece("{}"), piece(None, "stop"))
+
+
+@pytest.mark.parametrize(
+    ("options", "sent"),
+    [
+        ({"stop": "END"}, {"stop": ["END"]}),
+        ({"stop": ["a", "b", "c", "d"]}, {"stop": ["a", "b", "c", "d"]}),
+        ({"seed": -7}, {"seed": -7}),
+        (
+            {"response_format": {"type": "json_object"}},
+            {"response_format": {"type": "json_object"}},
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "why", "schema": SCHEMA, "strict": True},
+                }
+            },
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "why", "schema": SCHEMA, "strict": True},
+                }
+            },
+        ),
+    ],
+)
+async def test_request_options_pass_through(
+    backend: OpenAIBackend, options: dict[str, Any], sent: dict[str, Any]
+) -> None:
+    with stub_server(answering) as (base, received):
+        await backend.load("tiny", model(base))
+        request = ChatRequest.model_validate({**REQUEST.model_dump(), **options})
+        assert [d.text for d in await answer(backend, "tiny", request)] == ["{}"]
+    (post,) = [r.json() for r in received if r.method == "POST"]
+    assert post == {
+        "model": "tiny",
+        "messages": [m.model_dump() for m in REQUEST.messages],
+        "temperature": 0.0,
+        "max_tokens": 16,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **sent,
+    }
+
+
+async def test_a_refused_option_is_the_servers_words_and_not_a_stream_options_retry(
+    backend: OpenAIBackend,
+) -> None:
+    def no_schemas(request: Recorded) -> tuple[int, str, str]:
+        if request.method == "GET":
+            return 200, "application/json", LISTING
+        if request.json().get("response_format", {}).get("type") == "json_schema":
+            error = {"detail": "response_format.type: Input should be 'text' or 'json_object'"}
+            return 422, "application/json", json.dumps(error)
+        return answering(request)
+
+    schema = {"type": "json_schema", "json_schema": {"name": "why", "schema": SCHEMA}}
+    with stub_server(no_schemas) as (base, received):
+        await backend.load("tiny", model(base))
+        request = ChatRequest.model_validate({**REQUEST.model_dump(), "response_format": schema})
+        with pytest.raises(BackendError, match=r"answered 422: response_format.type: Input should"):
+            await answer(backend, "tiny", request)
+        await answer(backend, "tiny")
+    posts = [r.json() for r in received if r.method == "POST"]
+    assert ["stream_options" in p for p in posts] == [True, True]  # asked once; still asked
+
+
+async def test_the_real_server_honours_stop_and_seed(server: str, backend: OpenAIBackend) -> None:
+    """llama_cpp.server, sampling at temperature 1: the same seed twice gives the same answer,
+    and a stop string cuts it before the stop."""
+    await backend.load("tiny", model(server))
+    sampled = {**REQUEST.model_dump(), "temperature": 1.0, "seed": 11}
+
+    async def text(**options: Any) -> str:
+        request = ChatRequest.model_validate({**sampled, **options})
+        return "".join(d.text for d in await answer(backend, "tiny", request))
+
+    whole = await text()
+    assert whole and await text() == whole
+    firsts = {c: whole.index(c) for c in whole if c.isascii() and c.isprintable()}
+    stop = max((c for c in firsts if firsts[c] > 0), key=firsts.__getitem__)
+    assert await text(stop=stop) == whole[: whole.index(stop)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from localmoa.backends.base import ChatMessage
+from localmoa.backends.base import ChatMessage, ResponseFormat
 from localmoa.config import Agent, Ensemble
 from localmoa.runtime.moa import AGGREGATE_PROMPT, build_request, calls_for, stages_of
 
@@ -49,3 +49,29 @@ def test_references_follow_the_agents_own_system_prompt_in_one_system_message() 
     )
     assert turns == conversation[1:]
     assert [m.role for m in request.messages].count("system") == 1
+
+
+def test_an_agents_stop_seed_and_response_format_reach_its_request() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = ResponseFormat.model_validate(
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    )
+    ensemble = Ensemble(
+        layers=[[Agent(model="a", stop="END", seed=3)]],
+        aggregator=Agent(model="b", stop=["x", "y"], seed=-1, response_format=fmt),
+    )
+    (proposer,), (aggregator,) = calls_for(ensemble)
+    assert (proposer.stop, proposer.seed, proposer.response_format) == (("END",), 3, None)
+    assert (aggregator.stop, aggregator.seed, aggregator.response_format) == (("x", "y"), -1, fmt)
+    hash(aggregator)  # calls stay hashable, a schema and all
+    conversation = [ChatMessage(role="user", content="hi")]
+    request = build_request(aggregator, conversation, ["one"])
+    assert (request.stop, request.seed, request.response_format) == (["x", "y"], -1, fmt)
+    assert request.options() == ["stop", "seed", "response_format"]
+    plain = build_request(calls_for(ENSEMBLE)[0][0], conversation, None)
+    assert (plain.stop, plain.seed, plain.response_format, plain.options()) == (
+        None,
+        None,
+        None,
+        [],
+    )

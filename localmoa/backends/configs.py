@@ -1,0 +1,119 @@
+"""The ``[models.NAME]`` table of each backend, and the strict base every table of models.toml has.
+
+These live with the backends, not in :mod:`localmoa.config`, because the backend registry
+(:mod:`localmoa.backends.registry`) pairs each ``backend = "..."`` tag with its table, and
+``localmoa.config`` derives its tagged union from that registry: the tables must be importable
+without ``localmoa.config``, or the two modules would import each other. Nothing here imports a
+backend's runtime library, so reading a models.toml never needs llama.cpp.
+
+Every table forbids unknown keys, because a misspelt key silently ignored (``n_ctxx = 8192``)
+is a run that quietly overflows memory later. Sizes (``memory``) go through
+:func:`localmoa.sizes.parse_size`, which refuses ``inf``, ``nan``, ``1e400`` and anything over
+1 PiB, so each becomes a line naming its key. Context lengths stop at 2^30 tokens (a hundred
+times the longest real context, 10M): the KV cache grows with them, and the memory estimate must
+stay a sane number of bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, PositiveInt
+
+from localmoa.sizes import parse_size
+
+__all__ = [
+    "MAX_CTX",
+    "ContextLength",
+    "FakeModel",
+    "LlamaCppModel",
+    "ModelTable",
+    "OllamaModel",
+    "OpenAIModel",
+    "Size",
+    "StrictModel",
+    "size_or_auto",
+]
+
+
+def size_or_auto(value: Any) -> Any:
+    """Sizes as people write them; "auto" passes through to the field that allows it."""
+    return value if value == "auto" else parse_size(value)
+
+
+Size = Annotated[int, BeforeValidator(size_or_auto)]
+MAX_CTX = 1 << 30
+ContextLength = Annotated[int, Field(gt=0, le=MAX_CTX)]
+
+
+class StrictModel(BaseModel):
+    """A table of models.toml: unknown keys are errors, values never change once read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelTable(StrictModel):
+    """What every ``[models.NAME]`` table has, whatever its backend: the tag that chooses the
+    backend. Code that needs a backend's own keys narrows with ``isinstance`` to its table."""
+
+    backend: str
+
+
+class LlamaCppModel(ModelTable):
+    """A GGUF file run in process by llama.cpp (llama-cpp-python, the ``llamacpp`` extra)."""
+
+    backend: Literal["llamacpp"]
+    path: Path
+    """GGUF file; ``~`` is expanded, relative paths are relative to the config file."""
+    n_ctx: ContextLength = 4096
+    n_gpu_layers: int = -1
+    """Layers offloaded to the GPU: -1 = all (ignored by CPU-only builds)."""
+    n_batch: PositiveInt = 512
+    n_threads: PositiveInt | None = None
+    use_mmap: bool = True
+    seed: int | None = None
+    """Sampling seed for reproducible answers; unset = random. An agent's ``seed`` wins."""
+    memory: Size | None = None
+    """Overrides the estimate from the GGUF header; the planner uses it as-is."""
+
+
+class OllamaModel(ModelTable):
+    """A model served by a local Ollama; localmoa decides when it is loaded and unloaded."""
+
+    backend: Literal["ollama"]
+    model: str
+    """The Ollama tag, e.g. "llama3.1:8b"."""
+    num_ctx: ContextLength = 4096
+    """Context length, sent with every request for this model (preload included), so Ollama
+    never reloads it because options changed."""
+    memory: Size | None = None
+    """Overrides the estimate and any measurement."""
+
+
+class OpenAIModel(ModelTable):
+    """A model behind an OpenAI-compatible server (llama-server, LM Studio, vLLM...)."""
+
+    backend: Literal["openai"]
+    base_url: str
+    """The API root, e.g. "http://127.0.0.1:8080/v1"."""
+    model: str
+    """The model id the server expects."""
+    api_key: str | None = None
+    """Sent as a Bearer token when set."""
+    memory: Size | None = None
+    """Counted against the budget only when declared: such servers manage their own models, so
+    by default localmoa treats them as always resident and outside its budget."""
+
+
+class FakeModel(ModelTable):
+    """A model that answers from a script, for trying plans and for tests (no weights at all)."""
+
+    backend: Literal["fake"]
+    memory: Size
+    reply: str = "{model} has considered: {prompt}"
+    """Reply template; ``{model}`` and ``{prompt}`` (the last user message) are filled in."""
+    load_seconds: NonNegativeFloat = 0.0
+    seconds_per_token: NonNegativeFloat = 0.0
+    fail: str | None = None
+    """When set, every call to this model fails with this message."""
