@@ -24,6 +24,9 @@ the file to its full size as a sparse hole. The memory estimate reads only the h
 8B-shaped (32 GB at F32) file can be planned from at the cost of its ~3 MB header: that is how
 tests cover real-model layouts without writing or downloading gigabytes. Such a file reads as
 zeros past the header; llama.cpp would load it, but as 32 GB of zero weights.
+
+Writing needs ``gguf`` and numpy, which come with the ``llamacpp`` extra (these models are only
+of use to llama.cpp): without them, importing this module says which extra to install.
 """
 
 from __future__ import annotations
@@ -35,9 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
-import numpy as np
-import numpy.typing as npt
+try:
+    import gguf
+    import numpy as np
+    import numpy.typing as npt
+except ModuleNotFoundError as exc:  # the core install: no llamacpp extra
+    raise ModuleNotFoundError(
+        f"localmoa.tinymodels needs {exc.name}, which comes with the llamacpp extra: "
+        "pip install 'localmoa[llamacpp]'",
+        name=exc.name,
+    ) from exc
 
 __all__ = [
     "BASE_VOCAB",

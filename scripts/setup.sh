@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Make .venv (Python 3.11+) with localmoa and its dev tools installed, ready to use.
+# Make .venv (Python 3.11+) with localmoa, its llamacpp extra and its dev tools installed, ready
+# to use: the demo and the tests run real llama.cpp on generated models. (`pip install localmoa`
+# alone has no llama.cpp; the `dev` extra includes `llamacpp`.)
 #
 # llama-cpp-python is built from source by pip (a few minutes on 2 cores, the first time only):
 # pip keeps the wheel it built in its cache (~/.cache/pip/wheels), so later runs, and fresh
@@ -29,7 +31,7 @@ fi
 # A stamp skips pip when pyproject.toml has not changed since the last successful install.
 stamp=.venv/.localmoa-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing localmoa and its dependencies (llama-cpp-python compiles once)" >&2
+  echo "setup: installing localmoa[dev] (with llama.cpp: llama-cpp-python compiles once)" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet --editable ".[dev]"
   touch "$stamp"
