@@ -78,10 +78,12 @@ def test_done_when_ollama_ensemble_never_makes_ollama_evict_or_reload(
         sizes = {name: m["bytes"] for name, m in planned["models"].items()}
         stages = [["llama", "qwen2", "gemma2"]] * 2 + [["llama"]]
         fewest = exhaustive_min_loads(stages, sizes, budget)
+        # Ollama's loads are timed: the estimate comes with either plan.
+        assert planned["estimated_seconds"] > 0
         if plan_for == "loads":
-            assert planned["loads"] == fewest == 4 and planned["estimated_seconds"] is None
+            assert planned["loads"] == fewest == 4
         else:
-            assert planned["loads"] >= fewest and planned["estimated_seconds"] > 0
+            assert planned["loads"] >= fewest
         out = localmoa("run", "Why is the sky blue?", "--json")
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
@@ -89,7 +91,11 @@ def test_done_when_ollama_ensemble_never_makes_ollama_evict_or_reload(
         assert "evict" not in kinds and "reload" not in kinds and "expire" not in kinds
         assert server.peak_bytes <= budget
         assert server.resident() == {}  # everything unloaded at the end
-        assert result["loads"] == kinds.count("load") == planned["loads"]
+        assert result["loads"] == kinds.count("load") >= fewest
+        if plan_for == "loads":
+            assert result["loads"] == planned["loads"]
+        # Refined for time, the run's plan may differ from `plan`'s: the run times its calls
+        # with the prompt it has, `plan` with none.
         assert len(result["calls"]) == 7 and all(c["ok"] for c in result["calls"])
         assert result["answer"] == "a fake answer from llama3.1:8b"
         # Every request for a model carried the same runner options (no option-change reload).
