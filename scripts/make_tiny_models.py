@@ -15,7 +15,11 @@ from pathlib import Path
 # Run from a checkout without installing: the repository's package wins over an installed one.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localmoa.tinymodels import PRESETS, write_tiny_model
+try:
+    from localmoa.tinymodels import PRESETS, write_tiny_model
+except ModuleNotFoundError as exc:  # gguf or numpy: the llamacpp extra is not installed
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 DEFAULT_PRESETS = ("tiny-a", "tiny-b", "tiny-c")
 
