@@ -1,17 +1,18 @@
 """Scheduler benchmark: localmoa's plan against the optimum and the policies users run today.
 
-    python scripts/bench_scheduler.py [--json] [--timeline NAME] [--max-nodes N]
+    python scripts/bench_scheduler.py [--json] [--timeline NAME] [--max-nodes N] [--min-gain G]
 
 A fixed-seed suite of MoA runs (1-3 layers, 2-6 proposers, an aggregator) built from real 4-bit
 model footprints, on every hardware profile of localmoa.planning.profiles. Each run is timed, in
 the cost model (localmoa.planning.timing), under these policies (scripts/policies.py holds the
 ones that are not localmoa's):
 
-- ``localmoa``: as shipped: the planner's fewest-loads plan refined for time by
-  :func:`localmoa.planning.refine.refine` (which knows the machine's profile, not the answer
-  lengths: every call is assumed to write ``max_tokens``), executed by dataflow as localmoa's
-  executor does (a load starts as soon as memory allows, a call as soon as its model and
-  references are ready);
+- ``localmoa``: as shipped: :func:`localmoa.planning.plan_run` with the default settings
+  (the fewest-loads plan refined for time, a plan with extra loads only when estimated at least
+  ``--min-gain``, by default ``settings.min_gain``, faster), which knows the machine's profile,
+  not the answer lengths: every call is assumed to write ``max_tokens``; executed by dataflow
+  as localmoa's engine does (a load starts as soon as memory allows, a call as soon as its
+  model and references are ready);
 - ``localmoa_loads``: the fewest-loads plan unrefined (``settings.plan_for = "loads"``);
 - ``localmoa_waves``: the fewest-loads plan executed wave by wave (the executor before
   dataflow);
@@ -38,7 +39,6 @@ localmoa and reactive.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import statistics
@@ -61,10 +61,10 @@ from policies import (
     wave_by_wave,
 )
 
+from localmoa.config import Settings
+from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan as PlanModel
-from localmoa.planning.fewest_loads import make_plan
 from localmoa.planning.profiles import PROFILES, Profile
-from localmoa.planning.refine import refine
 from localmoa.planning.timing import CallSpec, Span, simulate_plan
 from localmoa.runtime.moa import Call
 
@@ -176,23 +176,30 @@ POLICIES = (
 )
 
 
+MIN_GAIN = Settings().min_gain
+"""The margin extra loads must pay in the shipped plan (``--min-gain``)."""
+
 PLANNING_S: list[float] = []
 """Seconds each shipped plan took to make (fewest loads, then the refinement)."""
 
 
-def shipped(instance: Instance, speeds: Profile | None = None) -> PolicyResult:
+def shipped(
+    instance: Instance, speeds: Profile | None = None, *, min_gain: float = MIN_GAIN
+) -> PolicyResult:
     """localmoa as shipped (see :func:`shipped_plan`), timed with the real calls."""
     began = time.perf_counter()
-    plan = shipped_plan(instance, speeds)
+    plan = shipped_plan(instance, speeds, min_gain=min_gain)
     if speeds is None:
         PLANNING_S.append(time.perf_counter() - began)
     timing = simulate_plan(plan, instance.calls, SIZES, instance.profile)
     return PolicyResult(timing.makespan_s, timing.loads)
 
 
-def shipped_plan(instance: Instance, speeds: Profile | None = None) -> PlanModel:
-    """The fewest-loads plan refined for time on ``speeds`` (the instance's own profile unless
-    given), from what is known before the run: every call writing ``max_tokens``."""
+def shipped_plan(
+    instance: Instance, speeds: Profile | None = None, *, min_gain: float = MIN_GAIN
+) -> PlanModel:
+    """The plan ``localmoa run`` makes on ``speeds`` (the instance's own profile unless given),
+    from what is known before the run: every call writing ``max_tokens``."""
     calls, profile = instance.calls, instance.profile
     stages = [
         [
@@ -201,21 +208,21 @@ def shipped_plan(instance: Instance, speeds: Profile | None = None) -> PlanModel
         ]
         for k, stage in enumerate(calls)
     ]
-    plan = make_plan([[c.model for c in s] for s in calls], SIZES, profile.memory_bytes)
-    guess = dataclasses.replace(speeds or profile, memory_bytes=profile.memory_bytes)
-    return refine(plan, stages, SIZES, guess, prompt="x" * (PROMPT_TOKENS * 4))
+    policy = PlanPolicy(speeds or profile, "time", min_gain)
+    prompt = "x" * (PROMPT_TOKENS * 4)
+    return plan_run(stages, SIZES, profile.memory_bytes, policy, prompt=prompt)
 
 
 def run(
-    instance: Instance, *, max_nodes: int = MAX_OPTIMAL_NODES
+    instance: Instance, *, max_nodes: int = MAX_OPTIMAL_NODES, min_gain: float = MIN_GAIN
 ) -> dict[str, PolicyResult | None]:
     """Every policy on one instance."""
     args = (instance.calls, SIZES, instance.profile)
     return {
-        "localmoa": shipped(instance),
+        "localmoa": shipped(instance, min_gain=min_gain),
         "localmoa_loads": fewest_loads(*args),
         "localmoa_waves": fewest_loads(*args, dataflow=False),
-        "localmoa_misjudged": shipped(instance, PROFILES["desktop-24g"]),
+        "localmoa_misjudged": shipped(instance, PROFILES["desktop-24g"], min_gain=min_gain),
         "one_at_a_time": one_at_a_time(*args),
         "reactive": reactive(*args),
         "optimal": optimal(*args, max_nodes=max_nodes),
@@ -290,13 +297,22 @@ def main() -> None:
         default=MAX_OPTIMAL_NODES,
         help="partial plans the optimal search may simulate per run (default %(default)s)",
     )
+    parser.add_argument(
+        "--min-gain",
+        type=float,
+        default=MIN_GAIN,
+        help="estimated gain extra loads must bring in the shipped plan (default %(default)s)",
+    )
     parser.add_argument("--per-profile", type=int, default=PER_PROFILE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.timeline:
         timeline(args.timeline)
         return
     instances = suite(per_profile=args.per_profile)
-    rows = [(instance, run(instance, max_nodes=args.max_nodes)) for instance in instances]
+    rows = [
+        (instance, run(instance, max_nodes=args.max_nodes, min_gain=args.min_gain))
+        for instance in instances
+    ]
     if args.json:
         doc: dict[str, Any] = {
             "instances": [
