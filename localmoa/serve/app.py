@@ -43,7 +43,7 @@ import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -53,6 +53,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from localmoa.backends.base import Backend, ChatMessage
+from localmoa.backends.registry import backend_for
 from localmoa.config import Agent, Config, Ensemble
 from localmoa.errors import (
     BudgetError,
@@ -68,8 +69,33 @@ from localmoa.runtime.engine import Executor
 from localmoa.runtime.events import CallPiece, Event, RunResult
 from localmoa.runtime.moa import calls_for
 from localmoa.runtime.prepare import check_prompt, footprints, plan_policy
-from localmoa.serve.guard import DEFAULT_MAX_BODY, Refused, RequestGuard, error_response, read_body
+from localmoa.serve.guard import (
+    DEFAULT_MAX_BODY,
+    ErrorBody,
+    ErrorDetail,
+    Refused,
+    RequestGuard,
+    error_response,
+    http_error,
+    read_body,
+    server_error,
+)
 from localmoa.serve.pool import ModelPool
+from localmoa.serve.wire import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Message,
+    ModelCard,
+    ModelList,
+    RunFacts,
+    Usage,
+    json_path,
+    to_chat,
+)
 
 __all__ = ["ChatCompletionRequest", "MoaServer"]
 
@@ -78,36 +104,6 @@ log = logging.getLogger(__name__)
 PREFIX = "moa/"
 RETRY_AFTER_SECONDS = 5
 PING_SECONDS = 15
-
-
-class _Part(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_Part] | None = None
-
-
-class _StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """The part of OpenAI's chat-completions request an ensemble honours (the rest is ignored)."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str
-    messages: list[_Message] = Field(min_length=1)
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
 
 
 class MoaServer:
@@ -162,7 +158,7 @@ class MoaServer:
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             ],
             middleware=[guard],
-            exception_handlers={HTTPException: _http_error, Exception: _server_error},
+            exception_handlers={HTTPException: http_error, Exception: server_error},
         )
 
     async def start(self) -> None:
@@ -211,27 +207,21 @@ class MoaServer:
             self._authorize(request)
         except Refused as refused:
             return refused.response
-        data = [
-            {
-                "id": PREFIX + name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "localmoa",
-            }
-            for name in self.config.ensembles
+        cards = [
+            ModelCard(id=PREFIX + name, created=self.created) for name in self.config.ensembles
         ]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse(ModelList(data=cards).model_dump())
 
     async def chat_completions(self, request: Request) -> Response:
         try:
             self._authorize(request)
             body = await self._parse(request)
             ensemble = self._ensemble(body)
-            conversation = [_to_chat(i, m) for i, m in enumerate(body.messages)]
+            conversation = [to_chat(i, m) for i, m in enumerate(body.messages)]
             self._admit()
         except Refused as refused:
             return refused.response
-        run = _Run(self, next(self._tickets), body, ensemble, conversation)
+        run = RequestRun(self, next(self._tickets), body, ensemble, conversation)
         try:
             await check_prompt(self.config, run.stages, self.backends, conversation)
         except PromptTooLongError as exc:
@@ -249,7 +239,7 @@ class MoaServer:
             result = await run.to_completion(request)
         except Refused as refused:
             return refused.response
-        return JSONResponse(run.completion(result))
+        return JSONResponse(run.completion(result).model_dump())
 
     # --- request checks --------------------------------------------------------------------------
 
@@ -290,13 +280,13 @@ class MoaServer:
             return ChatCompletionRequest.model_validate(parsed)
         except ValidationError as exc:
             errors = exc.errors()
-            problems = "; ".join(f"{_path(e['loc']) or 'body'}: {e['msg']}" for e in errors)
+            problems = "; ".join(f"{json_path(e['loc']) or 'body'}: {e['msg']}" for e in errors)
             raise Refused(
                 400,
                 problems,
                 "invalid_request_error",
                 "invalid_request",
-                param=_path(errors[0]["loc"]) or None,
+                param=json_path(errors[0]["loc"]) or None,
             ) from None
 
     def _ensemble(self, body: ChatCompletionRequest) -> Ensemble:
@@ -310,17 +300,27 @@ class MoaServer:
                 "invalid_request_error",
                 "model_not_found",
             )
-        temperature = body.temperature
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if temperature is None and max_tokens is None:
+        refused = body.refused_field()
+        if refused is not None:
+            field, why = refused
+            raise Refused(400, why, "invalid_request_error", "unsupported_parameter", param=field)
+        backend = backend_for(self.backends, self.config.models, ensemble.aggregator.model)
+        for option in body.options():
+            if option not in backend.supports:
+                raise Refused(
+                    400,
+                    f'{option} is not supported by the aggregator of "{body.model}" (model '
+                    f'"{ensemble.aggregator.model}", backend '
+                    f'"{self.config.models[ensemble.aggregator.model].backend}"); send the '
+                    f"request without {option}",
+                    "invalid_request_error",
+                    "unsupported_parameter",
+                    param=option,
+                )
+        settings = body.aggregator_settings()
+        if not settings:
             return ensemble
-        aggregator = ensemble.aggregator.model_copy(
-            update={
-                k: v
-                for k, v in (("temperature", temperature), ("max_tokens", max_tokens))
-                if v is not None
-            }
-        )
+        aggregator = ensemble.aggregator.model_copy(update=settings)
         return ensemble.model_copy(update={"aggregator": Agent.model_validate(aggregator)})
 
     def _admit(self) -> None:
@@ -342,8 +342,8 @@ class MoaServer:
             self.idle.set()
 
 
-class _Run:
-    """One request's run of its ensemble on the shared pool."""
+class RequestRun:
+    """One request's run of its ensemble on the shared pool, and its answer in OpenAI's shape."""
 
     def __init__(
         self,
@@ -430,29 +430,21 @@ class _Run:
         task = self.task
         assert task is not None, "start() first"
         try:
-            yield self._chunk({"role": "assistant", "content": ""})
+            yield self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
             while (item := await self.pieces.get())[0] == "text":
-                yield self._chunk({"content": item[1]})
+                yield self._chunk([ChunkChoice(delta=Delta(content=item[1]))])
             try:
                 result = task.result()
             except LocalMoaError as exc:
                 _, message, kind, code = _failure(exc)
-                yield {
-                    "data": json.dumps({"error": {"message": message, "type": kind, "code": code}})
-                }
+                error = ErrorBody(error=ErrorDetail(message=message, type=kind, code=code))
+                yield {"data": error.model_dump_json()}
                 yield {"data": "[DONE]"}
                 return
-            yield self._chunk({}, finish_reason=self._finish_reason(result))
+            finish = self._finish_reason(result)
+            yield self._chunk([ChunkChoice(delta=Delta(), finish_reason=finish)])
             if self.body.stream_options and self.body.stream_options.include_usage:
-                yield {
-                    "data": json.dumps(
-                        {
-                            **self._base("chat.completion.chunk"),
-                            "choices": [],
-                            "usage": _usage(result),
-                        }
-                    )
-                }
+                yield self._chunk([], usage=_usage(result))
             yield {"data": "[DONE]"}
         finally:
             if not task.done():  # the client went away: stop the run, free what it held
@@ -460,39 +452,37 @@ class _Run:
                 with contextlib.suppress(asyncio.CancelledError, LocalMoaError):
                     await task
 
-    def completion(self, result: RunResult) -> dict[str, Any]:
-        return {
-            **self._base("chat.completion"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.answer},
-                    "finish_reason": self._finish_reason(result),
-                }
+    def completion(self, result: RunResult) -> ChatCompletion:
+        return ChatCompletion(
+            id=self.id,
+            created=self.created,
+            model=self.body.model,
+            choices=[
+                Choice(
+                    message=Message(content=result.answer),
+                    finish_reason=self._finish_reason(result),
+                )
             ],
-            "usage": _usage(result),
-            "localmoa": {"calls": len(result.calls), "loads": result.loads},
-        }
+            usage=_usage(result),
+            localmoa=RunFacts(calls=len(result.calls), loads=result.loads),
+        )
 
-    def _finish_reason(self, result: RunResult) -> str:
+    def _finish_reason(self, result: RunResult) -> Literal["stop", "length"]:
         return "length" if result.calls and result.calls[-1].tokens >= self.max_tokens else "stop"
 
-    def _base(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model}
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> dict[str, str]:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.body.model, choices=choices, usage=usage
+        )
+        return {"data": json.dumps(chunk.dump())}
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, str]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return {"data": json.dumps({**self._base("chat.completion.chunk"), "choices": [choice]})}
 
-
-def _usage(result: RunResult) -> dict[str, int]:
+def _usage(result: RunResult) -> Usage:
     prompt = sum(c.prompt_tokens for c in result.calls)
     completion = sum(c.tokens for c in result.calls)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def _failure(exc: LocalMoaError) -> tuple[int, str, str, str]:
@@ -501,74 +491,6 @@ def _failure(exc: LocalMoaError) -> tuple[int, str, str, str]:
     if exc.exit_code == 1:
         return 500, str(exc), "server_error", "run_failed"
     return 400, str(exc), "invalid_request_error", "run_failed"
-
-
-def _to_chat(index: int, message: _Message) -> ChatMessage:
-    role = "system" if message.role == "developer" else message.role
-    content = message.content
-    param = f"messages[{index}].content"
-    if isinstance(content, list):
-        unsupported = sorted({p.type for p in content if p.type != "text"})
-        if unsupported:
-            raise Refused(
-                400,
-                f"message parts of type {', '.join(unsupported)} are not supported: "
-                "ensembles read text only",
-                "invalid_request_error",
-                "unsupported_content",
-                param=param,
-            )
-        content = "\n".join(p.text or "" for p in content)
-    text = content or ""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # JSON may spell a lone surrogate: "\ud800"
-        raise Refused(
-            400,
-            f"{param} is not valid Unicode text (a lone surrogate at character {exc.start}); "
-            "send UTF-8 text",
-            "invalid_request_error",
-            "invalid_text",
-            param=param,
-        ) from None
-    return ChatMessage(role=role, content=text)
-
-
-def _path(loc: Sequence[int | str]) -> str:
-    """A pydantic error location as a JSON path: ("messages", 0, "role") -> messages[0].role."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
-    return out
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """404 and 405 (and any other HTTPException) in OpenAI's shape, not plain text."""
-    assert isinstance(exc, HTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    message = {
-        404: f"no route {request.url.path}; this server has /v1/models, /v1/chat/completions "
-        "and /health",
-        405: f"{request.method} is not allowed on {request.url.path}",
-    }.get(exc.status_code, str(exc.detail))
-    return error_response(
-        exc.status_code,
-        message,
-        "invalid_request_error",
-        codes.get(exc.status_code, "http_error"),
-        headers=exc.headers,
-    )
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    """A bug: logged with its traceback, answered as a 500 in OpenAI's shape."""
-    log.error("request %s failed", request.url.path, exc_info=exc)
-    return error_response(
-        500,
-        f"internal error ({type(exc).__name__}); the server log has the details",
-        "server_error",
-        "internal_error",
-    )
 
 
 async def _disconnected(request: Request) -> None:

@@ -26,13 +26,15 @@ show the message instead of failing to parse a plain-text body.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 
 from pydantic import BaseModel
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from localmoa.egress import is_loopback
@@ -44,8 +46,12 @@ __all__ = [
     "Refused",
     "RequestGuard",
     "error_response",
+    "http_error",
     "read_body",
+    "server_error",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 4 << 20
 """4 MiB: about a million characters of text, more than the largest context holds, far less
@@ -204,3 +210,32 @@ def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[1:].partition("]")[0]
     return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """404 and 405 (and any other HTTPException) in OpenAI's shape, not plain text."""
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {
+        404: f"no route {request.url.path}; this server has /v1/models, /v1/chat/completions "
+        "and /health",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    return error_response(
+        exc.status_code,
+        message,
+        "invalid_request_error",
+        codes.get(exc.status_code, "http_error"),
+        headers=exc.headers,
+    )
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """A bug: logged with its traceback, answered as a 500 in OpenAI's shape."""
+    log.error("request %s failed", request.url.path, exc_info=exc)
+    return error_response(
+        500,
+        f"internal error ({type(exc).__name__}); the server log has the details",
+        "server_error",
+        "internal_error",
+    )
