@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from localmoa.backends import OllamaBackend, make_backends
+from localmoa.backends.registry import backend_for
 from localmoa.cli.options import config_option, json_option
 from localmoa.cli.render import print_json, print_models, stdout
 from localmoa.cli.reports import SOURCE_LABELS, ModelRow, ModelsReport
@@ -47,9 +48,8 @@ async def list_models(config_path: Path | None) -> ModelsReport:
         listed: set[str] = set()
         for name, model in (config.models if config else {}).items():
             try:
-                row = _row(
-                    name, model.backend, await backends[model.backend].footprint(name, model)
-                )
+                backend = backend_for(backends, config.models if config else {}, name)
+                row = _row(name, model.backend, await backend.footprint(name, model))
             except UserError as exc:
                 row = ModelRow(
                     name=name,
