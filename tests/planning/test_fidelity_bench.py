@@ -44,11 +44,15 @@ def test_the_bench_runs_ten_distinct_plans_some_with_extra_loads() -> None:
 
 def test_ratio_errors_compare_the_plans_of_one_case_only() -> None:
     plan = make_plan([["a"]], {"a": 1}, 1)
+    more = plan.model_copy(update={"loads": plan.loads + 1})
     rows = [
         bench.Measured("one", "x", plan, predicted_s=2.0, runs=[1.0, 1.0, 3.0]),
-        bench.Measured("one", "y", plan, predicted_s=4.0, runs=[2.5]),
+        bench.Measured("one", "y", more, predicted_s=4.0, runs=[2.5]),
+        bench.Measured("one", "z", plan, predicted_s=2.0, runs=[1.0]),
         bench.Measured("two", "x", plan, predicted_s=1.0, runs=[1.0]),
     ]
-    absolute, ratio = bench.errors(rows, "predicted_s")
-    assert absolute == pytest.approx([1.0, 0.6, 0.0])
-    assert ratio == pytest.approx([abs((2.0 / 4.0) / (1.0 / 2.5) - 1)])
+    absolute, ratio, other_loads = bench.errors(rows, "predicted_s")
+    assert absolute == pytest.approx([1.0, 0.6, 1.0, 0.0])
+    xy, yz = abs((2.0 / 4.0) / (1.0 / 2.5) - 1), abs((4.0 / 2.0) / (2.5 / 1.0) - 1)
+    assert ratio == pytest.approx([xy, 0.0, yz])
+    assert other_loads == pytest.approx([xy, yz])
