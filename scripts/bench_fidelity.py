@@ -21,18 +21,19 @@ alternating, after one untimed run of the case; the median is the measured makes
 ``temperature`` 0 and a fixed seed make every run of a plan the same calls with the same
 tokens.
 
-The profile. The cost model is given a profile *calibrated* on this machine first, from runs
-where one model works alone (two small ensembles run one model at a time, in a budget that
-never holds two): load seconds against bytes (least squares: ``bytes / disk + load_init_s``),
-and call seconds against prefill FLOP and decoded bytes (least squares: ``1 / compute`` and
-``1 / bandwidth``); ``stream_cap`` unbounded, as the shipped CPU profile has. (The second
-calibration ensemble is also the last case's one-at-a-time plan; every other plan is out of
-sample.) Predictions take each call's real token counts (from the runs), so
-the error is the model's own: how it times loads, their overlap with calls, and calls sharing
-the cores; not the guess of answer lengths, which the planner makes alike for every plan of a
-run. Beside it, the shipped profile this machine gets (``profile_for`` of the device:
-``cpu-16g``) with the planner's own call estimates (every call writing ``max_tokens``, 4
-characters a token), which is what ``localmoa plan`` says here.
+The profile. The cost model is given a profile *calibrated* on this machine, from runs where
+one model works alone: two small ensembles run one model at a time, in a budget that never
+holds two, before the cases and after them, each load and call taken at its fastest. Load
+seconds against bytes (least squares: ``bytes / disk + load_init_s``), call seconds against
+prefill FLOP and decoded bytes (least squares: ``1 / compute`` and ``1 / bandwidth``);
+``stream_cap`` unbounded, as the shipped CPU profile has. (The second calibration ensemble is
+also the last case's one-at-a-time plan; every other plan is out of sample.) Predictions take
+each call's real token counts (from the runs), so the error is the model's own: how it times
+loads, their overlap with calls, and calls sharing the cores; not the guess of answer lengths,
+which the planner makes alike for every plan of a run. Beside it, the shipped profile this
+machine gets (``profile_for`` of the device: ``cpu-16g``) with the planner's own call
+estimates (every call writing ``max_tokens``, 4 characters a token), which is what
+``localmoa plan`` says here.
 
 Figures. Per plan: predicted and measured seconds and ``pred/measured - 1``. Over plans: the
 median and largest ``|pred/measured - 1|``. Over every pair of plans of one case: the error of
@@ -130,6 +131,10 @@ class Measured:
         return statistics.median(self.runs)
 
 
+def case_models(name: str) -> list[list[str]]:
+    return next(models for case, models, _ in CASES if case == name)
+
+
 def stages_of(models: list[list[str]], max_tokens: int) -> list[list[Call]]:
     last = len(models) - 1
     return [
@@ -222,42 +227,59 @@ async def run_plan(
     return seconds, result
 
 
-async def calibrate(
-    executor: Executor, sizes: dict[str, int], max_tokens: int
-) -> tuple[Profile, dict[str, Any]]:
-    """This machine's profile, from runs where one model works alone (see the module
-    docstring): each :data:`CALIBRATION` ensemble one model at a time, in a budget that never
-    holds two of its models, ``CALIBRATION_RUNS`` times (each load and call at its fastest).
-    Loads: least squares of seconds on bytes. Calls: least squares of seconds on prefill FLOP
-    and decoded bytes (no constant: the cost model has none), whose two slopes are
-    ``1 / compute`` and ``1 / bandwidth``. A first call after a load is slower (llama.cpp warms
-    up); that time falls to the calls here, as it does in the runs predicted."""
-    loads: list[tuple[float, float]] = []
-    calls: list[tuple[float, float, float]] = []
-    for models in CALIBRATION:
+@dataclass
+class Calibration:
+    """What the calibration runs saw, run after run (see :func:`calibrate`)."""
+
+    loads: dict[int, list[list[float]]] = dataclasses.field(default_factory=dict)
+    """Per :data:`CALIBRATION` ensemble, per run: each load's seconds, in plan order."""
+    calls: dict[int, list[list[float]]] = dataclasses.field(default_factory=dict)
+    """Per ensemble, per run: each call's seconds, in the result's order."""
+    facts: dict[int, tuple[list[str], RunResult]] = dataclasses.field(default_factory=dict)
+    """Per ensemble: the models loaded in order, and a result (the calls and their tokens)."""
+
+
+async def calibration_runs(
+    executor: Executor, sizes: dict[str, int], max_tokens: int, into: Calibration
+) -> None:
+    """Run each :data:`CALIBRATION` ensemble ``CALIBRATION_RUNS`` times one model at a time, in
+    a budget that never holds two of its models, adding what was seen to ``into``."""
+    for n, models in enumerate(CALIBRATION):
         stages = stages_of(models, max_tokens)
         used = {m: sizes[m] for stage in models for m in stage}
         plan = one_at_a_time_plan(stages, used)
         pairs = itertools.combinations(used.values(), 2)
         assert all(a + b > plan.budget_bytes for a, b in pairs), "two models would fit"
-        # Each load and call at its fastest over the runs: another process taking the cores
-        # for a moment (llama.cpp's threads then wait on each other) only ever slows one down.
-        load_s: list[list[float]] = []
-        call_s: list[list[float]] = []
         for _ in range(CALIBRATION_RUNS):
             events: list[Event] = []
             _, result = await run_plan(executor, stages, plan, on_event=events.append)
-            load_s.append([e.seconds for e in events if isinstance(e, ModelLoaded)])
-            call_s.append([c.seconds for c in result.calls])
-        loaded = [m for w in plan.waves for m in w.load]
-        loads += [(float(sizes[m]), min(runs)) for m, *runs in zip(loaded, *load_s, strict=True)]
+            seconds = [e.seconds for e in events if isinstance(e, ModelLoaded)]
+            into.loads.setdefault(n, []).append(seconds)
+            into.calls.setdefault(n, []).append([c.seconds for c in result.calls])
+            into.facts[n] = ([m for w in plan.waves for m in w.load], result)
+
+
+def calibrate(seen: Calibration, sizes: dict[str, int]) -> tuple[Profile, dict[str, Any]]:
+    """This machine's profile from the calibration runs (see the module docstring), each load
+    and call at its fastest over the runs: another process taking the cores for a while
+    (llama.cpp's threads then wait on each other) only ever slows one down. Loads: least
+    squares of seconds on bytes. Calls: least squares of seconds on prefill FLOP and decoded
+    bytes (no constant: the cost model has none), whose two slopes are ``1 / compute`` and
+    ``1 / bandwidth``. A first call after a load is slower (llama.cpp warms up); that time
+    falls to the calls here, as it does in the runs predicted."""
+    loads: list[tuple[float, float]] = []
+    calls: list[tuple[float, float, float]] = []
+    for n, (loaded, result) in seen.facts.items():
+        loads += [
+            (float(sizes[m]), min(runs)) for m, *runs in zip(loaded, *seen.loads[n], strict=True)
+        ]
         calls += [
             (
                 2 * sizes[c.model] / BYTES_PER_PARAM * c.prompt_tokens,
                 float(c.tokens * sizes[c.model]),
                 min(runs),
             )
-            for c, *runs in zip(result.calls, *call_s, strict=True)
+            for c, *runs in zip(result.calls, *seen.calls[n], strict=True)
         ]
     per_byte, init = _line(loads)
     per_flop, per_decoded = _plane(calls)
@@ -276,6 +298,7 @@ async def calibrate(
         "compute_gflops": round(profile.compute / 1e9, 1),
         "loads": len(loads),
         "calls": len(calls),
+        "runs": len(next(iter(seen.calls.values()))),
     }
     return profile, facts
 
@@ -329,34 +352,39 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     executor = Executor(config.models, backends, sizes=sizes)
     shipped = profile_for(detect_budget())
     rows: list[Measured] = []
+    seen = Calibration()
+    real: dict[str, list[list[CallSpec]]] = {}
     try:
-        profile, facts = await calibrate(executor, sizes, args.max_tokens)
+        # Calibrated before the cases (their plans are chosen on that profile) and after them
+        # (the fit takes both): a burst of load from elsewhere rarely spans the two.
+        await calibration_runs(executor, sizes, args.max_tokens, seen)
+        chooser, _ = calibrate(seen, sizes)
         for name, models, rule in CASES:
-            plans = plans_for(name, models, rule, sizes, profile, args.max_tokens)
+            plans = plans_for(name, models, rule, sizes, chooser, args.max_tokens)
             stages = stages_of(models, args.max_tokens)
             _, first = await run_plan(executor, stages, plans[0].plan)  # untimed
-            calls = real_calls(first, stages)
-            planned = calls_as_planned(stages, QUESTION)
-            for m in plans:
-                room = dataclasses.replace(profile, memory_bytes=m.plan.budget_bytes)
-                m.predicted_s = simulate_plan(m.plan, calls, sizes, room).makespan_s
-                guess = dataclasses.replace(shipped, memory_bytes=m.plan.budget_bytes)
-                m.shipped_s = simulate_plan(m.plan, planned, sizes, guess).makespan_s
+            real[name] = real_calls(first, stages)
             for i in range(args.repeat):
                 for m in plans if i % 2 == 0 else plans[::-1]:
                     seconds, _ = await run_plan(executor, stages, m.plan)
                     m.runs.append(seconds)
-            for m in plans:
-                print(
-                    f"  {name:14} {m.kind:24} loads {m.plan.loads:2}  measured "
-                    f"{m.measured_s:6.2f} s  predicted {m.predicted_s:6.2f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
             rows.extend(plans)
+        await calibration_runs(executor, sizes, args.max_tokens, seen)
     finally:
         for backend in backends.values():
             await backend.aclose()
+    profile, facts = calibrate(seen, sizes)
+    for m in rows:
+        room = dataclasses.replace(profile, memory_bytes=m.plan.budget_bytes)
+        m.predicted_s = simulate_plan(m.plan, real[m.case], sizes, room).makespan_s
+        planned = calls_as_planned(stages_of(case_models(m.case), args.max_tokens), QUESTION)
+        guess = dataclasses.replace(shipped, memory_bytes=m.plan.budget_bytes)
+        m.shipped_s = simulate_plan(m.plan, planned, sizes, guess).makespan_s
+        print(
+            f"  {m.case:14} {m.kind:24} loads {m.plan.loads:2}  measured "
+            f"{m.measured_s:6.2f} s  predicted {m.predicted_s:6.2f} s",
+            file=sys.stderr,
+        )
     return report(args, rows, facts, shipped.name, load_before, time.perf_counter() - began, sizes)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from localmoa.backends import TIMED_BACKENDS
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Config, LlamaCppModel, OllamaModel
@@ -45,9 +46,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TIMED_BACKENDS = frozenset({"llamacpp", "ollama"})
-"""Backends whose loads read weights as the cost model assumes; a plan that uses any other (a
-fake, an always-resident OpenAI-compatible server) keeps the fewest-loads plan."""
 
 CHARS_PER_TOKEN_MAX = 8
 """Characters per token that no real tokenizer's average exceeds on ordinary text (English
@@ -76,7 +74,8 @@ class Prepared:
 
 def plan_policy(config: Config, models: Sequence[str], budget: Budget) -> PlanPolicy:
     """How plans of ``models`` are made on this machine (``settings.plan_for``, ``min_gain``,
-    ``timing_profile``): timed when every model's backend is one of ``TIMED_BACKENDS``, on the
+    ``timing_profile``): timed when every model's backend is one of ``TIMED_BACKENDS`` (the
+    registry's: backends whose loads read weights as the cost model assumes), on the
     profile of the device (read here when ``budget`` did not come from it and the profile is
     "auto"), untimed otherwise."""
     timed = all(config.models[name].backend in TIMED_BACKENDS for name in models)
