@@ -53,10 +53,10 @@ from typing import Any
 from asyncio_throttle.throttler import Throttler
 
 from localmoa.backends.base import Backend, ChatMessage, ChatRequest
+from localmoa.backends.registry import backend_for
 from localmoa.errors import LocalMoaError
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave
-from localmoa.planning.profiles import Profile
 from localmoa.runtime.admission import Admission, BudgetAdmission, Changes, LoadOutcome
 from localmoa.runtime.events import (
     CallFinished,
@@ -110,16 +110,13 @@ class Executor:
         on_event: Emit | None = None,
         sizes: Mapping[str, int] | None = None,
         policy: PlanPolicy | None = None,
-        timing: Profile | None = None,
     ) -> None:
         self.models = models
         self.backends = backends
         self.sizes = sizes
         """The footprints plans are made with; when None, each run reads them from the
         backends (as ``localmoa.runtime.prepare`` does) before it starts."""
-        if policy is None:  # ``timing``: the older spelling of a policy that refines for time
-            policy = PlanPolicy(timing) if timing is not None else PlanPolicy(None)
-        self.policy = policy
+        self.policy = policy or PlanPolicy(None)
         """How a re-plan is made mid-run: the policy the first plan was made with
         (``localmoa.runtime.prepare.Prepared.policy``)."""
         self.on_event = on_event or (lambda event: None)
@@ -128,7 +125,7 @@ class Executor:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def backend(self, model: str) -> Backend:
-        return self.backends[self.models[model].backend]
+        return backend_for(self.backends, self.models, model)
 
     async def run(
         self,

@@ -225,12 +225,12 @@ class MoaServer:
         try:
             await check_prompt(self.config, run.stages, self.backends, conversation)
         except PromptTooLongError as exc:
-            self._done()
+            self.finished()
             return error_response(
                 400, str(exc), "invalid_request_error", "context_length_exceeded", param="messages"
             )
         except BaseException:
-            self._done()
+            self.finished()
             raise
         if body.stream:
             run.start()  # now, so the admission slot comes back even if nobody reads the stream
@@ -336,7 +336,8 @@ class MoaServer:
         self.admitted += 1
         self.idle.clear()
 
-    def _done(self) -> None:
+    def finished(self) -> None:
+        """A request admitted by :meth:`_admit` is over: its slot comes back."""
         self.admitted -= 1
         if self.admitted == 0:
             self.idle.set()
@@ -404,7 +405,7 @@ class RequestRun:
                 on_event=on_event,
             )
         finally:
-            server._done()
+            server.finished()
 
     async def to_completion(self, request: Request) -> RunResult:
         """Run to the end, or until the client goes away (then the run is cancelled)."""

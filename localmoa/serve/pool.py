@@ -62,6 +62,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from localmoa.backends.base import Backend
+from localmoa.backends.registry import backend_for
 from localmoa.errors import LocalMoaError
 from localmoa.runtime.admission import (
     Admission,
@@ -116,7 +117,7 @@ class ModelPool:
         return PoolAdmission(self, next(self._tickets) if ticket is None else ticket)
 
     def backend(self, model: str) -> Backend:
-        return self.backends[self.models[model].backend]
+        return backend_for(self.backends, self.models, model)
 
     @property
     def pins(self) -> Counter[str]:
