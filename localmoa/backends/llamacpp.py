@@ -313,7 +313,10 @@ class LlamaCppBackend(Backend):
                     prompt = len(input_ids)  # the context before the first sampled token
                     loaded.abort.disarm()  # the prompt is in: from here this stops the stream
                 generated += 1
-                if stop.is_set():
+                # Past max_tokens, or closed: end here. llama-cpp-python's stream ignores
+                # max_tokens while its text ends inside a UTF-8 character (random weights can
+                # then run to the end of the context), so the limit is enforced here too.
+                if stop.is_set() or generated > request.max_tokens:
                     scores = scores.copy()
                     scores[:] = -float("inf")
                     scores[eos] = 0.0

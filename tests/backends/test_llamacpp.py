@@ -394,3 +394,24 @@ async def test_a_schema_llama_cpp_cannot_express_fails_before_generating(
     )
     assert tiny_a._models["a"].llama.n_tokens == 0  # nothing was evaluated
     assert await reply(tiny_a, seed=1)  # and the model still answers
+
+
+async def test_max_tokens_holds_even_when_the_text_ends_inside_a_utf8_character(
+    tiny_models: dict[str, Path],
+) -> None:
+    # With these seeds the random model's 4th token leaves a UTF-8 character unfinished, where
+    # llama-cpp-python's stream stops checking max_tokens (found by sampling seeds 0-39).
+    backend = LlamaCppBackend()
+    request = ChatRequest(
+        messages=[ChatMessage(role="user", content="hi")], temperature=1.0, max_tokens=4
+    )
+    for seed in (10, 27):
+        await backend.load("m", model(tiny_models["tiny-a"], n_ctx=512, seed=seed))
+        try:
+            deltas = [d async for d in backend.chat("m", request)]
+            prompt = sum(d.prompt_tokens for d in deltas)
+            in_context = backend._models["m"].llama.n_tokens
+            assert in_context - prompt <= request.max_tokens + 1  # +1: the token that ends it
+            assert sum(d.tokens for d in deltas) <= request.max_tokens
+        finally:
+            await backend.unload("m")
