@@ -38,7 +38,7 @@ class PlanPolicy:
     always-resident OpenAI-compatible server): the fewest loads, with no estimate."""
     plan_for: Literal["time", "loads"] = "time"
     """"time": refine the fewest-loads plan for time; "loads": keep it (but still time it)."""
-    min_gain: float = 0.03
+    min_gain: float = 0.05
     """The estimated gain (a fraction) a plan with extra loads must bring (settings.min_gain)."""
 
     @classmethod
