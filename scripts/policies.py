@@ -27,10 +27,11 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from typing import NamedTuple
 
+from localmoa.planning.bitsets import bits, mask_of, submasks
 from localmoa.planning.fewest_loads import Plan, make_plan
 from localmoa.planning.profiles import Profile
 from localmoa.planning.search import PlanSpace, search
@@ -344,7 +345,7 @@ def optimal_waves(
         return None
     index = {name: i for i, name in enumerate(names)}
     size = [sizes[n] for n in names]
-    demand = [_mask_of(index[c.model] for c in stage) for stage in calls]
+    demand = [mask_of(index[c.model] for c in stage) for stage in calls]
     needed = [0] * (len(calls) + 1)
     for k in range(len(calls) - 1, -1, -1):
         needed[k] = needed[k + 1] | demand[k]
@@ -352,7 +353,7 @@ def optimal_waves(
 
     @cache
     def bytes_of(mask: int) -> int:
-        return sum(size[i] for i in _bits(mask))
+        return sum(size[i] for i in bits(mask))
 
     @cache
     def wave_s(k: int, runs: int) -> float:
@@ -374,13 +375,13 @@ def optimal_waves(
             return None
         todo = demand[k] & ~done
         keepable = resident & needed[k]
-        for keep in _submasks(keepable):
-            for new in _submasks(todo & ~resident):
+        for keep in submasks(keepable):
+            for new in submasks(todo & ~resident):
                 wave = keep | new
                 runs = wave & todo
                 if not runs or bytes_of(wave) > profile.memory_bytes:
                     continue
-                step = sum(load_s[i] for i in _bits(new)) + wave_s(k, runs)
+                step = sum(load_s[i] for i in bits(new)) + wave_s(k, runs)
                 finished = (done | runs) == demand[k]
                 nxt = (k + 1, 0, wave) if finished else (k, done | runs, wave)
                 value = (cost + step, nloads + new.bit_count())
@@ -388,23 +389,3 @@ def optimal_waves(
                     best[nxt] = value
                     heapq.heappush(heap, (value[0], value[1], nxt))
     return None
-
-
-def _mask_of(indices: Iterable[int]) -> int:
-    mask = 0
-    for i in indices:
-        mask |= 1 << i
-    return mask
-
-
-def _bits(mask: int) -> list[int]:
-    return [i for i in range(mask.bit_length()) if mask >> i & 1]
-
-
-def _submasks(mask: int) -> list[int]:
-    out, sub = [], mask
-    while True:
-        out.append(sub)
-        if sub == 0:
-            return out
-        sub = (sub - 1) & mask

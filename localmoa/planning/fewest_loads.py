@@ -42,6 +42,7 @@ from functools import cache
 from pydantic import BaseModel, Field
 
 from localmoa.errors import BudgetError
+from localmoa.planning.bitsets import bits, mask_of, submasks
 from localmoa.sizes import format_bytes
 
 __all__ = ["Plan", "Wave", "make_plan"]
@@ -155,7 +156,7 @@ class _Planner:
         self.size = size
         self.budget = budget
         index = {name: i for i, name in enumerate(names)}
-        self.demand = [_mask(index[m] for m in stage) for stage in stages]
+        self.demand = [mask_of(index[m] for m in stage) for stage in stages]
         self.future = [0] * len(stages)
         for k in range(len(stages) - 2, -1, -1):
             self.future[k] = self.future[k + 1] | self.demand[k + 1]
@@ -177,14 +178,14 @@ class _Planner:
                 self.start |= 1 << i
             else:
                 self.leaving.append(names[i])
-        self.largest = cache(lambda mask: max((self.size[i] for i in _bits(mask)), default=0))
+        self.largest = cache(lambda mask: max((self.size[i] for i in bits(mask)), default=0))
         self.pack = cache(self._pack)
 
     def _first_use(self, i: int) -> int:
         return next(k for k, demand in enumerate(self.demand) if demand >> i & 1)
 
     def _bytes(self, mask: int) -> int:
-        return sum(self.size[i] for i in _bits(mask))
+        return sum(self.size[i] for i in bits(mask))
 
     def solve(self) -> Plan:
         frontier: dict[int, tuple[Cost, tuple[_Step, ...]]] = {self.start: ((0, 0, 0), ())}
@@ -242,15 +243,15 @@ class _Planner:
         keepable, loadable = start & self.future[k], new & self.future[k]
         feasible = self._feasible
         if exact:
-            for carry in _submasks(keepable):
-                for keep in _submasks(loadable):
+            for carry in submasks(keepable):
+                for keep in submasks(loadable):
                     if (
                         feasible(new, carry, keep)
                         and not any(
-                            feasible(new, carry | 1 << i, keep) for i in _bits(keepable & ~carry)
+                            feasible(new, carry | 1 << i, keep) for i in bits(keepable & ~carry)
                         )
                         and not any(
-                            feasible(new, carry, keep | 1 << i) for i in _bits(loadable & ~keep)
+                            feasible(new, carry, keep | 1 << i) for i in bits(loadable & ~keep)
                         )
                     ):
                         yield carry, keep
@@ -262,7 +263,7 @@ class _Planner:
             lambda i: (self.size[i], self.next_use[k][i], i),
         ):
             carry = keep = 0
-            for i in sorted(_bits(keepable | loadable), key=order):
+            for i in sorted(bits(keepable | loadable), key=order):
                 if keepable >> i & 1 and feasible(new, carry | 1 << i, keep):
                     carry |= 1 << i
                 elif loadable >> i & 1 and feasible(new, carry, keep | 1 << i):
@@ -294,7 +295,7 @@ class _Planner:
     ) -> tuple[tuple[str, tuple[int, ...]], ...]:
         """Fewest waves for the stage: bins of ``cap`` bytes, the first holding the resident
         runners (``first_fill``), the last the models kept for later (``last_fill``)."""
-        items = sorted(_bits(rest), key=lambda i: (-self.size[i], i))
+        items = sorted(bits(rest), key=lambda i: (-self.size[i], i))
         layouts: list[list[tuple[str, int]]] = []
         if has_first and has_last and first_fill + last_fill <= cap:
             layouts.append([("both", first_fill + last_fill)])
@@ -368,8 +369,8 @@ class _Planner:
             demand = self.demand[k]
             first = demand & step.start
             for kind, items in self._bins(k, step, exact=True):
-                mask = step.carry | _mask(items)
-                runs = _mask(items)
+                mask = step.carry | mask_of(items)
+                runs = mask_of(items)
                 if kind in ("first", "both"):
                     mask |= step.start & demand
                     runs |= first
@@ -397,7 +398,7 @@ class _Planner:
         )
 
     def _names(self, mask: int) -> list[str]:
-        return [self.names[i] for i in _bits(mask)]
+        return [self.names[i] for i in bits(mask)]
 
 
 def _ordered(kinds: list[str], members: list[list[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -405,27 +406,3 @@ def _ordered(kinds: list[str], members: list[list[int]]) -> tuple[tuple[str, tup
     rank = {"first": 0, "both": 0, "plain": 1, "last": 2}
     pairs = sorted(zip(kinds, members, strict=True), key=lambda p: rank[p[0]])
     return tuple((kind, tuple(sorted(m))) for kind, m in pairs)
-
-
-def _mask(indices: Iterator[int] | Sequence[int] | tuple[int, ...]) -> int:
-    mask = 0
-    for i in indices:
-        mask |= 1 << i
-    return mask
-
-
-def _bits(mask: int) -> Iterator[int]:
-    while mask:
-        low = mask & -mask
-        yield low.bit_length() - 1
-        mask ^= low
-
-
-def _submasks(mask: int) -> Iterator[int]:
-    """Every subset of ``mask``, largest first (keeping more is the likelier winner)."""
-    sub = mask
-    while True:
-        yield sub
-        if sub == 0:
-            return
-        sub = (sub - 1) & mask

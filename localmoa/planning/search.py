@@ -15,11 +15,12 @@ the same state.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
 
+from localmoa.planning.bitsets import bits, mask_of, submasks
 from localmoa.planning.profiles import Profile
 from localmoa.planning.timing import (
     Stages,
@@ -210,12 +211,12 @@ class PlanSpace:
         if any(model not in index for model in resident):
             raise ValueError("a model resident at the start must be one the run calls")
         self.resident = tuple(resident)
-        self.start = _mask_of(index[model] for model in resident)
+        self.start = mask_of(index[model] for model in resident)
         self.size = [sizes[n] for n in self.names]
         self.load_s = [load_seconds(s, profile) for s in self.size]
         self.budget = profile.memory_bytes
         n = len(calls)
-        self.demand = [_mask_of(index[c.model] for c in stage) for stage in calls]
+        self.demand = [mask_of(index[c.model] for c in stage) for stage in calls]
         self.after = [0] * n  # models some later stage calls
         for k in range(n - 2, -1, -1):
             self.after[k] = self.after[k + 1] | self.demand[k + 1]
@@ -229,17 +230,17 @@ class PlanSpace:
                 steps = phases(c, sizes[c.model], profile)
                 self.work[index[c.model]][k] += sum(w / rate for w, rate, _ in steps)
                 device += sum(w / rate * share for w, rate, share in steps)
-            stage_lb.append(max(device, *(self.work[i][k] for i in _bits(self.demand[k]))))
+            stage_lb.append(max(device, *(self.work[i][k] for i in bits(self.demand[k]))))
         first = (
             0.0
             if self.demand[0] & self.start
-            else min(self.load_s[i] for i in _bits(self.demand[0]))
+            else min(self.load_s[i] for i in bits(self.demand[0]))
         )
         self.head = [first + sum(stage_lb[:k]) for k in range(n)]
         self.tail = [sum(stage_lb[k + 1 :]) for k in range(n)]
         self.floor = self.head[-1] + stage_lb[-1]
         self.stage_lb = stage_lb
-        self.bytes_of = cache(lambda mask: sum(self.size[i] for i in _bits(mask)))
+        self.bytes_of = cache(lambda mask: sum(self.size[i] for i in bits(mask)))
 
     def root(self) -> PartialPlan:
         return PartialPlan(0, 0, self.start, 0, 0, 0, 0.0, self.floor, 0, None, None)
@@ -250,7 +251,7 @@ class PlanSpace:
         live = todo | self.after[k]
         must = resident & node.unrun
         out = []
-        for extra in _submasks(live & ~must):
+        for extra in submasks(live & ~must):
             wave = extra | must
             if not wave & todo or self.bytes_of(wave) > self.budget:
                 continue
@@ -263,7 +264,7 @@ class PlanSpace:
         runs = wave & todo
         new = wave & ~node.resident
         load_s, bound = node.load_s, node.bound
-        for i in _bits(new):
+        for i in bits(new):
             load_s += self.load_s[i]
             # This residency runs its model's calls of this stage, or (loaded ahead) all of
             # those of its next stage; either after the load and after the stages before.
@@ -273,10 +274,10 @@ class PlanSpace:
         stage, done = (k + 1, 0) if done == self.demand[k] else (k, done)
         spec = WaveSpec(
             k,
-            frozenset(self.names[i] for i in _bits(wave)),
-            tuple(self.names[i] for i in _bits(new)),
-            tuple(self.names[i] for i in _bits(node.resident & ~wave)),
-            frozenset(self.names[i] for i in _bits(runs)),
+            frozenset(self.names[i] for i in bits(wave)),
+            tuple(self.names[i] for i in bits(new)),
+            tuple(self.names[i] for i in bits(node.resident & ~wave)),
+            frozenset(self.names[i] for i in bits(runs)),
         )
         return PartialPlan(
             stage,
@@ -333,7 +334,7 @@ class PlanSpace:
         loads_end, ends, free = _frontier(timing)
         before = ends.get(k - 1, 0.0)
         end = ends.get(k, 0.0)  # stage k ends no sooner than its calls placed, nor the others
-        for i in _bits(self.demand[k] & ~node.done):
+        for i in bits(self.demand[k] & ~node.done):
             start = before if node.resident >> i & 1 else max(loads_end + self.load_s[i], before)
             end = max(end, start + self.work[i][k])
         heads = {k: before}
@@ -375,9 +376,9 @@ class PlanSpace:
         missing = (todo | self.after[k]) & ~node.resident
         if not missing:
             return 0.0
-        total = loads_end + sum(self.load_s[i] for i in _bits(missing))
+        total = loads_end + sum(self.load_s[i] for i in bits(missing))
         each, last = 0.0, math.inf
-        for i in _bits(missing):
+        for i in bits(missing):
             stages = [s for s in range(k + 1, len(self.demand)) if self.demand[s] >> i & 1]
             if todo >> i & 1:
                 stages.append(k)
@@ -411,23 +412,3 @@ def _frontier(timing: Timing) -> tuple[float, dict[int, float], list[float]]:
 
 def _le(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x <= y + 1e-9 for x, y in zip(a, b, strict=True))
-
-
-def _mask_of(indices: Iterable[int]) -> int:
-    mask = 0
-    for i in indices:
-        mask |= 1 << i
-    return mask
-
-
-def _bits(mask: int) -> list[int]:
-    return [i for i in range(mask.bit_length()) if mask >> i & 1]
-
-
-def _submasks(mask: int) -> list[int]:
-    out, sub = [], mask
-    while True:
-        out.append(sub)
-        if sub == 0:
-            return out
-        sub = (sub - 1) & mask
