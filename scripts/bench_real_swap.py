@@ -120,7 +120,9 @@ def model_file(workdir: Path, name: str, spec: TinySpec) -> Path:
 def build_config(paths: dict[str, Path], max_tokens: int, threads: int) -> Config:
     raw = ensemble_config(paths, n_ctx=N_CTX, max_tokens=max_tokens, seed=SEED)
     for model in raw["models"].values():
-        model.update(n_batch=N_BATCH, n_threads=threads, use_mmap=False)
+        model.update(n_batch=N_BATCH, use_mmap=False)
+        if threads:  # 0: unset, as a models.toml without n_threads (llama-cpp-python picks)
+            model.update(n_threads=threads)
     return parse_config(raw)
 
 

@@ -216,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=4, help="timed runs per mode")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens each call writes")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads per model"
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp threads per model; 0 leaves n_threads unset, as localmoa's default does",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
