@@ -34,6 +34,7 @@ from localmoa.errors import (
 )
 from localmoa.footprint.estimate import Footprint, estimate, read_gguf
 from localmoa.hardware import Budget, detect_budget
+from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave, make_plan
 from localmoa.runtime.engine import Executor
 from localmoa.runtime.events import CallRecord, RunResult
@@ -68,6 +69,7 @@ __all__ = [
     "OllamaBackend",
     "OpenAIBackend",
     "Plan",
+    "PlanPolicy",
     "Prepared",
     "PromptTooLongError",
     "RunError",
@@ -82,6 +84,7 @@ __all__ = [
     "make_backends",
     "make_plan",
     "parse_config",
+    "plan_run",
     "prepare",
     "read_gguf",
 ]
