@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import platformdirs
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     Field,
@@ -117,6 +118,18 @@ BACKENDS = NAMES
 """The ``backend`` values models.toml accepts (from the registry)."""
 
 
+def _aggregate_prompt(text: str) -> str:
+    if "{responses}" not in text:
+        raise ValueError(
+            'must contain {responses}, where the numbered answers go, e.g. "Merge these '
+            'answers into one:\n\n{responses}"'
+        )
+    return text
+
+
+AggregatePrompt = Annotated[str, AfterValidator(_aggregate_prompt)]
+
+
 class Agent(_Strict):
     """One agent in a layer: a model plus optional per-agent sampling and system prompt.
 
@@ -135,6 +148,9 @@ class Agent(_Strict):
     response_format: ResponseFormat | None = None
     """OpenAI's shape: ``{type = "json_object"}`` for any JSON object, or ``{type =
     "json_schema", json_schema = {name = "...", schema = {...}}}`` for JSON matching a schema."""
+    aggregate_prompt: AggregatePrompt | None = None
+    """Replaces the ensemble's aggregate-and-synthesize instruction for this agent's calls
+    (those that read references); ``{responses}`` marks where the numbered answers go."""
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +165,13 @@ class Ensemble(_Strict):
     aggregator: Agent
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     max_tokens: PositiveInt = 512
+    cycles: PositiveInt = 1
+    """The layer list runs this many times over (groq-moa's knob): ``layers = [A, B]`` with
+    ``cycles = 2`` is layers A, B, A, B, then the aggregator."""
+    aggregate_prompt: AggregatePrompt | None = None
+    """Replaces the built-in aggregate-and-synthesize instruction for every call that reads
+    references (an agent's own ``aggregate_prompt`` wins); ``{responses}`` marks where the
+    numbered answers go."""
 
 
 class Config(_Strict):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import write_config
 
-from localmoa.config import Agent, FakeModel, LlamaCppModel, find_config, load_config
+from localmoa.config import Agent, FakeModel, LlamaCppModel, find_config, load_config, parse_config
 from localmoa.errors import ConfigError
 
 GOOD = """
@@ -206,3 +207,34 @@ def test_bad_agent_options_name_their_key(tmp_path: Path, agent: str, expected: 
     with pytest.raises(ConfigError) as caught:
         load_config(write_config(tmp_path, text))
     assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "where"),
+    [
+        ("cycles = 0", "ensembles.default.cycles"),
+        ('aggregate_prompt = "Merge these."', "ensembles.default.aggregate_prompt"),
+        (
+            'aggregator = { model = "a", aggregate_prompt = "no slot" }',
+            "ensembles.default.aggregator.aggregate_prompt",
+        ),
+    ],
+)
+def test_cycles_and_aggregate_prompts_are_checked_with_their_key_path(
+    table: str, where: str
+) -> None:
+    text = f"""
+[models.a]
+backend = "fake"
+memory = "1GiB"
+[ensembles.default]
+layers = [["a"]]
+{table if table.startswith("aggregator") else 'aggregator = "a"'}
+{"" if table.startswith("aggregator") else table}
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(text))
+    message = str(caught.value)
+    assert where in message
+    if "aggregate_prompt" in where:
+        assert "{responses}" in message

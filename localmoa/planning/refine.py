@@ -35,7 +35,7 @@ from localmoa.planning.fewest_loads import Plan, Wave
 from localmoa.planning.profiles import Profile
 from localmoa.planning.search import search
 from localmoa.planning.timing import CallSpec, WaveSpec, simulate_waves, wave_specs
-from localmoa.runtime.moa import AGGREGATE_PROMPT, Call
+from localmoa.runtime.moa import Call
 
 __all__ = ["CHARS_PER_TOKEN", "calls_as_planned", "refine", "timed"]
 
@@ -68,7 +68,8 @@ def calls_as_planned(stages: Sequence[Sequence[Call]], prompt: str | None) -> li
         for call in stage:
             system = len(call.system_prompt or "") // CHARS_PER_TOKEN
             if references:
-                system += len(AGGREGATE_PROMPT) // CHARS_PER_TOKEN
+                instruction = call.aggregate_prompt.replace("{responses}", "").rstrip()
+                system += len(instruction) // CHARS_PER_TOKEN
             specs.append(CallSpec(call.model, base + system + references, call.max_tokens))
         out.append(specs)
         references = sum(call.max_tokens for call in stage)

@@ -6,6 +6,11 @@ previous layer's answers, numbered; the conversation follows unchanged. This is 
 implementation's shape (togethercomputer/MoA ``utils.generate_with_references``), in our own
 words, and it repeats the references once only (a bug of some local ports).
 
+The instruction can be replaced (``aggregate_prompt`` on an ensemble or an agent, with
+``{responses}`` where the numbered answers go), and ``cycles`` repeats the layer list: layers are
+numbered through the repeats (``layers = [A, B]``, ``cycles = 2``: layers 1-4, then the
+aggregator as layer 5).
+
 Only usable answers become references: a failed call is left out and its error text never
 reaches another model (another local port's bug), and an empty answer is left out too.
 
@@ -21,7 +26,14 @@ from dataclasses import dataclass
 from localmoa.backends.base import ChatMessage, ChatRequest, ResponseFormat
 from localmoa.config import Agent, Ensemble
 
-__all__ = ["AGGREGATE_PROMPT", "Call", "build_request", "calls_for", "stages_of"]
+__all__ = [
+    "AGGREGATE_PROMPT",
+    "DEFAULT_AGGREGATE_PROMPT",
+    "Call",
+    "build_request",
+    "calls_for",
+    "stages_of",
+]
 
 AGGREGATE_PROMPT = """\
 Below are responses from several models to the latest user message. Some may be biased, \
@@ -30,6 +42,9 @@ disagree, and write one refined, accurate and well-structured answer of your own
 them verbatim and do not mention that other responses exist.
 
 Responses:"""
+
+DEFAULT_AGGREGATE_PROMPT = AGGREGATE_PROMPT + "\n\n{responses}"
+"""The built-in instruction as a template: the numbered answers follow it."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,8 @@ class Call:
     """Strings that end the answer (not included in it)."""
     seed: int | None = None
     response_format: ResponseFormat | None = None
+    aggregate_prompt: str = DEFAULT_AGGREGATE_PROMPT
+    """The instruction this call reads references under; ``{responses}`` marks where."""
 
 
 def calls_for(ensemble: Ensemble) -> list[list[Call]]:
@@ -65,13 +82,17 @@ def calls_for(ensemble: Ensemble) -> list[list[Call]]:
             stop=None if agent.stop is None else tuple(agent.stop),
             seed=agent.seed,
             response_format=agent.response_format,
+            aggregate_prompt=agent.aggregate_prompt
+            or ensemble.aggregate_prompt
+            or DEFAULT_AGGREGATE_PROMPT,
         )
 
+    layers = ensemble.layers * ensemble.cycles
     stages = [
         [call(agent, k, i, False) for i, agent in enumerate(layer)]
-        for k, layer in enumerate(ensemble.layers, start=1)
+        for k, layer in enumerate(layers, start=1)
     ]
-    stages.append([call(ensemble.aggregator, len(ensemble.layers) + 1, 0, True)])
+    stages.append([call(ensemble.aggregator, len(layers) + 1, 0, True)])
     return stages
 
 
@@ -94,7 +115,8 @@ def build_request(
         system_parts.append(turns.pop(0).content)
     if references is not None:
         numbered = "\n\n".join(f"{i}. {text.strip()}" for i, text in enumerate(references, 1))
-        system_parts.append(f"{AGGREGATE_PROMPT}\n\n{numbered}")
+        # replace, not format: the prompt and the answers may hold other braces
+        system_parts.append(call.aggregate_prompt.replace("{responses}", numbered, 1))
     messages = (
         [ChatMessage(role="system", content="\n\n".join(system_parts))] if system_parts else []
     )

@@ -85,6 +85,25 @@ async def test_later_layers_see_numbered_references_once() -> None:
         assert user == QUESTION[0]
 
 
+async def test_cycles_run_the_layer_list_again_each_layer_reading_the_one_before() -> None:
+    ensemble = Ensemble(
+        layers=[["a", "b"]],
+        aggregator=Agent(model="c"),
+        cycles=3,
+        aggregate_prompt="Round answers:\n{responses}",
+    )
+    result, backend = await run(ensemble, fake_models("a", "b", "c"), 3 * GiB)
+    layers = sorted((r.layer, r.model) for r in result.calls)
+    assert layers == [(1, "a"), (1, "b"), (2, "a"), (2, "b"), (3, "a"), (3, "b"), (4, "c")]
+    first, later = backend.requests[:2], backend.requests[2:]
+    assert all(request.messages == QUESTION for _, request in first)
+    for _, request in later:  # layers 2, 3 and the aggregator read the layer before, once
+        system = request.messages[0].content
+        assert system.startswith("Round answers:\n1. ") and system.count("Round answers:") == 1
+        assert "2. " in system and AGGREGATE_PROMPT not in system
+    assert result.answer
+
+
 async def test_failed_proposer_is_left_out_and_never_quoted() -> None:
     models = fake_models("a", "b", "c", b={"fail": "CUDA error: out of memory"})
     result, backend = await run(THREE, models, 3 * GiB)

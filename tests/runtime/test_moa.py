@@ -75,3 +75,26 @@ def test_an_agents_stop_seed_and_response_format_reach_its_request() -> None:
         None,
         [],
     )
+
+
+def test_cycles_repeat_the_layer_list_numbering_layers_through() -> None:
+    ensemble = Ensemble(layers=[["a", "b"], ["c"]], aggregator="a", cycles=3)
+    stages = calls_for(ensemble)
+    assert stages_of(ensemble) == [["a", "b"], ["c"]] * 3 + [["a"]]
+    assert [s[0].layer for s in stages] == [1, 2, 3, 4, 5, 6, 7]
+    assert stages[-1][0].is_aggregator and not any(c.is_aggregator for c in stages[-2])
+
+
+def test_an_aggregate_prompt_replaces_the_instruction_where_it_says() -> None:
+    ensemble = Ensemble(
+        layers=[["a"], [Agent(model="b", aggregate_prompt="B reads: {responses} (end)")]],
+        aggregator="c",
+        aggregate_prompt="Pick the best of {} these:\n{responses}",
+    )
+    stages = calls_for(ensemble)
+    conversation = [ChatMessage(role="user", content="q")]
+    own = build_request(stages[1][0], conversation, ["x {responses} y"]).messages[0].content
+    assert own == "B reads: 1. x {responses} y (end)"  # an answer's braces stay as they are
+    shared = build_request(stages[2][0], conversation, ["one", "two"]).messages[0].content
+    assert shared == "Pick the best of {} these:\n1. one\n\n2. two"
+    assert AGGREGATE_PROMPT not in shared
