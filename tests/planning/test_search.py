@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 from pathlib import Path
@@ -17,26 +16,7 @@ from localmoa.planning.timing import CallSpec, Timing, WaveSpec, simulate_waves,
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from policies import optimal
 
-GB = 10**9
-
-# 1 GB models: decode alone at bandwidth/size = 10 tokens/s (bandwidth-bound, share 1); a load
-# takes 1 GB / 1 GB/s + 0.5 s = 1.5 s.
-BOUND = Profile(
-    name="bound",
-    memory_bytes=100 * GB,
-    bandwidth=10 * GB,
-    compute=1e15,
-    disk=1 * GB,
-    load_init_s=0.5,
-    stream_cap=math.inf,
-)
-# The same machine whose runtime caps a stream at 2.5 tokens/s: each uses a quarter of it.
-CAPPED = Profile(**{**BOUND.__dict__, "name": "capped", "stream_cap": 2.5})
-SIZES = {m: 1 * GB for m in "abcde"}
-
-
-def stage(*calls: tuple[str, int]) -> list[CallSpec]:
-    return [CallSpec(model, 0, tokens) for model, tokens in calls]
+from planning.toy import CAPPED, GB, SIZES, stage
 
 
 def peak_bytes(timing: Timing, sizes: dict[str, int]) -> int:

@@ -4,7 +4,6 @@ by hand."""
 from __future__ import annotations
 
 import importlib.util
-import math
 import random
 import sys
 from pathlib import Path
@@ -28,26 +27,7 @@ from localmoa.planning.timing import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from policies import candidate_plans, wave_by_wave
 
-GB = 10**9
-
-# 1 GB models: decode alone at bandwidth/size = 10 tokens/s (bandwidth-bound, share 1); a load
-# takes 1 GB / 1 GB/s + 0.5 s = 1.5 s.
-BOUND = Profile(
-    name="bound",
-    memory_bytes=100 * GB,
-    bandwidth=10 * GB,
-    compute=1e15,
-    disk=1 * GB,
-    load_init_s=0.5,
-    stream_cap=math.inf,
-)
-# The same machine whose runtime caps a stream at 2.5 tokens/s: each uses a quarter of it.
-CAPPED = Profile(**{**BOUND.__dict__, "name": "capped", "stream_cap": 2.5})
-SIZES = {m: 1 * GB for m in "abcde"}
-
-
-def stage(*calls: tuple[str, int]) -> list[CallSpec]:
-    return [CallSpec(model, 0, tokens) for model, tokens in calls]
+from planning.toy import BOUND, CAPPED, GB, SIZES, stage
 
 
 def together(calls: list[list[CallSpec]], profile: Profile) -> float:
