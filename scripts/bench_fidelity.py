@@ -53,7 +53,6 @@ import os
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,7 +64,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_real_swap import N_BATCH, N_CTX, SPECS, build_config, model_file, one_at_a_time_plan
+from bench_real_swap import (
+    N_BATCH,
+    N_CTX,
+    SPECS,
+    build_config,
+    model_file,
+    one_at_a_time_plan,
+    real_run_options,
+)
 from policies import candidate_plans
 
 from localmoa.backends import make_backends
@@ -541,19 +548,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per plan")
-    parser.add_argument("--max-tokens", type=int, default=24, help="tokens each call writes")
-    parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads per model"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "localmoa-bench",
-        help="where the model files are written and reused (default: %(default)s)",
-    )
+    parser = real_run_options(__doc__, repeat=3, per="plan", max_tokens=24)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "scripts/bench_fidelity.py", *(argv or sys.argv[1:])])
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -276,12 +276,20 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs per policy")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens each call writes")
+def real_run_options(
+    doc: str | None, *, repeat: int, per: str, max_tokens: int
+) -> argparse.ArgumentParser:
+    """The options every benchmark of real llama.cpp runs takes, spelled once."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=repeat, help=f"timed runs per {per}")
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads per model"
+        "--max-tokens", type=int, default=max_tokens, help="tokens each call writes"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp threads per model; 0 leaves n_threads unset, as localmoa's default does",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -290,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(tempfile.gettempdir()) / "localmoa-bench",
         help="where the model files are written and reused (default: %(default)s)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = real_run_options(__doc__, repeat=2, per="policy", max_tokens=32)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "scripts/bench_real_swap.py", *(argv or sys.argv[1:])])
     args.workdir.mkdir(parents=True, exist_ok=True)

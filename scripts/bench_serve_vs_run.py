@@ -44,11 +44,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,7 +57,15 @@ import openai
 # Run from a checkout without installing: the repository's package wins over an installed one.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_real_swap import N_BATCH, N_CTX, QUESTION, SPECS, build_config, model_file
+from bench_real_swap import (
+    N_BATCH,
+    N_CTX,
+    QUESTION,
+    SPECS,
+    build_config,
+    model_file,
+    real_run_options,
+)
 from bench_serve import Serving
 
 from localmoa.backends import make_backends
@@ -212,22 +218,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=4, help="timed runs per mode")
-    parser.add_argument("--max-tokens", type=int, default=32, help="tokens each call writes")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="llama.cpp threads per model; 0 leaves n_threads unset, as localmoa's default does",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "localmoa-bench",
-        help="where the model files are written and reused (default: %(default)s)",
-    )
+    parser = real_run_options(__doc__, repeat=4, per="mode", max_tokens=32)
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.max_tokens < 1:
         parser.error("--repeat and --max-tokens must be positive")
