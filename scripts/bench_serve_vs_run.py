@@ -164,7 +164,7 @@ async def measure(
 
 
 def report(args: argparse.Namespace, budget: Budget, samples: list[Sample]) -> dict[str, Any]:
-    modes = {}
+    modes: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         mine = [s for s in samples if s.mode == mode]
         seconds = [s.seconds for s in mine]
