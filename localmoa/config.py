@@ -43,6 +43,7 @@ from pydantic import (
 
 from localmoa.backends.base import ResponseFormat, Seed, StopList
 from localmoa.backends.configs import (
+    MAX_PARALLEL,
     FakeModel,
     LlamaCppModel,
     ModelTable,
@@ -59,6 +60,7 @@ __all__ = [
     "Config",
     "Ensemble",
     "FakeModel",
+    "Judge",
     "LlamaCppModel",
     "ModelConfig",
     "OllamaModel",
@@ -151,6 +153,34 @@ class Agent(_Strict):
     aggregate_prompt: AggregatePrompt | None = None
     """Replaces the ensemble's aggregate-and-synthesize instruction for this agent's calls
     (those that read references); ``{responses}`` marks where the numbered answers go."""
+    samples: Annotated[int, Field(ge=1, le=MAX_PARALLEL)] = 1
+    """Answers this agent gives, each its own call with its own seed (Self-MoA, arXiv
+    2502.00674): on llama.cpp they decode together as parallel sequences of one context."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+
+class Judge(_Strict):
+    """Sparse MoA's judge (arXiv 2411.03284): after each proposer layer, one call reads the
+    layer's answers and passes only the best ``top_k`` on; with ``early_stop`` it may also end
+    the proposer layers early when the answers agree.
+
+    In TOML an inline table (``{model = "qwen", top_k = 2, early_stop = true}``) or a model
+    name alone."""
+
+    model: str | None = None
+    """The judging model; unset = the aggregator's."""
+    top_k: PositiveInt = 2
+    """Answers passed on, best first; fewer than the layer's answers."""
+    early_stop: bool = False
+    """May the judge end the proposer layers early (``"stop": true``)?"""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """0 by default: a judgement should not be a dice roll."""
+    max_tokens: PositiveInt = 256
+    """Room for the JSON verdict and its one-line reason."""
 
     @model_validator(mode="before")
     @classmethod
@@ -172,6 +202,18 @@ class Ensemble(_Strict):
     """Replaces the built-in aggregate-and-synthesize instruction for every call that reads
     references (an agent's own ``aggregate_prompt`` wins); ``{responses}`` marks where the
     numbered answers go."""
+    judge: Judge | None = None
+    """Sparse MoA: a judge after each proposer layer (see :class:`Judge`)."""
+    roles: Literal["auto"] | None = None
+    """"auto": one call writes a distinct role (occupation, viewpoint, style) per proposer
+    for ``task``, cached on disk and merged into each proposer's system message."""
+    task: str | None = None
+    """What the ensemble is for, in a sentence: what ``roles = "auto"`` writes roles for."""
+    roles_model: str | None = None
+    """The model that writes the roles; unset = the aggregator's."""
+    final: Literal["aggregate", "select"] = "aggregate"
+    """"aggregate": the aggregator writes the answer; "select": the judge's first choice of
+    the last layer is the answer (the MoA paper's LLM-Ranker baseline, for comparisons)."""
 
 
 class Config(_Strict):
@@ -246,6 +288,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None) -> Confi
     except ValidationError as exc:
         problems.extend(_describe(error, raw) for error in exc.errors())
     problems.extend(_reference_problems(raw))
+    problems.extend(_variant_problems(raw))
     if problems:
         where = str(source) if source else CONFIG_NAME
         unique = list(dict.fromkeys(problems))
@@ -310,6 +353,8 @@ def _allowed_keys(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
         owner = next((k.table for k in REGISTRY if k.name == tag), None)
     elif loc[:1] == ["ensembles"] and len(loc) == 3:
         owner = Ensemble
+    elif loc[:1] == ["ensembles"] and len(loc) > 3 and loc[2] == "judge":
+        owner = Judge
     elif loc[:1] == ["ensembles"] and len(loc) > 3:
         owner = Agent
     elif len(loc) == 1:
@@ -336,6 +381,14 @@ def _agents(raw: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
                         yield f"ensembles.{name}.layers[{i}][{j}]", agent
         if "aggregator" in ensemble:
             yield f"ensembles.{name}.aggregator", ensemble["aggregator"]
+        if "judge" in ensemble:
+            judge = ensemble["judge"]
+            if isinstance(judge, str):
+                yield f"ensembles.{name}.judge", judge
+            elif isinstance(judge, dict) and "model" in judge:
+                yield f"ensembles.{name}.judge.model", judge["model"]
+        if "roles_model" in ensemble:
+            yield f"ensembles.{name}.roles_model", ensemble["roles_model"]
 
 
 def _reference_problems(raw: Mapping[str, Any]) -> list[str]:
@@ -347,4 +400,36 @@ def _reference_problems(raw: Mapping[str, Any]) -> list[str]:
         if isinstance(name, str) and name not in known:
             listed = ", ".join(sorted(known)) or "none defined"
             problems.append(f'{path}: unknown model "{name}" (defined: {listed})')
+    return problems
+
+
+def _variant_problems(raw: Mapping[str, Any]) -> list[str]:
+    """What each ensemble's variants ask that its own shape cannot give, with the key path:
+    a ``top_k`` that keeps every answer of some layer, ``roles = "auto"`` without a task.
+    Checked per ensemble, so one malformed ensemble does not hide another's problems."""
+    ensembles = raw.get("ensembles")
+    if not isinstance(ensembles, dict):
+        return []
+    problems = []
+    for name, table in ensembles.items():
+        try:
+            ensemble = Ensemble.model_validate(table)
+        except ValidationError:
+            continue  # reported by the whole document's validation
+        where = f"ensembles.{name}"
+        if ensemble.roles == "auto" and not (ensemble.task and ensemble.task.strip()):
+            problems.append(
+                f'{where}.roles: "auto" needs {where}.task = "..." (what the ensemble is for, '
+                "in a sentence): the roles are written for it"
+            )
+        if ensemble.judge is not None:
+            top_k = ensemble.judge.top_k
+            for number, layer in enumerate(ensemble.layers):
+                answers = sum(agent.samples for agent in layer)
+                if top_k >= answers:
+                    problems.append(
+                        f"{where}.judge.top_k: {top_k} keeps every answer of layers[{number}] "
+                        f"({answers} answers), so the judge would leave nothing out; use a top_k "
+                        f"below {answers}, or remove the judge"
+                    )
     return problems

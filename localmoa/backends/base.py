@@ -19,10 +19,12 @@ rather than answer as if it had been honoured.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import (
@@ -38,6 +40,8 @@ from localmoa.errors import BackendError
 from localmoa.footprint.estimate import Footprint
 
 __all__ = [
+    "CHARS_PER_TOKEN_ESTIMATE",
+    "MESSAGE_TOKENS_ESTIMATE",
     "REQUEST_OPTIONS",
     "Backend",
     "ChatDelta",
@@ -47,6 +51,7 @@ __all__ = [
     "ResponseFormat",
     "Seed",
     "StopList",
+    "estimate_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,6 +158,25 @@ class ChatRequest(BaseModel):
         return [option for option in REQUEST_OPTIONS if asked[option]]
 
 
+CHARS_PER_TOKEN_ESTIMATE = 3
+"""Where localmoa cannot reach a model's tokenizer (Ollama, OpenAI-compatible servers, the
+fake), a text's tokens are estimated as its characters divided by this, rounded up: fewer
+characters per token than ordinary English averages with today's vocabularies (about 4), so
+the estimate errs long and a reference cut to fit it fits the real context."""
+
+MESSAGE_TOKENS_ESTIMATE = 8
+"""Tokens a chat template adds around each message in the estimate (role markers, separators);
+real templates add 3 to 6."""
+
+
+def estimate_tokens(messages: Sequence[ChatMessage]) -> int:
+    """The documented estimate of the tokens ``messages`` take (see CHARS_PER_TOKEN_ESTIMATE)."""
+    return sum(
+        math.ceil(len(m.content) / CHARS_PER_TOKEN_ESTIMATE) + MESSAGE_TOKENS_ESTIMATE
+        for m in messages
+    )
+
+
 class ChatDelta(NamedTuple):
     """A piece of a streamed answer and the tokens it took.
 
@@ -210,6 +234,51 @@ class Backend(ABC):
 
         Closing the iterator early (a cancelled run) must stop generation within a token.
         """
+
+    async def count_tokens(self, name: str, config: Any, messages: list[ChatMessage]) -> int:
+        """The tokens ``messages`` take in model ``name``'s context: exact where the backend
+        has the model's tokenizer (llama.cpp overrides this), else :func:`estimate_tokens`."""
+        return estimate_tokens(messages)
+
+    async def chat_samples(
+        self, name: str, requests: Sequence[ChatRequest], parallel: int
+    ) -> AsyncIterator[tuple[int, ChatDelta]]:
+        """Stream the answers to several requests of loaded model ``name`` (one agent's
+        ``samples``), each delta tagged with its request's position in ``requests``.
+
+        By default at most ``parallel`` requests run at once through :meth:`chat` (a server's
+        slots; 1 = one after another). A backend that decodes sequences together in one
+        context (llama.cpp) overrides this. Any request's failure raises here and ends the
+        others; closing the iterator early stops them all.
+        """
+        queue: asyncio.Queue[tuple[int, ChatDelta | BaseException | None]] = asyncio.Queue()
+        slots = asyncio.Semaphore(max(1, parallel))
+
+        async def one(i: int, request: ChatRequest) -> None:
+            async with slots:
+                try:
+                    async for delta in self.chat(name, request):
+                        queue.put_nowait((i, delta))
+                except Exception as exc:
+                    queue.put_nowait((i, exc))
+                    return
+            queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(one(i, r)) for i, r in enumerate(requests)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     @abstractmethod
     def resident_bytes(self, name: str) -> int | None:

@@ -25,12 +25,14 @@ from localmoa.sizes import parse_size
 
 __all__ = [
     "MAX_CTX",
+    "MAX_PARALLEL",
     "ContextLength",
     "FakeModel",
     "LlamaCppModel",
     "ModelTable",
     "OllamaModel",
     "OpenAIModel",
+    "Parallel",
     "Size",
     "StrictModel",
     "size_or_auto",
@@ -45,6 +47,10 @@ def size_or_auto(value: Any) -> Any:
 Size = Annotated[int, BeforeValidator(size_or_auto)]
 MAX_CTX = 1 << 30
 ContextLength = Annotated[int, Field(gt=0, le=MAX_CTX)]
+MAX_PARALLEL = 64
+Parallel = Annotated[int, Field(gt=0, le=MAX_PARALLEL)]
+"""Sequences one model answers at once: each holds its own context's KV cache, so the bound
+keeps a memory estimate sane (llama.cpp itself allows 256)."""
 
 
 class StrictModel(BaseModel):
@@ -72,6 +78,10 @@ class LlamaCppModel(ModelTable):
     n_batch: PositiveInt = 512
     n_threads: PositiveInt | None = None
     use_mmap: bool = True
+    parallel: Parallel | None = None
+    """Sequences decoded together in one context (an agent's ``samples``, Self-MoA), each with
+    its own n_ctx of KV cache, all counted in the memory estimate; unset = the most samples any
+    agent of the run asks of this model."""
     seed: int | None = None
     """Sampling seed for reproducible answers; unset = random. An agent's ``seed`` wins."""
     memory: Size | None = None
@@ -87,6 +97,10 @@ class OllamaModel(ModelTable):
     num_ctx: ContextLength = 4096
     """Context length, sent with every request for this model (preload included), so Ollama
     never reloads it because options changed."""
+    parallel: Parallel = 1
+    """Requests the Ollama server answers at once for one model: set it to the server's
+    ``OLLAMA_NUM_PARALLEL``. An agent's ``samples`` go this many at a time (else one after
+    another); Ollama holds num_ctx of KV cache per slot, which the estimate counts."""
     memory: Size | None = None
     """Overrides the estimate and any measurement."""
 
@@ -101,6 +115,9 @@ class OpenAIModel(ModelTable):
     """The model id the server expects."""
     api_key: str | None = None
     """Sent as a Bearer token when set."""
+    parallel: Parallel = 1
+    """Requests the server answers at once (llama-server's ``--parallel``): an agent's
+    ``samples`` go this many at a time, else one after another."""
     memory: Size | None = None
     """Counted against the budget only when declared: such servers manage their own models, so
     by default localmoa treats them as always resident and outside its budget."""
@@ -117,3 +134,8 @@ class FakeModel(ModelTable):
     seconds_per_token: NonNegativeFloat = 0.0
     fail: str | None = None
     """When set, every call to this model fails with this message."""
+    n_ctx: ContextLength | None = None
+    """When set, a call whose prompt (counted as the backend's documented estimate) plus
+    ``max_tokens`` exceeds it fails as a real context overflow would; unset = no limit."""
+    parallel: Parallel = 1
+    """Requests answered at once (an agent's ``samples``), as a server's slots would."""
