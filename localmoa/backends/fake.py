@@ -6,15 +6,35 @@ is recorded in :attr:`FakeBackend.events`. It also keeps the books a real device
 bytes, their peak, and an optional ``capacity`` beyond which a load fails as out of memory, so
 tests can prove the executor never exceeds its plan.
 
+A ``reply`` template has three placeholders, each replaced in one pass (so a prompt that happens
+to contain ``{seed}`` is left as it is): ``{model}`` (the model's name), ``{prompt}`` (the last
+user message) and ``{seed}`` (the request's seed, or ``none``), so that an agent's samples, which
+differ only in their seeds, give distinct answers. Nothing else in a template is special: braces
+are literal, so a template may be JSON (``'{"selected": [2, 1], "stop": true}'``, a scripted
+judge). Templates with only ``{model}`` and ``{prompt}`` read as they did when templates went
+through ``str.format``, which failed on any other brace.
+
+Two limits a real runtime has, each optional, so a plan can be tried against them:
+
+- **the context** (``n_ctx``): a call whose prompt, counted by :meth:`Backend.count_tokens`
+  (the documented estimate, :func:`~localmoa.backends.base.estimate_tokens`), plus its
+  ``max_tokens`` exceeds it fails as llama.cpp's does, before answering anything;
+- **the slots** (``parallel``): an agent's samples go through the base class's
+  :meth:`~Backend.chat_samples`, at most ``parallel`` at a time. The fake itself does not refuse
+  more; it records the most calls each model ever answered at once
+  (:attr:`FakeBackend.max_in_flight`), so a test can assert the engine kept to the slots. Each
+  call yields to the event loop once before answering, so calls started together do overlap.
+
 Of a request's options it honours ``stop`` as a runtime does (the reply ends before the first
-stop string) and records ``seed`` and ``response_format`` with the request
-(:attr:`FakeBackend.requests`) without acting on them: a scripted reply is the same whatever the
-seed, and it is JSON only if the script or template writes JSON.
+stop string), puts ``seed`` into ``{seed}``, and records all of them with the request
+(:attr:`FakeBackend.requests`); a reply is JSON only if the script or template writes JSON,
+whatever ``response_format`` asks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,9 +43,22 @@ from localmoa.backends.configs import FakeModel
 from localmoa.errors import BackendError
 from localmoa.footprint.estimate import Footprint
 
-__all__ = ["FakeBackend"]
+__all__ = ["FakeBackend", "fill_reply"]
 
 Script = Callable[[str, ChatRequest], str]
+
+_PLACEHOLDER = re.compile(r"\{(model|prompt|seed)\}")
+
+
+def fill_reply(template: str, *, model: str, prompt: str, seed: int | None) -> str:
+    """``template`` with ``{model}``, ``{prompt}`` and ``{seed}`` filled in, in one pass; every
+    other character, braces included, kept as written.
+
+    >>> fill_reply('{"by": "{model}", "seed": "{seed}"}', model="m", prompt="", seed=None)
+    '{"by": "m", "seed": "none"}'
+    """
+    values = {"model": model, "prompt": prompt, "seed": "none" if seed is None else str(seed)}
+    return _PLACEHOLDER.sub(lambda match: values[match[1]], template)
 
 
 class FakeBackend(Backend):
@@ -39,9 +72,14 @@ class FakeBackend(Backend):
         self.events: list[tuple[str, str]] = []
         """("load" | "unload" | "chat", model) in the order they happened."""
         self.requests: list[tuple[str, ChatRequest]] = []
+        """(model, request) of every call, in the order they were made: refused and failed
+        calls included."""
+        self.max_in_flight: dict[str, int] = {}
+        """Most calls each model was answering at once (a model never called is absent)."""
         self.resident: dict[str, int] = {}
         self.peak_bytes = 0
         self._configs: dict[str, FakeModel] = {}
+        self._in_flight: dict[str, int] = {}
 
     async def footprint(self, name: str, config: Any) -> Footprint:
         return Footprint.override(int(config.memory))
@@ -76,26 +114,45 @@ class FakeBackend(Backend):
         self.requests.append((name, request))
         if config.fail is not None:
             raise BackendError(name, config.fail)
+        prompt_tokens = await self.count_tokens(name, config, request.messages)
+        if config.n_ctx is not None and prompt_tokens + request.max_tokens > config.n_ctx:
+            raise BackendError(name, _context_full(name, config.n_ctx, prompt_tokens, request))
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         text = (
             self.script(name, request)
             if self.script
-            else config.reply.format(model=name, prompt=prompt)
+            else fill_reply(config.reply, model=name, prompt=prompt, seed=request.seed)
         )
         text = _before_stop(text, request.stop or [])
         words = text.split(" ")[: request.max_tokens]
-        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
-        for i, word in enumerate(words):
-            if config.seconds_per_token:
-                await asyncio.sleep(config.seconds_per_token)
-            last = i == len(words) - 1
-            yield ChatDelta(word if last else word + " ", 1, prompt_tokens if last else 0)
+        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+        self.max_in_flight[name] = max(self.max_in_flight.get(name, 0), self._in_flight[name])
+        try:
+            # Answering begins after a turn of the event loop, so that calls started together
+            # are in flight together, as on a server with several slots.
+            await asyncio.sleep(0)
+            for i, word in enumerate(words):
+                if config.seconds_per_token:
+                    await asyncio.sleep(config.seconds_per_token)
+                last = i == len(words) - 1
+                yield ChatDelta(word if last else word + " ", 1, prompt_tokens if last else 0)
+        finally:
+            self._in_flight[name] -= 1
 
     def resident_bytes(self, name: str) -> int | None:
         return self.resident.get(name)
 
     def loaded(self) -> list[str]:
         return list(self.resident)
+
+
+def _context_full(name: str, n_ctx: int, prompt_tokens: int, request: ChatRequest) -> str:
+    """The overflow as the llama.cpp backend words it, with what the call asked for."""
+    return (
+        f"the context is full (n_ctx {n_ctx}: {prompt_tokens} prompt tokens + "
+        f"{request.max_tokens} max_tokens); raise n_ctx of [models.{name}] to at least "
+        f"{prompt_tokens + request.max_tokens}, or lower max_tokens / shorten the prompt"
+    )
 
 
 def _before_stop(text: str, stops: list[str]) -> str:

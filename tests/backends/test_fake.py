@@ -1,13 +1,15 @@
-"""The shipped fake backend's request options, and how any backend refuses one it cannot honour."""
+"""The shipped fake backend: request options (and how any backend refuses one it cannot honour),
+reply templates, and its context limit."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from localmoa.backends.base import ChatDelta, ChatRequest, ResponseFormat
-from localmoa.backends.fake import FakeBackend
+from localmoa.backends.base import ChatDelta, ChatRequest, ResponseFormat, estimate_tokens
+from localmoa.backends.fake import FakeBackend, fill_reply
 from localmoa.config import FakeModel
 from localmoa.errors import BackendError
 
@@ -108,3 +110,57 @@ def test_response_formats_hash_by_value() -> None:
         "type": "json_schema",
         "json_schema": {"name": "n", "schema": {"a": 1, "b": 2}},
     }
+
+
+# --- reply templates, the context limit -------------------------------------------------------
+
+
+async def reply_of(config: FakeModel, req: ChatRequest) -> str:
+    backend = FakeBackend()
+    await backend.load("m", config)
+    return "".join([d.text async for d in backend.chat("m", req)])
+
+
+async def test_a_json_reply_template_is_answered_as_written() -> None:
+    judge = '{"selected": [2, 1], "stop": true, "reason": "they agree"}'
+    text = await reply_of(FakeModel(backend="fake", memory=1, reply=judge), request())
+    assert json.loads(text) == {"selected": [2, 1], "stop": True, "reason": "they agree"}
+
+
+async def test_placeholders_are_filled_once_and_seed_tells_samples_apart() -> None:
+    config = FakeModel(backend="fake", memory=1, reply="{model} heard {prompt} (seed {seed})")
+    said = request(messages=[{"role": "user", "content": "{seed} {model}"}])
+    assert await reply_of(config, said.model_copy(update={"seed": 5})) == (
+        "m heard {seed} {model} (seed 5)"  # what the prompt says stays as it is
+    )
+    assert await reply_of(config, said) == "m heard {seed} {model} (seed none)"
+
+
+@pytest.mark.parametrize("prompt", ["count", "a {brace} and {{two}}", "{model}"])
+def test_templates_without_seed_read_as_str_format_made_them(prompt: str) -> None:
+    for template in ("{model} has considered: {prompt}", "plain", "{prompt}{prompt}"):
+        assert fill_reply(template, model="m", prompt=prompt, seed=None) == template.format(
+            model="m", prompt=prompt
+        )
+
+
+async def test_a_call_beyond_n_ctx_fails_like_llama_cpp_before_answering() -> None:
+    # 30 characters: 10 tokens by the estimate, plus 8 for the message.
+    said = request(messages=[{"role": "user", "content": "x" * 30}], max_tokens=10)
+    assert estimate_tokens(said.messages) == 18
+    fits = FakeModel(backend="fake", memory=1, reply="a b", n_ctx=28)
+    assert await reply_of(fits, said) == "a b"
+    backend = FakeBackend()
+    await backend.load("m", fits.model_copy(update={"n_ctx": 27}))
+    answered: list[ChatDelta] = []
+    with pytest.raises(BackendError) as full:
+        async for delta in backend.chat("m", said):
+            answered.append(delta)
+    assert answered == []
+    assert str(full.value) == (
+        'model "m": the context is full (n_ctx 27: 18 prompt tokens + 10 max_tokens); raise '
+        "n_ctx of [models.m] to at least 28, or lower max_tokens / shorten the prompt"
+    )
+    assert backend.requests == [("m", said)]  # recorded all the same
+    unlimited = FakeModel(backend="fake", memory=1, reply="ok")
+    assert await reply_of(unlimited, said.model_copy(update={"max_tokens": 100_000})) == "ok"
