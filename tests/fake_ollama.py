@@ -32,9 +32,22 @@ What it copies, and from where (``ollama/ollama``: ``server/routes.go``, ``serve
   larger than the whole capacity still loads, alone, with ``size_vram`` capped (Ollama would
   offload the rest to the CPU).
 
+- Parallel slots (``num_parallel``, Ollama's ``OLLAMA_NUM_PARALLEL``, default 1): a runner
+  answers that many requests at once and every further request for it waits for a free slot,
+  as the runner's sequence semaphore makes it wait (``runner/llamarunner``: ``seqsSem``), while
+  it counts as in flight for the scheduler (no eviction, no expiry). A load and an unload take
+  no slot. Each slot has its own ``num_ctx`` of KV cache (Ollama starts llama-server with
+  ``-c num_ctx·np -np np``), which :func:`loaded_bytes` and so ``/api/ps`` ``size`` count;
+  ``context_length`` stays the per-request ``num_ctx``.
+
 Loads can be held (``hold_loads=True``): each load then waits, listed in /api/ps as Ollama lists
 a model while its runner starts, until :meth:`FakeOllama.release_loads`; :attr:`FakeOllama.
 load_started` says when one has begun. A test acts "during a load" with these, not with sleeps.
+Answers can be held likewise (``hold_chats=True``): each request that has its slot waits before
+its first token until :meth:`FakeOllama.release_chats` lets it (or a given number of held ones)
+go on. :attr:`FakeOllama.in_flight`, :attr:`~FakeOllama.max_in_flight` and
+:attr:`~FakeOllama.generations` (each answer's start and end, in order) say what ran at once, and
+:meth:`FakeOllama.wait_until` waits, from another thread, for any of it to become true.
 A load whose client went away still completes and keeps its keep_alive (real Ollama drops it
 when it notices the disconnect before the runner is up): the worst case, which a client must
 clean up after itself.
@@ -47,8 +60,9 @@ reply is not made to match it.
 
 What it simplifies: expiry is checked lazily (on each request and on :meth:`FakeOllama.resident`)
 against an injectable monotonic ``clock``, so tests advance time instead of sleeping; memory is
-:func:`loaded_bytes`, not a GGUF read; one request per runner at a time is *not* enforced
-(Ollama's ``OLLAMA_NUM_PARALLEL``); there is no ``/api/embed``, pull, push, create or delete.
+:func:`loaded_bytes`, not a GGUF read; ``num_parallel`` is the same for every model (Ollama
+forces 1 for embedding models and a few architectures); there is no ``/api/embed``, pull, push,
+create or delete.
 """
 
 from __future__ import annotations
@@ -113,6 +127,10 @@ _BOOL_OPTIONS: Final = frozenset(
 
 EventKind = Literal["load", "unload", "evict", "reload", "expire"]
 Endpoint = Literal["chat", "generate"]
+
+REQUEST_INDEX: Final = "fake_ollama.request_index"
+"""ASGI scope key under which the recording middleware leaves the request's index in
+:attr:`FakeOllama.requests`, so a handler can name its request in what it records."""
 
 
 def _default_model_info(arch: str) -> dict[str, Any]:
@@ -185,16 +203,18 @@ def _context_length(model: FakeOllamaModel, num_ctx: int) -> int:
     return min(num_ctx, trained) if trained > 0 else num_ctx
 
 
-def loaded_bytes(model: FakeOllamaModel, num_ctx: int) -> int:
-    """What ``model`` occupies once loaded with ``num_ctx``: weights + f16 KV cache + graph.
+def loaded_bytes(model: FakeOllamaModel, num_ctx: int, parallel: int = 1) -> int:
+    """What ``model`` occupies once loaded with ``num_ctx`` and ``parallel`` slots: weights +
+    f16 KV cache of every slot + graph.
 
-    ``size + n_layer·n_head_kv·(head_k + head_v)·ctx·2 B + GRAPH_ALLOWANCE``, where
+    ``size + n_layer·n_head_kv·(head_k + head_v)·ctx·parallel·2 B + GRAPH_ALLOWANCE``, where
     ``head_k = {arch}.attention.key_length`` or else ``n_embd / n_head``, ``head_v`` likewise
     from ``value_length`` (falling back to ``head_k``), and ``ctx = min(num_ctx,
     {arch}.context_length)``. With equal key and value heads that is Ollama's current
     ``PredictServerVRAM`` (``llm/llama_server.go``): file size + 2·n_layer·n_head_kv·head_dim·
-    ctx·2, always assuming an f16 cache, but it honours a declared ``key_length``, which Ollama's
-    ``n_embd/n_head`` gets wrong. Llama-3.1-8B at 4096 tokens: 32·8·(128+128)·4096·2 = 512 MiB.
+    ctx·2 with ``ctx = min(num_ctx, n_ctx_train)·np``, always assuming an f16 cache, but it
+    honours a declared ``key_length``, which Ollama's ``n_embd/n_head`` gets wrong. Llama-3.1-8B at
+    4096 tokens: 32·8·(128+128)·4096·2 = 512 MiB per slot.
     """
     info = model.model_info
     arch = str(info.get("general.architecture", model.family))
@@ -204,7 +224,8 @@ def loaded_bytes(model: FakeOllamaModel, num_ctx: int) -> int:
     n_embd = _info_int(info, f"{arch}.embedding_length")
     head_k = _info_int(info, f"{arch}.attention.key_length") or (n_embd // n_head if n_head else 0)
     head_v = _info_int(info, f"{arch}.attention.value_length") or head_k
-    kv_cache = n_layer * n_head_kv * (head_k + head_v) * _context_length(model, num_ctx) * 2
+    ctx = _context_length(model, num_ctx) * parallel
+    kv_cache = n_layer * n_head_kv * (head_k + head_v) * ctx * 2
     return model.size + kv_cache + GRAPH_ALLOWANCE
 
 
@@ -373,6 +394,8 @@ class _Runner:
     unload_reason: EventKind | None = None
     """``"unload"`` once an unload request waits for in-flight requests to finish."""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    slots: asyncio.Semaphore = field(default_factory=asyncio.Semaphore)
+    """The runner's parallel slots: a request holds one from its first token to its last."""
 
 
 class _StreamThenRelease(StreamingResponse):
@@ -460,7 +483,7 @@ class _RecordRequests:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        self.fake._record(scope["method"], scope["path"], body)
+        scope[REQUEST_INDEX] = self.fake._record(scope["method"], scope["path"], body)
         replayed = False
 
         async def replay() -> Message:
@@ -554,7 +577,9 @@ class FakeOllama:
     ``max_loaded_models`` is ``OLLAMA_MAX_LOADED_MODELS``; ``load_seconds`` and
     ``token_seconds`` add real delays per load and per streamed token; ``clock`` is the monotonic
     clock keep_alive expiry is judged by (tests pass one they can advance); ``hold_loads`` makes
-    every load wait for :meth:`release_loads`.
+    every load wait for :meth:`release_loads`; ``num_parallel`` is ``OLLAMA_NUM_PARALLEL``, the
+    requests one model answers at once; ``hold_chats`` makes every answer wait in its slot for
+    :meth:`release_chats`.
     """
 
     def __init__(
@@ -567,6 +592,8 @@ class FakeOllama:
         token_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         hold_loads: bool = False,
+        num_parallel: int = 1,
+        hold_chats: bool = False,
     ) -> None:
         self._models: dict[str, tuple[str, FakeOllamaModel]] = {}
         for model in models:
@@ -576,6 +603,9 @@ class FakeOllama:
             self._models[name.lower()] = (name, model)
         if max_loaded_models < 1:
             raise ValueError("max_loaded_models must be at least 1")
+        if num_parallel < 1:
+            raise ValueError("num_parallel must be at least 1")
+        self.num_parallel = num_parallel
         self.capacity_bytes = capacity_bytes
         self.max_loaded_models = max_loaded_models
         self.load_seconds = load_seconds
@@ -586,14 +616,26 @@ class FakeOllama:
         """Set when a load begins (the model already listed in /api/ps), held or not."""
         self._loads_released = threading.Event()
         self._release_held = asyncio.Event()
+        self.hold_chats = hold_chats
+        self._chats_released = threading.Event()
+        self._chat_permits = 0  # held answers allowed to go on, one each
+        self._chat_gate = asyncio.Event()  # set (and replaced) whenever held answers may go on
         self.requests: list[tuple[str, str, Any]] = []
         """(method, path, parsed JSON body or None), in arrival order."""
         self.events: list[tuple[str, str]] = []
         """(``"load"|"unload"|"evict"|"reload"|"expire"``, model name with tag), in order."""
         self.peak_bytes = 0
         """Most VRAM held at once: Σ size_vram, the quantity ``capacity_bytes`` bounds."""
+        self.in_flight: dict[str, int] = {}
+        """Model name -> requests it is answering now, each in a slot (held ones included)."""
+        self.max_in_flight: dict[str, int] = {}
+        """Model name -> the most requests it ever answered at once."""
+        self.generations: list[tuple[Literal["start", "end"], str, int]] = []
+        """(``"start"|"end"``, model name, the request's index in :attr:`requests`): each
+        answer taking its slot and giving it back, in order."""
         self._modified_at = datetime.now(UTC)
         self._lock = threading.Lock()  # guards everything below, and the lists above
+        self._observed = threading.Condition(self._lock)  # requests arrive, answers start or end
         self._loaded: dict[str, _Runner] = {}
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -618,6 +660,7 @@ class FakeOllama:
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._release_held = asyncio.Event()
+        self._chat_gate = asyncio.Event()
         # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY on accepted sockets only when the
         # listener's proto says TCP, and without it every keep-alive response waits ~40 ms on
         # Nagle and delayed ACKs.
@@ -648,11 +691,12 @@ class FakeOllama:
     def stop(self) -> None:
         """Stop serving and join the thread; residency and records are kept for assertions.
 
-        Held loads are released first, so that stopping never waits on them."""
+        Held loads and answers are released first, so that stopping never waits on them."""
         server, thread = self._server, self._thread
         if server is None or thread is None:
             return
         self.release_loads()
+        self.release_chats()
         server.wake()
         thread.join(timeout=10)
         self._server = self._thread = None
@@ -677,7 +721,30 @@ class FakeOllama:
         if loop is not None:
             loop.call_soon_threadsafe(self._release_held.set)
 
+    def release_chats(self, count: int | None = None) -> None:
+        """Let ``count`` held answers go on (the first to ask get them), or with None every held
+        answer and every later one at once (from any thread)."""
+        with self._lock:
+            if count is None:
+                self._chats_released.set()
+            else:
+                self._chat_permits += count
+        loop = self._server._loop if self._server is not None else None
+        if loop is not None:
+            loop.call_soon_threadsafe(self._open_chat_gate)
+
+    def _open_chat_gate(self) -> None:
+        self._chat_gate.set()
+        self._chat_gate = asyncio.Event()
+
     # -- observations ------------------------------------------------------------------------
+
+    def wait_until(self, condition: Callable[[FakeOllama], bool], timeout: float = 10) -> bool:
+        """Block until ``condition(self)`` holds after a request arrives or an answer starts or
+        ends (or already does); False if ``timeout`` seconds pass first. Call it from a thread other than the
+        one driving the client (``await asyncio.to_thread(fake.wait_until, ...)``)."""
+        with self._observed:
+            return self._observed.wait_for(lambda: condition(self), timeout)
 
     def resident(self) -> dict[str, int]:
         """Model name -> loaded bytes (/api/ps ``size``) now, after expiring what is due."""
@@ -685,16 +752,19 @@ class FakeOllama:
             self._expire_due()
             return {name: runner.size for name, runner in self._loaded.items()}
 
-    def _record(self, method: str, path: str, raw: bytes) -> None:
+    def _record(self, method: str, path: str, raw: bytes) -> int:
+        """Write the request down; returns its index in :attr:`requests`."""
         body: Any = None
         if raw.strip():
             try:
                 body = json.loads(raw)
             except json.JSONDecodeError:
                 body = None
-        with self._lock:
+        with self._observed:
             self.requests.append((method, path, body))
             self._expire_due()
+            self._observed.notify_all()
+            return len(self.requests) - 1
 
     # -- scheduler (all of it runs on the server's event loop) -------------------------------
 
@@ -790,7 +860,7 @@ class FakeOllama:
             await changed.wait()
 
         context_length = _context_length(model, runner_options["num_ctx"])
-        size = loaded_bytes(model, runner_options["num_ctx"])
+        size = loaded_bytes(model, runner_options["num_ctx"], self.num_parallel)
         size_vram = int(size * model.vram_fraction)
         if self.capacity_bytes is not None:
             size_vram = min(size_vram, self.capacity_bytes)
@@ -803,6 +873,7 @@ class FakeOllama:
             size_vram=size_vram,
             keep_alive=DEFAULT_KEEP_ALIVE if keep_alive is None else keep_alive,
             refs=1,
+            slots=asyncio.Semaphore(self.num_parallel),
         )
         await self._make_room(runner)
         with self._lock:
@@ -848,6 +919,35 @@ class FakeOllama:
                 by_duration_and_name[0].draining = True
                 changed = self._changed
             await changed.wait()
+
+    async def _take_slot(self, runner: _Runner, index: int) -> None:
+        """Wait for one of ``runner``'s slots, then (when answers are held) for leave to go on;
+        the answer counts as in flight from the slot on."""
+        await runner.slots.acquire()
+        with self._observed:
+            count = self.in_flight.get(runner.name, 0) + 1
+            self.in_flight[runner.name] = count
+            self.max_in_flight[runner.name] = max(self.max_in_flight.get(runner.name, 0), count)
+            self.generations.append(("start", runner.name, index))
+            self._observed.notify_all()
+        try:
+            while self.hold_chats and not self._chats_released.is_set():
+                with self._lock:
+                    if self._chat_permits > 0:
+                        self._chat_permits -= 1
+                        return
+                    gate = self._chat_gate
+                await gate.wait()  # opened on this loop by release_chats
+        except BaseException:
+            self._give_slot(runner, index)
+            raise
+
+    def _give_slot(self, runner: _Runner, index: int) -> None:
+        runner.slots.release()
+        with self._observed:
+            self.in_flight[runner.name] -= 1
+            self.generations.append(("end", runner.name, index))
+            self._observed.notify_all()
 
     def _release(self, runner: _Runner) -> None:
         """Drop one reference; an idle runner starts its keep_alive timer or, at 0, unloads."""
@@ -1052,6 +1152,20 @@ class FakeOllama:
         if empty:
             self._release(runner)
             return _json_response(self._empty_reply(endpoint, requested, "load"))
+        index = int(request.scope.get(REQUEST_INDEX, -1))
+        try:
+            await self._take_slot(runner, index)
+        except BaseException:
+            self._release(runner)
+            raise
+        answering = True
+
+        def answered() -> None:
+            """The answer is over (complete or abandoned): its slot is free, once."""
+            nonlocal answering
+            if answering:
+                answering = False
+                self._give_slot(runner, index)
 
         text = model.reply.replace("{model}", name).replace("{prompt}", prompt)
         pieces = _pieces(_before_stop(text, options.get("stop")))
@@ -1084,6 +1198,7 @@ class FakeOllama:
                 eval_ns = int((time.perf_counter() - eval_started) * 1e9)
                 return _json_response(final("".join(pieces), eval_ns))
             finally:
+                answered()
                 self._release(runner)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -1092,7 +1207,11 @@ class FakeOllama:
                 if self.token_seconds > 0:
                     await asyncio.sleep(self.token_seconds)
                 yield _line(self._chunk(endpoint, requested, piece) | {"done": False})
-            yield _line(final("", int((time.perf_counter() - eval_started) * 1e9)))
+            last = final("", int((time.perf_counter() - eval_started) * 1e9))
+            # Generation is over before the client reads its end, as in Ollama's runner: a
+            # client that sends its next request on reading it finds the slot free.
+            answered()
+            yield _line(last)
 
         released = False
 
@@ -1100,6 +1219,7 @@ class FakeOllama:
             nonlocal released
             if not released:
                 released = True
+                answered()
                 self._release(runner)
 
         return _StreamThenRelease(chunks(), release_once)

@@ -515,3 +515,71 @@ def test_stopping_releases_a_held_load() -> None:
         assert fake.load_started.wait(10)
     thread.join(10)
     assert answer == [200]
+
+
+# -- parallel slots (OLLAMA_NUM_PARALLEL) --------------------------------------------------
+
+
+def chats_to(fake: FakeOllama, name: str) -> int:
+    return sum(
+        1 for _, path, body in fake.requests if path == "/api/chat" and body["model"] == name
+    )
+
+
+def kinds(fake: FakeOllama) -> list[str]:
+    return [kind for kind, _, _ in fake.generations]
+
+
+def test_slots_hold_num_ctx_of_kv_cache_each() -> None:
+    assert loaded_bytes(LLAMA, 4096, 2) - loaded_bytes(LLAMA, 4096) == 512 * MiB
+    assert loaded_bytes(LLAMA, 4096, 4) == loaded_bytes(LLAMA, 16384)
+
+
+async def test_requests_beyond_the_slots_wait_for_one() -> None:
+    ask = [{"role": "user", "content": "hi"}]
+    with FakeOllama([LLAMA], num_parallel=2, hold_chats=True) as fake:
+        async with ollama.AsyncClient(host=fake.url) as client:
+            chats = [
+                asyncio.create_task(client.chat("llama3.1:8b", messages=ask, options={"seed": s}))
+                for s in range(3)
+            ]
+            assert await asyncio.to_thread(
+                fake.wait_until,
+                lambda f: chats_to(f, "llama3.1:8b") == 3 and f.in_flight.get("llama3.1:8b") == 2,
+            )
+            assert kinds(fake) == ["start", "start"]  # the third has arrived and waits
+            running = (await client.ps()).models[0]
+            assert running.size == loaded_bytes(LLAMA, 4096, 2)
+            assert running.context_length == 4096  # each request's, not the slots' sum
+
+            fake.release_chats(1)  # one answer ends; the waiting one takes its slot
+            assert await asyncio.to_thread(
+                fake.wait_until, lambda f: kinds(f) == ["start", "start", "end", "start"]
+            )
+            fake.release_chats()
+            answers = await asyncio.gather(*chats)
+    assert [a.message.content for a in answers] == ["a fake answer from llama3.1:8b"] * 3
+    assert kinds(fake) == ["start", "start", "end", "start", "end", "end"]
+    assert fake.max_in_flight == {"llama3.1:8b": 2} and fake.in_flight == {"llama3.1:8b": 0}
+    chat_indices = [i for i, (_, path, _) in enumerate(fake.requests) if path == "/api/chat"]
+    assert sorted(i for _, _, i in fake.generations) == sorted(chat_indices * 2)
+    assert fake.events == [("load", "llama3.1:8b")]  # the same options: one load
+
+
+async def test_one_slot_by_default_and_loads_take_none() -> None:
+    ask = [{"role": "user", "content": "hi"}]
+    with FakeOllama([LLAMA], hold_chats=True) as fake:
+        async with ollama.AsyncClient(host=fake.url) as client:
+            chats = [
+                asyncio.create_task(client.chat("llama3.1:8b", messages=ask)) for _ in range(2)
+            ]
+            assert await asyncio.to_thread(
+                fake.wait_until,
+                lambda f: chats_to(f, "llama3.1:8b") == 2 and f.in_flight.get("llama3.1:8b") == 1,
+            )
+            # The only slot is busy, yet a preload is answered at once: it needs no slot.
+            assert (await client.generate("llama3.1:8b", prompt="")).done_reason == "load"
+            fake.release_chats()
+            await asyncio.gather(*chats)
+    assert kinds(fake) == ["start", "end", "start", "end"]
+    assert fake.max_in_flight == {"llama3.1:8b": 1}
