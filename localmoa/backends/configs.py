@@ -35,6 +35,7 @@ __all__ = [
     "Parallel",
     "Size",
     "StrictModel",
+    "context_tokens",
     "size_or_auto",
 ]
 
@@ -139,3 +140,13 @@ class FakeModel(ModelTable):
     ``max_tokens`` exceeds it fails as a real context overflow would; unset = no limit."""
     parallel: Parallel = 1
     """Requests answered at once (an agent's ``samples``), as a server's slots would."""
+
+
+def context_tokens(model: ModelTable) -> int | None:
+    """The context a model is configured with, in tokens (each sequence's); None when localmoa
+    does not know it (an OpenAI-compatible server's, a fake's without ``n_ctx``)."""
+    for key in ("n_ctx", "num_ctx"):
+        value = getattr(model, key, None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -12,9 +12,10 @@ import click
 
 from localmoa.cli.options import budget_option, config_option, ensemble_option, json_option
 from localmoa.cli.render import print_json, print_plan, stdout
-from localmoa.cli.reports import ModelCost, ModelParts, PlanReport
+from localmoa.cli.reports import ModelCost, ModelParts, PlanReport, StageRow
 from localmoa.cli.session import open_session, plan_run
 from localmoa.cli.signals import arun
+from localmoa.runtime.moa import conditional_stages, stage_label
 from localmoa.runtime.prepare import Prepared
 
 __all__ = ["plan_command", "plan_report"]
@@ -45,6 +46,7 @@ def plan_command(
 def plan_report(prepared: Prepared, zero_config: list[str]) -> PlanReport:
     """What ``plan --json`` prints: the plan's fields as they are, and what it was made from."""
     footprints = prepared.footprints
+    conditional = conditional_stages(prepared.stages)
     return PlanReport.model_validate(
         {
             **dict(prepared.plan),
@@ -57,6 +59,18 @@ def plan_report(prepared: Prepared, zero_config: list[str]) -> PlanReport:
                 for name, fp in footprints.items()
             },
             "budget_source": prepared.budget.detail,
+            "stages": [
+                StageRow(
+                    stage=k + 1,
+                    label=stage_label(stage),
+                    role=stage[0].role,
+                    layer=stage[0].layer,
+                    models=[c.model for c in stage],
+                    conditional=k in conditional,
+                )
+                for k, stage in enumerate(prepared.stages)
+            ],
+            "roles": prepared.roles,
             "zero_config": zero_config or None,
         }
     )

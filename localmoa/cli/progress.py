@@ -19,6 +19,7 @@ from localmoa.runtime.engine import (
     CallPiece,
     CallStarted,
     Event,
+    Judged,
     LoadFailed,
     ModelLoaded,
     ModelUnloaded,
@@ -32,11 +33,14 @@ __all__ = ["Progress"]
 class Progress:
     """Turns executor events into stderr output; call :meth:`close` when the run ends."""
 
-    def __init__(self, console: Console, *, show_layers: bool, n_waves: int, n_layers: int) -> None:
+    def __init__(
+        self, console: Console, *, show_layers: bool, n_waves: int, labels: list[str]
+    ) -> None:
         self.console = console
         self.show_layers = show_layers
         self.n_waves = n_waves
-        self.n_layers = n_layers
+        self.labels = labels
+        """Each stage's name (localmoa.runtime.moa.stage_label), by 0-based stage."""
         self.rows: dict[tuple[int, int], list[str]] = {}
         self.swaps: list[str] = []
         self.live: Live | None = None
@@ -47,7 +51,8 @@ class Progress:
     def __call__(self, event: Event) -> None:
         match event:
             case WaveStarted(number=n, wave=wave):
-                stage = "aggregator" if wave.layer > self.n_layers else f"layer {wave.layer}"
+                k = wave.layer - 1
+                stage = self.labels[k] if 0 <= k < len(self.labels) else f"stage {wave.layer}"
                 runs = ", ".join(dict.fromkeys(wave.runs))
                 self._say(f"wave {n + 1}/{self.n_waves} · {stage}: {runs}")
             case ModelLoaded(model=model, seconds=seconds):
@@ -56,14 +61,19 @@ class Progress:
                 self._say(f"  load failed: {error}; its agents fail, the others go on")
             case ModelUnloaded(model=model):
                 self._say(f"  unloaded {model}")
+            case Judged(call=call, verdict=verdict, skipped=skipped):
+                self._say(_verdict_line(call, verdict.selected, verdict.parsed, verdict.reason))
+                if skipped:
+                    layers = ", ".join(str(n) for n in skipped)
+                    self._say(f"  early stop: the answers agree; layers {layers} skipped")
             case CallStarted(call=call):
-                self.rows[(call.layer, call.index)] = [self._who(call), "running", "", ""]
+                self.rows[(call.stage, call.index)] = [self._who(call), "running", "", ""]
                 self._refresh()
             case CallPiece():
                 pass
             case CallFinished(call=call, record=record):
                 state = "ok" if record.ok else f"failed: {record.error}"
-                self.rows[(call.layer, call.index)] = [
+                self.rows[(call.stage, call.index)] = [
                     self._who(call),
                     state,
                     str(record.tokens),
@@ -79,7 +89,7 @@ class Progress:
                     )
                 else:
                     self._refresh()
-                if self.show_layers and not call.is_aggregator:
+                if self.show_layers and call.role == "proposer":
                     body = record.text if record.ok else f"failed: {record.error}"
                     self.console.print(
                         Panel(
@@ -98,10 +108,10 @@ class Progress:
 
     close = pause
 
-    @staticmethod
-    def _who(call: Call) -> str:
-        role = "aggregator" if call.is_aggregator else f"layer {call.layer}"
-        return f"{role} · {call.model}"
+    def _who(self, call: Call) -> str:
+        stage = self.labels[call.stage] if call.stage < len(self.labels) else call.role
+        sample = f" #{call.index + 1}" if call.group is not None else ""
+        return f"{stage}{sample} · {call.model}"
 
     def _say(self, line: str) -> None:
         self.swaps.append(line)
@@ -122,3 +132,12 @@ class Progress:
             style = "green" if state == "ok" else "red" if state.startswith("failed") else "yellow"
             table.add_row(who, Text(state, style=style), tokens, seconds)
         return Group(Text("\n".join(self.swaps[-3:]), style="dim"), table)
+
+
+def _verdict_line(call: Call, selected: tuple[int, ...], parsed: bool, reason: str) -> str:
+    """How a judge's choice reads on stderr."""
+    chose = ", ".join(str(n) for n in selected)
+    if not parsed:
+        return f"  judge {call.layer}: fell back to every answer ({chose}): {reason}"
+    said = f": {reason}" if reason else ""
+    return f"  judge {call.layer} chose {chose}{said}"

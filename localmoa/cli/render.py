@@ -56,13 +56,16 @@ def print_plan(console: Console, report: PlanReport) -> None:
         )
     console.print(models)
     waves = Table(title=f'Plan for ensemble "{report.ensemble}"', title_justify="left")
-    for column in ("wave", "layer", "unload", "load", "resident", "runs", "bytes"):
+    for column in ("wave", "stage", "unload", "load", "resident", "runs", "bytes"):
         waves.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
-    aggregator = max((wave.layer for wave in report.waves), default=0)  # always the last stage
+    labels = {
+        row.stage: row.label + (" (if no early stop)" if row.conditional else "")
+        for row in report.stages
+    }
     for i, wave in enumerate(report.waves, start=1):
         waves.add_row(
             str(i),
-            "aggregator" if wave.layer == aggregator else str(wave.layer),
+            labels.get(wave.layer, str(wave.layer)),
             ", ".join(wave.unload) or "-",
             ", ".join(wave.load) or "-",
             ", ".join(wave.resident),
@@ -70,6 +73,21 @@ def print_plan(console: Console, report: PlanReport) -> None:
             format_bytes(wave.bytes),
         )
     console.print(waves)
+    if report.roles is not None:
+        console.print("Roles (cached), by proposer position:", markup=False)
+        for slot, role in enumerate(report.roles, start=1):
+            console.print(f"  {slot}. {role}", markup=False)
+    elif any(row.role == "roles" for row in report.stages):
+        console.print(
+            "Roles: not cached yet; the roles call writes them first and caches them.",
+            markup=False,
+        )
+    if any(row.conditional for row in report.stages):
+        console.print(
+            "Stages marked (if no early stop) run only when the judge before them does not "
+            "stop; a model only they need is never loaded otherwise.",
+            markup=False,
+        )
     if report.fewest_loads is not None:
         proof = f"the planner's fewest is {report.fewest_loads}; more are estimated faster"
     else:

@@ -35,6 +35,7 @@ __all__ = [
     "ModelsReport",
     "PlanReport",
     "RunReport",
+    "StageRow",
     "key_list",
 ]
 
@@ -62,6 +63,9 @@ class RunReport(BaseModel):
         description="times the rest of the run was planned again after a load was measured"
     )
     seconds: float = Field(description="wall-clock seconds of the run, to 0.1 ms")
+    skipped_layers: list[int] = Field(
+        description="proposer layers a judge's early stop skipped (never loaded for)"
+    )
     plan: Plan = Field(description="the plan as last made (after any re-plan)")
 
 
@@ -88,6 +92,21 @@ class ModelParts(BaseModel):
     compute: int = Field(description="bytes of the compute buffers")
 
 
+class StageRow(BaseModel):
+    """One stage of the run as the plan sees it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: int = Field(description="1-based, as the waves' layer field numbers stages")
+    label: str = Field(
+        description='what it is, in words: "roles", "layer 2", "judge 2", "aggregator"'
+    )
+    role: str = Field(description='"roles", "proposer", "judge" or "aggregator"')
+    layer: int = Field(description="the MoA layer (a judge's: the layer it judges; roles: 0)")
+    models: list[str] = Field(description="the model of each call, in call order")
+    conditional: bool = Field(description="true when a judge's early stop may skip it")
+
+
 class PlanReport(Plan):
     """``localmoa plan --json``: the plan's own fields, then what it was made from."""
 
@@ -99,6 +118,11 @@ class PlanReport(Plan):
         description="every model's bytes by part (the table's weights, KV cache, compute)"
     )
     budget_source: str = Field(description="where the budget came from, in words")
+    stages: list[StageRow] = Field(description="every stage of the run, in order")
+    roles: list[str] | None = Field(
+        description='roles = "auto": the proposers\' roles, from the cache; null when not '
+        "written yet (a roles call then comes first) or not asked for"
+    )
     zero_config: list[str] | None = Field(
         description="with no models.toml: how the ensemble was built from Ollama's models, one "
         "line per choice; null when a models.toml was used"

@@ -28,6 +28,7 @@ from localmoa.runtime.engine import (
     ModelUnloaded,
     RunResult,
 )
+from localmoa.runtime.moa import stage_label
 from localmoa.runtime.prepare import Prepared
 
 __all__ = ["execute", "run_command", "run_report"]
@@ -93,6 +94,7 @@ def run_report(result: RunResult) -> RunReport:
         loads=result.loads,
         replans=result.replans,
         seconds=round(result.seconds, 4),
+        skipped_layers=result.skipped_layers,
         plan=result.plan,
     )
 
@@ -107,8 +109,9 @@ async def execute(
         stderr(),
         show_layers=show_layers,
         n_waves=len(prepared.plan.waves),
-        n_layers=len(prepared.stages) - 1,
+        labels=[stage_label(stage) for stage in prepared.stages],
     )
+    selecting = not any(c.is_aggregator for stage in prepared.stages for c in stage)
     streaming = False
 
     def on_event(event: Event) -> None:
@@ -129,9 +132,14 @@ async def execute(
 
     executor = _executor(session, prepared, on_event)
     try:
-        return await executor.run(
+        result = await executor.run(
             prepared.stages, prepared.plan, [ChatMessage(role="user", content=prompt)]
         )
+        if selecting and not quiet:  # final = "select": the answer is chosen, not written
+            progress.pause()
+            sys.stdout.write(result.answer + "\n")
+            sys.stdout.flush()
+        return result
     finally:
         progress.close()
         if streaming:
@@ -144,7 +152,7 @@ def _executor(session: Session, prepared: Prepared, on_event: Callable[[Event], 
     follows the policy the first plan was made with (plan_for, min_gain, the profile)."""
     settings = session.config.settings
     return Executor(
-        session.config.models,
+        prepared.models or session.config.models,
         session.backends,
         max_parallel_calls=settings.max_parallel_calls,
         max_calls_per_second=settings.max_calls_per_second,

@@ -47,12 +47,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from asyncio_throttle.throttler import Throttler
+from pydantic import BaseModel
 
-from localmoa.backends.base import Backend, ChatMessage, ChatRequest
+from localmoa.backends.base import Backend, ChatDelta, ChatMessage, ChatRequest
+from localmoa.backends.configs import context_tokens
 from localmoa.backends.registry import backend_for
 from localmoa.errors import LocalMoaError
 from localmoa.planning import PlanPolicy, plan_run
@@ -64,14 +66,17 @@ from localmoa.runtime.events import (
     CallRecord,
     CallStarted,
     Event,
+    Judged,
     LoadFailed,
     ModelLoaded,
     ModelUnloaded,
     RunResult,
     WaveStarted,
 )
+from localmoa.runtime.fit import fit_references
 from localmoa.runtime.moa import Call, build_request
-from localmoa.runtime.state import RunState, layer_of, stage_of
+from localmoa.runtime.roles import RolesCache
+from localmoa.runtime.state import Answer, RunState, layer_of, stage_of
 
 __all__ = [
     "CallFinished",
@@ -80,6 +85,7 @@ __all__ = [
     "CallStarted",
     "Event",
     "Executor",
+    "Judged",
     "LoadFailed",
     "ModelLoaded",
     "ModelUnloaded",
@@ -96,6 +102,15 @@ the time a re-plan takes would not buy a better plan."""
 Emit = Callable[[Event], None]
 
 
+class Sent(BaseModel):
+    """What a call was given to read, for its record: the answers (``[layer, index]``), the
+    tokens they took, and whether they were cut to fit."""
+
+    references: list[tuple[int, int]] = []
+    reference_tokens: int = 0
+    truncated: bool = False
+
+
 class Executor:
     """Runs plans on backends; one executor may run many plans, one after another or (a
     server's requests, each with the shared pool's admission) at once."""
@@ -110,8 +125,11 @@ class Executor:
         on_event: Emit | None = None,
         sizes: Mapping[str, int] | None = None,
         policy: PlanPolicy | None = None,
+        roles_cache: RolesCache | None = None,
     ) -> None:
         self.models = models
+        self.roles_cache = roles_cache or RolesCache()
+        """Where roles written by a roles call are kept for later runs."""
         self.backends = backends
         self.sizes = sizes
         """The footprints plans are made with; when None, each run reads them from the
@@ -155,42 +173,79 @@ class Executor:
         return state.result(plan, time.perf_counter() - started)
 
     async def call(
-        self, call: Call, request: ChatRequest | None, emit: Emit, *, error: str | None = None
+        self,
+        call: Call,
+        request: ChatRequest | None,
+        emit: Emit,
+        *,
+        error: str | None = None,
+        sent: Sent | None = None,
     ) -> CallRecord:
         """Make one call and record it; with ``error`` (its model could not load) the call
         fails with it without reaching a backend. Calls to one model take turns."""
-        lock = self._locks.setdefault(call.model, asyncio.Lock())
+        requests = None if request is None else [request]
+        (record,) = await self.calls([call], requests, emit, error=error, sent=sent)
+        return record
+
+    async def calls(
+        self,
+        calls: Sequence[Call],
+        requests: Sequence[ChatRequest] | None,
+        emit: Emit,
+        *,
+        error: str | None = None,
+        sent: Sent | None = None,
+    ) -> list[CallRecord]:
+        """Make calls of one model together (one agent's samples: the backend's
+        ``chat_samples`` decodes them at once where it can) and record each; one call is the
+        backend's ``chat``. Calls to one model take turns."""
+        model = calls[0].model
+        lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock, _maybe(self._slots), _maybe(self._throttler):
-            emit(CallStarted(call))
+            for call in calls:
+                emit(CallStarted(call))
             began = time.perf_counter()
-            pieces: list[str] = []
-            tokens = prompt_tokens = 0
-            if error is None and request is not None:
+            pieces: list[list[str]] = [[] for _ in calls]
+            tokens = [0] * len(calls)
+            prompt_tokens = [0] * len(calls)
+            if error is None and requests is not None:
                 try:
-                    async for delta in self.backend(call.model).chat(call.model, request):
-                        tokens += delta.tokens
-                        prompt_tokens = max(prompt_tokens, delta.prompt_tokens)
+                    backend = self.backend(model)
+                    if len(calls) == 1:
+                        stream = _tagged(backend.chat(model, requests[0]))
+                    else:
+                        parallel = getattr(self.models[model], "parallel", None) or len(calls)
+                        stream = backend.chat_samples(model, requests, parallel)
+                    async for i, delta in stream:
+                        tokens[i] += delta.tokens
+                        prompt_tokens[i] = max(prompt_tokens[i], delta.prompt_tokens)
                         if delta.text:
-                            pieces.append(delta.text)
-                            emit(CallPiece(call, delta.text))
+                            pieces[i].append(delta.text)
+                            emit(CallPiece(calls[i], delta.text))
                 except LocalMoaError as exc:
                     error = str(exc)
                 except Exception as exc:  # a runtime's own failure must not end the run
-                    log.debug("call to %s failed", call.model, exc_info=True)
-                    error = f'model "{call.model}": {type(exc).__name__}: {exc}'
-            record = CallRecord(
-                layer=call.layer,
-                index=call.index,
-                model=call.model,
-                ok=error is None,
-                error=error,
-                seconds=time.perf_counter() - began,
-                tokens=tokens,
-                prompt_tokens=prompt_tokens,
-                text="".join(pieces),
-            )
-            emit(CallFinished(call, record))
-            return record
+                    log.debug("call to %s failed", model, exc_info=True)
+                    error = f'model "{model}": {type(exc).__name__}: {exc}'
+            seconds = time.perf_counter() - began
+            records = []
+            for i, call in enumerate(calls):
+                record = CallRecord(
+                    layer=call.layer,
+                    index=call.index,
+                    model=call.model,
+                    ok=error is None,
+                    error=error,
+                    seconds=seconds,
+                    tokens=tokens[i],
+                    prompt_tokens=prompt_tokens[i],
+                    text="".join(pieces[i]),
+                    role=call.role,
+                    **(sent or Sent()).model_dump(),
+                )
+                emit(CallFinished(call, record))
+                records.append(record)
+            return records
 
     async def _sizes(self, stages: Sequence[Sequence[Call]]) -> dict[str, int]:
         if self.sizes is not None:
@@ -198,6 +253,11 @@ class Executor:
         used = list(dict.fromkeys(c.model for stage in stages for c in stage))
         found = await asyncio.gather(*(self.backend(m).footprint(m, self.models[m]) for m in used))
         return {model: footprint.total for model, footprint in zip(used, found, strict=True)}
+
+
+async def _tagged(stream: AsyncIterator[ChatDelta]) -> AsyncIterator[tuple[int, ChatDelta]]:
+    async for delta in stream:
+        yield 0, delta
 
 
 @contextlib.asynccontextmanager
@@ -229,45 +289,60 @@ class _Dataflow:
         self.held: set[str] = set()
         """Models this run holds through the admission (admitted, not yet released)."""
         self.changes = Changes()  # a stage closed, or the flow stopped
-        self.stopped = False  # a measurement asked for a re-plan: start nothing new
+        self.stopped = False  # a measurement or a verdict asked for a re-plan: start nothing new
+        self.horizon: int | None = None  # see _horizon
 
     async def run(self, plan: Plan) -> None:
-        current, base = plan, 0
+        current, live = plan, list(range(len(self.state.stages)))
         try:
-            while await self._follow(current, base):  # True: a measurement asks for a re-plan
-                current, base = await self._replan(plan.budget_bytes)
+            # True: a measurement, or a judge's verdict, asks for a re-plan
+            while await self._follow(current, live):
+                current, live = await self._replan(plan.budget_bytes)
         finally:
             # Shielded so a second Ctrl-C cannot leave a model loaded behind our back.
             for model in await asyncio.shield(self.admission.finish()):
                 self.emit(ModelUnloaded(model))
 
-    async def _follow(self, plan: Plan, base: int) -> bool:
-        """Follow ``plan`` (its first stage is ``base``); True when it stopped to re-plan."""
+    async def _follow(self, plan: Plan, live: list[int]) -> bool:
+        """Follow ``plan``, whose stages are the run's ``live`` ones; True when it stopped to
+        re-plan."""
         self.stopped = False
         try:
-            return await self._flow(plan, base)
+            return await self._flow(plan, live)
         except BaseExceptionGroup as failed:
             # A stage with no usable answer (or a bug) ended the task group: say that, not
             # "unhandled errors in a TaskGroup".
             first = failed.exceptions[0]
             raise first if isinstance(first, Exception) else failed from None
 
-    async def _flow(self, plan: Plan, base: int) -> bool:
+    def _horizon(self, live: list[int]) -> int | None:
+        """The first judge whose verdict may skip later stages (early stop) and is not in: no
+        model is loaded for a stage after it until it has decided, and then the rest is planned
+        again, so a model needed only by skipped layers is never loaded."""
+        for stage in live[:-1]:
+            first = self.state.stages[stage][0]
+            if first.role == "judge" and first.early_stop and not self.state.done(stage):
+                return stage
+        return None
+
+    async def _flow(self, plan: Plan, live: list[int]) -> bool:
         first = plan.waves[0]
         kept = [m for m in first.resident if m not in first.load]  # resident when it was made
         for model in sorted(self.held - set(kept)):  # a re-plan that needs it no more
             await self._release(model)
+        self.horizon = self._horizon(live)
         # Stay -1: resident before this plan. A model the plan counts on that this run does not
         # hold yet (a server's request planned from the pool) is admitted before the first load.
         stay: dict[str, int] = dict.fromkeys(kept, -1)
         loads: list[tuple[int, str]] = [(-1, m) for m in kept if m not in self.held]
         ready = {key: asyncio.Event() for key in loads}  # set once the stay's load is done
         calls: dict[tuple[int, str], list[asyncio.Task[None]]] = {}
+        uses: dict[tuple[int, str], int] = {}  # stay -> the first stage it serves
         after: dict[tuple[int, str], asyncio.Task[None]] = {}  # stay -> the previous one's exit
         ended: dict[str, asyncio.Task[None]] = {}  # model -> its last stay's exit
         async with asyncio.TaskGroup() as group:
             for number, wave in enumerate(plan.waves):
-                stage = base + stage_of(wave.layer)
+                stage = live[stage_of(wave.layer)]
                 for model in wave.unload:
                     if model in stay:
                         key = (stay.pop(model), model)
@@ -280,28 +355,34 @@ class _Dataflow:
                     if model in ended:
                         after[number, model] = ended[model]
                 runs = set(wave.runs)
-                for call in [c for c in self.state.pending[stage] if c.model in runs]:
-                    key = (stay[call.model], call.model)
-                    task = group.create_task(self._call(call, stage, ready.get(key)))
+                for together in _groups(c for c in self.state.pending[stage] if c.model in runs):
+                    key = (stay[together[0].model], together[0].model)
+                    task = group.create_task(self._call(together, stage, ready.get(key)))
                     calls.setdefault(key, []).append(task)
+                    uses.setdefault(key, stage)
             shown = 0
             for number, model in loads:
-                if not self.stopped:  # once stopped, later waves never start
+                gated = self.horizon is not None and uses.get((number, model), -1) > self.horizon
+                if not self.stopped and not gated:  # once stopped, later waves never start
                     while shown <= number:
-                        self._show(plan.waves[shown], base)
+                        self._show(plan.waves[shown], live)
                         shown += 1
                     self.stopped = await self._load(model, after.get((number, model)))
                 ready[number, model].set()
             if self.stopped:
                 self.changes.notify()  # calls waiting for answers: start nothing new
-            else:
+            elif self.horizon is None:
                 for wave in plan.waves[shown:]:
-                    self._show(wave, base)
+                    self._show(wave, live)
         return self.stopped
 
-    def _show(self, wave: Wave, base: int) -> None:
-        stage = base + stage_of(wave.layer)
-        shown = wave if base == 0 else wave.model_copy(update={"layer": layer_of(stage)})
+    def _show(self, wave: Wave, live: list[int]) -> None:
+        stage = live[stage_of(wave.layer)]
+        shown = (
+            wave
+            if wave.layer == layer_of(stage)
+            else wave.model_copy(update={"layer": layer_of(stage)})
+        )
         self.emit(WaveStarted(self.state.waves_started, shown))
         self.state.waves_started += 1
 
@@ -356,47 +437,147 @@ class _Dataflow:
             for gone in await self.admission.release(model):
                 self.emit(ModelUnloaded(gone))
 
-    async def _call(self, call: Call, stage: int, ready: asyncio.Event | None) -> None:
+    async def _call(self, calls: list[Call], stage: int, ready: asyncio.Event | None) -> None:
+        """Make ``calls`` (one call, or one agent's samples) once their model is in and the
+        answers they read are."""
+        model = calls[0].model
         if ready is not None:
             await ready.wait()
-        if call.model not in self.held and call.model not in self.state.failed_loads:
-            return  # stopped to re-plan before its model came: it stays pending
+        if model not in self.held and model not in self.state.failed_loads:
+            return  # stopped to re-plan, or gated by a judge, before its model came
         await self.changes.wait_for(lambda: self.state.may_start(stage) or self.stopped)
         if self.stopped:
             return  # not started before the re-plan: the new plan runs it
-        record = await self._make(call, stage)
-        if self.state.record(call, record):  # it closed its stage: wake the next one
-            self.changes.notify()
+        records = await self._make(calls, stage)
+        closed = False
+        for call, record in zip(calls, records, strict=True):
+            closed = self.state.record(call, record) or closed
+        if closed:
+            self._closed(calls[0], stage)
+            self.changes.notify()  # it closed its stage: wake the next one
 
-    async def _make(self, call: Call, stage: int) -> CallRecord:
-        """The call, on its model held loaded while it runs (a shared pool may have lent the
-        memory to an older request meanwhile: then the model is loaded again first)."""
-        error = self.state.failed_loads.get(call.model)
+    def _closed(self, call: Call, stage: int) -> None:
+        """After a stage closed: report a judge's verdict, keep written roles, and stop to
+        re-plan after a judge that may have changed what is left."""
+        if call.role == "roles" and self.state.roles is not None and call.task:
+            self.executor.roles_cache.put(call.task, call.model, call.roles, self.state.roles)
+        if call.role != "judge":
+            return
+        verdict = self.state.verdicts[stage]
+        skipped = sorted(
+            {
+                self.state.stages[k][0].layer
+                for k in self.state.skipped
+                if k > stage and self.state.stages[k][0].role == "proposer"
+            }
+        )
+        self.emit(Judged(call, verdict, tuple(skipped) if verdict.stop else ()))
+        if stage == self.horizon and self.state.has_pending():
+            self.stopped = True  # plan what is left, loading nothing a skip made needless
+
+    async def _make(self, calls: list[Call], stage: int) -> list[CallRecord]:
+        """The calls, on their model held loaded while they run (a shared pool may have lent
+        the memory to an older request meanwhile: then the model is loaded again first)."""
+        model = calls[0].model
+        error = self.state.failed_loads.get(model)
         if error is not None:
-            return await self.executor.call(call, None, self.emit, error=error)
-        async with self.admission.using(call.model) as admitted:
+            return await self.executor.calls(calls, None, self.emit, error=error)
+        async with self.admission.using(model) as admitted:
             for gone in admitted.unloaded:
                 self.emit(ModelUnloaded(gone))
-            self._loaded(call.model, admitted.outcome)  # mid-stay: a measurement re-plans not
-            error = self.state.failed_loads.get(call.model)
+            self._loaded(model, admitted.outcome)  # mid-stay: a measurement re-plans not
+            error = self.state.failed_loads.get(model)
             if error is not None:
-                return await self.executor.call(call, None, self.emit, error=error)
-            request = build_request(call, self.state.conversation, self.state.references_for(stage))
-            return await self.executor.call(call, request, self.emit)
+                return await self.executor.calls(calls, None, self.emit, error=error)
+            requests, sent = await self._requests(calls)
+            return await self.executor.calls(calls, requests, self.emit, sent=sent)
 
-    async def _replan(self, budget: int) -> tuple[Plan, int]:
+    async def _requests(self, calls: list[Call]) -> tuple[list[ChatRequest], Sent]:
+        """What each call sends, with the references it reads cut to fit its model's context
+        (prompt + references + max_tokens <= n_ctx: :func:`localmoa.runtime.fit.fit_references`)."""
+        first = calls[0]
+        conversation = self.state.conversation
+        roles = self.state.roles
+        persona = roles[first.agent % len(roles)] if roles and first.role == "proposer" else None
+        read = self.state.references_for(first)
+        if read is None:
+            requests = [build_request(c, conversation, None, persona=persona) for c in calls]
+            return [self._supported(r, first.model) for r in requests], Sent()
+        answers, ranked = read
+        config = self.models_config(first.model)
+        backend = self.executor.backend(first.model)
+
+        def build(texts: list[str]) -> list[ChatMessage]:
+            return build_request(first, conversation, texts, persona=persona).messages
+
+        async def count(messages: list[ChatMessage]) -> int:
+            return await backend.count_tokens(first.model, config, messages)
+
+        fitted = await fit_references(
+            build,
+            [a.text for a in answers],
+            n_ctx=context_tokens(config),
+            max_tokens=first.max_tokens,
+            count=count,
+            ranked=ranked,
+        )
+        kept = [answers[i] for i in fitted.kept]
+        texts = list(fitted.texts)
+        if first.role == "judge":
+            self.state.shown[first.stage] = [
+                Answer(a.layer, a.index, t) for a, t in zip(kept, texts, strict=True)
+            ]
+        requests = [
+            self._supported(build_request(c, conversation, texts, persona=persona), c.model)
+            for c in calls
+        ]
+        sent = Sent(
+            references=[(a.layer, a.index) for a in kept],
+            reference_tokens=fitted.reference_tokens,
+            truncated=fitted.truncated,
+        )
+        return requests, sent
+
+    def models_config(self, model: str) -> Any:
+        return self.executor.models[model]
+
+    def _supported(self, request: ChatRequest, model: str) -> ChatRequest:
+        """A judge's or roles call's JSON format is asked only of a backend that honours it;
+        the tolerant parse covers the others."""
+        fmt = request.response_format
+        if fmt is None or "response_format" in self.executor.backend(model).supports:
+            return request
+        return request.model_copy(update={"response_format": None})
+
+    async def _replan(self, budget: int) -> tuple[Plan, list[int]]:
         """The rest of the run, planned again from what is resident with what was measured."""
-        base = self.state.first_pending_stage()
+        live = self.state.live_stages()
         self.state.replans += 1
-        log.info("re-planned the rest of the run with measured sizes (%d)", self.state.replans)
+        log.info("re-planned the rest of the run (%d)", self.state.replans)
         prompt = "\n".join(m.content for m in self.state.conversation)
         plan = await asyncio.to_thread(  # off the event loop: a search may take a second
             plan_run,
-            self.state.pending[base:],
+            [self.state.pending[k] for k in live],
             dict(self.sizes),
             budget,
             self.executor.policy,
             resident=self.admission.resident(),
             prompt=prompt,
         )
-        return plan, base
+        return plan, live
+
+
+def _groups(calls: Iterable[Call]) -> list[list[Call]]:
+    """Calls as they are made: one agent's samples together, every other call alone."""
+    together: dict[tuple[int, int], list[Call]] = {}
+    out: list[list[Call]] = []
+    for call in calls:
+        if call.group is None:
+            out.append([call])
+        else:
+            key = (call.stage, call.group)
+            if key not in together:
+                together[key] = []
+                out.append(together[key])
+            together[key].append(call)
+    return out

@@ -11,10 +11,12 @@ aggregator is layer L+1); the engine indexes stages from 0 (see :mod:`localmoa.r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from localmoa.planning.fewest_loads import Plan, Wave
+from localmoa.runtime.judge import Verdict
 from localmoa.runtime.moa import Call
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "CallRecord",
     "CallStarted",
     "Event",
+    "Judged",
     "LoadFailed",
     "ModelLoaded",
     "ModelUnloaded",
@@ -43,6 +46,23 @@ class CallRecord(BaseModel):
     tokens: int
     prompt_tokens: int = 0
     text: str
+    role: Literal["proposer", "judge", "roles", "aggregator"] = "proposer"
+    references: list[tuple[int, int]] = Field(default_factory=list)
+    """The ``[layer, index]`` of every answer the call saw, in the order it was given them."""
+    reference_tokens: int = 0
+    """Tokens those answers took in the call's prompt (the model's tokenizer where the backend
+    has it, else the documented estimate)."""
+    truncated: bool = False
+    """True when references were cut or left out to fit the model's context."""
+    selected: list[int] | None = None
+    """A judge's: the 1-based numbers of the answers it was shown that go on, best first."""
+    stop: bool | None = None
+    """A judge's: did it end the proposer layers early?"""
+    parsed: bool | None = None
+    """A judge's or a roles call's: False when its answer could not be read and the
+    deterministic fallback was used (a judge: every answer kept, no stop; roles: none)."""
+    reason: str | None = None
+    """A judge's: its reason, or why the fallback was used."""
 
 
 class RunResult(BaseModel):
@@ -55,6 +75,8 @@ class RunResult(BaseModel):
     """Times the rest of the run was planned again after a measurement (see Executor.run)."""
     plan: Plan
     seconds: float
+    skipped_layers: list[int] = Field(default_factory=list)
+    """Proposer layers a judge's early stop skipped."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,22 @@ class CallFinished:
     record: CallRecord
 
 
+@dataclass(frozen=True)
+class Judged:
+    """A judge's verdict, as used: what goes on, and the proposer layers an early stop skips."""
+
+    call: Call
+    verdict: Verdict
+    skipped: tuple[int, ...]
+
+
 Event = (
-    WaveStarted | ModelLoaded | LoadFailed | ModelUnloaded | CallStarted | CallPiece | CallFinished
+    WaveStarted
+    | ModelLoaded
+    | LoadFailed
+    | ModelUnloaded
+    | CallStarted
+    | CallPiece
+    | CallFinished
+    | Judged
 )

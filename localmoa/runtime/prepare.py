@@ -18,19 +18,26 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from localmoa.backends import TIMED_BACKENDS
-from localmoa.backends.base import Backend, ChatMessage
+from localmoa.backends.base import (
+    CHARS_PER_TOKEN_ESTIMATE,
+    MESSAGE_TOKENS_ESTIMATE,
+    Backend,
+    ChatMessage,
+    estimate_tokens,
+)
+from localmoa.backends.configs import context_tokens
 from localmoa.backends.llamacpp import LlamaCppBackend
-from localmoa.config import Config, LlamaCppModel, OllamaModel
+from localmoa.config import Config, Ensemble, LlamaCppModel, ModelConfig
 from localmoa.errors import BackendError, BudgetError, PromptTooLongError, UserError
 from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget, device_budget, resolve_budget
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan
 from localmoa.planning.profiles import Profile
-from localmoa.runtime.moa import Call, build_request, calls_for
+from localmoa.runtime.moa import Call, build_request, calls_for, proposer_slots
+from localmoa.runtime.roles import RolesCache
 
 __all__ = [
     "CHARS_PER_TOKEN_MAX",
@@ -42,6 +49,9 @@ __all__ = [
     "plan_policy",
     "prepare",
     "prompt_char_limit",
+    "run_models",
+    "seq_window",
+    "stages_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,6 +80,79 @@ class Prepared:
     or ``plan_for = "loads"``)."""
     policy: PlanPolicy = field(default_factory=lambda: PlanPolicy(None))
     """How the plan was made: a re-plan mid-run is made the same way (``plan_run``)."""
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    """The model tables as this run loads them (:func:`run_models`)."""
+    roles: list[str] | None = None
+    """The proposers' roles from the cache, when ``roles = "auto"`` found them there."""
+
+
+def stages_for(
+    config: Config,
+    ensemble: Ensemble,
+    *,
+    prompt: str | None = None,
+    cache: RolesCache | None = None,
+) -> list[list[Call]]:
+    """The one place a run's calls are made from an ensemble (``run``, ``plan``, each ``serve``
+    request): roles from the cache when ``roles = "auto"`` wrote them before (else a roles call
+    comes first), and a sliding-window aggregator when Self-MoA's samples cannot fit its
+    context (:func:`seq_window`)."""
+    roles = None
+    if ensemble.roles == "auto" and ensemble.task:
+        writer = ensemble.roles_model or ensemble.aggregator.model
+        roles = (cache or RolesCache()).get(ensemble.task, writer, proposer_slots(ensemble))
+    return calls_for(ensemble, roles=roles, window=seq_window(config, ensemble, prompt))
+
+
+def seq_window(config: Config, ensemble: Ensemble, prompt: str | None = None) -> int | None:
+    """How many answers each aggregator call reads when a Self-MoA layer's samples cannot all
+    fit the aggregator's context (Self-MoA-Seq, arXiv 2502.00674); None when they fit, when the
+    last layer has no samples, or when no window of two fits either (then references are cut).
+
+    Decided before the run from the worst case: every answer ``max_tokens`` long, the prompt as
+    the documented estimate (0 when not known yet), the instruction as the estimate too."""
+    last = ensemble.layers[-1]
+    if ensemble.final == "select" or not any(agent.samples > 1 for agent in last):
+        return None
+    n_ctx = context_tokens(config.models[ensemble.aggregator.model])
+    if n_ctx is None:
+        return None
+    answers = sum(agent.samples for agent in last)
+    if ensemble.judge is not None:
+        answers = min(answers, ensemble.judge.top_k)
+    per_answer = MESSAGE_TOKENS_ESTIMATE + max(
+        agent.max_tokens or ensemble.max_tokens for agent in last
+    )
+    instruction = ensemble.aggregator.aggregate_prompt or ensemble.aggregate_prompt or ""
+    reserve = estimate_tokens([ChatMessage(role="system", content=instruction or "x" * 400)])
+    if prompt:
+        reserve += -(-len(prompt) // CHARS_PER_TOKEN_ESTIMATE) + MESSAGE_TOKENS_ESTIMATE
+    room = n_ctx - (ensemble.aggregator.max_tokens or ensemble.max_tokens) - reserve
+    if answers * per_answer <= room:
+        return None
+    window = room // per_answer
+    return window if window >= 2 else None
+
+
+def run_models(
+    models: Mapping[str, ModelConfig], stages: Sequence[Sequence[Call]]
+) -> dict[str, ModelConfig]:
+    """The model tables as a run loads them: a llama.cpp model whose ``parallel`` is unset
+    holds as many sequences as the most samples one agent asks of it (each its own n_ctx of
+    KV cache, which its footprint then counts)."""
+    most: dict[str, int] = {}
+    for stage in stages:
+        groups: dict[int | None, int] = {}
+        for call in stage:
+            if call.group is not None:
+                groups[call.group] = groups.get(call.group, 0) + 1
+                most[call.model] = max(most.get(call.model, 1), groups[call.group])
+    out: dict[str, ModelConfig] = {}
+    for name, model in models.items():
+        if isinstance(model, LlamaCppModel) and model.parallel is None and name in most:
+            model = model.model_copy(update={"parallel": most[name]})
+        out[name] = model
+    return out
 
 
 def plan_policy(config: Config, models: Sequence[str], budget: Budget) -> PlanPolicy:
@@ -86,11 +169,16 @@ def plan_policy(config: Config, models: Sequence[str], budget: Budget) -> PlanPo
 
 
 async def footprints(
-    config: Config, names: list[str], backends: Mapping[str, Backend]
+    config: Config,
+    names: list[str],
+    backends: Mapping[str, Backend],
+    models: Mapping[str, ModelConfig] | None = None,
 ) -> dict[str, Footprint]:
-    """Every named model's footprint; all problems at once when several models are unusable."""
+    """Every named model's footprint (``models``: the tables as the run loads them, default
+    the config's); all problems at once when several models are unusable."""
+    tables = config.models if models is None else models
     found = await asyncio.gather(
-        *(backends[config.models[n].backend].footprint(n, config.models[n]) for n in names),
+        *(backends[tables[n].backend].footprint(n, tables[n]) for n in names),
         return_exceptions=True,
     )
     problems = [f for f in found if isinstance(f, BaseException)]
@@ -123,9 +211,10 @@ async def prepare(
     it is timed on this machine's kind of hardware, and with ``settings.plan_for = "time"``
     refined for time (``prompt``, when known, sizes the first layer's prompt).
     """
-    stages = calls_for(config.ensemble(ensemble))
+    stages = stages_for(config, config.ensemble(ensemble), prompt=prompt)
     used = list(dict.fromkeys(c.model for stage in stages for c in stage))
-    sizes = await footprints(config, used, backends)
+    models = run_models(config.models, stages)
+    sizes = await footprints(config, used, backends, models)
     if prompt is not None:
         await check_prompt(config, stages, backends, [ChatMessage(role="user", content=prompt)])
     budget = resolve_budget(memory_budget, config.settings.memory_budget)
@@ -136,17 +225,9 @@ async def prepare(
     except BudgetError as exc:
         raise BudgetError(f"{exc} (budget from {budget.detail})") from None
     refined_on = policy.profile if policy.plan_for == "time" else None
-    return Prepared(ensemble, stages, sizes, budget, plan, refined_on, policy)
-
-
-def context_tokens(model: Any) -> int | None:
-    """The context a model is configured with, in tokens; None when localmoa does not know it
-    (an OpenAI-compatible server's, a fake's)."""
-    if isinstance(model, LlamaCppModel):
-        return model.n_ctx
-    if isinstance(model, OllamaModel):
-        return model.num_ctx
-    return None
+    personas = {c.agent: c.persona for st in stages for c in st if c.persona is not None}
+    roles = [personas[slot] for slot in sorted(personas)] or None
+    return Prepared(ensemble, stages, sizes, budget, plan, refined_on, policy, models, roles)
 
 
 def prompt_char_limit(config: Config, stages: Sequence[Sequence[Call]]) -> int | None:

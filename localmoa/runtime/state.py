@@ -1,9 +1,16 @@
 """One run's state, in one object the engine and its callers can read: the calls still to
-make, what each call did, each stage's usable answers, and the models that could not load.
+make, what each call did, what each stage passes on, and the models that could not load.
 
-Layers and stages. People, plans and records count layers from 1, and the aggregator is layer
-L+1; the engine indexes its list of stages from 0. :func:`stage_of` and :func:`layer_of` are
-the only places the two meet, so an off-by-one has one home.
+Stages and layers. A run is a list of stages (0-based): the roles call, each proposer layer, a
+judge after a layer, the aggregator's step(s). People, plans and records count MoA layers from 1
+(the aggregator is layer L+1); :func:`stage_of` and :func:`layer_of` convert the planner's
+1-based stage numbers (a plan's ``Wave.layer``), so an off-by-one has one home.
+
+What a stage passes on is its *output*: a proposer layer's usable answers, in agent order; a
+judge's selection of the layer before it, best first (*ranked*, so a cut drops the last first);
+an aggregator step's answer. A call reads the output of the nearest stage before its own that
+ran (a roles call's output is the roles, read by the proposers instead; a stage an early stop
+skipped is not read).
 """
 
 from __future__ import annotations
@@ -15,29 +22,46 @@ from localmoa.backends.base import ChatMessage
 from localmoa.errors import LayerFailedError
 from localmoa.planning.fewest_loads import Plan
 from localmoa.runtime.events import CallRecord, RunResult
+from localmoa.runtime.judge import Verdict, parse_verdict
 from localmoa.runtime.moa import Call
+from localmoa.runtime.roles import parse_roles
 
-__all__ = ["RunState", "layer_of", "stage_of", "usable_answers"]
+__all__ = ["Answer", "RunState", "layer_of", "stage_of", "usable_answers"]
 
 
 def stage_of(layer: int) -> int:
-    """The 0-based stage of a 1-based layer (a Call's, a Wave's or a CallRecord's)."""
+    """The 0-based stage of a 1-based stage number (a plan Wave's ``layer``)."""
     return layer - 1
 
 
 def layer_of(stage: int) -> int:
-    """The 1-based layer of a 0-based stage."""
+    """The 1-based number of a 0-based stage."""
     return stage + 1
 
 
-def usable_answers(records: Sequence[CallRecord], layer: int, *, final: bool) -> list[str]:
-    """The answers of ``layer`` that later layers may read, in agent order: the calls that
-    succeeded with some text. None at all ends the run (LayerFailedError), naming every reason."""
-    done = sorted((r for r in records if r.layer == layer), key=lambda r: r.index)
-    usable = [r.text for r in done if r.ok and r.text.strip()]
+@dataclass(frozen=True)
+class Answer:
+    """An answer a later call may read, and where it came from (``references`` in --json)."""
+
+    layer: int
+    index: int
+    text: str
+
+
+def usable_answers(
+    records: Sequence[CallRecord], stage: Sequence[Call], *, what: str
+) -> list[Answer]:
+    """The answers of ``stage``'s calls that later stages may read, in call order: the calls
+    that succeeded with some text. None at all ends the run (LayerFailedError), naming every
+    reason."""
+    keys = {(c.layer, c.index) for c in stage}
+    done = sorted(
+        (r for r in records if (r.layer, r.index) in keys and r.role == stage[0].role),
+        key=lambda r: r.index,
+    )
+    usable = [Answer(r.layer, r.index, r.text) for r in done if r.ok and r.text.strip()]
     if not usable:
         why = "; ".join(r.error or f'model "{r.model}": empty answer' for r in done)
-        what = "the aggregator" if final else f"every agent of layer {layer}"
         raise LayerFailedError(f"{what} failed ({why})")
     return usable
 
@@ -53,8 +77,16 @@ class RunState:
     """Calls not made yet, by stage (0-based)."""
     records: list[CallRecord] = field(default_factory=list)
     """Every call made, in the order they finished."""
-    references: dict[int, list[str]] = field(default_factory=dict)
-    """Stage -> its usable answers, once every call of the stage is done."""
+    outputs: dict[int, list[Answer]] = field(default_factory=dict)
+    """Stage -> what it passes on, once every call of the stage is done."""
+    skipped: set[int] = field(default_factory=set)
+    """Stages an early stop skipped."""
+    roles: list[str] | None = None
+    """The proposers' roles, once a roles call wrote them (cached ones travel on the calls)."""
+    shown: dict[int, list[Answer]] = field(default_factory=dict)
+    """Judge stage -> the answers it was shown, as sent (cut to fit), numbered from 1."""
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
+    """Judge stage -> its verdict, as used."""
     failed_loads: dict[str, str] = field(default_factory=dict)
     """Model -> why its last load failed; its calls fail with that reason until a load works."""
     loads: int = 0
@@ -74,37 +106,123 @@ class RunState:
     def first_pending_stage(self) -> int:
         return next(k for k, calls in enumerate(self.pending) if calls)
 
+    def live_stages(self) -> list[int]:
+        """Stages with calls still to make, in order: what a re-plan plans."""
+        return [k for k, calls in enumerate(self.pending) if calls]
+
+    def done(self, stage: int) -> bool:
+        return stage in self.outputs or stage in self.skipped
+
     def may_start(self, stage: int) -> bool:
         """Are the answers a call of ``stage`` reads all in?"""
-        return stage == 0 or stage - 1 in self.references
+        return all(self.done(k) for k in range(stage))
 
-    def references_for(self, stage: int) -> list[str] | None:
-        """What a call of ``stage`` reads: the previous stage's usable answers (None for the
-        first layer, which reads the conversation alone)."""
-        return self.references.get(stage - 1)
+    def source(self, stage: int) -> int | None:
+        """The stage whose output ``stage`` reads: the nearest earlier one that ran and is not
+        the roles call; None for the first proposer layer (it reads the conversation alone)."""
+        for k in range(stage - 1, -1, -1):
+            if k not in self.skipped and self.stages[k][0].role != "roles":
+                return k
+        return None
+
+    def references_for(self, call: Call) -> tuple[list[Answer], bool] | None:
+        """What ``call`` reads, and whether it is ranked best first (a judge's selection);
+        None when it reads the conversation alone."""
+        if call.role == "roles":
+            return None
+        source = self.source(call.stage)
+        if source is None:
+            return None
+        if call.window is not None:
+            start, end = call.window
+            pool = self.source(self._first_step(call.stage))
+            assert pool is not None
+            earlier = self.outputs[source] if start else []
+            return [*earlier, *self.outputs[pool][start:end]], False
+        ranked = self.stages[source][0].role == "judge"
+        return list(self.outputs[source]), ranked
+
+    def _first_step(self, stage: int) -> int:
+        while stage > 0 and self.stages[stage - 1][0].window is not None:
+            stage -= 1
+        return stage
 
     def record(self, call: Call, record: CallRecord) -> bool:
         """Account for a finished call; True when it was its stage's last. A stage with no
         usable answer raises LayerFailedError."""
-        stage = stage_of(call.layer)
-        self.records.append(record)
+        stage = call.stage
         self.pending[stage].remove(call)
+        if call.role == "judge":
+            record = self._judged(call, record)
+        elif call.role == "roles":
+            self.roles = parse_roles(record.text, call.roles) if record.ok else None
+            record = record.model_copy(update={"parsed": self.roles is not None})
+        self.records.append(record)
         if self.pending[stage]:
             return False
-        final = stage == self.last_stage
-        self.references[stage] = usable_answers(self.records, call.layer, final=final)
+        if call.role in ("roles", "judge"):
+            self.outputs.setdefault(stage, [])
+            return True
+        what = (
+            "the aggregator" if call.role == "aggregator" else f"every agent of layer {call.layer}"
+        )
+        self.outputs[stage] = usable_answers(self.records, self.stages[stage], what=what)
         return True
 
+    def _judged(self, call: Call, record: CallRecord) -> CallRecord:
+        """The judge's verdict: its selection becomes the stage's output; ``stop`` skips the
+        proposer layers (and their judges) left before the aggregator."""
+        read = self.references_for(call)
+        shown = self.shown.get(call.stage, read[0] if read else [])
+        if record.ok:
+            verdict = parse_verdict(
+                record.text, len(shown), top_k=call.top_k, early_stop=call.early_stop
+            )
+        else:
+            verdict = Verdict(
+                selected=tuple(range(1, len(shown) + 1)),
+                stop=False,
+                reason=f"the judge failed ({record.error})",
+                parsed=False,
+            )
+        self.verdicts[call.stage] = verdict
+        self.outputs[call.stage] = [shown[n - 1] for n in verdict.selected]
+        if verdict.stop:
+            for k in range(call.stage + 1, len(self.stages)):
+                if self.stages[k][0].role in ("proposer", "judge"):
+                    self.skipped.add(k)
+                    self.pending[k] = []
+        return record.model_copy(
+            update={
+                "selected": list(verdict.selected),
+                "stop": verdict.stop,
+                "parsed": verdict.parsed,
+                "reason": verdict.reason,
+            }
+        )
+
     def answer(self) -> str:
-        final = self.references.get(self.last_stage)
-        return final[0] if final else ""
+        for stage in range(self.last_stage, -1, -1):
+            if self.outputs.get(stage):
+                return self.outputs[stage][0].text
+        return ""
 
     def result(self, plan: Plan, seconds: float) -> RunResult:
         return RunResult(
             answer=self.answer(),
-            calls=sorted(self.records, key=lambda r: (r.layer, r.index)),
+            calls=sorted(self.records, key=lambda r: (r.layer, _ROLE_ORDER[r.role], r.index)),
             loads=self.loads,
             replans=self.replans,
             plan=plan,
             seconds=seconds,
+            skipped_layers=sorted(
+                {
+                    self.stages[k][0].layer
+                    for k in self.skipped
+                    if self.stages[k][0].role == "proposer"
+                }
+            ),
         )
+
+
+_ROLE_ORDER = {"roles": 0, "proposer": 1, "judge": 2, "aggregator": 3}

@@ -67,8 +67,13 @@ from localmoa.hardware import Budget
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.runtime.engine import Executor
 from localmoa.runtime.events import CallPiece, Event, RunResult
-from localmoa.runtime.moa import calls_for
-from localmoa.runtime.prepare import check_prompt, footprints, plan_policy
+from localmoa.runtime.prepare import (
+    check_prompt,
+    footprints,
+    plan_policy,
+    run_models,
+    stages_for,
+)
 from localmoa.serve.guard import (
     DEFAULT_MAX_BODY,
     ErrorBody,
@@ -166,25 +171,27 @@ class MoaServer:
         planned (the settings' policy, as ``localmoa run``'s), before serving anything."""
         if not self.config.ensembles:
             raise ConfigError("no ensembles defined: add an [ensembles.NAME] table to serve")
+        every = {
+            name: stages_for(self.config, ensemble)
+            for name, ensemble in self.config.ensembles.items()
+        }
         used = list(
-            dict.fromkeys(
-                c.model
-                for ensemble in self.config.ensembles.values()
-                for stage in calls_for(ensemble)
-                for c in stage
-            )
+            dict.fromkeys(c.model for stages in every.values() for stage in stages for c in stage)
         )
-        self._footprints = await footprints(self.config, used, self.backends)
+        # One table per model for every request: sequences for the most samples any asks.
+        models = run_models(self.config.models, [s for stages in every.values() for s in stages])
+        self.executor.models = models
+        self._footprints = await footprints(self.config, used, self.backends, models)
         sizes = {name: fp.total for name, fp in self._footprints.items()}
-        for name, ensemble in self.config.ensembles.items():
+        for name, stages in every.items():
             try:  # whether a plan exists at all: the fewest loads say, timing would not change it
-                plan_run(calls_for(ensemble), sizes, self.budget.bytes, PlanPolicy(None))
+                plan_run(stages, sizes, self.budget.bytes, PlanPolicy(None))
             except BudgetError as exc:
                 raise BudgetError(
                     f"ensemble {name}: {exc} (budget from {self.budget.detail})"
                 ) from None
         self.policy = plan_policy(self.config, used, self.budget)
-        self.pool = ModelPool(self.config.models, self.backends, sizes, self.budget.bytes)
+        self.pool = ModelPool(models, self.backends, sizes, self.budget.bytes)
         self.executor.sizes = sizes
         self.executor.policy = self.policy
 
@@ -357,7 +364,11 @@ class RequestRun:
         self.server = server
         self.ticket = ticket
         self.body = body
-        self.stages = calls_for(ensemble)
+        self.stages = stages_for(
+            server.config, ensemble, prompt="\n".join(m.content for m in conversation)
+        )
+        self.selecting = not any(c.is_aggregator for stage in self.stages for c in stage)
+        """final = "select": no call writes the answer, so it is sent whole at the end."""
         self.conversation = conversation
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -442,6 +453,8 @@ class RequestRun:
                 yield {"data": error.model_dump_json()}
                 yield {"data": "[DONE]"}
                 return
+            if self.selecting:
+                yield self._chunk([ChunkChoice(delta=Delta(content=result.answer))])
             finish = self._finish_reason(result)
             yield self._chunk([ChunkChoice(delta=Delta(), finish_reason=finish)])
             if self.body.stream_options and self.body.stream_options.include_usage:

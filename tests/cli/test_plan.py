@@ -15,6 +15,7 @@ from localmoa.cli.reports import PlanReport
 from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget
 from localmoa.planning.fewest_loads import Plan, make_plan
+from localmoa.runtime.moa import Call
 from localmoa.runtime.prepare import Prepared
 
 from .invoke import FAKE_THREE, GiB, localmoa
@@ -108,7 +109,12 @@ def test_the_table_reads_the_report_it_is_given() -> None:
 def _prepared(plan: Plan) -> Prepared:
     budget = Budget(bytes=plan.budget_bytes, source="flag", detail="--memory-budget")
     names = dict.fromkeys(name for wave in plan.waves for name in wave.runs)
-    return Prepared("default", [], {name: Footprint.override(GiB) for name in names}, budget, plan)
+    count = max(wave.layer for wave in plan.waves)
+    stages = [  # one call per stage, the last the aggregator: enough for the stage labels
+        [Call(k, 0, next(iter(names)), None, 0.7, 8, k == count)] for k in range(1, count + 1)
+    ]
+    footprints = {name: Footprint.override(GiB) for name in names}
+    return Prepared("default", stages, footprints, budget, plan)
 
 
 def _table(report: PlanReport) -> str:

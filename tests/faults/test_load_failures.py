@@ -216,7 +216,9 @@ async def test_cancelling_during_a_load_still_ends_the_run_and_says_only_the_tru
 
 def test_progress_says_the_load_failed_and_never_that_it_unloaded_it() -> None:
     out = StringIO()
-    progress = Progress(Console(file=out, width=200), show_layers=False, n_waves=1, n_layers=1)
+    progress = Progress(
+        Console(file=out, width=200), show_layers=False, n_waves=1, labels=["layer 1", "aggregator"]
+    )
     backend = FailingLoads({"b": FAILURES["file gone"]}, capacity=3 * GiB)
     result, events = asyncio.run(fake_run("budget", backend))
     for event in events:
