@@ -26,6 +26,17 @@ A request's options are Ollama's own: ``stop`` and ``seed`` go in ``options`` (s
 which never make Ollama reload a model), and ``response_format`` becomes ``format``: ``"json"``
 for a JSON object, the schema itself for a JSON schema (Ollama turns it into a grammar).
 
+**An agent's samples** (Self-MoA) are concurrent requests, at most the model's ``parallel`` at
+a time (the base :meth:`~localmoa.backends.base.Backend.chat_samples`): Ollama answers up to
+``OLLAMA_NUM_PARALLEL`` requests for one model at once and queues the rest, and localmoa cannot
+read that server setting, so the user declares it as ``parallel``. Each sample is a request of
+its own through the one shared client, with its own ``seed`` and the same pinned ``num_ctx``
+and ``keep_alive``, so concurrent samples never make Ollama reload the model; ``chat`` only
+reads the backend's bookkeeping, which only load and unload change (never while the model's
+calls run). Ollama gives every slot its own ``num_ctx`` of KV cache (it starts llama-server with
+``-c num_ctx·np -np np``), so the estimate counts ``num_ctx × parallel`` of context; a
+measurement from ``/api/ps`` includes the slots already, and is remembered per ``parallel``.
+
 Before a load, a model's footprint is estimated like a GGUF file's
 (localmoa.footprint.estimate), from ``/api/show`` ``model_info`` and the ``/api/tags`` file
 size. localmoa never pulls, pushes or deletes models: a missing one is an error that gives the
@@ -229,7 +240,9 @@ class OllamaBackend(Backend):
         )
 
     def estimate(self, model: InstalledModel, config: OllamaModel) -> Footprint:
-        """The GGUF formula over Ollama's model facts, or the file size when it gave none."""
+        """The GGUF formula over Ollama's model facts at ``num_ctx × parallel`` tokens of
+        context (every slot's KV cache, and the attention over all of it that Ollama's one
+        llama.cpp context computes), or the file size when Ollama gave no facts."""
         if model.facts is None:
             return Footprint(
                 weights=model.size,
@@ -238,13 +251,14 @@ class OllamaBackend(Backend):
                 source="ollama",
                 note="file size only: Ollama gave no architecture facts",
             )
-        guess = estimate(model.facts, n_ctx=config.num_ctx, n_batch=512)
+        guess = estimate(model.facts, n_ctx=config.num_ctx * config.parallel, n_batch=512)
+        slots = f", {config.parallel} slots of num_ctx" if config.parallel > 1 else ""
         return Footprint(
             weights=guess.weights,
             kv_cache=guess.kv_cache,
             compute=guess.compute,
             source="ollama",
-            note="estimate from /api/show",
+            note=f"estimate from /api/show{slots}",
         )
 
     # --- the seam ------------------------------------------------------------------------------
@@ -388,7 +402,10 @@ class OllamaBackend(Backend):
         return {"num_ctx": config.num_ctx}
 
     def _cache_key(self, model: InstalledModel, config: OllamaModel) -> str:
-        return f"ollama|{self.host}|{model.digest or model.tag}|num_ctx={config.num_ctx}"
+        """A measurement holds for one model, context and number of slots (each slot holds
+        its own KV cache). One slot keeps the key it had before slots were declared."""
+        slots = f"|parallel={config.parallel}" if config.parallel > 1 else ""
+        return f"ollama|{self.host}|{model.digest or model.tag}|num_ctx={config.num_ctx}{slots}"
 
     async def _show(self, tag: str) -> Any:
         return await self._call(self.client.show(tag))

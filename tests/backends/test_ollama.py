@@ -45,8 +45,8 @@ def backend_for(server: FakeOllama, tmp_path: Path) -> OllamaBackend:
     return OllamaBackend(server.url, cache=MeasurementCache(tmp_path / "measured.json"))
 
 
-def model(tag: str = "qwen2.5:7b", num_ctx: int = 8192) -> OllamaModel:
-    return OllamaModel(backend="ollama", model=tag, num_ctx=num_ctx)
+def model(tag: str = "qwen2.5:7b", num_ctx: int = 8192, parallel: int = 1) -> OllamaModel:
+    return OllamaModel(backend="ollama", model=tag, num_ctx=num_ctx, parallel=parallel)
 
 
 def bodies(server: FakeOllama, path: str) -> list[dict[str, object]]:
@@ -69,6 +69,29 @@ async def test_estimate_before_load_then_measurement_after(
     ).footprint("qwen", model())
     assert after.source == "measured" and after.total == loaded_bytes(QWEN, 8192)
     await backend.aclose()
+
+
+async def test_the_estimate_and_the_measurement_count_every_slot(tmp_path: Path) -> None:
+    with FakeOllama([QWEN], num_parallel=2) as fake:
+        backend = backend_for(fake, tmp_path)
+        one = await backend.footprint("qwen", model())
+        two = await backend.footprint("qwen", model(parallel=2))
+        assert (
+            two.kv_cache
+            == 2 * one.kv_cache
+            == (await backend.footprint("q", model(num_ctx=16384))).kv_cache
+        )
+        assert two.source == "ollama" and "2 slots of num_ctx" in two.note
+        assert two.total >= loaded_bytes(QWEN, 8192, 2)  # an upper bound of what Ollama holds
+        await backend.load("qwen", model(parallel=2))
+        assert backend.resident_bytes("qwen") == loaded_bytes(QWEN, 8192, 2)  # /api/ps
+        await backend.aclose()
+        again = backend_for(fake, tmp_path)
+        measured = await again.footprint("qwen", model(parallel=2))
+        assert (measured.source, measured.total) == ("measured", loaded_bytes(QWEN, 8192, 2))
+        # Measured with two slots, it says nothing of one: that is estimated.
+        assert (await again.footprint("qwen", model())).source == "ollama"
+        await again.aclose()
 
 
 async def test_residency_is_localmoas_with_options_pinned(

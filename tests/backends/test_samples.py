@@ -8,15 +8,20 @@ Servers hold requests until the test lets them go, so "at once" is observed, nev
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+from fake_ollama import FakeOllama, FakeOllamaModel
 
 from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
-from localmoa.config import FakeModel
+from localmoa.backends.ollama import OllamaBackend
+from localmoa.config import FakeModel, OllamaModel
 from localmoa.errors import BackendError
+from localmoa.footprint.measurements import MeasurementCache
 
 SEEDS = (11, 22, 33, 44)
 
@@ -61,3 +66,63 @@ async def test_a_failing_sample_fails_the_agent() -> None:
     await backend.load("qwen", FakeModel(backend="fake", memory=1, fail="boom", parallel=2))
     with pytest.raises(BackendError, match="boom"):
         await answers(backend.chat_samples("qwen", samples(), 2))
+
+
+# --- Ollama ----------------------------------------------------------------------------------
+
+QWEN = FakeOllamaModel(name="qwen2.5:7b", family="qwen2", reply="sample of {model}")
+
+
+def kinds(fake: FakeOllama) -> list[str]:
+    return [kind for kind, _, _ in fake.generations]
+
+
+async def step_through(fake: FakeOllama, parallel: int, count: int) -> None:
+    """Let held answers end one at a time, checking after each that the next request took its
+    place and that no more than ``parallel`` were ever answered at once."""
+    expected = ["start"] * min(parallel, count)
+    started = len(expected)
+    assert await asyncio.to_thread(fake.wait_until, lambda f: kinds(f) == expected), kinds(fake)
+    for _ in range(count):
+        fake.release_chats(1)
+        expected.append("end")
+        if started < count:
+            expected.append("start")
+            started += 1
+        assert await asyncio.to_thread(fake.wait_until, lambda f: kinds(f) == expected), kinds(fake)
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+async def test_ollama_samples_go_parallel_at_a_time_each_with_its_seed(
+    tmp_path: Path, parallel: int
+) -> None:
+    # The server has more slots than declared, so only the backend can keep to `parallel`.
+    with FakeOllama([QWEN], num_parallel=4, hold_chats=True) as fake:
+        backend = OllamaBackend(fake.url, cache=MeasurementCache(tmp_path / "measured.json"))
+        config = OllamaModel(backend="ollama", model="qwen2.5:7b", parallel=parallel)
+        await backend.load("qwen", config)
+        answering = asyncio.create_task(
+            answers(backend.chat_samples("qwen", samples(), config.parallel))
+        )
+        await step_through(fake, parallel, len(SEEDS))
+        texts = await answering
+        await backend.aclose()
+    assert texts == dict.fromkeys(range(len(SEEDS)), "sample of qwen2.5:7b")
+    assert fake.max_in_flight == {"qwen2.5:7b": parallel}
+    chats = [body for _, path, body in fake.requests if path == "/api/chat"]
+    assert sorted(chat["options"]["seed"] for chat in chats) == sorted(SEEDS)
+    assert {chat["options"]["num_ctx"] for chat in chats} == {4096}  # as pinned at the preload
+    assert {chat["keep_alive"] for chat in chats} == {-1}
+    assert [kind for kind, _ in fake.events] == ["load", "unload"]  # never reloaded
+
+
+async def test_ollama_samples_with_the_servers_one_slot_run_one_after_another(
+    tmp_path: Path,
+) -> None:
+    with FakeOllama([QWEN]) as fake:  # OLLAMA_NUM_PARALLEL unset: 1
+        backend = OllamaBackend(fake.url, cache=MeasurementCache(tmp_path / "measured.json"))
+        await backend.load("qwen", OllamaModel(backend="ollama", model="qwen2.5:7b"))
+        texts = await answers(backend.chat_samples("qwen", samples(), 1))
+        await backend.aclose()
+    assert len(texts) == len(SEEDS)
+    assert kinds(fake) == ["start", "end"] * len(SEEDS)
