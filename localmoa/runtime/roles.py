@@ -13,9 +13,11 @@ agent's own system prompt into one.
 
 **The cache never fails a run.** A corrupt, unreadable or mismatching file is a miss (logged at
 debug); a file whose task, model or count differ from the key asked for (a hash collision, a
-hand-edited file) is a miss too, so wrong roles are never used. When the cache cannot be written
-(no permission, disk full) :meth:`RolesCache.put` logs a warning and the run goes on without
-caching: the roles are only a saving, and the next run writes them again.
+hand-edited file) is a miss too, so wrong roles are never used, while a hand-edited file whose
+task, model and count still match is used as it stands (a way to tune the roles). When the
+cache cannot be written (no permission, disk full) :meth:`RolesCache.put` logs a warning and
+the run goes on without caching: the roles are only a saving, and the next run writes them
+again.
 """
 
 from __future__ import annotations
@@ -212,7 +214,8 @@ class _RolesFile(BaseModel):
     model: str
     count: int
     roles: list[str]
-    written: str
+    written: str = ""
+    """When the roles were written (ISO 8601, UTC); a hand-written file may leave it out."""
 
 
 class RolesCache:

@@ -72,7 +72,10 @@ def fit(
 
 
 def sent(fitted: Fitted, counter: Count = words) -> int:
-    return asyncio.run(counter(build(list(fitted.texts))))
+    async def tokens() -> int:
+        return await counter(build(list(fitted.texts)))
+
+    return asyncio.run(tokens())
 
 
 def test_nothing_is_cut_when_it_fits_and_two_counts_suffice() -> None:
@@ -235,7 +238,8 @@ def test_when_shrinking_does_not_help_references_are_dropped_whole() -> None:
 def test_the_result_always_fits_or_drops_everything(
     lengths: list[int], n_ctx: int, max_tokens: int, ranked: bool, counter_kind: str
 ) -> None:
-    tokens: Count = {"words": words, "estimate": estimate, "lumpy": Lumpy()}[counter_kind]
+    counters: dict[str, Count] = {"words": words, "estimate": estimate, "lumpy": Lumpy()}
+    tokens = counters[counter_kind]
     refs = [
         answer(n, i) + (" 99" * (n % 7) if counter_kind == "lumpy" else "")
         for i, n in enumerate(lengths)

@@ -193,6 +193,13 @@ def test_keyed_by_the_sha256_of_task_model_and_count(tmp_path: Path) -> None:
     assert cache.path(TASK, "qwen", 3) not in others and len(others) == 3
 
 
+def test_a_hand_edited_file_for_the_same_key_is_used(tmp_path: Path) -> None:
+    cache = RolesCache(tmp_path)
+    record = {"task": TASK, "model": "qwen", "count": 2, "roles": ["You are A.", "You are B."]}
+    cache.path(TASK, "qwen", 2).write_text(json.dumps(record), encoding="utf-8")
+    assert cache.get(TASK, "qwen", 2) == ["You are A.", "You are B."]
+
+
 def test_a_later_put_replaces(tmp_path: Path) -> None:
     cache = RolesCache(tmp_path)
     cache.put(TASK, "qwen", 3, ROLES)
