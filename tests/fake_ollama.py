@@ -128,6 +128,8 @@ _BOOL_OPTIONS: Final = frozenset(
 EventKind = Literal["load", "unload", "evict", "reload", "expire"]
 Endpoint = Literal["chat", "generate"]
 
+_PLACEHOLDER: Final = re.compile(r"\{(model|prompt|seed)\}")
+
 REQUEST_INDEX: Final = "fake_ollama.request_index"
 """ASGI scope key under which the recording middleware leaves the request's index in
 :attr:`FakeOllama.requests`, so a handler can name its request in what it records."""
@@ -179,7 +181,8 @@ class FakeOllamaModel:
     vram_fraction: float = 1.0
     """``size_vram = loaded size × this``; below 1 simulates a partial CPU offload."""
     reply: str = "a fake answer from {model}"
-    """Streamed one word per chunk; ``{model}`` and ``{prompt}`` are filled in."""
+    """Streamed one word per chunk; ``{model}``, ``{prompt}`` and ``{seed}`` (the request's
+    ``options.seed``, or ``none``) are filled in, in one pass."""
 
     def __post_init__(self) -> None:
         if not self.model_info:
@@ -1167,7 +1170,9 @@ class FakeOllama:
                 answering = False
                 self._give_slot(runner, index)
 
-        text = model.reply.replace("{model}", name).replace("{prompt}", prompt)
+        seed = options.get("seed")
+        values = {"model": name, "prompt": prompt, "seed": "none" if seed is None else str(seed)}
+        text = _PLACEHOLDER.sub(lambda match: values[match[1]], model.reply)
         pieces = _pieces(_before_stop(text, options.get("stop")))
         done_reason = "stop"
         num_predict = options.get("num_predict")

@@ -43,6 +43,13 @@ through as they are: whether the server honours them is the server's to say, and
 refuses them answers with an error that becomes a BackendError in its own words (llama_cpp.server
 0.3, for one, knows ``json_object`` but not ``json_schema``).
 
+**An agent's samples** (Self-MoA) are concurrent requests, at most the model's ``parallel`` at a
+time (the base :meth:`~localmoa.backends.base.Backend.chat_samples`), each with its own ``seed``:
+``parallel`` is what the server answers at once (llama-server's ``--parallel``; vLLM batches
+many), which localmoa cannot ask it. llama_cpp.server answers one at a time and cuts a running
+answer short when the next request arrives, so there it must stay 1 (the samples then go one
+after another); the cut-short error says so.
+
 Every request goes through one ``httpx.AsyncClient`` per base URL, built with
 :func:`localmoa.egress.client_options` (loopback or ``settings.allowed_hosts`` only, proxies
 ignored, ``localhost`` names connected without a lookup), after
@@ -354,10 +361,17 @@ class OpenAIBackend(Backend):
         except httpx.HTTPError as exc:
             raise self._broken(name, url, f"the connection broke mid-answer ({exc})") from exc
         if not finished:
+            parallel = served.config.parallel
             why = (
                 "the server ended the answer without a finish_reason, so it was cut short "
                 "(llama_cpp.server does this when another request arrives while it generates: "
-                "give each model its own server or start it with --interrupt_requests False)"
+                + (
+                    f"models.{name}.parallel is {parallel}, which such a server cannot answer "
+                    "at once; set it to 1, "
+                    if parallel > 1
+                    else ""
+                )
+                + "give each model its own server or start it with --interrupt_requests False)"
                 if done
                 else "the server closed the stream before the answer was finished; its log has "
                 "the reason (often a prompt longer than the server's context window)"

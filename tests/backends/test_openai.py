@@ -360,3 +360,39 @@ async def test_the_real_server_honours_stop_and_seed(server: str, backend: OpenA
     firsts = {c: whole.index(c) for c in whole if c.isascii() and c.isprintable()}
     stop = max((c for c in firsts if firsts[c] > 0), key=firsts.__getitem__)
     assert await text(stop=stop) == whole[: whole.index(stop)]
+
+
+async def test_a_cut_short_answer_with_parallel_slots_says_to_set_parallel_1(
+    backend: OpenAIBackend,
+) -> None:
+    def cut(request: Recorded) -> tuple[int, str, str]:
+        if request.method == "GET":
+            return 200, "application/json", LISTING
+        return 200, "text/event-stream", sse(piece("Hi"))  # [DONE] with no finish_reason
+
+    with stub_server(cut) as (base, _):
+        await backend.load("tiny", model(base, parallel=2))
+        with pytest.raises(BackendError) as cut_short:
+            await answer(backend, "tiny")
+    assert "models.tiny.parallel is 2, which such a server cannot answer at once; set it to 1" in (
+        str(cut_short.value)
+    )
+
+
+async def test_samples_on_the_real_server_one_after_another(
+    server: str, backend: OpenAIBackend
+) -> None:
+    """llama_cpp.server answers one request at a time (parallel = 1): four samples, each with
+    its seed, all answered in full and each its own."""
+    await backend.load("tiny", model(server))
+    requests = [
+        ChatRequest.model_validate({**REQUEST.model_dump(), "temperature": 1.0, "seed": seed})
+        for seed in (1, 2, 3, 4)
+    ]
+    texts: dict[int, str] = dict.fromkeys(range(4), "")
+    tokens = dict.fromkeys(range(4), 0)
+    async for index, delta in backend.chat_samples("tiny", requests, 1):
+        texts[index] += delta.text
+        tokens[index] += delta.tokens
+    assert all(1 <= t <= REQUEST.max_tokens for t in tokens.values()), tokens
+    assert len(set(texts.values())) == 4, texts  # distinct seeds, distinct answers
