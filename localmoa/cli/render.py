@@ -58,10 +58,7 @@ def print_plan(console: Console, report: PlanReport) -> None:
     waves = Table(title=f'Plan for ensemble "{report.ensemble}"', title_justify="left")
     for column in ("wave", "stage", "unload", "load", "resident", "runs", "bytes"):
         waves.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
-    labels = {
-        row.stage: row.label + (" (if no early stop)" if row.conditional else "")
-        for row in report.stages
-    }
+    labels = {row.stage: row.label + (" *" if row.conditional else "") for row in report.stages}
     for i, wave in enumerate(report.waves, start=1):
         waves.add_row(
             str(i),
@@ -84,8 +81,8 @@ def print_plan(console: Console, report: PlanReport) -> None:
         )
     if any(row.conditional for row in report.stages):
         console.print(
-            "Stages marked (if no early stop) run only when the judge before them does not "
-            "stop; a model only they need is never loaded otherwise.",
+            "* only when no judge before it stops early; a model only such stages need is "
+            "loaded only then.",
             markup=False,
         )
     if report.fewest_loads is not None:

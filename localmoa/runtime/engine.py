@@ -48,6 +48,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from asyncio_throttle.throttler import Throttler
@@ -74,6 +75,7 @@ from localmoa.runtime.events import (
     WaveStarted,
 )
 from localmoa.runtime.fit import fit_references
+from localmoa.runtime.judge import judge_format
 from localmoa.runtime.moa import Call, build_request
 from localmoa.runtime.roles import RolesCache
 from localmoa.runtime.state import Answer, RunState, layer_of, stage_of
@@ -527,6 +529,8 @@ class _Dataflow:
             self.state.shown[first.stage] = [
                 Answer(a.layer, a.index, t) for a, t in zip(kept, texts, strict=True)
             ]
+            # The schema names only numbers that exist: a grammar then cannot pick answer 7 of 4.
+            calls = [replace(c, response_format=judge_format(len(kept), c.top_k)) for c in calls]
         requests = [
             self._supported(build_request(c, conversation, texts, persona=persona), c.model)
             for c in calls

@@ -36,7 +36,7 @@ from localmoa.hardware import Budget, device_budget, resolve_budget
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan
 from localmoa.planning.profiles import Profile
-from localmoa.runtime.moa import Call, build_request, calls_for, proposer_slots
+from localmoa.runtime.moa import Call, build_request, calls_for, proposer_slots, stage_label
 from localmoa.runtime.roles import RolesCache
 
 __all__ = [
@@ -279,7 +279,7 @@ async def check_prompt(
             over[call.model] = (n_ctx, max(most, counted), max(room, counted + call.max_tokens))
         if not over:
             continue
-        what = "the aggregator" if number == len(stages) - 1 else f"layer {number + 1}"
+        what = "the aggregator" if stage[0].is_aggregator else stage_label(stage)
         read = "; ".join(
             f'model "{name}" reads it as {t} tokens, its n_ctx is {n}'
             for name, (n, t, _) in over.items()
@@ -310,7 +310,8 @@ def _request_key(
     call: Call, messages: list[ChatMessage], stage: int
 ) -> tuple[str, tuple[tuple[str, str], ...]]:
     """What ``call`` sends, without the references of later stages (unknown before the run)."""
-    request = build_request(call, messages, None if stage == 0 else [])
+    reads = call.role in ("judge", "aggregator") or (call.role == "proposer" and call.layer > 1)
+    request = build_request(call, messages, [] if reads else None)
     return call.model, tuple((m.role, m.content) for m in request.messages)
 
 
