@@ -19,6 +19,7 @@ import click
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from localmoa.cli.init import init_command
 from localmoa.cli.models import models_command
 from localmoa.cli.plan import plan_command
 from localmoa.cli.render import stderr
@@ -61,6 +62,7 @@ cli.add_command(run_command)
 cli.add_command(plan_command)
 cli.add_command(models_command)
 cli.add_command(serve_command)
+cli.add_command(init_command)
 
 
 def main() -> None:
