@@ -4,12 +4,15 @@
 
 - **weights**: the tensor table's bytes (every tensor's type and shape is in the header, so a
   sparse or not-yet-read file is sized exactly). Equals llama.cpp's logged "model buffer".
-- **kv_cache**: ``2 · n_layer · n_head_kv · head_dim · n_ctx · 2``. The first 2 is K and V, the
-  last is f16, llama-cpp-python's default cache type. ``head_dim`` is ``attention.key_length`` /
-  ``value_length`` when declared (K and V may differ), else ``n_embd / n_head``; per-layer
-  ``head_count_kv`` arrays are summed. ``n_ctx`` is padded to llama.cpp's 256-cell granularity.
-  This is Ollama's server estimate (``PredictServerVRAM``, llm/llama_server.go) with declared head
-  sizes honoured; sliding-window layers count at full context (an over-estimate).
+- **kv_cache**: ``2 · n_layer · n_head_kv · head_dim · n_ctx · 2 · n_seq``. The first 2 is K and
+  V, the second is f16, llama-cpp-python's default cache type. ``head_dim`` is
+  ``attention.key_length`` / ``value_length`` when declared (K and V may differ), else
+  ``n_embd / n_head``; per-layer ``head_count_kv`` arrays are summed. ``n_ctx`` is padded to
+  llama.cpp's 256-cell granularity. This is Ollama's server estimate (``PredictServerVRAM``,
+  llm/llama_server.go) with declared head sizes honoured; sliding-window layers count at full
+  context (an over-estimate). ``n_seq`` is the sequences decoded together (an agent's samples),
+  each in its own stream of ``n_ctx`` cells: llama.cpp's non-unified KV cache, which localmoa
+  loads for them (see :mod:`localmoa.backends.llamacpp`).
 - **compute**: everything llama.cpp allocates beside weights and cache, per context
   (``ub = min(n_ctx, n_batch, 512)``, the micro-batch; llama-cpp-python's ``n_ubatch`` is 512):
 
@@ -19,8 +22,13 @@
     ``F = 12·n_ff + 4·n_ctx + 20·n_embd``, logits ``L = 4·n_vocab + 12·n_embd``;
   - ggml's CPU work buffer ``ub · (2·max(n_embd, n_ff) + 2·n_ctx·n_head)`` (the scores as f16
     for the product with V; not in llama.cpp's log, but in RSS);
-  - the output buffer ``4·n_vocab`` (one row of logits) and 8 MiB fixed per model (3-5 MiB
-    measured: context, sampler, thread pool).
+  - the output buffer ``4·n_vocab·n_seq`` (a row of logits per sequence) and 8 MiB fixed per
+    model (3-5 MiB measured: context, sampler, thread pool).
+
+  With ``n_seq`` sequences the graph and work buffers do not grow: each stream attends over its
+  own ``n_ctx`` cells, so the worst case is still one sequence's ``ub`` tokens (measured: the
+  compute buffer llama.cpp logs is the same for 1, 4 and 16 sequences; the output buffer grows
+  by one row each).
 
 The constants were fitted by ``scripts/calibrate_memory.py`` on 99 shapes and contexts
 (n_embd 64-1024, n_ff to 8192, vocab to 65536, ctx 512-8192): the graph buffer formula is 1.00 to
@@ -52,8 +60,9 @@ weights (the tensors' bytes)   0 to 1 PiB   the largest size localmoa accepts (l
 A fact outside them is a :class:`~localmoa.footprint.gguf.GGUFError` naming the key and its value
 (a missing key stays a ``KeyError``); :func:`read_gguf` turns both into a
 :class:`~localmoa.errors.ModelFileError` naming the file. With the limits (and ``n_ctx`` at most
-2^30, localmoa.config), every footprint is a positive whole number of bytes below 2^80:
-:class:`Footprint` refuses a negative part, so no other code has to wonder.
+2^30 and at most 64 sequences, localmoa.backends.configs), every footprint is a positive whole
+number of bytes below 2^81: :class:`Footprint` refuses a negative part, so no other code has to
+wonder.
 """
 
 from __future__ import annotations
@@ -278,10 +287,11 @@ def _show(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def kv_cache_bytes(facts: GGUFFacts, n_ctx: int) -> int:
-    """K and V for every layer's KV heads at ``n_ctx`` positions, f16."""
+def kv_cache_bytes(facts: GGUFFacts, n_ctx: int, n_seq: int = 1) -> int:
+    """K and V for every layer's KV heads at ``n_ctx`` positions, f16, for each of ``n_seq``
+    sequences."""
     per_position = facts.n_head_kv_total * (facts.key_length + facts.value_length)
-    return per_position * padded_ctx(n_ctx) * KV_BYTES_PER_ELEMENT
+    return per_position * padded_ctx(n_ctx) * KV_BYTES_PER_ELEMENT * n_seq
 
 
 def padded_ctx(n_ctx: int) -> int:
@@ -289,15 +299,16 @@ def padded_ctx(n_ctx: int) -> int:
     return _round_up(n_ctx, CTX_PAD)
 
 
-def graph_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
-    """llama.cpp's compute ("graph") buffer plus its output row, as llama.cpp logs them."""
+def graph_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int, n_seq: int = 1) -> int:
+    """llama.cpp's compute ("graph") buffer plus its output rows (one per sequence), as
+    llama.cpp logs them."""
     ctx, ub = padded_ctx(n_ctx), _micro_batch(n_ctx, n_batch)
     embd, heads = facts.n_embd, facts.n_head
     embd_kv = facts.n_head_kv_total // max(facts.n_layer, 1) * facts.key_length
     attention = 4 * ctx * (heads + 1) + 20 * embd + 8 * embd_kv
     feed_forward = 12 * facts.n_ff + 4 * ctx + 20 * embd
     logits = 4 * facts.n_vocab + 12 * embd
-    return ub * max(attention, feed_forward, logits) + GRAPH_SLACK + 4 * facts.n_vocab
+    return ub * max(attention, feed_forward, logits) + GRAPH_SLACK + 4 * facts.n_vocab * n_seq
 
 
 def work_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
@@ -306,21 +317,25 @@ def work_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
     return ub * (2 * max(facts.n_embd, facts.n_ff) + 2 * ctx * facts.n_head)
 
 
-def compute_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int) -> int:
+def compute_bytes(facts: GGUFFacts, n_ctx: int, n_batch: int, n_seq: int = 1) -> int:
     """Everything beside weights and KV cache (see the module docstring)."""
-    return graph_bytes(facts, n_ctx, n_batch) + work_bytes(facts, n_ctx, n_batch) + FIXED_PER_MODEL
+    graph = graph_bytes(facts, n_ctx, n_batch, n_seq)
+    return graph + work_bytes(facts, n_ctx, n_batch) + FIXED_PER_MODEL
 
 
 def _micro_batch(n_ctx: int, n_batch: int) -> int:
     return min(n_ctx, n_batch, N_UBATCH)
 
 
-def estimate(facts: GGUFFacts, *, n_ctx: int, n_batch: int) -> Footprint:
-    """The footprint of ``facts``'s model loaded with this context and batch size."""
+def estimate(facts: GGUFFacts, *, n_ctx: int, n_batch: int, n_seq: int = 1) -> Footprint:
+    """The footprint of ``facts``'s model loaded with this context and batch size, holding
+    ``n_seq`` sequences of ``n_ctx`` positions each."""
+    if n_seq < 1:
+        raise ValueError(f"a context holds at least one sequence, not {n_seq}")
     return Footprint(
         weights=facts.weights_bytes,
-        kv_cache=kv_cache_bytes(facts, n_ctx),
-        compute=compute_bytes(facts, n_ctx, n_batch),
+        kv_cache=kv_cache_bytes(facts, n_ctx, n_seq),
+        compute=compute_bytes(facts, n_ctx, n_batch, n_seq),
         source="gguf",
     )
 

@@ -142,3 +142,17 @@ def test_footprint_refuses_negative_parts() -> None:
     for parts in [(-1, 0, 0), (0, -1, 0), (0, 0, -(1 << 40))]:
         with pytest.raises(ValueError, match="must be a whole number of bytes"):
             Footprint(*parts, source="gguf")
+
+
+def test_each_sequence_holds_its_own_kv_cache_and_row_of_logits(
+    tiny_models: dict[str, Path],
+) -> None:
+    """Samples decoded together: n_seq streams of n_ctx cells, the compute buffer unchanged."""
+    facts = read_gguf(tiny_models["tiny-b"])
+    one = estimate(facts, n_ctx=1000, n_batch=512)
+    four = estimate(facts, n_ctx=1000, n_batch=512, n_seq=4)
+    assert four.kv_cache == 4 * one.kv_cache == 4 * kv_cache_bytes(facts, 1024)
+    assert four.compute - one.compute == 3 * 4 * facts.n_vocab
+    assert four.weights == one.weights
+    with pytest.raises(ValueError, match="at least one sequence"):
+        estimate(facts, n_ctx=1000, n_batch=512, n_seq=0)
