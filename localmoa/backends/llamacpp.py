@@ -30,6 +30,18 @@ the JSON schema (``json_object``: llama.cpp's JSON grammar). The grammar is buil
 than through llama-cpp-python's ``response_format``, which silently falls back to any JSON when
 it cannot convert a schema: here such a schema fails the call, before generating, naming it.
 
+An agent's samples (Self-MoA: one model, k seeds) decode together, as k sequences of the model's
+one context (:meth:`LlamaCppBackend.chat_samples`), not as k calls in a row: on a CPU a decode
+step reads every weight once whatever the number of tokens in it, so k tokens a step cost little
+more than one. The prompt is formatted, tokenized, checked and seeded exactly as a chat call does
+it (``create_chat_completion`` runs with a stand-in that takes over where generation would
+begin, :class:`_Capture`), evaluated once on sequence 0 and copied to the others
+(``llama_memory_seq_cp``); then each step decodes one token of every live sequence in one
+``llama_decode``, and each sequence samples with its own chain (its seed, temperature, grammar:
+the chain a chat call would build). Such a context holds ``parallel`` sequences, each with its
+own n_ctx (see :func:`_sequences` for why the cache is not unified); more samples than that decode
+in rounds. Afterwards the context is emptied, so the next ``chat`` starts as after a load.
+
 llama-cpp-python is the optional ``llamacpp`` extra: this module imports it only inside
 functions, and the registry (:mod:`localmoa.backends.registry`) makes this backend only after
 importing it, so a missing library is one line naming the extra, never an ImportError.
@@ -38,6 +50,7 @@ importing it, so a missing library is one line naming the extra, never an Import
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import ctypes
 import io
@@ -46,7 +59,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,22 +112,28 @@ def _measured_bytes(lines: list[str]) -> int | None:
 
 
 def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
-    from llama_cpp import LLAMA_DEFAULT_SEED
+    import llama_cpp
 
-    return _new_llama(
+    n_seq = config.parallel or 1
+    llama, measured = _new_llama(
+        n_seq=n_seq,
         model_path=str(config.path),
-        n_ctx=config.n_ctx,
+        n_ctx=config.n_ctx * n_seq,
         n_batch=config.n_batch,
         n_gpu_layers=config.n_gpu_layers,
         n_threads=config.n_threads,
         use_mmap=config.use_mmap,
-        seed=LLAMA_DEFAULT_SEED if config.seed is None else config.seed,
+        seed=llama_cpp.LLAMA_DEFAULT_SEED if config.seed is None else config.seed,
     )
+    # llama-cpp-python checks a prompt against the whole context (every sequence's cells), but
+    # a chat call has sequence 0's alone: with one sequence the two are the same number.
+    llama._n_ctx = llama_cpp.llama_n_ctx_seq(llama.ctx)
+    return llama, measured
 
 
-def _new_llama(**params: Any) -> tuple[Any, int | None]:
-    """A ``Llama`` built without touching stdio (see the module docstring), and the buffer
-    bytes llama.cpp logged while building it."""
+def _new_llama(n_seq: int = 1, **params: Any) -> tuple[Any, int | None]:
+    """A ``Llama`` built without touching stdio (see the module docstring), with a context of
+    ``n_seq`` sequences, and the buffer bytes llama.cpp logged while building it."""
     global _capture
     from llama_cpp import Llama
 
@@ -123,7 +142,7 @@ def _new_llama(**params: Any) -> tuple[Any, int | None]:
         lines: list[str] = []
         _capture = lines
         try:
-            with _quiet_this_thread() as chatter:
+            with _quiet_this_thread() as chatter, _sequences(n_seq):
                 llama = Llama(**params, verbose=True)
         except ValueError as exc:
             # llama-cpp-python says only "Failed to load model"; the reason is in the log.
@@ -134,6 +153,45 @@ def _new_llama(**params: Any) -> tuple[Any, int | None]:
     llama.verbose = False  # no per-call timing prints from Python
     log.debug("llama-cpp-python said: %s", chatter.getvalue()[:2000])
     return llama, _measured_bytes(lines)
+
+
+@contextlib.contextmanager
+def _sequences(n_seq: int) -> Iterator[None]:
+    """Contexts made meanwhile hold ``n_seq`` sequences in a KV cache that is not unified.
+
+    ``Llama(...)`` takes no ``n_seq_max`` (0.3.36 sets it only for embeddings): it fills the
+    context's parameters from ``llama_context_default_params()``, looked up on the module at each
+    call, so for the length of one construction (under ``_construct_lock``, which every ``Llama``
+    localmoa makes is built under) that function returns them with our sequences.
+
+    Not unified (llama.cpp's default, set here explicitly): the n_ctx × n_seq cells are split
+    into one stream of n_ctx cells per sequence, so each sample has exactly the n_ctx the plan
+    and the reference cut counted, whatever the others do, and attention in a step reads only
+    each sequence's own cells. A unified cache would let one sequence take the others' room and
+    makes llama.cpp reserve its attention buffers for n_ctx × n_seq positions: measured on a
+    tiny model at n_ctx 4096, the compute buffer is 73.5 MiB for 1 or 4 separate sequences and
+    289 MiB for 4 unified ones. The price is the prompt's copy to each sequence, a copy of the
+    whole stream (n_ctx cells, every layer) rather than shared cells: memory bandwidth, once per
+    call, against decoding the prompt k times.
+    """
+    if n_seq == 1:
+        yield
+        return
+    from llama_cpp import llama_cpp as library
+
+    default = library.llama_context_default_params
+
+    def with_sequences() -> Any:
+        params = default()
+        params.n_seq_max = n_seq
+        params.kv_unified = False
+        return params
+
+    library.llama_context_default_params = with_sequences
+    try:
+        yield
+    finally:
+        library.llama_context_default_params = default
 
 
 class _ThreadFilter(io.TextIOBase):
@@ -247,7 +305,8 @@ class LlamaCppBackend(Backend):
         if config.memory is not None:
             return Footprint.override(config.memory)
         facts = await asyncio.to_thread(read_gguf, config.path)
-        return estimate(facts, n_ctx=config.n_ctx, n_batch=config.n_batch)
+        n_seq = config.parallel or 1
+        return estimate(facts, n_ctx=config.n_ctx, n_batch=config.n_batch, n_seq=n_seq)
 
     async def load(self, name: str, config: Any) -> None:
         if not isinstance(config, LlamaCppModel):
@@ -355,6 +414,75 @@ class LlamaCppBackend(Backend):
             stop.set()
             loaded.busy.remove(stop)
             await asyncio.shield(future)
+
+    async def chat_samples(
+        self, name: str, requests: Sequence[ChatRequest], parallel: int
+    ) -> AsyncIterator[tuple[int, ChatDelta]]:
+        """Stream the answers to ``requests`` (one agent's samples: the same messages, each
+        request its own seed, temperature, max_tokens, stop and response_format) decoded
+        together as sequences of the model's context (see the module docstring).
+
+        At most ``parallel`` sequences, and at most the context's, decode at once; more
+        requests decode in rounds, the prompt still evaluated once. A failure ends them all;
+        closing the iterator stops them within a token, or within a graph node while the
+        prompt is evaluated.
+        """
+        loaded = self._models.get(name)
+        if loaded is None:
+            raise BackendError(name, "called while not loaded")
+        if not requests:
+            return
+        if any(r.messages != requests[0].messages for r in requests):
+            raise ValueError("chat_samples decodes one prompt: give every request its messages")
+        for request in requests:
+            self.refuse_unsupported(name, request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+        loaded.busy.append(stop)
+
+        def emit(kind: str, value: Any) -> None:
+            if not stop.is_set():
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def work() -> None:
+            samples: list[_Sample] = []
+            try:
+                capture = _Capture(loaded.llama)
+                for index, request in enumerate(requests):
+                    samples.append(_Sample.prepare(name, capture, index, request))
+                _decode(loaded, samples, parallel, stop, lambda i, d: emit("delta", (i, d)))
+                emit("done", None)
+            except BackendError as exc:
+                emit("error", exc)
+            except Exception as exc:
+                if stop.is_set():
+                    return  # aborted on purpose: nobody reads this stream now
+                longest = max(requests, key=lambda r: r.max_tokens)
+                prompt = samples[0].prompt_tokens if samples else 0
+                generated = max((s.generated for s in samples), default=0)
+                emit("error", _failure(name, loaded.n_ctx, longest, exc, prompt, generated))
+            finally:
+                for sample in samples:
+                    sample.sampler.close()
+
+        future = loop.run_in_executor(loaded.worker, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    return
+                yield value
+        finally:
+            stop.set()
+            loaded.busy.remove(stop)
+            await asyncio.shield(future)
+
+    async def count_tokens(self, name: str, config: Any, messages: list[ChatMessage]) -> int:
+        """Exact: the model's chat template and tokenizer (:meth:`prompt_tokens`)."""
+        return await self.prompt_tokens(name, config, messages)
 
     async def prompt_tokens(self, name: str, config: Any, messages: list[ChatMessage]) -> int:
         """The tokens ``messages`` take in model ``name``'s context, counted as a chat call
@@ -525,3 +653,253 @@ def _count(vocab: Any, messages: list[ChatMessage]) -> int:
     except _Counted as counted:
         return counted.tokens
     raise RuntimeError("llama-cpp-python's chat handler never asked for a completion")
+
+
+# --- samples decoded together -------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    def __init__(self, tokens: list[int], options: dict[str, Any]) -> None:
+        super().__init__(len(tokens))
+        self.tokens = tokens
+        self.options = options
+
+
+class _Capture:
+    """Stands in for a loaded ``Llama`` in ``Llama.create_chat_completion``, so that a sample's
+    prompt, stop strings, seed and sampler are exactly a chat call's: the model's chat handler
+    formats the prompt and adds its own stop strings, ``Llama._create_completion`` tokenizes it,
+    checks it against the context (raising as in a call) and sets the seed, and the call is
+    taken over where it would start generating.
+
+    The seed is set on the real ``Llama`` as a call sets it, so samples without a seed get the
+    seeds that as many calls in a row would. A prompt is tokenized once for all the samples.
+    """
+
+    def __init__(self, llama: Any) -> None:
+        self._llama = llama
+        self._tokenized: dict[tuple[bytes, bool, bool], list[int]] = {}
+        self.completion: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llama, name)
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        key = (text, add_bos, special)
+        if key not in self._tokenized:
+            self._tokenized[key] = self._llama.tokenize(text, add_bos=add_bos, special=special)
+        return list(self._tokenized[key])
+
+    def create_completion(self, **completion: Any) -> Any:
+        from llama_cpp import Llama
+
+        self.completion = completion
+        create: Any = Llama._create_completion  # called with the stand-in as ``self``
+        next(create(self, **completion))
+        raise RuntimeError("llama-cpp-python's completion never began to generate")
+
+    def generate(self, tokens: Sequence[int], **options: Any) -> Any:
+        raise _Captured(list(tokens), options)
+
+
+@dataclass
+class _Sample:
+    """One request's sequence: its sampler chain, stop strings and limit, and its answer so far.
+
+    Text is released as it becomes certain: bytes wait for the rest of their UTF-8 character
+    (invalid bytes are dropped, as a chat call drops them), and the end of the text waits while
+    it may be the start of a stop string.
+    """
+
+    index: int
+    prompt: list[int]
+    sampler: Any
+    stops: list[str]
+    limit: int
+    """max_tokens, capped to the room the prompt leaves in the sequence's n_ctx (as a call)."""
+    criteria: Any
+    """The chat handler's stopping criteria, or None."""
+    seq: int = 0
+    at: int = -1
+    """The row of the last decode's logits this sequence samples from."""
+    tokens: list[int] = field(default_factory=list)
+    generated: int = 0
+    counted: int = 0
+    done: bool = False
+    pending: str = ""
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("ignore")
+    )
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @classmethod
+    def prepare(cls, name: str, capture: _Capture, index: int, request: ChatRequest) -> _Sample:
+        """Everything a chat call would decide before generating, for ``request``."""
+        from llama_cpp import LLAMA_DEFAULT_SEED, Llama
+
+        complete: Any = Llama.create_chat_completion  # called with the stand-in as ``self``
+        try:
+            complete(
+                capture,
+                messages=[m.model_dump() for m in request.messages],
+                temperature=request.temperature,
+                max_tokens=request.max_tokens,
+                stop=request.stop or [],
+                seed=None if request.seed is None else request.seed % LLAMA_DEFAULT_SEED,
+                grammar=_grammar(name, request.response_format),
+                stream=True,
+            )
+        except _Captured as captured:
+            options = captured.options
+            criteria = options.pop("stopping_criteria", None)
+            init: Any = Llama._init_sampler  # reads the seed just set on the real Llama
+            return cls(
+                index=index,
+                prompt=captured.tokens,
+                sampler=init(capture, **options),
+                stops=[s for s in capture.completion.get("stop") or [] if s],
+                limit=min(request.max_tokens, capture._n_ctx - len(captured.tokens)),
+                criteria=criteria,
+            )
+        raise RuntimeError("llama-cpp-python's chat handler never asked for a completion")
+
+    def take(self, llama: Any, token: int) -> ChatDelta | None:
+        """Account for the sampled ``token`` (``done`` once it ends the answer): the delta to
+        send, None while the token brought no text; the last delta has ``prompt_tokens``."""
+        import llama_cpp
+
+        self.generated += 1
+        end = llama_cpp.llama_vocab_is_eog(llama._model.vocab, token) or self._criteria_met(llama)
+        if not end:
+            self.tokens.append(token)
+        final = end or self.generated >= self.limit
+        text, stopped = self._release(b"" if end else llama.detokenize([token]), final)
+        self.done = final or stopped
+        if not text and not self.done:
+            return None
+        tokens, self.counted = self.generated - self.counted, self.generated
+        return ChatDelta(text, tokens, self.prompt_tokens if self.done else 0)
+
+    def _criteria_met(self, llama: Any) -> bool:
+        """The chat handler's stopping criteria, asked as a chat call asks them: with the
+        tokens before the one just sampled and the logits it was sampled from."""
+        if self.criteria is None:
+            return False
+        import llama_cpp
+        import numpy as np
+
+        logits = llama_cpp.llama_get_logits_ith(llama.ctx, self.at)
+        scores = np.ctypeslib.as_array(logits, shape=(llama.n_vocab(),))
+        return bool(self.criteria(np.array(self.prompt + self.tokens, dtype=np.intc), scores))
+
+    def _release(self, piece: bytes, final: bool) -> tuple[str, bool]:
+        """The text now certain, and whether a stop string ended the answer."""
+        self.pending += self.decoder.decode(piece, final)
+        found = [at for at in (self.pending.find(s) for s in self.stops) if at >= 0]
+        if found:
+            text, self.pending = self.pending[: min(found)], ""
+            return text, True
+        held = 0 if final else _stop_prefix(self.pending, self.stops)
+        text = self.pending[: len(self.pending) - held]
+        self.pending = self.pending[len(text) :]
+        return text, False
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of ``text`` that begins one of ``stops``."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+def _decode(
+    loaded: _Loaded,
+    samples: list[_Sample],
+    parallel: int,
+    stop: threading.Event,
+    emit: Callable[[int, ChatDelta], None],
+) -> None:
+    """Decode ``samples`` together, ``parallel`` (at most the context's sequences) at a time,
+    from the model's worker thread; return early once ``stop`` is set. The context is left
+    empty, as after a load."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaBatch
+
+    llama = loaded.llama
+    memory = llama_cpp.llama_get_memory(llama.ctx)
+    width = max(1, min(parallel, llama_cpp.llama_n_seq_max(llama.ctx), llama.n_batch))
+    prompt = samples[0].prompt
+    batch: Any = LlamaBatch(n_tokens=llama.n_batch, embd=0, n_seq_max=1, verbose=False)
+    held = 0  # prompt tokens in sequence 0's cells
+    llama_cpp.llama_memory_clear(memory, True)
+    llama.reset()
+    try:
+        for first in range(0, len(samples), width):
+            group = samples[first : first + width]
+            for seq in range(1, width):
+                llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+            # A later round evaluates the prompt's last token again: its logits are gone.
+            held = min(held, len(prompt) - 1)
+            llama_cpp.llama_memory_seq_rm(memory, 0, held, -1)
+            loaded.abort.arm(stop)
+            try:
+                last = _evaluate(llama, batch, prompt, held)
+            finally:
+                loaded.abort.disarm()
+            held = len(prompt)
+            for seq, sample in enumerate(group):
+                if seq:
+                    llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+                sample.seq, sample.at = seq, last
+            live = group
+            while live and not stop.is_set():
+                for sample in live:
+                    delta = sample.take(llama, sample.sampler.sample(llama._ctx, sample.at))
+                    if delta is not None:
+                        emit(sample.index, delta)
+                live = [sample for sample in live if not sample.done]
+                if live and not stop.is_set():
+                    _step(llama, batch, live, len(prompt))
+    finally:
+        batch.close()
+        llama_cpp.llama_memory_clear(memory, True)
+        llama.reset()
+
+
+def _evaluate(llama: Any, batch: Any, prompt: list[int], start: int) -> int:
+    """Evaluate ``prompt[start:]`` on sequence 0, ``n_batch`` tokens a decode; the row of the
+    last token's logits."""
+    size = int(llama.n_batch)
+    for begin in range(start, len(prompt), size):
+        chunk = prompt[begin : begin + size]
+        native = batch.batch
+        native.n_tokens = len(chunk)
+        for i, token in enumerate(chunk):
+            native.token[i] = token
+            native.pos[i] = begin + i
+            native.n_seq_id[i] = 1
+            native.seq_id[i][0] = 0
+            native.logits[i] = begin + i == len(prompt) - 1
+        llama._ctx.decode(batch)
+    return (len(prompt) - 1 - start) % size
+
+
+def _step(llama: Any, batch: Any, live: list[_Sample], prompt: int) -> None:
+    """Decode the last sampled token of every live sequence, one ``llama_decode`` for all."""
+    native = batch.batch
+    native.n_tokens = len(live)
+    for i, sample in enumerate(live):
+        native.token[i] = sample.tokens[-1]
+        native.pos[i] = prompt + len(sample.tokens) - 1
+        native.n_seq_id[i] = 1
+        native.seq_id[i][0] = sample.seq
+        native.logits[i] = True
+        sample.at = i
+    llama._ctx.decode(batch)

@@ -1,0 +1,314 @@
+"""An agent's samples decoded together as sequences of one llama.cpp context (Self-MoA).
+
+Real llama.cpp with the tiny random-weight models: their answers are noise, different for every
+seed, which is what makes "each sample has its own seed" checkable. llama-cpp-python's own
+stream drops some characters whose UTF-8 bytes come in two tokens (it decodes each piece alone,
+ignoring errors), which the samples keep; answers are compared with a chat call's on their ASCII
+characters and their token counts, which both keep whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
+from localmoa.backends.llamacpp import LlamaCppBackend, _Sample
+from localmoa.config import LlamaCppModel
+from localmoa.errors import BackendError
+from localmoa.footprint.estimate import kv_cache_bytes, read_gguf
+
+SEEDS = (11, 22, 33, 44)
+MESSAGES = [
+    ChatMessage(role="system", content="You are terse."),
+    ChatMessage(role="user", content="Tell me about the sea."),
+]
+SCHEMA = {
+    "type": "object",
+    "properties": {"calm": {"type": "boolean"}, "waves": {"type": "integer"}},
+    "required": ["calm", "waves"],
+    "additionalProperties": False,
+}
+
+
+def model(path: Path, **kwargs: Any) -> LlamaCppModel:
+    return LlamaCppModel(
+        **{"backend": "llamacpp", "path": path, "n_ctx": 512, "seed": 3, "parallel": 4, **kwargs}
+    )
+
+
+def request(seed: int, **options: Any) -> ChatRequest:
+    return ChatRequest.model_validate(
+        {"messages": MESSAGES, "temperature": 1.0, "max_tokens": 24, "seed": seed, **options}
+    )
+
+
+class Answer:
+    """One sample's deltas."""
+
+    def __init__(self) -> None:
+        self.deltas: list[ChatDelta] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def tokens(self) -> int:
+        return sum(d.tokens for d in self.deltas)
+
+    @property
+    def ascii(self) -> str:
+        return "".join(c for c in self.text if c.isascii())
+
+
+async def samples(
+    backend: LlamaCppBackend, requests: Sequence[ChatRequest], parallel: int = 4
+) -> dict[int, Answer]:
+    answers: dict[int, Answer] = defaultdict(Answer)
+    async for index, delta in backend.chat_samples("m", requests, parallel):
+        assert not answers[index].deltas or not answers[index].deltas[-1].prompt_tokens, (
+            "a delta after the sample's last"
+        )
+        answers[index].deltas.append(delta)
+    return dict(answers)
+
+
+async def chat(backend: LlamaCppBackend, one: ChatRequest) -> Answer:
+    answer = Answer()
+    answer.deltas = [d async for d in backend.chat("m", one)]
+    return answer
+
+
+def record_decodes(backend: LlamaCppBackend) -> list[int]:
+    """The size of every batch model "m"'s context decodes from now on."""
+    context = backend._models["m"].llama._ctx
+    real_decode = context.decode
+    sizes: list[int] = []
+
+    def decode(batch: Any) -> Any:
+        sizes.append(batch.n_tokens())
+        return real_decode(batch)
+
+    context.decode = decode
+    return sizes
+
+
+@pytest.fixture
+async def loaded(tiny_models: dict[str, Path]) -> AsyncIterator[LlamaCppBackend]:
+    backend = LlamaCppBackend()
+    await backend.load("m", model(tiny_models["tiny-a"]))
+    yield backend
+    await backend.unload("m")
+
+
+async def test_each_sample_comes_back_under_its_index_with_its_own_seed(
+    loaded: LlamaCppBackend, tiny_models: dict[str, Path]
+) -> None:
+    decodes = record_decodes(loaded)
+    answers = await samples(loaded, [request(seed) for seed in SEEDS])
+    assert sorted(answers) == [0, 1, 2, 3]
+    assert len({a.text for a in answers.values()}) == 4, [a.text for a in answers.values()]
+    prompt = await loaded.count_tokens("m", model(tiny_models["tiny-a"]), MESSAGES)
+    # Together: the prompt once, then a token of every live sample a step.
+    longest = max(a.tokens for a in answers.values())
+    assert decodes[0] == prompt and len(decodes) == longest
+    assert decodes[1] == 4 and sorted(decodes[1:], reverse=True) == decodes[1:]
+    for answer in answers.values():
+        assert 1 <= answer.tokens <= 24
+        assert [d.prompt_tokens for d in answer.deltas] == [0] * (len(answer.deltas) - 1) + [prompt]
+
+
+async def test_samples_are_the_answers_chat_calls_with_their_seeds_give(
+    loaded: LlamaCppBackend,
+) -> None:
+    first = await samples(loaded, [request(seed) for seed in SEEDS])
+    again = await samples(loaded, [request(seed) for seed in SEEDS])
+    assert {i: a.text for i, a in again.items()} == {i: a.text for i, a in first.items()}
+    # The context was emptied: chat calls afterwards answer as on a fresh load.
+    for i, seed in enumerate(SEEDS):
+        alone = await chat(loaded, request(seed))
+        assert (alone.ascii, alone.tokens) == (first[i].ascii, first[i].tokens), seed
+        assert alone.deltas[-1].prompt_tokens == first[i].deltas[-1].prompt_tokens
+
+
+async def test_max_tokens_and_stop_strings_hold_per_sample(loaded: LlamaCppBackend) -> None:
+    whole = await samples(loaded, [request(seed, max_tokens=48) for seed in SEEDS])
+    limits = (1, 3, 7, 48)
+    short = await samples(
+        loaded, [request(seed, max_tokens=n) for seed, n in zip(SEEDS, limits, strict=True)]
+    )
+    for i, limit in enumerate(limits):
+        assert short[i].tokens == min(limit, whole[i].tokens), (limit, whole[i].tokens)
+        assert whole[i].text.startswith(short[i].text)
+    # Each sample stops at its own string: an ASCII character of its answer, not at the start.
+    stops = []
+    for answer in (whole[i] for i in range(4)):
+        firsts = {c: answer.text.index(c) for c in answer.text if c.isalnum() and c.isascii()}
+        stops.append(max((c for c in firsts if firsts[c] > 0), key=firsts.__getitem__))
+    cut = await samples(
+        loaded,
+        [
+            request(seed, max_tokens=48, stop=[stop, "never in it \u2603"])
+            for seed, stop in zip(SEEDS, stops, strict=True)
+        ],
+    )
+    for i, stop in enumerate(stops):
+        assert cut[i].text == whole[i].text[: whole[i].text.index(stop)], stop
+        assert 0 < len(cut[i].text) < len(whole[i].text)
+
+
+async def test_json_schema_answers_parse_in_every_sample(loaded: LlamaCppBackend) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "sea", "schema": SCHEMA}}
+    answers = await samples(
+        loaded, [request(seed, max_tokens=256, response_format=response_format) for seed in SEEDS]
+    )
+    parsed = [json.loads(answers[i].text) for i in range(4)]
+    for answer in parsed:
+        assert set(answer) == {"calm", "waves"} and isinstance(answer["calm"], bool)
+        assert isinstance(answer["waves"], int) and not isinstance(answer["waves"], bool)
+    assert len({json.dumps(a) for a in parsed}) > 1  # still sampled, each with its seed
+
+
+async def test_more_samples_than_the_context_s_sequences_decode_in_rounds(
+    tiny_models: dict[str, Path],
+) -> None:
+    backend = LlamaCppBackend()
+    await backend.load("m", model(tiny_models["tiny-a"], parallel=2))
+    try:
+        seeds = (*SEEDS, 55)
+        decodes = record_decodes(backend)
+        answers = await samples(backend, [request(seed) for seed in seeds], parallel=4)
+        assert sorted(answers) == [0, 1, 2, 3, 4]
+        # Rounds of two, two and one, the prompt evaluated once: a later round decodes only
+        # its last token again, for the logits its first token is sampled from.
+        prompt = answers[0].deltas[-1].prompt_tokens
+        assert decodes[0] == prompt and decodes.count(prompt) == 1 and max(decodes[1:]) == 2
+        for i, seed in enumerate(seeds):
+            alone = await chat(backend, request(seed))
+            assert (answers[i].ascii, answers[i].tokens) == (alone.ascii, alone.tokens), seed
+    finally:
+        await backend.unload("m")
+
+
+async def test_closing_the_stream_mid_decode_frees_the_worker(loaded: LlamaCppBackend) -> None:
+    """The worker stops within a step of the close: no decode after it."""
+    context = loaded._models["m"].llama._ctx
+    real_decode = context.decode
+    decodes: list[int] = []
+    generating = threading.Event()
+
+    def decode(batch: Any) -> Any:
+        decodes.append(batch.n_tokens())
+        if len(decodes) == 3:  # the prompt, then two steps of four tokens
+            generating.set()
+            stop = loaded._models["m"].busy[0]
+            assert stop.wait(60)  # the test closes the stream meanwhile
+        return real_decode(batch)
+
+    context.decode = decode
+    consumer = asyncio.create_task(
+        samples(loaded, [request(seed, max_tokens=400) for seed in SEEDS])
+    )
+    assert await asyncio.to_thread(generating.wait, 60)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert decodes[1:] == [4, 4]  # nothing decoded after the stop
+    context.decode = real_decode
+    assert (await chat(loaded, request(5))).tokens  # the model answers again at once
+
+
+async def test_closing_during_the_prompt_aborts_its_evaluation(loaded: LlamaCppBackend) -> None:
+    """llama.cpp's abort callback is armed while the samples' prompt is evaluated."""
+    context = loaded._models["m"].llama._ctx
+    real_decode = context.decode
+    evaluating = threading.Event()
+    failures: list[str] = []
+
+    def decode(batch: Any) -> Any:
+        evaluating.set()
+        assert loaded._models["m"].busy[0].wait(60)
+        try:
+            return real_decode(batch)
+        except RuntimeError as exc:
+            failures.append(str(exc))
+            raise
+
+    context.decode = decode
+    consumer = asyncio.create_task(samples(loaded, [request(seed) for seed in SEEDS]))
+    assert await asyncio.to_thread(evaluating.wait, 60)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert failures == ["llama_decode returned 2"]  # aborted, not finished
+    context.decode = real_decode
+    assert len(await samples(loaded, [request(seed) for seed in SEEDS])) == 4
+
+
+async def test_each_sample_has_the_configured_context_not_the_whole_cache(
+    loaded: LlamaCppBackend, tiny_models: dict[str, Path]
+) -> None:
+    """The cache holds 4 × 512 cells, but a sequence (a sample or a chat call) has 512."""
+    long = [ChatMessage(role="user", content="x" * 600)]
+    tokens = await loaded.count_tokens("m", model(tiny_models["tiny-a"]), long)
+    assert 512 < tokens < 4 * 512
+    expected = (
+        f'model "m": the prompt\'s {tokens} tokens do not fit the context (n_ctx 512); raise '
+        f"n_ctx of [models.m] to at least {tokens + 24}, or shorten the prompt"
+    )
+    with pytest.raises(BackendError) as failed:
+        await samples(loaded, [request(s).model_copy(update={"messages": long}) for s in SEEDS])
+    assert str(failed.value) == expected
+    with pytest.raises(BackendError) as failed:
+        await chat(loaded, request(1).model_copy(update={"messages": long}))
+    assert str(failed.value) == expected
+    assert len(await samples(loaded, [request(seed) for seed in SEEDS])) == 4
+
+
+async def test_count_tokens_is_the_chat_call_s_prompt(
+    loaded: LlamaCppBackend, tiny_models: dict[str, Path]
+) -> None:
+    counted = await loaded.count_tokens("m", model(tiny_models["tiny-a"]), MESSAGES)
+    assert counted == (await chat(loaded, request(1))).deltas[-1].prompt_tokens
+    assert counted > sum(len(m.content) for m in MESSAGES) / 8
+
+
+async def test_the_footprint_counts_every_sequence_s_kv_cache(
+    tiny_models: dict[str, Path],
+) -> None:
+    backend = LlamaCppBackend()
+    path = tiny_models["tiny-c"]
+    one, four = model(path, parallel=1), model(path, parallel=4)
+    small, large = await backend.footprint("m", one), await backend.footprint("m", four)
+    per_sequence = kv_cache_bytes(read_gguf(path), 512)
+    assert (small.kv_cache, large.kv_cache) == (per_sequence, 4 * per_sequence)
+    output_rows = 3 * 4 * read_gguf(path).n_vocab  # a row of f32 logits per extra sequence
+    assert large.total - small.total == 3 * per_sequence + output_rows
+    # What llama.cpp really allocates grows by as much, and stays within the estimate.
+    measured = []
+    for config, footprint in ((one, small), (four, large)):
+        await backend.load("m", config)
+        bytes_ = backend.resident_bytes("m")
+        await backend.unload("m")
+        assert bytes_ is not None and bytes_ <= footprint.total
+        measured.append(bytes_)
+    # (llama.cpp logs each buffer in MiB with two decimals)
+    assert measured[1] - measured[0] == pytest.approx(3 * per_sequence + output_rows, abs=30_000)
+
+
+def test_text_waits_for_whole_characters_and_for_what_may_begin_a_stop() -> None:
+    sample = _Sample(index=0, prompt=[1], sampler=None, stops=["STOP"], limit=99, criteria=None)
+    released = [sample._release(piece, final=False) for piece in (b"a\xc3", b"\xa9S", b"T")]
+    assert released == [("a", False), ("\u00e9", False), ("", False)]
+    assert sample._release(b"OP and more", final=False) == ("", True)
+    sample = _Sample(index=0, prompt=[1], sampler=None, stops=["STOP"], limit=99, criteria=None)
+    assert sample._release(b"xST", final=False) == ("x", False)
+    assert sample._release(b"\xe2\x82", final=True) == ("ST", False)  # the end: all of it
