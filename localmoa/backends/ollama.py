@@ -240,9 +240,12 @@ class OllamaBackend(Backend):
         )
 
     def estimate(self, model: InstalledModel, config: OllamaModel) -> Footprint:
-        """The GGUF formula over Ollama's model facts at ``num_ctx × parallel`` tokens of
-        context (every slot's KV cache, and the attention over all of it that Ollama's one
-        llama.cpp context computes), or the file size when Ollama gave no facts."""
+        """The GGUF formula over Ollama's model facts, or the file size when Ollama gave none.
+
+        The context is ``num_ctx × parallel``: Ollama runs one context of that many cells that
+        its slots share, so beside every slot's KV cache its attention buffers span all of
+        them too, unlike llama.cpp's separate sequences (``n_seq``, whose buffers do not
+        grow); the same KV cache, and an upper bound of the rest."""
         if model.facts is None:
             return Footprint(
                 weights=model.size,
