@@ -6,7 +6,9 @@ from the plan; a backend never loads or evicts on its own. Each backend translat
 exceptions into :class:`~localmoa.errors.BackendError` at this boundary.
 
 Calls to one model are serialized by the executor, so a backend may assume one call per model at
-a time (a llama.cpp context is not thread-safe).
+a time (a llama.cpp context is not thread-safe), except an agent's samples, which
+:meth:`Backend.chat_samples` sends to one model up to ``parallel`` at once; a backend whose
+runtime is not safe for that (llama.cpp) overrides ``chat_samples``.
 
 A request may also ask for a few things beyond the messages, each OpenAI's own field with its
 meaning (``REQUEST_OPTIONS``): ``stop`` strings that end the answer (not included in it), a

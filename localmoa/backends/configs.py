@@ -130,7 +130,9 @@ class FakeModel(ModelTable):
     backend: Literal["fake"]
     memory: Size
     reply: str = "{model} has considered: {prompt}"
-    """Reply template; ``{model}`` and ``{prompt}`` (the last user message) are filled in."""
+    """Reply template; ``{model}``, ``{prompt}`` (the last user message) and ``{seed}`` (the
+    request's seed, or ``none``) are filled in, in one pass; other braces are literal, so a
+    template may be JSON."""
     load_seconds: NonNegativeFloat = 0.0
     seconds_per_token: NonNegativeFloat = 0.0
     fail: str | None = None
