@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Literal
 
 from localmoa.backends.configs import LlamaCppModel
-from localmoa.config import Config, parse_config
+from localmoa.config import Config, Judge, parse_config
 from localmoa.errors import BudgetError, ConfigError
 from localmoa.footprint.estimate import GGUFFacts, estimate, kv_cache_bytes
 from localmoa.hardware import Budget
@@ -85,6 +85,8 @@ TEMPERATURE = 0.7
 """Sampling temperature of every agent: the MoA code's default; Self-MoA needs it above 0."""
 ENSEMBLE = "default"
 """The ensemble's name: the one ``run`` and ``plan`` use without ``--ensemble``."""
+JUDGE_MAX_TOKENS: int = Judge.model_fields["max_tokens"].default
+"""The judge's verdict length the file leaves at its default."""
 WIDTH = 96
 """Longest comment line of the file."""
 N_BATCH: int = LlamaCppModel.model_fields["n_batch"].default
@@ -244,11 +246,14 @@ class Selection:
     @property
     def max_tokens(self) -> int:
         """:data:`MAX_TOKENS`, or less, so that in the smallest context of the file a call can
-        read a layer's answers, write its own, and still have as much again for the prompt:
-        ``(answers + 2) · max_tokens ≤ n_ctx``. (Longer references are cut to fit at run time;
-        this keeps them from being cut on an ordinary prompt.)"""
+        read a layer's answers and write its own (the judge: its verdict) with as much again
+        left for the prompt: ``answers · m + max(m, judge's) + m ≤ n_ctx``. (Longer references
+        are cut to fit at run time; this keeps an ordinary prompt's from being cut.)"""
         smallest = min(c.n_ctx for c in self.models)
-        return max(1, min(MAX_TOKENS, smallest // (self.answers + 2)))
+        most = min(MAX_TOKENS, smallest // (self.answers + 2))
+        if self.top_k is not None:
+            most = min(most, (smallest - JUDGE_MAX_TOKENS) // (self.answers + 1))
+        return max(1, most)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from localmoa.cli.render import print_json, stderr
 from localmoa.cli.session import Session, plan_run
 from localmoa.cli.signals import arun, close_backends
 from localmoa.config import CONFIG_NAME, OllamaModel, Settings
-from localmoa.errors import BudgetError, ModelFileError, UserError
+from localmoa.errors import BudgetError, ModelFileError, PromptTooLongError, UserError
 from localmoa.footprint.estimate import read_gguf
 from localmoa.footprint.gguf import GGUFError, read_header
 from localmoa.hardware import resolve_budget
@@ -41,6 +41,8 @@ from localmoa.presets import CONTEXTS, ENSEMBLE, PRESETS, Candidate, Written, wr
 
 __all__ = ["InitModel", "InitReport", "init_command"]
 
+PROBE = "hi"
+"""The prompt the written file is checked with: the shortest a user could ask."""
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
@@ -186,15 +188,22 @@ async def _build(
 
 
 async def _check_plan(written: Written, backends: Backends, budget: int) -> None:
-    """Plan the ensemble as ``localmoa plan`` will, against the budget it was sized for."""
+    """Plan the ensemble as ``localmoa run`` would for a one-word prompt, against the budget it
+    was sized for. Over budget is init's own mistake; a prompt that cannot fit is the models'
+    (a context too short for the preset's instructions), which no choice of init could mend."""
+    preset = written.selection.preset.name
     try:
-        await plan_run(Session(written.config, backends, []), ENSEMBLE, str(budget))
+        await plan_run(Session(written.config, backends, []), ENSEMBLE, str(budget), PROBE)
     except BudgetError as exc:
         raise RuntimeError(
-            f"internal error: the models.toml written for --preset "
-            f"{written.selection.preset.name} does not plan ({exc}); please report it with "
-            f"the file:\n{written.text}"
+            f"internal error: the models.toml written for --preset {preset} does not plan "
+            f"({exc}); please report it with the file:\n{written.text}"
         ) from exc
+    except PromptTooLongError as exc:
+        raise UserError(
+            f"--preset {preset} does not suit these models: even a one-word prompt would not "
+            f"fit ({exc}); choose models with a longer context, or another preset"
+        ) from None
 
 
 def _gguf_candidates(folder: Path) -> tuple[list[Candidate], list[str]]:
@@ -251,8 +260,9 @@ async def _ollama_candidates(backends: Backends) -> tuple[list[Candidate], list[
     assert isinstance(ollama, OllamaBackend)
     try:
         installed = await ollama.installed()
-    except UserError as exc:
-        return [], [], f"Ollama: {exc}"
+    except UserError as exc:  # unreachable, or a host localmoa may not reach
+        message = str(exc)
+        return [], [], message if message.startswith("Ollama") else f"Ollama: {message}"
     found: list[Candidate] = []
     notes: list[str] = []
     for tag, model in sorted(installed.items()):
