@@ -13,11 +13,11 @@ and an answer) down to 1024, capped at the context the model was trained for. Ol
 measurement of a model, when it has one at that context, counts when larger.
 
 **Samples decoded together.** On llama.cpp an agent's ``samples`` decode as parallel sequences
-of one context, each holding its own ``n_ctx`` of KV cache; the footprint of ``k`` of them is
-the estimate at ``k · n_ctx`` (KV and the attention buffers grow with the positions held, the
-weights do not), an upper bound of what k sequences of n_ctx cost. Ollama's samples go one after
-another unless its ``parallel`` is raised to the server's ``OLLAMA_NUM_PARALLEL``, so they cost
-nothing extra here.
+of one context, each holding its own ``n_ctx`` of KV cache: the estimate with ``n_seq`` of them,
+as the llama.cpp backend counts a model whose ``parallel`` is that many (unset, the run sets it
+to the most samples an agent asks). Ollama's samples go one after another unless the table's
+``parallel`` is raised to the server's ``OLLAMA_NUM_PARALLEL``, which init cannot read, so they
+cost nothing extra here (a comment in the file says how to raise it).
 
 **Which models.** Strength is taken as size (bytes of weights): among models a laptop holds, the
 larger one of a family is the better one. Proposers are the largest fitting model of each family
@@ -51,7 +51,7 @@ from typing import Literal
 from localmoa.backends.configs import LlamaCppModel
 from localmoa.config import Config, Judge, parse_config
 from localmoa.errors import BudgetError, ConfigError
-from localmoa.footprint.estimate import GGUFFacts, estimate, kv_cache_bytes
+from localmoa.footprint.estimate import CTX_PAD, GGUFFacts, estimate, kv_cache_bytes
 from localmoa.hardware import Budget
 from localmoa.sizes import format_bytes
 
@@ -190,7 +190,7 @@ class Candidate:
             together = 1
         guessed = self.weights
         if self.facts is not None:
-            guessed = estimate(self.facts, n_ctx=n_ctx * together, n_batch=N_BATCH).total
+            guessed = estimate(self.facts, n_ctx=n_ctx, n_batch=N_BATCH, n_seq=together).total
         return max(guessed, self.measured.get(n_ctx, 0))
 
     def contexts(self) -> list[int]:
@@ -199,8 +199,8 @@ class Candidate:
         return sorted({min(c, trained) if trained else c for c in CONTEXTS}, reverse=True)
 
     def kv_per_token(self) -> int | None:
-        """KV cache bytes per position, for the comments; None without facts."""
-        return kv_cache_bytes(self.facts, 256) // 256 if self.facts is not None else None
+        """KV cache bytes per position of one sequence, for the comments; None without facts."""
+        return kv_cache_bytes(self.facts, CTX_PAD) // CTX_PAD if self.facts is not None else None
 
 
 @dataclass(frozen=True)

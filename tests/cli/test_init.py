@@ -91,7 +91,12 @@ def test_each_preset_writes_a_file_that_reads_back_and_plans(
         assert table.path == models / f"{model.name}.gguf"
     plan = localmoa("plan", "--json")  # ./models.toml, the ensemble run uses by default
     assert plan.returncode == 0, plan.stderr
-    assert json.loads(plan.stdout)["ensemble"] == ENSEMBLE
+    planned = json.loads(plan.stdout)
+    assert planned["ensemble"] == ENSEMBLE
+    # init sized each model as the planner counts it, samples decoding together included
+    assert {name: m["bytes"] for name, m in planned["models"].items()} == {
+        m.name: m.bytes for m in report.models
+    }
 
 
 def test_without_json_the_reasons_go_to_stderr_and_one_line_to_stdout(models: Path) -> None:
@@ -191,6 +196,10 @@ def test_ollama_models_are_candidates(tmp_path: Path, monkeypatch: pytest.Monkey
         assert config.settings.memory_budget == 64 << 30
         plan = localmoa("plan", "--json")
         assert plan.returncode == 0, plan.stderr
+        planned = json.loads(plan.stdout)["models"]
+        assert {name: m["bytes"] for name, m in planned.items()} == {
+            m.name: m.bytes for m in report.models
+        }
         assert {path for _, path, _ in server.requests} <= {"/api/tags", "/api/show", "/api/ps"}
 
 
