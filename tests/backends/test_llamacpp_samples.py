@@ -224,6 +224,8 @@ async def test_closing_the_stream_mid_decode_frees_the_worker(loaded: LlamaCppBa
     assert decodes[1:] == [4, 4]  # nothing decoded after the stop
     context.decode = real_decode
     assert (await chat(loaded, request(5))).tokens  # the model answers again at once
+    await loaded.unload("m")
+    assert not [t for t in threading.enumerate() if t.name.startswith("localmoa-m")]
 
 
 async def test_closing_during_the_prompt_aborts_its_evaluation(loaded: LlamaCppBackend) -> None:
