@@ -1,16 +1,15 @@
-"""From the models a machine has and its memory budget to a commented models.toml for a preset.
+"""Which models of a machine go into a preset's ensemble, at what context, for a budget.
 
-``localmoa init --preset NAME`` (localmoa.cli.init) finds the candidates (GGUF headers, Ollama's
-listing) and writes the file; everything between is here, pure: no I/O, no clock, no backend,
-so each rule below is tested on made-up candidates.
+Pure: no I/O, no clock, no backend, so each rule is tested on made-up candidates
+(localmoa.cli.init finds the real ones: GGUF headers, Ollama's listing).
 
 **What fits.** A model fits when its footprint, as the planner will count it, is within the
 budget on its own: the planner can always run a layer one model at a time, so that is what makes
 the file plan and run as written (``localmoa plan`` then shows which models share memory). The
-footprint is :func:`localmoa.footprint.estimate.estimate` at the model's context, with the
-context tried from :data:`CONTEXTS` (4096 first: room for a prompt, three 512-token references
-and an answer) down to 1024, capped at the context the model was trained for. Ollama's
-measurement of a model, when it has one at that context, counts when larger.
+footprint is :func:`localmoa.footprint.estimate.estimate` at the model's context, tried from
+:data:`CONTEXTS` (4096 first: room for a prompt, three 512-token references and an answer) down
+to 1024, capped at the context the model was trained for. Ollama's measurement of a model, when
+it has one at that context, counts when larger, as it does for the planner.
 
 **Samples decoded together.** On llama.cpp an agent's ``samples`` decode as parallel sequences
 of one context, each holding its own ``n_ctx`` of KV cache: the estimate with ``n_seq`` of them,
@@ -25,39 +24,32 @@ first (different families make different mistakes, which Mixture-of-Agents feeds
 localmoa.zeroconfig), then the next largest models to fill the preset's proposer count; the
 aggregator, and Sparse MoA's judge, is the largest fitting model, since synthesis is the hardest
 call. Self-MoA is the largest model whose ``SELF_SAMPLES`` samples (or fewer, at least two) fit
-together.
+together; Sparse MoA's judge must leave an answer out, so with fewer than three proposers each
+gives more samples (config.py's ``_variant_problems`` states the rule).
 
-**The ensemble's name.** ``localmoa run`` and ``plan`` use the ensemble named ``default`` unless
-given ``--ensemble``, so the file has exactly one, named so: it runs as written. The preset's
-name is in the comments and in ``localmoa init --json``.
-
-The text is rendered here (tomllib reads TOML but cannot write it) and read back through
-:func:`localmoa.config.parse_config` before it is returned: a file init writes that localmoa
-itself would refuse is a bug, raised as such.
+**Answer length.** ``max_tokens`` is :data:`MAX_TOKENS`, or less where contexts are small, so
+that a call reading a layer's answers still has room for its own and a prompt
+(:attr:`Selection.max_tokens`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-import textwrap
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Literal
 
 from localmoa.backends.configs import LlamaCppModel
-from localmoa.config import Config, Judge, parse_config
-from localmoa.errors import BudgetError, ConfigError
+from localmoa.config import Judge
+from localmoa.errors import BudgetError
 from localmoa.footprint.estimate import CTX_PAD, GGUFFacts, estimate, kv_cache_bytes
-from localmoa.hardware import Budget
 from localmoa.sizes import format_bytes
 
 __all__ = [
     "CONTEXTS",
-    "ENSEMBLE",
+    "JUDGE_MAX_TOKENS",
     "MAX_TOKENS",
     "PRESETS",
     "SELF_SAMPLES",
@@ -66,29 +58,21 @@ __all__ = [
     "Chosen",
     "Preset",
     "Selection",
-    "Written",
     "choose",
-    "render",
-    "write_preset",
 ]
 
 CONTEXTS = (4096, 2048, 1024)
 """Contexts tried for each model, largest first."""
 SELF_SAMPLES = 4
-"""Self-MoA's samples when they fit together (the paper's gains hold from a handful of samples)."""
+"""Self-MoA's samples when they fit together: four 512-token answers and the aggregator's own
+still leave room for a prompt in a 4096 context."""
 TOP_K = 2
 """Sparse MoA's answers passed on per layer (the SMoA code's default, k = 2)."""
 MAX_TOKENS = 512
 """The longest answer of an agent: the MoA code's default (togethercomputer/MoA bot.py), and
-less when the contexts are small (:func:`max_tokens`)."""
-TEMPERATURE = 0.7
-"""Sampling temperature of every agent: the MoA code's default; Self-MoA needs it above 0."""
-ENSEMBLE = "default"
-"""The ensemble's name: the one ``run`` and ``plan`` use without ``--ensemble``."""
+less when the contexts are small (:attr:`Selection.max_tokens`)."""
 JUDGE_MAX_TOKENS: int = Judge.model_fields["max_tokens"].default
 """The judge's verdict length the file leaves at its default."""
-WIDTH = 96
-"""Longest comment line of the file."""
 N_BATCH: int = LlamaCppModel.model_fields["n_batch"].default
 """The batch size the written llamacpp tables leave at its default, as the estimate needs it."""
 
@@ -220,6 +204,11 @@ class Chosen:
     roles: tuple[str, ...]
     why: str
 
+    @property
+    def role_text(self) -> str:
+        """Its roles as a comment says them: "proposer, aggregator and judge"."""
+        return _roles(self.roles)
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -254,20 +243,6 @@ class Selection:
         if self.top_k is not None:
             most = min(most, (smallest - JUDGE_MAX_TOKENS) // (self.answers + 1))
         return max(1, most)
-
-
-@dataclass(frozen=True)
-class Written:
-    """The file's text, the config it reads back as, and what went into it."""
-
-    selection: Selection
-    text: str
-    config: Config
-    budget: Budget
-    reasons: list[str]
-    """The header's lines on each candidate: the caller's skips, then the selection's."""
-    sources: dict[str, str]
-    """Each model's GGUF path as the file has it, or its Ollama tag, by key."""
 
 
 def choose(preset: Preset, candidates: Sequence[Candidate], budget: int) -> Selection:
@@ -462,215 +437,6 @@ def _keys(candidates: Sequence[Candidate]) -> dict[Candidate, str]:
     return keys
 
 
-# --- the text ---------------------------------------------------------------------------------
-
-
-def write_preset(
-    preset: Preset,
-    candidates: Sequence[Candidate],
-    budget: Budget,
-    *,
-    written_budget: str,
-    made: date,
-    output: Path,
-    skipped: Sequence[str] = (),
-) -> Written:
-    """Choose, render, and read back: what ``localmoa init`` writes to ``output``.
-
-    ``written_budget`` is the ``settings.memory_budget`` the file gets ("auto", or the size the
-    user gave); ``skipped`` are the lines about files and servers the caller could not use.
-    Raises BudgetError when nothing fits, RuntimeError when the text would not read back.
-    """
-    selection = choose(preset, candidates, budget.bytes)
-    text = render(
-        selection,
-        budget=budget,
-        written_budget=written_budget,
-        made=made,
-        base=output.parent,
-        skipped=skipped,
-    )
-    try:
-        config = parse_config(tomllib.loads(text), source=output)
-    except (tomllib.TOMLDecodeError, ConfigError) as exc:
-        raise RuntimeError(
-            f"internal error: the models.toml written for --preset {preset.name} does not read "
-            f"back ({exc}); please report it with the file:\n{text}"
-        ) from exc
-    sources = {c.key: _source_text(c.candidate, output.parent) for c in selection.models}
-    return Written(selection, text, config, budget, [*skipped, *selection.reasons], sources)
-
-
-def render(
-    selection: Selection,
-    *,
-    budget: Budget,
-    written_budget: str,
-    made: date,
-    base: Path,
-    skipped: Sequence[str] = (),
-) -> str:
-    """The commented models.toml of ``selection``; GGUF paths under ``base`` (the file's
-    folder, which relative paths are read against) are written ``./...``, others absolute."""
-    preset = selection.preset
-    out: list[str] = []
-    add = out.append
-    add(f"# localmoa models.toml: the {preset.name} preset, written by")
-    add(f"# `localmoa init --preset {preset.name}` on {made.isoformat()}.")
-    out.extend(
-        _wrapped(
-            f"Sized for a memory budget of {format_bytes(budget.bytes)}, from {budget.detail}."
-        )
-    )
-    add("# Each model fits that budget on its own at the n_ctx below; `localmoa plan` shows which")
-    add("# of them share memory, and in what order they load.")
-    add("#")
-    add(f"# {preset.title} ({preset.paper}):")
-    out.extend(f"#   {line}" for line in preset.about)
-    add("#")
-    add("# Why these models (init's rules: strength is size; proposers from different families")
-    add("# first, since they make different mistakes; the largest model aggregates):")
-    for line in [*skipped, *selection.reasons]:
-        out.extend(_wrapped(line, indent="  "))
-    add("#")
-    add('# How to edit it (then check with `localmoa plan`, and ask with `localmoa run "..."`):')
-    add('#   memory_budget  "auto" = detected when run, or a size such as "12GiB"')
-    add("#   n_ctx          tokens a model reads and writes; its KV cache grows with it")
-    add("#   parallel       llamacpp: samples decoded at once, each holding n_ctx of KV cache")
-    add("#   layers         one list of proposers per layer; each later layer reads the answers")
-    add("#                  of the one before")
-    add("#   aggregator     the model that writes the answer: the strongest you have")
-    add('#   samples        answers one agent gives, e.g. { model = "x", samples = 4 } (Self-MoA)')
-    add("#   judge          { top_k = 2, early_stop = true }: keep the best top_k answers of each")
-    add("#                  layer, stop early when they agree (Sparse MoA)")
-    add("#   temperature    0 = the same answer every time; MoA wants some variety (0.7)")
-    add("#   max_tokens     the longest answer of each agent; (answers per layer + 2) x max_tokens")
-    add("#                  within the smallest n_ctx leaves room for the references and a prompt")
-    add("# Every key is described in the commented example models.toml of the localmoa repository.")
-    add("#")
-    add("# The presets of `localmoa init --preset NAME`:")
-    for other in PRESETS.values():
-        add(f"#   {other.name:<9} {other.title}, {other.paper}")
-    add("")
-    add("[settings]")
-    if written_budget == "auto":
-        add(f'memory_budget = "auto"   # detected; {format_bytes(budget.bytes)} when written')
-    else:
-        add(f"memory_budget = {_string(written_budget)}   # as given to --memory-budget")
-    for chosen in selection.models:
-        add("")
-        out.extend(_model_table(chosen, base))
-    add("")
-    out.extend(_ensemble_table(selection))
-    return "\n".join(out) + "\n"
-
-
-def _model_table(chosen: Chosen, base: Path) -> list[str]:
-    candidate = chosen.candidate
-    lines = [f"[models.{chosen.key}]"]
-    lines.extend(_wrapped(f"{_roles(chosen.roles)}: {chosen.why}"))
-    held = f"{format_bytes(chosen.bytes)} when loaded"
-    if chosen.together > 1 and candidate.backend == "llamacpp":
-        held += f" with {chosen.together} samples decoding at once"
-    kv = candidate.kv_per_token()
-    if kv is not None:
-        held += f"; its KV cache takes {format_bytes(kv)} per token of n_ctx"
-    lines.extend(_wrapped(held))
-    if isinstance(candidate.source, Path):
-        lines.append('backend = "llamacpp"')
-        lines.append(f"path = {_string(_source_text(candidate, base))}")
-        lines.append(f"n_ctx = {chosen.n_ctx}")
-        if chosen.together < chosen.samples:
-            lines.append(
-                f"parallel = {chosen.together}   # the {chosen.samples} samples take turns: "
-                "more at once would not fit the budget"
-            )
-    else:
-        lines.append('backend = "ollama"')
-        lines.append(f"model = {_string(candidate.source)}")
-        lines.append(f"num_ctx = {chosen.n_ctx}")
-        if chosen.samples > 1:
-            lines.append(
-                f"# parallel = {chosen.samples}   # samples at once: set it to the server's "
-                "OLLAMA_NUM_PARALLEL"
-            )
-    return lines
-
-
-def _ensemble_table(selection: Selection) -> list[str]:
-    preset = selection.preset
-    samples = {c.key: c.samples for c in selection.models}
-    agents = ", ".join(_agent(key, samples[key]) for key in selection.proposers)
-    lines = [f"[ensembles.{ENSEMBLE}]"]
-    lines.append(f"# The {preset.name} preset: {preset.title}, {preset.paper}.")
-    if selection.layers == 1:
-        lines.append(f"layers = [[{agents}]]")
-    else:
-        lines.append("layers = [")
-        for number in range(1, selection.layers + 1):
-            what = "answers the prompt" if number == 1 else f"reads layer {number - 1}'s answers"
-            lines.append(f"  [{agents}],   # layer {number}: {what}")
-        lines.append("]")
-    lines.append(
-        f"aggregator = {_string(selection.aggregator)}   # writes the answer from the last "
-        "layer's answers"
-    )
-    if selection.top_k is not None:
-        lines.append(
-            f"judge = {{ top_k = {selection.top_k}, early_stop = true }}   # the aggregator "
-            'judges; model = "..." picks another'
-        )
-    lines.append(f"temperature = {TEMPERATURE}")
-    lines.append(f"max_tokens = {selection.max_tokens}")
-    return lines
-
-
-def _agent(key: str, samples: int) -> str:
-    if samples == 1:
-        return _string(key)
-    return f"{{ model = {_string(key)}, samples = {samples} }}"
-
-
-def _source_text(candidate: Candidate, base: Path) -> str:
-    """The Ollama tag; or the GGUF path, ``./relative`` when under ``base`` (the file's folder,
-    which relative paths are read against), else absolute (both are absolute)."""
-    if not isinstance(candidate.source, Path):
-        return candidate.source
-    try:
-        return "./" + candidate.source.relative_to(base).as_posix()
-    except ValueError:
-        return str(candidate.source)
-
-
-def _string(text: str) -> str:
-    """A TOML basic string: quotes, backslashes and control characters escaped."""
-    out = ['"']
-    for char in text:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04X}")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
-
-
 def _roles(roles: Sequence[str]) -> str:
     """("proposer", "aggregator", "judge") -> "proposer, aggregator and judge"."""
     return roles[0] if len(roles) == 1 else f"{', '.join(roles[:-1])} and {roles[-1]}"
-
-
-def _wrapped(text: str, *, indent: str = "") -> list[str]:
-    """``text`` as comment lines within :data:`WIDTH`, control characters (which a name from a
-    file or a server may hold) made spaces, so no line ends the comment early."""
-    clean = "".join(" " if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
-    lines = textwrap.wrap(
-        clean,
-        width=WIDTH,
-        initial_indent=f"# {indent}",
-        subsequent_indent=f"# {indent}    ",
-        break_long_words=False,
-        break_on_hyphens=False,
-    )
-    return lines or ["#"]
