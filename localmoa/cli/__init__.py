@@ -1,6 +1,7 @@
-"""The ``localmoa`` command: ``run`` a prompt, show its ``plan``, list the ``models``, ``serve``.
+"""The ``localmoa`` command: ``run`` a prompt, show its ``plan``, list the ``models``, ``serve``,
+``init`` a models.toml.
 
-One module per command (run, plan, models, serve); what they share is named for what it is:
+One module per command (run, plan, models, serve, init); what they share is named for what it is:
 session (the config and backends a command opens, the one call into the planner), signals
 (stop, unload, say what was unloaded), reports (the pydantic models every ``--json`` dumps),
 render (tables from those reports), options, progress.
