@@ -24,7 +24,7 @@ from datetime import date
 from pathlib import Path
 
 import click
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from localmoa.backends import OllamaBackend, make_backends
 from localmoa.backends.registry import Backends
@@ -47,27 +47,33 @@ _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
 class InitModel(BaseModel):
-    """A model of the written file."""
+    """One model of the written file."""
 
-    name: str = Field(description="Its [models.NAME].")
-    backend: str
-    source: str = Field(description="The GGUF path as the file has it, or the Ollama tag.")
-    n_ctx: int
-    samples: int = Field(description="Answers each of its agents gives.")
-    bytes: int = Field(description="Its footprint at n_ctx, the samples decoding at once.")
-    roles: list[str] = Field(description='"proposer", "aggregator", "judge".')
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="its [models.NAME]")
+    backend: str = Field(description='"llamacpp" or "ollama"')
+    source: str = Field(description="the GGUF path as the file has it, or the Ollama tag")
+    n_ctx: int = Field(description="the context it was sized for (n_ctx, or Ollama's num_ctx)")
+    samples: int = Field(description="answers each of its agents gives (Self-MoA, Sparse MoA)")
+    bytes: int = Field(description="its footprint at n_ctx, its samples decoding at once")
+    roles: list[str] = Field(description='"proposer", "aggregator", "judge"')
 
 
 class InitReport(BaseModel):
-    """What ``localmoa init --json`` prints: what was written, and why."""
+    """``localmoa init --json``: what was written, and why."""
 
-    path: str = Field(description="The file written (absolute).")
-    preset: str
-    ensemble: str = Field(description="The ensemble's name in the file.")
-    models: list[InitModel]
-    budget_bytes: int
-    budget_source: str
-    reasons: list[str] = Field(description="Why each model was used or not, files skipped.")
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="the file written, absolute")
+    preset: str = Field(description='"moa", "moa-lite", "self-moa" or "sparse"')
+    ensemble: str = Field(description="the ensemble's name in the file (run's default)")
+    models: list[InitModel] = Field(description="the models of the file, in its order")
+    budget_bytes: int = Field(description="the memory budget the models were sized for")
+    budget_source: str = Field(description="where the budget came from")
+    reasons: list[str] = Field(
+        description="why each candidate was used or not, and each file or server skipped"
+    )
 
 
 @click.command(name="init")
@@ -108,6 +114,11 @@ def init_command(
     target = output.expanduser().absolute()
     if target.exists() and not force:
         raise _exists(output)
+    if not target.parent.is_dir():
+        raise UserError(
+            f"cannot write {output}: there is no folder {target.parent}; create it, or choose "
+            "another file with --output"
+        )
     written = arun(lambda: _build(preset, models_dir, not no_ollama, target, memory_budget))
     mode = "w" if force else "x"
     try:

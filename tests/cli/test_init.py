@@ -281,6 +281,11 @@ def test_a_preset_whose_instructions_cannot_fit_the_models_is_refused(short_mode
     assert not Path("models.toml").exists()
 
 
+def test_an_output_in_a_missing_folder_is_refused_before_any_work(models: Path) -> None:
+    line = one_line_error("init", "--preset", "moa", "--models-dir", "models", "-o", "no/x.toml")
+    assert "cannot write no/x.toml: there is no folder" in line
+
+
 def test_a_models_dir_that_cannot_be_read_is_refused(tmp_path: Path) -> None:
     line = one_line_error("init", "--preset", "moa", "--models-dir", "nowhere")
     assert "--models-dir nowhere: no such folder" in line
