@@ -125,20 +125,20 @@ PRESETS: dict[str, Preset] = {
         proposers=1,
         about=(
             "One strong model sampled several times (samples), its answers aggregated by itself:",
-            "6.6 points over a mixed MoA on AlpacaEval 2.0 in the paper, and only one model in",
-            "memory. On llama.cpp the samples decode together, as parallel sequences.",
+            "6.6 % better than a MoA of mixed models on AlpacaEval 2.0 (the paper's abstract),",
+            "with one model in memory. On llama.cpp the samples decode together.",
         ),
     ),
     "sparse": Preset(
         name="sparse",
-        title="Sparse MoA (SMoA)",
+        title="Sparse MoA, SMoA",
         paper="arXiv 2411.03284",
         layers=2,
         proposers=4,
         about=(
             "2 layers of proposers; after each, a judge passes on only the best top_k answers",
-            "and, with early_stop, ends the layers when the answers agree: MoA's quality at",
-            "fewer calls and shorter prompts (the paper's own comparison).",
+            "and, with early_stop, ends the layers when the answers agree: MoA's quality at a",
+            "lower cost (the paper's abstract), from shorter prompts and fewer layers.",
         ),
     ),
 }
