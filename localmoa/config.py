@@ -406,30 +406,46 @@ def _reference_problems(raw: Mapping[str, Any]) -> list[str]:
 def _variant_problems(raw: Mapping[str, Any]) -> list[str]:
     """What each ensemble's variants ask that its own shape cannot give, with the key path:
     a ``top_k`` that keeps every answer of some layer, ``roles = "auto"`` without a task.
-    Checked per ensemble, so one malformed ensemble does not hide another's problems."""
+    Read from the raw tables, tolerating malformed shapes, so that these are reported with every
+    other problem of the file at once (a value of the wrong type is pydantic's to report)."""
     ensembles = raw.get("ensembles")
     if not isinstance(ensembles, dict):
         return []
     problems = []
     for name, table in ensembles.items():
-        try:
-            ensemble = Ensemble.model_validate(table)
-        except ValidationError:
-            continue  # reported by the whole document's validation
+        if not isinstance(table, dict):
+            continue
         where = f"ensembles.{name}"
-        if ensemble.roles == "auto" and not (ensemble.task and ensemble.task.strip()):
+        task = table.get("task")
+        if table.get("roles") == "auto" and not (isinstance(task, str) and task.strip()):
             problems.append(
                 f'{where}.roles: "auto" needs {where}.task = "..." (what the ensemble is for, '
                 "in a sentence): the roles are written for it"
             )
-        if ensemble.judge is not None:
-            top_k = ensemble.judge.top_k
-            for number, layer in enumerate(ensemble.layers):
-                answers = sum(agent.samples for agent in layer)
-                if top_k >= answers:
-                    problems.append(
-                        f"{where}.judge.top_k: {top_k} keeps every answer of layers[{number}] "
-                        f"({answers} answers), so the judge would leave nothing out; use a top_k "
-                        f"below {answers}, or remove the judge"
-                    )
+        judge = table.get("judge")
+        top_k = judge.get("top_k", 2) if isinstance(judge, dict) else 2 if judge else None
+        layers = table.get("layers")
+        if not isinstance(top_k, int) or top_k < 1 or not isinstance(layers, list):
+            continue
+        for number, layer in enumerate(layers):
+            answers = _answers(layer)
+            if answers is not None and top_k >= answers:
+                problems.append(
+                    f"{where}.judge.top_k: {top_k} keeps every answer of layers[{number}] "
+                    f"({answers} answers), so the judge would leave nothing out; use a top_k "
+                    f"below {answers}, or remove the judge"
+                )
     return problems
+
+
+def _answers(layer: Any) -> int | None:
+    """How many answers a raw layer gives (each agent's ``samples``); None when malformed."""
+    if not isinstance(layer, list):
+        return None
+    total = 0
+    for agent in layer:
+        samples = agent.get("samples", 1) if isinstance(agent, dict) else 1
+        if not isinstance(samples, int) or samples < 1:
+            return None
+        total += samples
+    return total
