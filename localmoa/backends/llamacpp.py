@@ -433,7 +433,9 @@ class LlamaCppBackend(Backend):
         if not requests:
             return
         if any(r.messages != requests[0].messages for r in requests):
-            raise ValueError("chat_samples decodes one prompt: give every request its messages")
+            raise ValueError(
+                "chat_samples decodes one prompt: every request's messages must be the same"
+            )
         for request in requests:
             self.refuse_unsupported(name, request)
         loop = asyncio.get_running_loop()
@@ -727,6 +729,8 @@ class _Sample:
     counted: int = 0
     done: bool = False
     pending: str = ""
+    ids: Any = None
+    """The prompt and answer's tokens as the stopping criteria see them (numpy)."""
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("ignore")
     )
@@ -791,9 +795,15 @@ class _Sample:
         import llama_cpp
         import numpy as np
 
+        if self.ids is None:  # one array for the whole answer: prompts run to thousands
+            self.ids = np.zeros(len(self.prompt) + self.limit, dtype=np.intc)
+            self.ids[: len(self.prompt)] = self.prompt
+        seen = len(self.prompt) + len(self.tokens)
+        if self.tokens:
+            self.ids[seen - 1] = self.tokens[-1]
         logits = llama_cpp.llama_get_logits_ith(llama.ctx, self.at)
         scores = np.ctypeslib.as_array(logits, shape=(llama.n_vocab(),))
-        return bool(self.criteria(np.array(self.prompt + self.tokens, dtype=np.intc), scores))
+        return bool(self.criteria(self.ids[:seen], scores))
 
     def _release(self, piece: bytes, final: bool) -> tuple[str, bool]:
         """The text now certain, and whether a stop string ended the answer."""
