@@ -20,7 +20,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from localmoa.cli.reports import PLAN, ModelsReport, PlanReport, RunReport, key_list
+from localmoa.cli.reports import (
+    PLAN,
+    InitReport,
+    ModelsReport,
+    PlanReport,
+    RunReport,
+    key_list,
+)
 from localmoa.planning.fewest_loads import Plan
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -30,6 +37,7 @@ REPORTS: list[tuple[str, type[BaseModel]]] = [
     ("run --json", RunReport),
     ("plan --json", PlanReport),
     ("models --json", ModelsReport),
+    ("init --json", InitReport),
     (PLAN, Plan),
 ]
 WIDTH = 100

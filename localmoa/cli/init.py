@@ -24,12 +24,12 @@ from datetime import date
 from pathlib import Path
 
 import click
-from pydantic import BaseModel, ConfigDict, Field
 
 from localmoa.backends import OllamaBackend, make_backends
 from localmoa.backends.registry import Backends
 from localmoa.cli.options import budget_option, json_option
 from localmoa.cli.render import print_json, stderr
+from localmoa.cli.reports import InitModel, InitReport
 from localmoa.cli.session import Session, plan_run
 from localmoa.cli.signals import arun, close_backends
 from localmoa.config import CONFIG_NAME, OllamaModel, Settings
@@ -44,36 +44,6 @@ __all__ = ["InitModel", "InitReport", "init_command"]
 PROBE = "hi"
 """The prompt the written file is checked with: the shortest a user could ask."""
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
-
-
-class InitModel(BaseModel):
-    """One model of the written file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="its [models.NAME]")
-    backend: str = Field(description='"llamacpp" or "ollama"')
-    source: str = Field(description="the GGUF path as the file has it, or the Ollama tag")
-    n_ctx: int = Field(description="the context it was sized for (n_ctx, or Ollama's num_ctx)")
-    samples: int = Field(description="answers each of its agents gives (Self-MoA, Sparse MoA)")
-    bytes: int = Field(description="its footprint at n_ctx, its samples decoding at once")
-    roles: list[str] = Field(description='"proposer", "aggregator", "judge"')
-
-
-class InitReport(BaseModel):
-    """``localmoa init --json``: what was written, and why."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="the file written, absolute")
-    preset: str = Field(description='"moa", "moa-lite", "self-moa" or "sparse"')
-    ensemble: str = Field(description="the ensemble's name in the file (run's default)")
-    models: list[InitModel] = Field(description="the models of the file, in its order")
-    budget_bytes: int = Field(description="the memory budget the models were sized for")
-    budget_source: str = Field(description="where the budget came from")
-    reasons: list[str] = Field(
-        description="why each candidate was used or not, and each file or server skipped"
-    )
 
 
 @click.command(name="init")

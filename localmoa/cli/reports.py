@@ -29,6 +29,8 @@ from localmoa.runtime.engine import CallRecord
 __all__ = [
     "PLAN",
     "SOURCE_LABELS",
+    "InitModel",
+    "InitReport",
     "ModelCost",
     "ModelParts",
     "ModelRow",
@@ -158,6 +160,36 @@ class ModelsReport(BaseModel):
 
     models: list[ModelRow] = Field(description="configured models first, then Ollama's others")
     notes: list[str] = Field(description="what could not be listed, e.g. an unreachable Ollama")
+
+
+class InitModel(BaseModel):
+    """One model of the file ``localmoa init`` wrote."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="its [models.NAME]")
+    backend: str = Field(description='"llamacpp" or "ollama"')
+    source: str = Field(description="the GGUF path as the file has it, or the Ollama tag")
+    n_ctx: int = Field(description="the context it was sized for (n_ctx, or Ollama's num_ctx)")
+    samples: int = Field(description="answers each of its agents gives (Self-MoA, Sparse MoA)")
+    bytes: int = Field(description="its footprint at n_ctx, its samples decoding at once")
+    roles: list[str] = Field(description='"proposer", "aggregator", "judge"')
+
+
+class InitReport(BaseModel):
+    """``localmoa init --json``: what was written, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="the file written, absolute")
+    preset: str = Field(description='"moa", "moa-lite", "self-moa" or "sparse"')
+    ensemble: str = Field(description="the ensemble's name in the file (run's default)")
+    models: list[InitModel] = Field(description="the models of the file, in its order")
+    budget_bytes: int = Field(description="the memory budget the models were sized for")
+    budget_source: str = Field(description="where the budget came from")
+    reasons: list[str] = Field(
+        description="why each candidate was used or not, and each file or server skipped"
+    )
 
 
 PLAN = "PLAN"
