@@ -78,3 +78,36 @@ final = "select"
     out = localmoa("run", "q", "--memory-budget", "2GiB")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "second answer\n"
+
+
+def test_samples_too_long_for_the_aggregator_are_planned_as_a_sliding_window(
+    tmp_path: Path,
+) -> None:
+    write_config(
+        tmp_path,
+        """
+[models.solo]
+backend = "fake"
+memory = "1GiB"
+reply = "sample {seed} says the sky scatters blue light"
+n_ctx = 1200
+[ensembles.default]
+layers = [[{ model = "solo", samples = 6, seed = 1 }]]
+aggregator = "solo"
+max_tokens = 200
+""",
+    )
+    plan = localmoa("plan", "--json", "--memory-budget", "1GiB")
+    assert plan.returncode == 0, plan.stderr
+    labels = [s["label"] for s in json.loads(plan.stdout)["stages"]]
+    assert labels[0] == "layer 1" and labels[1:] == [
+        f"aggregator step {n}" for n in range(1, len(labels))
+    ]
+    assert len(labels) > 2
+    out = localmoa("run", "q", "--json", "--memory-budget", "1GiB")
+    assert out.returncode == 0, out.stderr
+    steps = [c for c in json.loads(out.stdout)["calls"] if c["role"] == "aggregator"]
+    assert len(steps) == len(labels) - 1 and all(c["ok"] for c in steps)
+    seen = [ref for c in steps for ref in c["references"] if ref[0] == 1]
+    assert seen == [[1, i] for i in range(6)]  # every sample read once, in order
+    assert all(c["references"][0] == [2, k] for k, c in enumerate(steps[1:]))
