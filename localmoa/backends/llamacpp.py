@@ -35,7 +35,7 @@ one context (:meth:`LlamaCppBackend.chat_samples`), not as k calls in a row: on 
 step reads every weight once whatever the number of tokens in it, so k tokens a step cost little
 more than one. The prompt is formatted, tokenized, checked and seeded exactly as a chat call does
 it (``create_chat_completion`` runs with a stand-in that takes over where generation would
-begin, :class:`_Capture`), evaluated once on sequence 0 and copied to the others
+begin, :class:`Capture`), evaluated once on sequence 0 and copied to the others
 (``llama_memory_seq_cp``); then each step decodes one token of every live sequence in one
 ``llama_decode``, and each sequence samples with its own chain (its seed, temperature, grammar:
 the chain a chat call would build). Such a context holds ``parallel`` sequences, each with its
@@ -50,16 +50,14 @@ importing it, so a missing library is one line naming the extra, never an Import
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import ctypes
 import io
-import json
 import logging
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +69,9 @@ from localmoa.backends.base import (
     ChatDelta,
     ChatMessage,
     ChatRequest,
-    ResponseFormat,
 )
 from localmoa.backends.configs import LlamaCppModel
+from localmoa.backends.llamacpp_batch import Capture, Sample, decode_together, grammar_for
 from localmoa.errors import BackendError, ModelFileError
 from localmoa.footprint.estimate import Footprint, estimate, read_gguf
 
@@ -448,12 +446,12 @@ class LlamaCppBackend(Backend):
                 loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         def work() -> None:
-            samples: list[_Sample] = []
+            samples: list[Sample] = []
             try:
-                capture = _Capture(loaded.llama)
+                capture = Capture(loaded.llama)
                 for index, request in enumerate(requests):
-                    samples.append(_Sample.prepare(name, capture, index, request))
-                _decode(loaded, samples, parallel, stop, lambda i, d: emit("delta", (i, d)))
+                    samples.append(Sample.prepare(name, capture, index, request))
+                decode_together(loaded, samples, parallel, stop, lambda i, d: emit("delta", (i, d)))
                 emit("done", None)
             except BackendError as exc:
                 emit("error", exc)
@@ -586,7 +584,7 @@ def _failure(
 def _stream(name: str, llama: Any, request: ChatRequest, each_token: Any) -> Iterator[str]:
     from llama_cpp import LLAMA_DEFAULT_SEED, LogitsProcessorList
 
-    grammar = _grammar(name, request.response_format)
+    grammar = grammar_for(name, request.response_format)
     chunks = llama.create_chat_completion(
         messages=[m.model_dump() for m in request.messages],
         temperature=request.temperature,
@@ -601,26 +599,6 @@ def _stream(name: str, llama: Any, request: ChatRequest, each_token: Any) -> Ite
         text = chunk["choices"][0]["delta"].get("content")
         if text:
             yield text
-
-
-def _grammar(name: str, response_format: ResponseFormat | None) -> Any:
-    """The llama.cpp grammar that keeps the answer to ``response_format``; None for free text.
-    A schema llama.cpp cannot express is a BackendError naming it (see the module docstring)."""
-    if response_format is None or response_format.type == "text":
-        return None
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
-    schema = response_format.json_schema
-    if schema is None:
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-    try:
-        return LlamaGrammar.from_json_schema(json.dumps(schema.schema_), verbose=False)
-    except Exception as exc:  # the converter asserts, or raises whatever its parser does
-        raise BackendError(
-            name,
-            f'response_format: llama.cpp cannot turn the JSON schema "{schema.name}" into a '
-            f"grammar ({exc}); simplify the schema",
-        ) from exc
 
 
 class _Counted(Exception):
@@ -655,261 +633,3 @@ def _count(vocab: Any, messages: list[ChatMessage]) -> int:
     except _Counted as counted:
         return counted.tokens
     raise RuntimeError("llama-cpp-python's chat handler never asked for a completion")
-
-
-# --- samples decoded together -------------------------------------------------------------------
-
-
-class _Captured(Exception):
-    def __init__(self, tokens: list[int], options: dict[str, Any]) -> None:
-        super().__init__(len(tokens))
-        self.tokens = tokens
-        self.options = options
-
-
-class _Capture:
-    """Stands in for a loaded ``Llama`` in ``Llama.create_chat_completion``, so that a sample's
-    prompt, stop strings, seed and sampler are exactly a chat call's: the model's chat handler
-    formats the prompt and adds its own stop strings, ``Llama._create_completion`` tokenizes it,
-    checks it against the context (raising as in a call) and sets the seed, and the call is
-    taken over where it would start generating.
-
-    The seed is set on the real ``Llama`` as a call sets it, so samples without a seed get the
-    seeds that as many calls in a row would. A prompt is tokenized once for all the samples.
-    """
-
-    def __init__(self, llama: Any) -> None:
-        self._llama = llama
-        self._tokenized: dict[tuple[bytes, bool, bool], list[int]] = {}
-        self.completion: dict[str, Any] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._llama, name)
-
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        key = (text, add_bos, special)
-        if key not in self._tokenized:
-            self._tokenized[key] = self._llama.tokenize(text, add_bos=add_bos, special=special)
-        return list(self._tokenized[key])
-
-    def create_completion(self, **completion: Any) -> Any:
-        from llama_cpp import Llama
-
-        self.completion = completion
-        create: Any = Llama._create_completion  # called with the stand-in as ``self``
-        next(create(self, **completion))
-        raise RuntimeError("llama-cpp-python's completion never began to generate")
-
-    def generate(self, tokens: Sequence[int], **options: Any) -> Any:
-        raise _Captured(list(tokens), options)
-
-
-@dataclass
-class _Sample:
-    """One request's sequence: its sampler chain, stop strings and limit, and its answer so far.
-
-    Text is released as it becomes certain: bytes wait for the rest of their UTF-8 character
-    (invalid bytes are dropped, as a chat call drops them), and the end of the text waits while
-    it may be the start of a stop string.
-    """
-
-    index: int
-    prompt: list[int]
-    sampler: Any
-    stops: list[str]
-    limit: int
-    """max_tokens, capped to the room the prompt leaves in the sequence's n_ctx (as a call)."""
-    criteria: Any
-    """The chat handler's stopping criteria, or None."""
-    seq: int = 0
-    at: int = -1
-    """The row of the last decode's logits this sequence samples from."""
-    tokens: list[int] = field(default_factory=list)
-    generated: int = 0
-    counted: int = 0
-    done: bool = False
-    pending: str = ""
-    ids: Any = None
-    """The prompt and answer's tokens as the stopping criteria see them (numpy)."""
-    decoder: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("ignore")
-    )
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    @classmethod
-    def prepare(cls, name: str, capture: _Capture, index: int, request: ChatRequest) -> _Sample:
-        """Everything a chat call would decide before generating, for ``request``."""
-        from llama_cpp import LLAMA_DEFAULT_SEED, Llama
-
-        complete: Any = Llama.create_chat_completion  # called with the stand-in as ``self``
-        try:
-            complete(
-                capture,
-                messages=[m.model_dump() for m in request.messages],
-                temperature=request.temperature,
-                max_tokens=request.max_tokens,
-                stop=request.stop or [],
-                seed=None if request.seed is None else request.seed % LLAMA_DEFAULT_SEED,
-                grammar=_grammar(name, request.response_format),
-                stream=True,
-            )
-        except _Captured as captured:
-            options = captured.options
-            criteria = options.pop("stopping_criteria", None)
-            init: Any = Llama._init_sampler  # reads the seed just set on the real Llama
-            return cls(
-                index=index,
-                prompt=captured.tokens,
-                sampler=init(capture, **options),
-                stops=[s for s in capture.completion.get("stop") or [] if s],
-                limit=min(request.max_tokens, capture._n_ctx - len(captured.tokens)),
-                criteria=criteria,
-            )
-        raise RuntimeError("llama-cpp-python's chat handler never asked for a completion")
-
-    def take(self, llama: Any, token: int) -> ChatDelta | None:
-        """Account for the sampled ``token`` (``done`` once it ends the answer): the delta to
-        send, None while the token brought no text; the last delta has ``prompt_tokens``."""
-        import llama_cpp
-
-        self.generated += 1
-        end = llama_cpp.llama_vocab_is_eog(llama._model.vocab, token) or self._criteria_met(llama)
-        if not end:
-            self.tokens.append(token)
-        final = end or self.generated >= self.limit
-        text, stopped = self._release(b"" if end else llama.detokenize([token]), final)
-        self.done = final or stopped
-        if not text and not self.done:
-            return None
-        tokens, self.counted = self.generated - self.counted, self.generated
-        return ChatDelta(text, tokens, self.prompt_tokens if self.done else 0)
-
-    def _criteria_met(self, llama: Any) -> bool:
-        """The chat handler's stopping criteria, asked as a chat call asks them: with the
-        tokens before the one just sampled and the logits it was sampled from."""
-        if self.criteria is None:
-            return False
-        import llama_cpp
-        import numpy as np
-
-        if self.ids is None:  # one array for the whole answer: prompts run to thousands
-            self.ids = np.zeros(len(self.prompt) + self.limit, dtype=np.intc)
-            self.ids[: len(self.prompt)] = self.prompt
-        seen = len(self.prompt) + len(self.tokens)
-        if self.tokens:
-            self.ids[seen - 1] = self.tokens[-1]
-        logits = llama_cpp.llama_get_logits_ith(llama.ctx, self.at)
-        scores = np.ctypeslib.as_array(logits, shape=(llama.n_vocab(),))
-        return bool(self.criteria(self.ids[:seen], scores))
-
-    def _release(self, piece: bytes, final: bool) -> tuple[str, bool]:
-        """The text now certain, and whether a stop string ended the answer."""
-        self.pending += self.decoder.decode(piece, final)
-        found = [at for at in (self.pending.find(s) for s in self.stops) if at >= 0]
-        if found:
-            text, self.pending = self.pending[: min(found)], ""
-            return text, True
-        held = 0 if final else _stop_prefix(self.pending, self.stops)
-        text = self.pending[: len(self.pending) - held]
-        self.pending = self.pending[len(text) :]
-        return text, False
-
-
-def _stop_prefix(text: str, stops: list[str]) -> int:
-    """The length of the longest end of ``text`` that begins one of ``stops``."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
-
-
-def _decode(
-    loaded: _Loaded,
-    samples: list[_Sample],
-    parallel: int,
-    stop: threading.Event,
-    emit: Callable[[int, ChatDelta], None],
-) -> None:
-    """Decode ``samples`` together, ``parallel`` (at most the context's sequences) at a time,
-    from the model's worker thread; return early once ``stop`` is set. The context is left
-    empty, as after a load."""
-    import llama_cpp
-    from llama_cpp._internals import LlamaBatch
-
-    llama = loaded.llama
-    memory = llama_cpp.llama_get_memory(llama.ctx)
-    width = max(1, min(parallel, llama_cpp.llama_n_seq_max(llama.ctx), llama.n_batch))
-    prompt = samples[0].prompt
-    batch: Any = LlamaBatch(n_tokens=llama.n_batch, embd=0, n_seq_max=1, verbose=False)
-    held = 0  # prompt tokens in sequence 0's cells
-    llama_cpp.llama_memory_clear(memory, True)
-    llama.reset()
-    try:
-        for first in range(0, len(samples), width):
-            group = samples[first : first + width]
-            for seq in range(1, width):
-                llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
-            # A later round evaluates the prompt's last token again: its logits are gone.
-            held = min(held, len(prompt) - 1)
-            llama_cpp.llama_memory_seq_rm(memory, 0, held, -1)
-            loaded.abort.arm(stop)
-            try:
-                last = _evaluate(llama, batch, prompt, held)
-            finally:
-                loaded.abort.disarm()
-            held = len(prompt)
-            for seq, sample in enumerate(group):
-                if seq:
-                    llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-                sample.seq, sample.at = seq, last
-            live = group
-            while live and not stop.is_set():
-                for sample in live:
-                    delta = sample.take(llama, sample.sampler.sample(llama._ctx, sample.at))
-                    if delta is not None:
-                        emit(sample.index, delta)
-                live = [sample for sample in live if not sample.done]
-                if live and not stop.is_set():
-                    _step(llama, batch, live, len(prompt))
-    finally:
-        batch.close()
-        llama_cpp.llama_memory_clear(memory, True)
-        llama.reset()
-
-
-def _evaluate(llama: Any, batch: Any, prompt: list[int], start: int) -> int:
-    """Evaluate ``prompt[start:]`` on sequence 0, ``n_batch`` tokens a decode; the row of the
-    last token's logits."""
-    size = int(llama.n_batch)
-    for begin in range(start, len(prompt), size):
-        chunk = prompt[begin : begin + size]
-        native = batch.batch
-        native.n_tokens = len(chunk)
-        for i, token in enumerate(chunk):
-            native.token[i] = token
-            native.pos[i] = begin + i
-            native.n_seq_id[i] = 1
-            native.seq_id[i][0] = 0
-            native.logits[i] = begin + i == len(prompt) - 1
-        llama._ctx.decode(batch)
-    return (len(prompt) - 1 - start) % size
-
-
-def _step(llama: Any, batch: Any, live: list[_Sample], prompt: int) -> None:
-    """Decode the last sampled token of every live sequence, one ``llama_decode`` for all."""
-    native = batch.batch
-    native.n_tokens = len(live)
-    for i, sample in enumerate(live):
-        native.token[i] = sample.tokens[-1]
-        native.pos[i] = prompt + len(sample.tokens) - 1
-        native.n_seq_id[i] = 1
-        native.seq_id[i][0] = sample.seq
-        native.logits[i] = True
-        sample.at = i
-    llama._ctx.decode(batch)

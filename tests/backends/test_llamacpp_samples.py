@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
-from localmoa.backends.llamacpp import LlamaCppBackend, _Sample
+from localmoa.backends.llamacpp import LlamaCppBackend
+from localmoa.backends.llamacpp_batch import Sample
 from localmoa.config import LlamaCppModel
 from localmoa.errors import BackendError
 from localmoa.footprint.estimate import kv_cache_bytes, read_gguf
@@ -307,10 +308,10 @@ async def test_the_footprint_counts_every_sequence_s_kv_cache(
 
 
 def test_text_waits_for_whole_characters_and_for_what_may_begin_a_stop() -> None:
-    sample = _Sample(index=0, prompt=[1], sampler=None, stops=["STOP"], limit=99, criteria=None)
+    sample = Sample(index=0, prompt=[1], sampler=None, stops=["STOP"], limit=99, criteria=None)
     released = [sample._release(piece, final=False) for piece in (b"a\xc3", b"\xa9S", b"T")]
     assert released == [("a", False), ("\u00e9", False), ("", False)]
     assert sample._release(b"OP and more", final=False) == ("", True)
-    sample = _Sample(index=0, prompt=[1], sampler=None, stops=["STOP"], limit=99, criteria=None)
+    sample = Sample(index=0, prompt=[1], sampler=None, stops=["STOP"], limit=99, criteria=None)
     assert sample._release(b"xST", final=False) == ("x", False)
     assert sample._release(b"\xe2\x82", final=True) == ("ST", False)  # the end: all of it

@@ -1,0 +1,303 @@
+"""Several answers of one prompt decoded together as sequences of one llama.cpp context: the
+batched half of :mod:`localmoa.backends.llamacpp` (an agent's ``samples``, Self-MoA).
+
+The prompt is built exactly as a chat call builds it (:class:`Capture` runs llama-cpp-python's
+own ``create_chat_completion`` and takes over where generation would start: its chat template,
+stop strings, context check and sampler chain), evaluated once on sequence 0 and copied to the
+others with ``llama_memory_seq_cp``; then each step is one ``llama_decode`` with one token per
+live sequence, each sampled by its own chain. Text is released per sequence with stop strings
+held back while they may still match, UTF-8 decoded incrementally. Everything here runs on the
+model's worker thread, like a chat call.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from localmoa.backends.base import ChatDelta, ChatRequest, ResponseFormat
+from localmoa.errors import BackendError
+
+if TYPE_CHECKING:
+    from localmoa.backends.llamacpp import _Loaded
+
+__all__ = ["Capture", "Sample", "decode_together", "grammar_for", "stop_prefix"]
+
+
+def grammar_for(name: str, response_format: ResponseFormat | None) -> Any:
+    """The llama.cpp grammar that keeps the answer to ``response_format``; None for free text.
+    A schema llama.cpp cannot express is a BackendError naming it (see the module docstring)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    schema = response_format.json_schema
+    if schema is None:
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema.schema_), verbose=False)
+    except Exception as exc:  # the converter asserts, or raises whatever its parser does
+        raise BackendError(
+            name,
+            f'response_format: llama.cpp cannot turn the JSON schema "{schema.name}" into a '
+            f"grammar ({exc}); simplify the schema",
+        ) from exc
+
+
+class Captured(Exception):
+    def __init__(self, tokens: list[int], options: dict[str, Any]) -> None:
+        super().__init__(len(tokens))
+        self.tokens = tokens
+        self.options = options
+
+
+class Capture:
+    """Stands in for a loaded ``Llama`` in ``Llama.create_chat_completion``, so that a sample's
+    prompt, stop strings, seed and sampler are exactly a chat call's: the model's chat handler
+    formats the prompt and adds its own stop strings, ``Llama._create_completion`` tokenizes it,
+    checks it against the context (raising as in a call) and sets the seed, and the call is
+    taken over where it would start generating.
+
+    The seed is set on the real ``Llama`` as a call sets it, so samples without a seed get the
+    seeds that as many calls in a row would. A prompt is tokenized once for all the samples.
+    """
+
+    def __init__(self, llama: Any) -> None:
+        self._llama = llama
+        self._tokenized: dict[tuple[bytes, bool, bool], list[int]] = {}
+        self.completion: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llama, name)
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        key = (text, add_bos, special)
+        if key not in self._tokenized:
+            self._tokenized[key] = self._llama.tokenize(text, add_bos=add_bos, special=special)
+        return list(self._tokenized[key])
+
+    def create_completion(self, **completion: Any) -> Any:
+        from llama_cpp import Llama
+
+        self.completion = completion
+        create: Any = Llama._create_completion  # called with the stand-in as ``self``
+        next(create(self, **completion))
+        raise RuntimeError("llama-cpp-python's completion never began to generate")
+
+    def generate(self, tokens: Sequence[int], **options: Any) -> Any:
+        raise Captured(list(tokens), options)
+
+
+@dataclass
+class Sample:
+    """One request's sequence: its sampler chain, stop strings and limit, and its answer so far.
+
+    Text is released as it becomes certain: bytes wait for the rest of their UTF-8 character
+    (invalid bytes are dropped, as a chat call drops them), and the end of the text waits while
+    it may be the start of a stop string.
+    """
+
+    index: int
+    prompt: list[int]
+    sampler: Any
+    stops: list[str]
+    limit: int
+    """max_tokens, capped to the room the prompt leaves in the sequence's n_ctx (as a call)."""
+    criteria: Any
+    """The chat handler's stopping criteria, or None."""
+    seq: int = 0
+    at: int = -1
+    """The row of the last decode's logits this sequence samples from."""
+    tokens: list[int] = field(default_factory=list)
+    generated: int = 0
+    counted: int = 0
+    done: bool = False
+    pending: str = ""
+    ids: Any = None
+    """The prompt and answer's tokens as the stopping criteria see them (numpy)."""
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("ignore")
+    )
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @classmethod
+    def prepare(cls, name: str, capture: Capture, index: int, request: ChatRequest) -> Sample:
+        """Everything a chat call would decide before generating, for ``request``."""
+        from llama_cpp import LLAMA_DEFAULT_SEED, Llama
+
+        complete: Any = Llama.create_chat_completion  # called with the stand-in as ``self``
+        try:
+            complete(
+                capture,
+                messages=[m.model_dump() for m in request.messages],
+                temperature=request.temperature,
+                max_tokens=request.max_tokens,
+                stop=request.stop or [],
+                seed=None if request.seed is None else request.seed % LLAMA_DEFAULT_SEED,
+                grammar=grammar_for(name, request.response_format),
+                stream=True,
+            )
+        except Captured as captured:
+            options = captured.options
+            criteria = options.pop("stopping_criteria", None)
+            init: Any = Llama._init_sampler  # reads the seed just set on the real Llama
+            return cls(
+                index=index,
+                prompt=captured.tokens,
+                sampler=init(capture, **options),
+                stops=[s for s in capture.completion.get("stop") or [] if s],
+                limit=min(request.max_tokens, capture._n_ctx - len(captured.tokens)),
+                criteria=criteria,
+            )
+        raise RuntimeError("llama-cpp-python's chat handler never asked for a completion")
+
+    def take(self, llama: Any, token: int) -> ChatDelta | None:
+        """Account for the sampled ``token`` (``done`` once it ends the answer): the delta to
+        send, None while the token brought no text; the last delta has ``prompt_tokens``."""
+        import llama_cpp
+
+        self.generated += 1
+        end = llama_cpp.llama_vocab_is_eog(llama._model.vocab, token) or self._criteria_met(llama)
+        if not end:
+            self.tokens.append(token)
+        final = end or self.generated >= self.limit
+        text, stopped = self._release(b"" if end else llama.detokenize([token]), final)
+        self.done = final or stopped
+        if not text and not self.done:
+            return None
+        tokens, self.counted = self.generated - self.counted, self.generated
+        return ChatDelta(text, tokens, self.prompt_tokens if self.done else 0)
+
+    def _criteria_met(self, llama: Any) -> bool:
+        """The chat handler's stopping criteria, asked as a chat call asks them: with the
+        tokens before the one just sampled and the logits it was sampled from."""
+        if self.criteria is None:
+            return False
+        import llama_cpp
+        import numpy as np
+
+        if self.ids is None:  # one array for the whole answer: prompts run to thousands
+            self.ids = np.zeros(len(self.prompt) + self.limit, dtype=np.intc)
+            self.ids[: len(self.prompt)] = self.prompt
+        seen = len(self.prompt) + len(self.tokens)
+        if self.tokens:
+            self.ids[seen - 1] = self.tokens[-1]
+        logits = llama_cpp.llama_get_logits_ith(llama.ctx, self.at)
+        scores = np.ctypeslib.as_array(logits, shape=(llama.n_vocab(),))
+        return bool(self.criteria(self.ids[:seen], scores))
+
+    def _release(self, piece: bytes, final: bool) -> tuple[str, bool]:
+        """The text now certain, and whether a stop string ended the answer."""
+        self.pending += self.decoder.decode(piece, final)
+        found = [at for at in (self.pending.find(s) for s in self.stops) if at >= 0]
+        if found:
+            text, self.pending = self.pending[: min(found)], ""
+            return text, True
+        held = 0 if final else stop_prefix(self.pending, self.stops)
+        text = self.pending[: len(self.pending) - held]
+        self.pending = self.pending[len(text) :]
+        return text, False
+
+
+def stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of ``text`` that begins one of ``stops``."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+def decode_together(
+    loaded: _Loaded,
+    samples: list[Sample],
+    parallel: int,
+    stop: threading.Event,
+    emit: Callable[[int, ChatDelta], None],
+) -> None:
+    """Decode ``samples`` together, ``parallel`` (at most the context's sequences) at a time,
+    from the model's worker thread; return early once ``stop`` is set. The context is left
+    empty, as after a load."""
+    import llama_cpp
+    from llama_cpp._internals import LlamaBatch
+
+    llama = loaded.llama
+    memory = llama_cpp.llama_get_memory(llama.ctx)
+    width = max(1, min(parallel, llama_cpp.llama_n_seq_max(llama.ctx), llama.n_batch))
+    prompt = samples[0].prompt
+    batch: Any = LlamaBatch(n_tokens=llama.n_batch, embd=0, n_seq_max=1, verbose=False)
+    held = 0  # prompt tokens in sequence 0's cells
+    llama_cpp.llama_memory_clear(memory, True)
+    llama.reset()
+    try:
+        for first in range(0, len(samples), width):
+            group = samples[first : first + width]
+            for seq in range(1, width):
+                llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+            # A later round evaluates the prompt's last token again: its logits are gone.
+            held = min(held, len(prompt) - 1)
+            llama_cpp.llama_memory_seq_rm(memory, 0, held, -1)
+            loaded.abort.arm(stop)
+            try:
+                last = evaluate(llama, batch, prompt, held)
+            finally:
+                loaded.abort.disarm()
+            held = len(prompt)
+            for seq, sample in enumerate(group):
+                if seq:
+                    llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+                sample.seq, sample.at = seq, last
+            live = group
+            while live and not stop.is_set():
+                for sample in live:
+                    delta = sample.take(llama, sample.sampler.sample(llama._ctx, sample.at))
+                    if delta is not None:
+                        emit(sample.index, delta)
+                live = [sample for sample in live if not sample.done]
+                if live and not stop.is_set():
+                    step(llama, batch, live, len(prompt))
+    finally:
+        batch.close()
+        llama_cpp.llama_memory_clear(memory, True)
+        llama.reset()
+
+
+def evaluate(llama: Any, batch: Any, prompt: list[int], start: int) -> int:
+    """Evaluate ``prompt[start:]`` on sequence 0, ``n_batch`` tokens a decode; the row of the
+    last token's logits."""
+    size = int(llama.n_batch)
+    for begin in range(start, len(prompt), size):
+        chunk = prompt[begin : begin + size]
+        native = batch.batch
+        native.n_tokens = len(chunk)
+        for i, token in enumerate(chunk):
+            native.token[i] = token
+            native.pos[i] = begin + i
+            native.n_seq_id[i] = 1
+            native.seq_id[i][0] = 0
+            native.logits[i] = begin + i == len(prompt) - 1
+        llama._ctx.decode(batch)
+    return (len(prompt) - 1 - start) % size
+
+
+def step(llama: Any, batch: Any, live: list[Sample], prompt: int) -> None:
+    """Decode the last sampled token of every live sequence, one ``llama_decode`` for all."""
+    native = batch.batch
+    native.n_tokens = len(live)
+    for i, sample in enumerate(live):
+        native.token[i] = sample.tokens[-1]
+        native.pos[i] = prompt + len(sample.tokens) - 1
+        native.n_seq_id[i] = 1
+        native.seq_id[i][0] = sample.seq
+        native.logits[i] = True
+        sample.at = i
+    llama._ctx.decode(batch)
