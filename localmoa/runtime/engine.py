@@ -37,6 +37,16 @@ Around the calls:
 - on every exit (done, error, Ctrl-C/cancel) the seam is told (``finish``): a run's budget
   unloads everything, a shared pool keeps what it holds for the next request.
 
+The variants (:mod:`localmoa.runtime.moa`) need three things more:
+
+- a judge with ``early_stop`` is a *horizon*: no model is loaded for a stage after it until it
+  has decided (a model needed only by layers it may skip must never load), and once it has,
+  the rest is planned again from what is resident, without the stages it skipped;
+- one agent's samples are made together, through the backend's ``chat_samples`` (llama.cpp
+  decodes them as sequences of one context), each still its own call and record;
+- before a call that reads answers, they are cut to fit its model's context
+  (:func:`localmoa.runtime.fit.fit_references`), and its record says what it read.
+
 Progress is reported through ``on_event`` callbacks (:mod:`localmoa.runtime.events`); the
 engine itself prints nothing. What a run has done is one :class:`~localmoa.runtime.state.RunState`.
 """
@@ -506,7 +516,7 @@ class _Dataflow:
             requests = [build_request(c, conversation, None, persona=persona) for c in calls]
             return [self._supported(r, first.model) for r in requests], Sent()
         answers, ranked = read
-        config = self.models_config(first.model)
+        config = self.executor.models[first.model]
         backend = self.executor.backend(first.model)
 
         def build(texts: list[str]) -> list[ChatMessage]:
@@ -541,9 +551,6 @@ class _Dataflow:
             truncated=fitted.truncated,
         )
         return requests, sent
-
-    def models_config(self, model: str) -> Any:
-        return self.executor.models[model]
 
     def _supported(self, request: ChatRequest, model: str) -> ChatRequest:
         """A judge's or roles call's JSON format is asked only of a backend that honours it;

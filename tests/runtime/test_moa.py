@@ -98,3 +98,77 @@ def test_an_aggregate_prompt_replaces_the_instruction_where_it_says() -> None:
     shared = build_request(stages[2][0], conversation, ["one", "two"]).messages[0].content
     assert shared == "Pick the best of {} these:\n1. one\n\n2. two"
     assert AGGREGATE_PROMPT not in shared
+
+
+def test_a_judge_follows_every_proposer_layer_and_only_earlier_ones_may_stop() -> None:
+    from localmoa.config import Judge
+    from localmoa.runtime.moa import conditional_stages, stage_label
+
+    ensemble = Ensemble(
+        layers=[["a", "b", "c"]],
+        cycles=2,
+        aggregator=Agent(model="c"),
+        judge=Judge(top_k=2, early_stop=True),
+    )
+    stages = calls_for(ensemble)
+    assert [stage_label(s) for s in stages] == [
+        "layer 1",
+        "judge 1",
+        "layer 2",
+        "judge 2",
+        "aggregator",
+    ]
+    judges = [s[0] for s in stages if s[0].role == "judge"]
+    assert [(j.model, j.top_k, j.early_stop, j.temperature) for j in judges] == [
+        ("c", 2, True, 0.0),
+        ("c", 2, False, 0.0),  # nothing is left to skip after the last layer
+    ]
+    assert [j.stage for j in judges] == [1, 3]
+    assert conditional_stages(stages) == {2, 3}
+
+
+def test_select_ends_with_the_judge_and_writes_nothing_new() -> None:
+    stages = calls_for(Ensemble(layers=[["a", "b"]], aggregator=Agent(model="c"), final="select"))
+    assert [(s[0].role, s[0].model) for s in stages] == [("proposer", "a"), ("judge", "c")]
+    assert stages[-1][0].top_k == 1 and not any(c.is_aggregator for s in stages for c in s)
+
+
+def test_samples_are_calls_of_one_layer_that_share_a_group_and_count_seeds() -> None:
+    ensemble = Ensemble(
+        layers=[["a", Agent(model="b", samples=3, seed=(1 << 63) - 2)]],
+        aggregator=Agent(model="a"),
+    )
+    layer = calls_for(ensemble)[0]
+    assert [(c.model, c.index, c.agent, c.group) for c in layer] == [
+        ("a", 0, 0, None),
+        ("b", 1, 1, 1),
+        ("b", 2, 1, 1),
+        ("b", 3, 1, 1),
+    ]
+    assert [c.seed for c in layer[1:]] == [(1 << 63) - 2, (1 << 63) - 1, 0]  # wraps, stays valid
+
+
+def test_a_sliding_window_reads_every_answer_once() -> None:
+    from localmoa.runtime.moa import window_steps
+
+    assert window_steps(4, 6) == [(0, 4)]
+    assert window_steps(6, 3) == [(0, 3), (3, 5), (5, 6)]
+    for answers in range(1, 20):
+        for window in range(2, 8):
+            steps = window_steps(answers, window)
+            assert steps[0][0] == 0 and steps[-1][1] == answers
+            assert all(a == b for (_, b), (a, _) in zip(steps, steps[1:], strict=False))
+            assert steps[0][1] - steps[0][0] <= window
+            assert all(end - start <= window - 1 for start, end in steps[1:])
+
+
+def test_roles_come_first_unless_cached_and_then_travel_on_the_proposers() -> None:
+    ensemble = Ensemble(
+        layers=[["a", "b"], ["a"]], aggregator=Agent(model="c"), roles="auto", task="t"
+    )
+    stages = calls_for(ensemble)
+    assert stages[0][0].role == "roles" and stages[0][0].roles == 2 and stages[0][0].model == "c"
+    cached = calls_for(ensemble, roles=["r1", "r2"])
+    assert [[c.persona for c in s] for s in cached] == [["r1", "r2"], ["r1"], [None]]
+    request = build_request(cached[0][1], [ChatMessage(role="user", content="q")], None)
+    assert request.messages[0].content.startswith("r2")
