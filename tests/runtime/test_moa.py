@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from localmoa.backends.base import ChatMessage, ResponseFormat
 from localmoa.config import Agent, Ensemble
 from localmoa.runtime.moa import AGGREGATE_PROMPT, build_request, calls_for, stages_of
@@ -157,7 +159,7 @@ def test_a_sliding_window_reads_every_answer_once() -> None:
         for window in range(2, 8):
             steps = window_steps(answers, window)
             assert steps[0][0] == 0 and steps[-1][1] == answers
-            assert all(a == b for (_, b), (a, _) in zip(steps, steps[1:], strict=False))
+            assert all(a == b for (_, b), (a, _) in itertools.pairwise(steps))
             assert steps[0][1] - steps[0][0] <= window
             assert all(end - start <= window - 1 for start, end in steps[1:])
 
