@@ -138,7 +138,9 @@ def test_missing_files_say_where_we_looked(tmp_path: Path) -> None:
 def test_example_models_toml_in_the_repository_is_valid() -> None:
     example = Path(__file__).parents[1] / "models.toml"
     config = load_config(example)
-    assert "default" in config.ensembles
+    assert {"default", "sparse", "self"} <= set(config.ensembles)
+    assert config.ensembles["sparse"].judge is not None
+    assert config.ensembles["self"].layers[0][0].samples == 4
 
 
 def test_agents_take_stop_seed_and_response_format(tmp_path: Path) -> None:
