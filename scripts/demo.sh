@@ -34,6 +34,13 @@ n_ctx = 2048
 layers = [["tiny-a", "tiny-b", "tiny-c"], ["tiny-a", "tiny-b", "tiny-c"]]
 aggregator = "tiny-c"
 max_tokens = 48
+
+# Sparse MoA: a judge after each layer passes its 2 best answers on (and may stop early).
+[ensembles.sparse]
+layers = [["tiny-a", "tiny-b", "tiny-c"], ["tiny-a", "tiny-b", "tiny-c"]]
+aggregator = "tiny-c"
+judge = { top_k = 2, early_stop = true }
+max_tokens = 24
 TOML
 
 echo
@@ -43,5 +50,8 @@ echo
 echo "== localmoa run: progress on stderr, the aggregator's answer streamed to stdout"
 echo "   (random weights: the text below is noise; the machinery around it is real)"
 .venv/bin/localmoa run --config "$demo/models.toml" "Why would anyone run language models locally?"
+echo
+echo "== localmoa run --ensemble sparse: a judge after each layer (its choice on stderr)"
+.venv/bin/localmoa run --config "$demo/models.toml" --ensemble sparse "Why run models locally?"
 echo
 echo "Use your own GGUF models: see 'Your own models' in README.md."

@@ -134,9 +134,17 @@ class Progress:
         return Group(Text("\n".join(self.swaps[-3:]), style="dim"), table)
 
 
+REASON_CHARS = 120
+"""A judge's reason is the model's own text: on stderr, its first line, at most this long."""
+
+
 def _verdict_line(call: Call, selected: tuple[int, ...], parsed: bool, reason: str) -> str:
-    """How a judge's choice reads on stderr."""
+    """How a judge's choice reads on stderr: its numbers and a short, printable reason."""
     chose = ", ".join(str(n) for n in selected)
+    lines = reason.strip().splitlines()
+    reason = "".join(ch for ch in (lines[0] if lines else "") if ch.isprintable())
+    if len(reason) > REASON_CHARS:
+        reason = reason[: REASON_CHARS - 1] + "…"
     if not parsed:
         return f"  judge {call.layer}: fell back to every answer ({chose}): {reason}"
     said = f": {reason}" if reason else ""

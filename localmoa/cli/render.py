@@ -128,7 +128,7 @@ def print_models(console: Console, report: ModelsReport) -> None:
 def run_summary(report: RunReport) -> str:
     """The line ``run`` ends with on stderr: calls, failures, loads, re-plans, time."""
     failed = sum(not call.ok for call in report.calls)
-    replanned = f", re-planned {report.replans}x after measuring" if report.replans else ""
+    replanned = f", re-planned {report.replans}x mid-run" if report.replans else ""
     return (
         f"{len(report.calls)} calls ({failed} failed), {report.loads} loads{replanned}, "
         f"{report.seconds:.2f}s"

@@ -62,7 +62,8 @@ class RunReport(BaseModel):
     )
     loads: int = Field(description="model loads the run really made")
     replans: int = Field(
-        description="times the rest of the run was planned again after a load was measured"
+        description="times the rest of the run was planned again: after a load was measured, "
+        "or after a judge that may stop early decided"
     )
     seconds: float = Field(description="wall-clock seconds of the run, to 0.1 ms")
     skipped_layers: list[int] = Field(

@@ -72,7 +72,8 @@ class RunResult(BaseModel):
     calls: list[CallRecord]
     loads: int
     replans: int = 0
-    """Times the rest of the run was planned again after a measurement (see Executor.run)."""
+    """Times the rest of the run was planned again: after a measurement, or after a judge that
+    may stop early decided (see Executor.run)."""
     plan: Plan
     seconds: float
     skipped_layers: list[int] = Field(default_factory=list)

@@ -111,3 +111,16 @@ max_tokens = 200
     seen = [ref for c in steps for ref in c["references"] if ref[0] == 1]
     assert seen == [[1, i] for i in range(6)]  # every sample read once, in order
     assert all(c["references"][0] == [2, k] for k, c in enumerate(steps[1:]))
+
+
+def test_a_judges_reason_is_shown_short_and_printable() -> None:
+    from localmoa.cli.progress import REASON_CHARS, _verdict_line
+    from localmoa.runtime.moa import Call
+
+    judge = Call(1, 0, "j", None, 0.0, 8, False, role="judge", stage=1)
+    line = _verdict_line(judge, (2, 1), True, "J" + "`" * 500 + "\x07\nmore")
+    assert line.startswith("  judge 1 chose 2, 1: J``") and line.endswith("…")
+    assert "\x07" not in line and "more" not in line
+    assert len(line) <= len("  judge 1 chose 2, 1: ") + REASON_CHARS
+    fallback = _verdict_line(judge, (1, 2, 3), False, "no JSON object")
+    assert fallback == "  judge 1: fell back to every answer (1, 2, 3): no JSON object"
