@@ -255,3 +255,57 @@ def test_a_refused_ollama_host_is_blamed_on_where_it_was_set(tmp_path: Path) -> 
     from_file = localmoa("plan", env={"OLLAMA_HOST": "10.20.30.40"})
     assert from_file.returncode == 2
     assert 'settings.ollama_host: "10.20.30.41" is not on this machine' in from_file.stderr
+
+
+def test_an_ollama_judge_is_asked_for_its_verdict_with_a_schema_and_stops_early(
+    tmp_path: Path,
+) -> None:
+    """The judge's JSON is asked of Ollama with ``format`` = the verdict's schema, narrowed to
+    the answers shown; its stop skips layer 2, whose model is never loaded (no preload)."""
+    verdict = json.dumps({"selected": [2], "stop": True, "reason": "they agree"})
+    models = [
+        *PROPOSERS,
+        FakeOllamaModel(name="judge:1b", family="llama", size=GB, reply=verdict),
+        FakeOllamaModel(name="late:1b", family="phi3", size=GB),
+    ]
+    with FakeOllama(models) as server:
+        write_config(
+            tmp_path,
+            f"""
+[settings]
+ollama_host = "{server.url}"
+[models.llama]
+backend = "ollama"
+model = "llama3.1:8b"
+[models.qwen2]
+backend = "ollama"
+model = "qwen2.5:7b"
+[models.judge]
+backend = "ollama"
+model = "judge:1b"
+[models.late]
+backend = "ollama"
+model = "late:1b"
+[ensembles.default]
+layers = [["llama", "qwen2"], ["late", "qwen2"]]
+aggregator = "llama"
+judge = {{ model = "judge", top_k = 1, early_stop = true }}
+max_tokens = 16
+""",
+        )
+        out = localmoa("run", "q", "--json", "--memory-budget", "64GiB")
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["skipped_layers"] == [2]
+        judged = [
+            b
+            for _, path, b in server.requests
+            if path == "/api/chat" and b and b.get("model") == "judge:1b" and b.get("messages")
+        ]
+        assert len(judged) == 1
+        schema = judged[0]["format"]
+        assert schema["required"][:2] == ["selected", "stop"]
+        assert schema["properties"]["selected"]["items"]["enum"] == [1, 2]
+        late = [p for _, p, b in server.requests if b and b.get("model") == "late:1b"]
+        assert late == ["/api/show"]  # sized before the run; never preloaded, never asked
+        assert doc["calls"][-1]["references"] == [[1, 1]]
