@@ -196,3 +196,44 @@ max_tokens = 12
     assert len({c["text"] for c in samples}) > 1  # distinct seeds, distinct answers
     assert doc["calls"][-1]["references"] == [[1, i] for i in range(4)]
     assert doc["loads"] == 1
+
+
+def test_select_mode_and_a_sliding_window_on_real_llama_cpp(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """``final = "select"``: the answer is one proposer's text, chosen by a real judge under its
+    grammar. Self-MoA-Seq: samples too long for the aggregator's context read in steps."""
+    write_config(
+        tmp_path,
+        models(tiny_models)
+        + """
+[ensembles.default]
+layers = [["tiny_a", "tiny_b", "tiny_c"]]
+aggregator = "tiny_b"
+final = "select"
+max_tokens = 12
+""",
+    )
+    doc = run_json()
+    judge = doc["calls"][-1]
+    assert judge["role"] == "judge"
+    assert len(judge["selected"]) == 1 or not judge["parsed"]
+    chosen = judge["references"][judge["selected"][0] - 1]
+    assert doc["answer"] == doc["calls"][chosen[1]]["text"]
+    write_config(
+        tmp_path,
+        models(tiny_models, tiny_a=700)
+        + """
+[ensembles.default]
+layers = [[{ model = "tiny_a", samples = 5, seed = 1 }]]
+aggregator = { model = "tiny_a", max_tokens = 16 }
+max_tokens = 150
+""",
+    )
+    plan = json.loads(localmoa("plan", "--json", "--memory-budget", "1GiB").stdout)
+    steps = [s for s in plan["stages"] if s["role"] == "aggregator"]
+    assert len(steps) >= 2 and steps[0]["label"] == "aggregator step 1"
+    doc = run_json()
+    made = [c for c in doc["calls"] if c["role"] == "aggregator"]
+    assert len(made) == len(steps) and all(c["ok"] for c in made)
+    assert [r for c in made for r in c["references"] if r[0] == 1] == [[1, i] for i in range(5)]
