@@ -255,7 +255,7 @@ class Executor:
                     role=call.role,
                     **(sent or Sent()).model_dump(),
                 )
-                emit(CallFinished(call, record))
+                emit(CallFinished(call, record, None if requests is None else requests[i]))
                 records.append(record)
             return records
 

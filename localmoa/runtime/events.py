@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from localmoa.backends.base import ChatRequest
 from localmoa.planning.fewest_loads import Plan, Wave
 from localmoa.runtime.judge import Verdict
 from localmoa.runtime.moa import Call
@@ -63,6 +64,21 @@ class CallRecord(BaseModel):
     deterministic fallback was used (a judge: every answer kept, no stop; roles: none)."""
     reason: str | None = None
     """A judge's: its reason, or why the fallback was used."""
+    queued_at: float | None = None
+    """Unix time the call was ready to run (its model in, its references in)."""
+    started_at: float | None = None
+    """Unix time its request went to the backend (after waiting for its model's turn)."""
+    first_token_at: float | None = None
+    """Unix time its first token arrived; None when none did."""
+    ended_at: float | None = None
+    """Unix time it ended."""
+    ttft_s: float | None = None
+    """Seconds from the request to the first token (prompt evaluation, mostly)."""
+    prefill_tok_s: float | None = None
+    """Prompt tokens evaluated per second, where the backend times it (Ollama, llama-server)
+    or the stream shows it (llama.cpp: prompt tokens / time to first token)."""
+    decode_tok_s: float | None = None
+    """Generated tokens per second after the first."""
 
 
 class RunResult(BaseModel):
@@ -93,6 +109,11 @@ class ModelLoaded:
     model: str
     seconds: float
     measured_bytes: int | None
+    estimated_bytes: int | None = None
+    """What the plan counted for it."""
+    peak_bytes: int | None = None
+    """Memory the load really took, where measurable: RSS growth for in-process llama.cpp,
+    NVML per-process memory where present, Ollama's /api/ps size."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +146,8 @@ class CallPiece:
 class CallFinished:
     call: Call
     record: CallRecord
+    request: ChatRequest | None = None
+    """What the call sent (None when it failed before sending: its model did not load)."""
 
 
 @dataclass(frozen=True)
