@@ -24,14 +24,14 @@ def test_readme_lists_the_keys_the_reports_dump() -> None:
 def test_a_drifted_list_fails_the_check_and_write_repairs_only_the_list(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     original = (ROOT / "README.md").read_text(encoding="utf-8")
-    drifted = original.replace('"replans", ', "", 1)
+    drifted = original.replace('"prompt_tokens", ', "", 1)
     assert drifted != original
     readme.write_text(drifted, encoding="utf-8")
     out = readme_keys("--check", "--readme", str(readme))
     assert out.returncode == 1
     assert "the --json key lists differ from the report models" in out.stderr
     added = [line for line in out.stderr.splitlines() if line.startswith("+ ")]
-    assert added and any('"replans"' in line for line in added)
+    assert added and any('"prompt_tokens"' in line for line in added)
     assert readme_keys("--write", "--readme", str(readme)).returncode == 0
     assert readme.read_text(encoding="utf-8") == original
 
