@@ -20,7 +20,9 @@ import click
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from localmoa.cli.chat import chat_command
 from localmoa.cli.init import init_command
+from localmoa.cli.logs import logs_command
 from localmoa.cli.models import models_command
 from localmoa.cli.plan import plan_command
 from localmoa.cli.render import stderr
@@ -64,6 +66,8 @@ cli.add_command(plan_command)
 cli.add_command(models_command)
 cli.add_command(serve_command)
 cli.add_command(init_command)
+cli.add_command(logs_command)
+cli.add_command(chat_command)
 
 
 def main() -> None:

@@ -74,6 +74,7 @@ from localmoa.runtime.prepare import (
     run_models,
     stages_for,
 )
+from localmoa.serve.console import console_routes
 from localmoa.serve.guard import (
     DEFAULT_MAX_BODY,
     ErrorBody,
@@ -161,6 +162,7 @@ class MoaServer:
                 Route("/health", self.health),
                 Route("/v1/models", self.list_models),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                *console_routes(self),
             ],
             middleware=[guard],
             exception_handlers={HTTPException: http_error, Exception: server_error},

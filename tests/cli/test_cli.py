@@ -63,8 +63,8 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path: Path, case: str, exp
         assert "Traceback" not in out.stderr and out.stdout == ""
 
 
-def test_the_five_commands_and_the_console_script() -> None:
-    assert sorted(cli.commands) == ["init", "models", "plan", "run", "serve"]
+def test_the_commands_and_the_console_script() -> None:
+    assert sorted(cli.commands) == ["chat", "init", "logs", "models", "plan", "run", "serve"]
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="localmoa")
     assert script.value == "localmoa.cli:main" and script.load() is main
     out = localmoa("--help")
