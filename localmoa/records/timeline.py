@@ -146,14 +146,16 @@ class Timeline(BaseModel):
 def from_run(detail: RunDetail) -> Timeline:
     """The timeline of a recorded run, measured: see the module docstring.
 
-    Time 0 is the run's start (its ``started`` time, or its first load or call if earlier).
+    Time 0 is the run's first load or call (its ``started`` stamp when nothing started): the
+    stamp may be coarser than the events' times, and before the first event there is nothing
+    to show.
     A call that never started is left out; one that never ended (an interrupted run) ends with
     the run; a load never unloaded stays to the end.
     """
     times = [load.started_at for load in detail.loads]
     times += [c.started_at for c in detail.calls if c.started_at is not None]
     begun = _unix(detail.started)
-    t0 = min([*times, *([begun] if begun is not None else [])], default=0.0)
+    t0 = min(times, default=begun if begun is not None else 0.0)
     ends = [load.started_at + load.seconds for load in detail.loads]
     ends += [load.unloaded_at for load in detail.loads if load.unloaded_at is not None]
     ends += [c.ended_at for c in detail.calls if c.ended_at is not None]

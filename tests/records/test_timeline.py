@@ -236,14 +236,18 @@ def test_a_run_with_no_loads_recorded_says_memory_is_not_known() -> None:
     assert "not known" in timeline.note
 
 
-def test_time_zero_is_the_earliest_of_the_start_and_the_first_event() -> None:
-    """A start stamp later than the first load (a coarse clock) never makes times negative."""
-    run = detail(
-        calls=[], loads=[load("m", 0.0, 1.0, 2.0, measured=MiB)], started="2023-11-14T22:13:21Z"
-    )
-    timeline = from_run(run)
-    assert timeline.spans[0].start_s == 0.0
-    assert all(s.start_s >= 0 for s in timeline.spans)
+def test_time_zero_is_the_first_event_whatever_the_start_stamp_says() -> None:
+    """A start stamp coarser than the events (whole seconds) neither makes times negative nor
+    leaves an empty stretch before the first load."""
+    for stamp in ("2023-11-14T22:13:21Z", "2023-11-14T22:13:19+00:00", "2023-11-14T22:13:19"):
+        run = detail(
+            calls=[call(1, 0, "m", 1.5, 2.0)],
+            loads=[load("m", 0.5, 1.0, 2.5, measured=MiB)],
+            started=stamp,
+        )
+        timeline = from_run(run)
+        assert [(s.kind, s.start_s) for s in timeline.spans] == [("load", 0.0), ("call", 1.0)]
+        assert timeline.residencies[0].end_s == pytest.approx(2.0)
 
 
 def test_memory_unloads_before_a_load_at_the_same_moment() -> None:
