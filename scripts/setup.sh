@@ -36,3 +36,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --editable ".[dev]"
   touch "$stamp"
 fi
+
+# The web console's browser test (tests/serve/test_console.py) drives Debian's chromium through
+# playwright; no browser is ever downloaded from elsewhere (never `playwright install`).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the console's browser test" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    # A fresh image has no package lists: read them once, only when the install needs them.
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+  else
+    echo "setup: /usr/bin/chromium is missing; the console's browser test needs it: install" \
+      "Debian's chromium as root (apt-get install --no-install-recommends chromium)" >&2
+  fi
+fi

@@ -76,6 +76,10 @@ function size(bytes) {
   return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
 }
 
+function seconds(s) {
+  return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(1)} s`;
+}
+
 function say(text) {
   $("status").textContent = text;
 }
@@ -169,7 +173,7 @@ async function send() {
     if (end === null) throw new Error("the stream ended before the run did");
     if (end.error) throw new Error(end.error);
     state.conversation = [...messages, { role: "assistant", content: end.answer }];
-    const took = end.seconds === null ? "" : ` in ${end.seconds.toFixed(1)} s`;
+    const took = end.seconds === null ? "" : ` in ${seconds(end.seconds)}`;
     const where = end.run_id ? ` · recorded as ${end.run_id}` : "";
     say(`Answered${took}: ${end.calls} calls, ${end.loads} loads${where}.`);
   } catch (error) {
@@ -304,7 +308,7 @@ function agentDone(done) {
   found.classList.add(done.ok ? "ok" : "failed");
   const speed = done.decode_tok_s ? ` · ${done.decode_tok_s.toFixed(0)} tok/s` : "";
   found.querySelector(".state").textContent = done.ok
-    ? `${done.tokens} tokens · ${done.seconds.toFixed(1)} s${speed}`
+    ? `${done.tokens} tokens · ${seconds(done.seconds)}${speed}`
     : `failed: ${done.error}`;
 }
 
@@ -330,7 +334,7 @@ async function refreshRuns() {
   $("runs-note").textContent = page.message ?? "";
   $("runs-list").replaceChildren(
     ...page.runs.map((run) => {
-      const took = run.seconds === null ? "running" : `${run.seconds.toFixed(1)} s`;
+      const took = run.seconds === null ? "running" : seconds(run.seconds);
       const label = `${run.started.replace("T", " ").slice(0, 19)} · ${run.ensemble} · ${run.status} · ${took}`;
       const button = el("button", { type: "button", class: "run-link" });
       button.append(el("span", { text: label }), el("span", { class: "note", text: run.prompt ?? "" }));
@@ -359,7 +363,7 @@ async function showRun(id) {
   for (const [layer, calls] of byLayer) {
     parts.push(el("h4", { text: `layer ${layer}` }));
     for (const call of calls) {
-      const head = `${call.role} · ${call.model} · ${call.ok ? "ok" : "failed"} · ${call.tokens_out} tokens · ${call.seconds.toFixed(1)} s`;
+      const head = `${call.role} · ${call.model} · ${call.ok ? "ok" : "failed"} · ${call.tokens_out} tokens · ${seconds(call.seconds)}`;
       const details = el("details", {}, el("summary", { text: head }));
       details.append(el("div", { class: "text", text: call.text ?? call.error ?? "(text not recorded)" }));
       parts.push(details);
