@@ -191,6 +191,15 @@ class ChatDelta(NamedTuple):
     tokens: int = 1
     prompt_tokens: int = 0
     """Set on the last delta when the runtime counts the prompt (for usage reports)."""
+    prefill_tok_s: float | None = None
+    """Set on the last delta by a runtime that times its own prompt evaluation (Ollama's
+    ``prompt_eval_*``, llama-server's ``timings``): prompt tokens evaluated per second. A rate,
+    not seconds: llama-server times only the tokens its cache did not hold, so its seconds
+    divided by the whole prompt's tokens would overstate the speed."""
+    decode_tok_s: float | None = None
+    """Set on the last delta by a runtime that times its own generation (Ollama's ``eval_*``,
+    llama-server's ``timings``): tokens generated per second. Without either, the engine times
+    the stream itself (:meth:`localmoa.runtime.engine.Executor.calls`)."""
 
 
 class Backend(ABC):

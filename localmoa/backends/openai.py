@@ -37,6 +37,10 @@ against llama_cpp.server 0.3:
   fresh connection: nothing was answered, so nothing is repeated.
 - **Closing the stream closes the response**, which closes its connection (an unread response
   is never put back in the pool); the server notices the disconnect and stops generating.
+- **Timings are the server's when it gives them.** llama-server adds ``timings`` to its last
+  chunk (``prompt_per_second``, ``predicted_per_second``, and the ``_n``/``_ms`` they come
+  from), which become the last delta's prefill and decode rates; llama_cpp.server and OpenAI
+  send none, and the engine times the stream instead.
 
 A request's options (``stop``, ``seed``, ``response_format``) are OpenAI's own fields and pass
 through as they are: whether the server honours them is the server's to say, and one that
@@ -62,9 +66,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 from httpx_sse import EventSource, SSEError, aconnect_sse
@@ -322,6 +327,8 @@ class OpenAIBackend(Backend):
         counted = pending = 0  # tokens yielded; tokens seen whose text has not come yet
         usage: int | None = None
         prompt_tokens = 0
+        prefill: float | None = None  # llama-server's own timings, when it sends them
+        decode: float | None = None
         finished = done = False
         try:
             async with contextlib.aclosing(source.aiter_sse()) as events:
@@ -338,6 +345,10 @@ class OpenAIBackend(Backend):
                     ):
                         usage = reported["completion_tokens"]
                         prompt_tokens = int(reported.get("prompt_tokens") or 0)
+                    timings = chunk.get("timings")
+                    if isinstance(timings, dict):
+                        prefill = _per_second(timings, "prompt") or prefill
+                        decode = _per_second(timings, "predicted") or decode
                     choices = chunk.get("choices") or []
                     choice = choices[0] if isinstance(choices, list) and choices else {}
                     if not isinstance(choice, dict):
@@ -378,8 +389,8 @@ class OpenAIBackend(Backend):
             )
             raise BackendError(name, f"{url}: {why}")
         rest = pending if usage is None else usage - counted
-        if rest > 0 or prompt_tokens:
-            yield ChatDelta("", max(rest, 0), prompt_tokens)
+        if rest > 0 or prompt_tokens or prefill or decode:
+            yield ChatDelta("", max(rest, 0), prompt_tokens, prefill, decode)
 
     # --- HTTP ----------------------------------------------------------------------------------
 
@@ -462,6 +473,29 @@ def _one_line(text: str) -> str:
     since a first line alone is often just "1 validation error:"."""
     text = text.split("Traceback (most recent call last)")[0].split('  File "')[0]
     return " ".join(text.split())[:300]
+
+
+def _per_second(timings: dict[str, Any], kind: str) -> float | None:
+    """llama-server's ``{kind}_per_second``, else ``{kind}_n`` over ``{kind}_ms``; None when
+    neither is a positive finite number (a prompt all in its cache evaluates nothing)."""
+    rate = timings.get(f"{kind}_per_second")
+    if _positive(rate):
+        return float(rate)
+    count, ms = timings.get(f"{kind}_n"), timings.get(f"{kind}_ms")
+    if _positive(count) and _positive(ms):
+        rate = float(count) * 1000 / float(ms)
+        return rate if _positive(rate) else None
+    return None
+
+
+def _positive(value: object) -> TypeGuard[float]:
+    """A positive finite number (JSON's, so never a bool)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _decode(name: str, data: str) -> dict[str, Any] | None:

@@ -396,3 +396,57 @@ async def test_samples_on_the_real_server_one_after_another(
         tokens[index] += delta.tokens
     assert all(1 <= t <= REQUEST.max_tokens for t in tokens.values()), tokens
     assert len(set(texts.values())) == 4, texts  # distinct seeds, distinct answers
+
+
+# --- telemetry: llama-server's timings ---------------------------------------------------------
+
+TIMINGS = {
+    "prompt_n": 12,
+    "prompt_ms": 30.0,
+    "prompt_per_token_ms": 2.5,
+    "prompt_per_second": 400.0,
+    "predicted_n": 2,
+    "predicted_ms": 40.0,
+    "predicted_per_token_ms": 20.0,
+    "predicted_per_second": 50.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("timings", "prefill", "decode"),
+    [
+        (TIMINGS, 400.0, 50.0),  # llama-server's own rates
+        ({"prompt_n": 12, "prompt_ms": 30.0, "predicted_n": 2, "predicted_ms": 40.0}, 400, 50),
+        ({"prompt_per_second": 0, "prompt_n": 0, "predicted_per_second": True}, None, None),
+        ({"prompt_per_second": "fast", "predicted_ms": 0, "predicted_n": 2}, None, None),
+    ],
+)
+async def test_llama_server_timings_are_the_last_delta_s_rates(
+    backend: OpenAIBackend,
+    timings: dict[str, Any],
+    prefill: float | None,
+    decode: float | None,
+) -> None:
+    def timed(request: Recorded) -> tuple[int, str, str]:
+        if request.method == "GET":
+            return 200, "application/json", LISTING
+        last = piece(None, "stop") | {"timings": timings}
+        usage = {"choices": [], "usage": {"completion_tokens": 2, "prompt_tokens": 12}}
+        return 200, "text/event-stream", sse(piece("Hel"), piece("lo"), last, usage)
+
+    with stub_server(timed) as (base, received):
+        await backend.load("tiny", model(base))
+        deltas = await answer(backend, "tiny")
+    assert deltas[:-1] == [ChatDelta("Hel", 1), ChatDelta("lo", 1)]
+    assert deltas[-1] == ChatDelta("", 0, 12, prefill, decode)
+    (post,) = [r.json() for r in received if r.method == "POST"]
+    assert "timings_per_token" not in post and "timings" not in post  # nothing more is asked
+
+
+async def test_llama_cpp_server_states_no_timings_so_the_stream_is_timed(
+    server: str, backend: OpenAIBackend
+) -> None:
+    await backend.load("tiny", model(server))
+    deltas = await answer(backend, "tiny")
+    assert sum(d.tokens for d in deltas) == REQUEST.max_tokens
+    assert all(d.prefill_tok_s is None and d.decode_tok_s is None for d in deltas)
