@@ -25,6 +25,14 @@ Two limits a real runtime has, each optional, so a plan can be tried against the
   (:attr:`FakeBackend.max_in_flight`), so a test can assert the engine kept to the slots. Each
   call yields to the event loop once before answering, so calls started together do overlap.
 
+**Timing** follows ``seconds_per_token``, as a runtime would: the first token comes after one
+token's time (the prompt's evaluation), each next one a token's time later. Like Ollama, the
+fake states its own rates on its last delta: decode ``1 / seconds_per_token`` and prefill the
+prompt's tokens over that first token's time. So engine tests can assert the relations between
+a record's times (started ≤ first token ≤ end, ``ttft_s`` ≥ one token's time) and its rates
+exactly, with no sleep of their own. With ``seconds_per_token`` 0 the rates would be infinite:
+none is stated and the engine times the stream. A load's peak is the model's ``memory``.
+
 Of a request's options it honours ``stop`` as a runtime does (the reply ends before the first
 stop string), puts ``seed`` into ``{seed}``, and records all of them with the request
 (:attr:`FakeBackend.requests`); a reply is JSON only if the script or template writes JSON,
@@ -131,15 +139,24 @@ class FakeBackend(Backend):
             # Answering begins after a turn of the event loop, so that calls started together
             # are in flight together, as on a server with several slots.
             await asyncio.sleep(0)
+            per_token = config.seconds_per_token
+            rate = 1 / per_token if per_token else None
             for i, word in enumerate(words):
-                if config.seconds_per_token:
-                    await asyncio.sleep(config.seconds_per_token)
-                last = i == len(words) - 1
-                yield ChatDelta(word if last else word + " ", 1, prompt_tokens if last else 0)
+                if per_token:
+                    await asyncio.sleep(per_token)
+                if i < len(words) - 1:
+                    yield ChatDelta(word + " ", 1)
+                else:
+                    prefill = None if rate is None else prompt_tokens * rate
+                    yield ChatDelta(word, 1, prompt_tokens, prefill, rate)
         finally:
             self._in_flight[name] -= 1
 
     def resident_bytes(self, name: str) -> int | None:
+        return self.resident.get(name)
+
+    def load_peak_bytes(self, name: str) -> int | None:
+        """What the load took on the fake's books: the model's ``memory``."""
         return self.resident.get(name)
 
     def loaded(self) -> list[str]:

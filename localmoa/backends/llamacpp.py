@@ -42,6 +42,12 @@ the chain a chat call would build). Such a context holds ``parallel`` sequences,
 own n_ctx (see :func:`_sequences` for why the cache is not unified); more samples than that decode
 in rounds. Afterwards the context is emptied, so the next ``chat`` starts as after a load.
 
+What a call took is timed by the engine from the stream (time to first token, prefill and
+decode rates); samples decoded together say their prompt's evaluation rate themselves, since
+the prompt is evaluated once for them all. What a load took is this process's growth over it
+(:class:`~localmoa.footprint.measurements.ProcessMemory`: RSS, and GPU memory where NVML tells),
+measured on the model's thread around the construction alone.
+
 llama-cpp-python is the optional ``llamacpp`` extra: this module imports it only inside
 functions, and the registry (:mod:`localmoa.backends.registry`) makes this backend only after
 importing it, so a missing library is one line naming the extra, never an ImportError.
@@ -74,6 +80,7 @@ from localmoa.backends.configs import LlamaCppModel
 from localmoa.backends.llamacpp_batch import Capture, Sample, decode_together, grammar_for
 from localmoa.errors import BackendError, ModelFileError
 from localmoa.footprint.estimate import Footprint, estimate, read_gguf
+from localmoa.footprint.measurements import ProcessMemory
 
 __all__ = ["LlamaCppBackend"]
 
@@ -127,6 +134,13 @@ def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
     # a chat call has sequence 0's alone: with one sequence the two are the same number.
     llama._n_ctx = llama_cpp.llama_n_ctx_seq(llama.ctx)
     return llama, measured
+
+
+def _construct_measured(config: LlamaCppModel) -> tuple[Any, int | None, int]:
+    """:func:`_construct`, and this process's growth over it (see the module docstring)."""
+    before = ProcessMemory.now()
+    llama, measured = _construct(config)
+    return llama, measured, ProcessMemory.now().growth_since(before)
 
 
 def _new_llama(n_seq: int = 1, **params: Any) -> tuple[Any, int | None]:
@@ -286,6 +300,8 @@ class _Loaded:
     measured: int | None
     n_ctx: int
     abort: _Abort
+    peak: int
+    """This process's growth over the load (RSS, and GPU memory where NVML tells)."""
     busy: list[threading.Event] = field(default_factory=list)
 
 
@@ -314,9 +330,9 @@ class LlamaCppBackend(Backend):
         if not config.path.is_file():
             raise ModelFileError(f"{config.path}: file not found (model {name})")
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"localmoa-{name}")
-        loading = asyncio.get_running_loop().run_in_executor(worker, _construct, config)
+        loading = asyncio.get_running_loop().run_in_executor(worker, _construct_measured, config)
         try:
-            llama, measured = await asyncio.shield(loading)
+            llama, measured, peak = await asyncio.shield(loading)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 # Cancelled mid-load (Ctrl-C): a load cannot be interrupted, so let it finish
@@ -328,7 +344,7 @@ class LlamaCppBackend(Backend):
                 raise BackendError(name, f"llama.cpp could not load {config.path}: {exc}") from exc
             raise
         abort = _Abort(llama._ctx.ctx)  # llama-cpp-python's context handle
-        self._models[name] = _Loaded(llama, worker, measured, config.n_ctx, abort)
+        self._models[name] = _Loaded(llama, worker, measured, config.n_ctx, abort, peak)
 
     async def unload(self, name: str) -> None:
         loaded = self._models.pop(name, None)
@@ -540,6 +556,12 @@ class LlamaCppBackend(Backend):
     def resident_bytes(self, name: str) -> int | None:
         loaded = self._models.get(name)
         return loaded.measured if loaded else None
+
+    def load_peak_bytes(self, name: str) -> int | None:
+        """This process's growth over model ``name``'s load (other threads' allocations
+        meanwhile included: see :mod:`localmoa.footprint.measurements`)."""
+        loaded = self._models.get(name)
+        return loaded.peak if loaded else None
 
     def loaded(self) -> list[str]:
         return list(self._models)

@@ -8,6 +8,10 @@ others with ``llama_memory_seq_cp``; then each step is one ``llama_decode`` with
 live sequence, each sampled by its own chain. Text is released per sequence with stop strings
 held back while they may still match, UTF-8 decoded incrementally. Everything here runs on the
 model's worker thread, like a chat call.
+
+Each sample's last delta says the prompt's evaluation rate, timed around the one evaluation
+they share: the engine's estimate from the stream (prompt tokens over the time to the first
+token) would count, for a sample of a later round, the rounds decoded before it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import codecs
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -113,6 +118,8 @@ class Sample:
     at: int = -1
     """The row of the last decode's logits this sequence samples from."""
     tokens: list[int] = field(default_factory=list)
+    prefill_tok_s: float | None = None
+    """The shared prompt's evaluation rate, told on the last delta."""
     generated: int = 0
     counted: int = 0
     done: bool = False
@@ -173,7 +180,9 @@ class Sample:
         if not text and not self.done:
             return None
         tokens, self.counted = self.generated - self.counted, self.generated
-        return ChatDelta(text, tokens, self.prompt_tokens if self.done else 0)
+        if not self.done:
+            return ChatDelta(text, tokens)
+        return ChatDelta(text, tokens, self.prompt_tokens, prefill_tok_s=self.prefill_tok_s)
 
     def _criteria_met(self, llama: Any) -> bool:
         """The chat handler's stopping criteria, asked as a chat call asks them: with the
@@ -236,6 +245,7 @@ def decode_together(
     prompt = samples[0].prompt
     batch: Any = LlamaBatch(n_tokens=llama.n_batch, embd=0, n_seq_max=1, verbose=False)
     held = 0  # prompt tokens in sequence 0's cells
+    rate: float | None = None  # the first round's prompt evaluation, tokens per second
     llama_cpp.llama_memory_clear(memory, True)
     llama.reset()
     try:
@@ -247,15 +257,19 @@ def decode_together(
             held = min(held, len(prompt) - 1)
             llama_cpp.llama_memory_seq_rm(memory, 0, held, -1)
             loaded.abort.arm(stop)
+            began = time.perf_counter()
             try:
                 last = evaluate(llama, batch, prompt, held)
             finally:
                 loaded.abort.disarm()
+            took = time.perf_counter() - began
+            if rate is None and took > 0:
+                rate = (len(prompt) - held) / took
             held = len(prompt)
             for seq, sample in enumerate(group):
                 if seq:
                     llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-                sample.seq, sample.at = seq, last
+                sample.seq, sample.at, sample.prefill_tok_s = seq, last, rate
             live = group
             while live and not stop.is_set():
                 for sample in live:

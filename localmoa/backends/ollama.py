@@ -22,6 +22,12 @@ plan, so this backend:
   the run (the executor re-plans when it differs) and is remembered in the measurement cache;
   ``size_vram < size`` means Ollama put part of the model on the CPU, which is warned about.
 
+Ollama times each answer itself: its last chunk has ``prompt_eval_count`` and
+``prompt_eval_duration``, ``eval_count`` and ``eval_duration`` (nanoseconds), which become the
+last delta's prefill and decode rates (its own figures beat the engine's timing of the stream,
+which would include HTTP and the client). What a load took is the ``/api/ps`` size measured
+after it.
+
 A request's options are Ollama's own: ``stop`` and ``seed`` go in ``options`` (sampling options,
 which never make Ollama reload a model), and ``response_format`` becomes ``format``: ``"json"``
 for a JSON object, the schema itself for a JSON schema (Ollama turns it into a grammar).
@@ -368,7 +374,13 @@ class OllamaBackend(Backend):
                 text = part.message.content or ""
                 if part.done:
                     total = part.eval_count or counted + (1 if text else 0)
-                    yield ChatDelta(text, max(total - counted, 0), part.prompt_eval_count or 0)
+                    yield ChatDelta(
+                        text,
+                        max(total - counted, 0),
+                        part.prompt_eval_count or 0,
+                        prefill_tok_s=_rate(part.prompt_eval_count, part.prompt_eval_duration),
+                        decode_tok_s=_rate(part.eval_count, part.eval_duration),
+                    )
                     return
                 counted += 1
                 yield ChatDelta(text, 1)
@@ -378,6 +390,11 @@ class OllamaBackend(Backend):
             await stream.aclose()
 
     def resident_bytes(self, name: str) -> int | None:
+        return self._measured.get(name)
+
+    def load_peak_bytes(self, name: str) -> int | None:
+        """What the load took: the ``/api/ps`` size read after it (the runner's whole
+        footprint, GPU and CPU parts together)."""
         return self._measured.get(name)
 
     def loaded(self) -> list[str]:
@@ -436,6 +453,14 @@ class OllamaBackend(Backend):
             f"Ollama is not reachable at {self.host}: start it on {where} with `ollama serve` "
             f"(or open the Ollama app), or point {point} at it"
         )
+
+
+def _rate(count: int | None, nanoseconds: int | None) -> float | None:
+    """Tokens per second from Ollama's count and duration; None when either is missing or
+    zero (a prompt Ollama found all in its cache evaluates nothing)."""
+    if not count or not nanoseconds or count < 0 or nanoseconds < 0:
+        return None
+    return count * 1e9 / nanoseconds
 
 
 def _format(response_format: ResponseFormat | None) -> Literal["json"] | dict[str, Any] | None:

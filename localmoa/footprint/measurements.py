@@ -5,6 +5,14 @@ beats any estimate, so the Ollama backend records it here after every load, keye
 the size: server, model digest and context length. The file is small JSON in the user cache dir
 (``$LOCALMOA_HOME/cache`` when set), written atomically; a corrupt or unreadable file is treated
 as empty (it is only a cache) and rewritten on the next measurement.
+
+A model loaded in this process (llama.cpp) has no such report; what its load took is measured
+as this process's growth over the load (:class:`ProcessMemory`): resident memory (RSS, psutil)
+and, where ``nvidia-ml-py`` is installed and a GPU present, the GPU memory NVML says this
+process holds. Both are whole-process figures: another thread allocating or freeing meanwhile
+(a call running on another model) is counted in, so they are a model's load as the process saw
+it, not its exact size. With ``use_mmap`` the weights are mapped, not read, and count in RSS only
+once touched; the growth over the load is then mostly the context (KV cache, buffers).
 """
 
 from __future__ import annotations
@@ -13,13 +21,23 @@ import json
 import logging
 import os
 import tempfile
+import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import platformdirs
+import psutil
 from pydantic import BaseModel, NonNegativeInt, ValidationError
 
-__all__ = ["Measurement", "MeasurementCache", "default_cache_path"]
+__all__ = [
+    "Measurement",
+    "MeasurementCache",
+    "ProcessMemory",
+    "default_cache_path",
+    "gpu_bytes_of_this_process",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +90,66 @@ class MeasurementCache:
         except (OSError, ValueError, ValidationError) as exc:
             log.warning("ignoring unreadable measurement cache %s: %s", self.path, exc)
             return _File()
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """What this process holds at one moment: RSS, and GPU memory where NVML can tell."""
+
+    rss: int
+    gpu: int | None
+
+    @classmethod
+    def now(cls) -> ProcessMemory:
+        return cls(psutil.Process().memory_info().rss, gpu_bytes_of_this_process())
+
+    def growth_since(self, before: ProcessMemory) -> int:
+        """Bytes this process took on since ``before``, RAM and GPU together (never negative:
+        memory freed by other threads meanwhile is not a load giving memory back)."""
+        gpu = 0
+        if self.gpu is not None and before.gpu is not None:
+            gpu = self.gpu - before.gpu
+        return max(0, self.rss - before.rss) + max(0, gpu)
+
+
+_nvml_lock = threading.Lock()
+_nvml: Any = None  # the pynvml module once initialized; False once found unusable
+
+
+def gpu_bytes_of_this_process() -> int | None:
+    """GPU memory NVML says this process holds, summed over the GPUs; None without
+    ``nvidia-ml-py``, without an NVIDIA driver or GPU, or when NVML fails (it is optional: a
+    missing NVML is never an error). A process NVML does not list (no CUDA context yet, or a
+    container whose process ids NVML cannot see) holds 0."""
+    global _nvml
+    with _nvml_lock:
+        if _nvml is None:
+            _nvml = _init_nvml()
+        nvml = _nvml
+    if nvml is False:
+        return None
+    pid = os.getpid()
+    try:
+        held = 0
+        for index in range(nvml.nvmlDeviceGetCount()):
+            device = nvml.nvmlDeviceGetHandleByIndex(index)
+            listed = [
+                *nvml.nvmlDeviceGetComputeRunningProcesses(device),
+                *nvml.nvmlDeviceGetGraphicsRunningProcesses(device),
+            ]
+            held += max((p.usedGpuMemory or 0 for p in listed if p.pid == pid), default=0)
+        return held
+    except Exception as exc:  # any NVML error (a GPU lost, a driver mismatch): not measurable
+        log.debug("NVML could not say this process's GPU memory: %s", exc)
+        return None
+
+
+def _init_nvml() -> Any:
+    try:
+        import pynvml  # nvidia-ml-py, optional
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # not installed, no driver, no GPU: GPU memory is not measured
+        log.debug("NVML unavailable: %s", exc)
+        return False
+    return pynvml

@@ -17,7 +17,10 @@ requests (:class:`localmoa.serve.pool.ModelPool`): models stay loaded between re
 is made by evicting idle ones.
 
 A load that fails, for whatever reason, is an outcome, not an exception (:func:`timed_load`):
-the engine fails that model's agents and the run goes on on quorum.
+the engine fails that model's agents and the run goes on on quorum. A load that worked says how
+long it took, what the backend measures the model holds, and what the load really took where
+the backend can tell (:class:`MeasuresLoads`: this process's growth for llama.cpp in process,
+Ollama's ``/api/ps`` size).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from localmoa.backends.base import Backend
 from localmoa.errors import BackendError, LocalMoaError
@@ -41,6 +44,7 @@ __all__ = [
     "BudgetAdmission",
     "Changes",
     "LoadOutcome",
+    "MeasuresLoads",
     "still_loaded",
     "timed_load",
     "too_large",
@@ -57,6 +61,20 @@ class LoadOutcome:
     seconds: float
     measured: int | None
     error: str | None = None
+    peak: int | None = None
+    """Memory the load really took, where the backend can tell (:class:`MeasuresLoads`)."""
+
+
+@runtime_checkable
+class MeasuresLoads(Protocol):
+    """A backend that can say what a load really took, beside what the model holds
+    (``resident_bytes``): llama.cpp measures this process's growth over the load, Ollama its
+    ``/api/ps`` size, the fake its books. An OpenAI-compatible server's model is the server's
+    memory: nothing to say."""
+
+    def load_peak_bytes(self, name: str) -> int | None:
+        """Bytes the last load of loaded model ``name`` took; None when not measured."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,9 @@ async def timed_load(backend: Backend, model: str, config: Any) -> LoadOutcome:
         await backend.load(model, config)
     except Exception as exc:
         return LoadOutcome(model, time.perf_counter() - began, None, _load_error(model, exc))
-    return LoadOutcome(model, time.perf_counter() - began, backend.resident_bytes(model))
+    seconds = time.perf_counter() - began
+    peak = backend.load_peak_bytes(model) if isinstance(backend, MeasuresLoads) else None
+    return LoadOutcome(model, seconds, backend.resident_bytes(model), peak=peak)
 
 
 def _load_error(model: str, exc: Exception) -> str:

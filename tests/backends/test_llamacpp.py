@@ -415,3 +415,44 @@ async def test_max_tokens_holds_even_when_the_text_ends_inside_a_utf8_character(
             assert sum(d.tokens for d in deltas) <= request.max_tokens
         finally:
             await backend.unload("m")
+
+
+# --- telemetry -----------------------------------------------------------------------------------
+
+
+async def test_a_load_measures_what_this_process_took(tiny_models: dict[str, Path]) -> None:
+    backend = LlamaCppBackend()
+    config = model(tiny_models["tiny-b"])
+    await backend.load("m", config)
+    try:
+        peak = backend.load_peak_bytes("m")
+        kv_cache = estimate(read_gguf(config.path), n_ctx=config.n_ctx, n_batch=512).kv_cache
+        # llama.cpp clears its KV cache when it makes it: those bytes are resident at least.
+        assert peak is not None and peak >= kv_cache > 0
+    finally:
+        await backend.aclose()
+    assert backend.load_peak_bytes("m") is None
+
+
+async def test_samples_state_the_rate_of_the_prompt_they_share(
+    tiny_models: dict[str, Path],
+) -> None:
+    backend = LlamaCppBackend()
+    await backend.load("m", model(tiny_models["tiny-a"], parallel=2))
+    requests = [
+        REQUEST.model_copy(update={"temperature": 1.0, "max_tokens": 8, "seed": seed})
+        for seed in (1, 2, 3)
+    ]
+    last: dict[int, float | None] = {}
+    try:
+        async for index, delta in backend.chat_samples("m", requests, 2):
+            assert index not in last, "a delta after the sample's last"
+            if delta.prompt_tokens:  # the last
+                last[index] = delta.prefill_tok_s
+            else:
+                assert delta.prefill_tok_s is None and delta.decode_tok_s is None
+    finally:
+        await backend.aclose()
+    assert sorted(last) == [0, 1, 2]
+    (rate,) = set(last.values())  # two rounds of samples, one evaluation of the prompt
+    assert rate is not None and 0 < rate < float("inf")
