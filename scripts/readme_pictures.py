@@ -14,9 +14,10 @@ recorded by the run log into a temporary ``LOCALMOA_HOME`` (the user's own log i
 The picture is drawn from the recorded run, as ``localmoa logs show ID --timeline OUT.svg``
 draws it; the plan's picture from the cost model's simulation of the same plan with the same
 prompt, as ``localmoa plan --timeline`` draws it. Put side by side, they show where the
-estimate and the machine agree. Until the run log's recorder exists, the run is rebuilt from
-the engine's own events (the same calls, with their times, and each load when it ended), which
-is what the recorder writes.
+estimate and the machine agree. Where nothing is recorded (``LOCALMOA_RECORD=off``, or a
+checkout without the run log's recorder), the run is rebuilt from the engine's own events
+instead: the same calls with their times, and each load when it ended, as the recorder writes
+them.
 
 The model weights are random, so the answers are noise; the loads, the swaps, the timings and
 the memory are real. Measured times vary from run to run, so each run draws a different picture;
