@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from localmoa.backends.base import ChatMessage
-from localmoa.errors import LocalMoaError, PromptTooLongError
+from localmoa.errors import LocalMoaError, PromptTooLongError, UserError
 from localmoa.runtime.events import (
     CallFinished,
     CallPiece,
@@ -319,7 +319,10 @@ class _Console:
         store, why = self._store()
         if store is None:
             return JSONResponse(RunsPage(recording=False, message=why, runs=[]).model_dump())
-        listed = store.list_runs(limit=RUNS_SHOWN)
+        try:  # in a thread: a log locked by another writer may keep SQLite waiting a while
+            listed = await asyncio.to_thread(store.list_runs, RUNS_SHOWN)
+        except UserError as exc:  # the log cannot be read
+            return error_response(503, str(exc), "server_error", "run_log_unreadable")
         runs = [r.model_dump(mode="json") for r in listed]
         message = None if runs else "no runs recorded yet"
         return JSONResponse(RunsPage(recording=True, message=message, runs=runs).model_dump())
@@ -329,28 +332,30 @@ class _Console:
             self.server._authorize(request)
         except Refused as refused:
             return refused.response
-        run_id = request.path_params["run_id"]
         store, why = self._store()
-        detail = None if store is None else store.run(run_id)
-        if detail is None:
-            return error_response(
-                404,
-                why or f"no run {run_id} in the run log",
-                "invalid_request_error",
-                "run_not_found",
-            )
+        if store is None:
+            return error_response(404, str(why), "invalid_request_error", "run_not_found")
+        try:
+            detail = await asyncio.to_thread(store.run, request.path_params["run_id"])
+        except UserError as exc:  # no such run (or no single one), or the log cannot be read
+            return error_response(404, str(exc), "invalid_request_error", "run_not_found")
         return JSONResponse(detail.model_dump(mode="json"))
 
     def _store(self) -> tuple[Any, str | None]:
-        """The run log's store, or None and why not (recording off, or none opened)."""
+        """The run log's store (``Store``: ``list_runs``, ``run``), or None and why not."""
         recorder = getattr(self.server, "recorder", None)
         store = getattr(recorder, "store", None)
-        if store is None:
+        if store is not None:
+            return store, None
+        if recorder is None or getattr(recorder, "mode", None) == "off":
             return None, (
-                'recording is off: this server keeps no run log (settings.record = "off", '
-                "or the log could not be opened; see the server's warnings)"
+                'recording is off: this server keeps no run log (settings.record = "off" '
+                "or LOCALMOA_RECORD=off)"
             )
-        return store, None
+        return None, (
+            "recording is off: the run log could not be opened (the server's warning says "
+            'why); fix the file, or set settings.record = "off" to silence it'
+        )
 
 
 # --- one chat's stream ---------------------------------------------------------------------------

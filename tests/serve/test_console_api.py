@@ -14,6 +14,7 @@ from servers import Serving, serving
 
 from localmoa.backends import FakeBackend
 from localmoa.config import Config, parse_config
+from localmoa.errors import UserError
 from localmoa.records.models import LoggedRun, RunDetail
 
 GiB = 1 << 30
@@ -236,10 +237,10 @@ def test_a_failed_run_ends_with_its_error() -> None:
 
 
 def test_runs_say_recording_is_off_without_a_run_log(served: Serving) -> None:
-    served.server.recorder = SimpleNamespace(store=None)  # type: ignore[attr-defined]
+    served.server.recorder = SimpleNamespace(mode="off", store=None)  # type: ignore[attr-defined]
     page = httpx.get(f"{base(served)}/console/runs").json()
     assert page["recording"] is False and page["runs"] == []
-    assert "recording is off" in page["message"]
+    assert page["message"].startswith("recording is off") and 'record = "off"' in page["message"]
     missing = httpx.get(f"{base(served)}/console/runs/01ABC")
     assert missing.status_code == 404 and "recording is off" in missing.json()["error"]["message"]
 
@@ -281,15 +282,19 @@ def test_runs_list_and_show_what_the_store_holds(served: Serving) -> None:
     )
 
     class Store:
-        def list_runs(self, **filters: Any) -> list[LoggedRun]:
-            return [run]
+        def list_runs(self, n: int = 20, **filters: Any) -> list[LoggedRun]:
+            return [run][:n]
 
-        def run(self, run_id: str) -> RunDetail | None:
-            return detail if run_id == detail.id else None
+        def run(self, run_id: str) -> RunDetail:
+            if run_id != detail.id:
+                raise UserError(f'no run "{run_id}" in the log')
+            return detail
 
     served.server.recorder = SimpleNamespace(store=Store())  # type: ignore[attr-defined]
     page = httpx.get(f"{base(served)}/console/runs").json()
     assert page["recording"] is True and page["runs"] == [run.model_dump(mode="json")]
     shown = httpx.get(f"{base(served)}/console/runs/01JTEST")
     assert shown.status_code == 200 and shown.json() == detail.model_dump(mode="json")
-    assert httpx.get(f"{base(served)}/console/runs/01OTHER").status_code == 404
+    missing = httpx.get(f"{base(served)}/console/runs/01OTHER")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["message"] == 'no run "01OTHER" in the log'

@@ -132,6 +132,8 @@ function bubble(role, text) {
 }
 
 function setBusy(busy) {
+  // While the answer streams, screen readers wait (aria-busy) instead of reading every token.
+  $("transcript").setAttribute("aria-busy", String(busy));
   $("send").disabled = busy;
   $("stop").disabled = !busy;
   $("prompt").setAttribute("aria-busy", String(busy));
@@ -151,7 +153,6 @@ async function send() {
   const answer = bubble("assistant", "");
   document.querySelector('[data-testid="answer"]')?.removeAttribute("data-testid");
   answer.body.setAttribute("data-testid", "answer");
-  answer.body.setAttribute("aria-busy", "true");
   state.answer = answer;
   prompt.value = "";
   const controller = new AbortController();
@@ -184,7 +185,6 @@ async function send() {
     say(stopped ? "Stopped: the run was cancelled." : `Failed: ${error.message}`);
     if (!(error instanceof Unauthorized)) prompt.value = text; // to retry or edit
   } finally {
-    answer.body.setAttribute("aria-busy", "false");
     state.controller = null;
     setBusy(false);
     prompt.focus();
