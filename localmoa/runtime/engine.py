@@ -47,6 +47,24 @@ The variants (:mod:`localmoa.runtime.moa`) need three things more:
 - before a call that reads answers, they are cut to fit its model's context
   (:func:`localmoa.runtime.fit.fit_references`), and its record says what it read.
 
+Every call's record says when it happened and how fast it went (:class:`_Timing`). Its times
+are unix times read from one monotonic clock per executor (:class:`_Clock`), so a run's times
+are ordered as things happened even if the wall clock is set meanwhile:
+
+- ``queued_at``: the call is ready, its model admitted for its stay and the answers it reads
+  in; in the dataflow that is just before it asks for its model (a shared pool may have to load
+  it again), and for a direct :meth:`Executor.calls` when it starts waiting for its model's
+  turn. ``started_at - queued_at`` is the wait for the model's turn, a parallel-call slot, the
+  rate limit, and the references cut to fit;
+- ``started_at``: the request goes to the backend (None when its model never loaded);
+- ``first_token_at``: the first delta that carries a token arrives (each sample its own);
+- ``ended_at``: its last delta arrives (each sample its own), or the stream ends when it failed.
+
+``ttft_s`` is first token − start. The rates are the runtime's own where it states them on the
+last delta (Ollama, llama-server, samples decoded together: see ChatDelta); else they come from
+the stream: prefill = prompt tokens / ttft (so it includes what precedes evaluation: the request,
+the chat template), decode = the tokens after the first delta / (end − first token).
+
 Progress is reported through ``on_event`` callbacks (:mod:`localmoa.runtime.events`); the
 engine itself prints nothing. What a run has done is one :class:`~localmoa.runtime.state.RunState`.
 """
@@ -58,8 +76,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypedDict
 
 from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel
@@ -153,6 +171,11 @@ class Executor:
         self._slots = asyncio.Semaphore(max_parallel_calls) if max_parallel_calls else None
         self._throttler = Throttler(max_calls_per_second) if max_calls_per_second else None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._clock = _Clock()
+
+    def now(self) -> float:
+        """Unix time now, as the records of this executor's calls count it."""
+        return self._clock.unix(time.perf_counter())
 
     def backend(self, model: str) -> Backend:
         return backend_for(self.backends, self.models, model)
@@ -207,11 +230,14 @@ class Executor:
         *,
         error: str | None = None,
         sent: Sent | None = None,
+        queued_at: float | None = None,
     ) -> list[CallRecord]:
         """Make calls of one model together (one agent's samples: the backend's
         ``chat_samples`` decodes them at once where it can) and record each; one call is the
-        backend's ``chat``. Calls to one model take turns."""
+        backend's ``chat``. Calls to one model take turns. ``queued_at`` is when they became
+        ready (see the module docstring), by default now."""
         model = calls[0].model
+        queued = self.now() if queued_at is None else queued_at
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock, _maybe(self._slots), _maybe(self._throttler):
             for call in calls:
@@ -220,6 +246,8 @@ class Executor:
             pieces: list[list[str]] = [[] for _ in calls]
             tokens = [0] * len(calls)
             prompt_tokens = [0] * len(calls)
+            timing = [_Timing() for _ in calls]
+            sending = error is None and requests is not None  # else: failed before sending
             if error is None and requests is not None:
                 try:
                     backend = self.backend(model)
@@ -229,6 +257,7 @@ class Executor:
                         parallel = getattr(self.models[model], "parallel", None) or len(calls)
                         stream = backend.chat_samples(model, requests, parallel)
                     async for i, delta in stream:
+                        timing[i].saw(delta, time.perf_counter())
                         tokens[i] += delta.tokens
                         prompt_tokens[i] = max(prompt_tokens[i], delta.prompt_tokens)
                         if delta.text:
@@ -239,9 +268,19 @@ class Executor:
                 except Exception as exc:  # a runtime's own failure must not end the run
                     log.debug("call to %s failed", model, exc_info=True)
                     error = f'model "{model}": {type(exc).__name__}: {exc}'
-            seconds = time.perf_counter() - began
+            ended = time.perf_counter()
+            seconds = ended - began
             records = []
             for i, call in enumerate(calls):
+                times = timing[i].fields(
+                    self._clock,
+                    queued=queued,
+                    started=began if sending else None,
+                    ended=ended,
+                    ok=error is None,
+                    tokens=tokens[i],
+                    prompt_tokens=prompt_tokens[i],
+                )
                 record = CallRecord(
                     layer=call.layer,
                     index=call.index,
@@ -254,6 +293,7 @@ class Executor:
                     text="".join(pieces[i]),
                     role=call.role,
                     **(sent or Sent()).model_dump(),
+                    **times,
                 )
                 emit(CallFinished(call, record, None if requests is None else requests[i]))
                 records.append(record)
@@ -265,6 +305,85 @@ class Executor:
         used = list(dict.fromkeys(c.model for stage in stages for c in stage))
         found = await asyncio.gather(*(self.backend(m).footprint(m, self.models[m]) for m in used))
         return {model: footprint.total for model, footprint in zip(used, found, strict=True)}
+
+
+class _Clock:
+    """Unix times read from the monotonic clock, anchored once: intervals between them are
+    monotonic-clock intervals, whatever happens to the wall clock meanwhile."""
+
+    def __init__(self) -> None:
+        self._wall = time.time()
+        self._monotonic = time.perf_counter()
+
+    def unix(self, moment: float) -> float:
+        """The unix time of ``moment``, a ``time.perf_counter()`` reading."""
+        return self._wall + (moment - self._monotonic)
+
+
+class _Times(TypedDict):
+    """A record's timing fields (see :class:`CallRecord`)."""
+
+    queued_at: float
+    started_at: float | None
+    first_token_at: float | None
+    ended_at: float
+    ttft_s: float | None
+    prefill_tok_s: float | None
+    decode_tok_s: float | None
+
+
+@dataclass
+class _Timing:
+    """One call's stream as it arrived (``time.perf_counter()`` readings): its first token, its
+    last delta, and the rates the runtime stated itself (see the module docstring)."""
+
+    first: float | None = None
+    first_tokens: int = 0
+    """Tokens the first delta with any carried (more than 1 when text was held back)."""
+    last: float | None = None
+    prefill: float | None = None
+    decode: float | None = None
+
+    def saw(self, delta: ChatDelta, now: float) -> None:
+        if delta.tokens and self.first is None:
+            self.first, self.first_tokens = now, delta.tokens
+        self.last = now
+        if delta.prefill_tok_s is not None:
+            self.prefill = delta.prefill_tok_s
+        if delta.decode_tok_s is not None:
+            self.decode = delta.decode_tok_s
+
+    def fields(
+        self,
+        clock: _Clock,
+        *,
+        queued: float,
+        started: float | None,
+        ended: float,
+        ok: bool,
+        tokens: int,
+        prompt_tokens: int,
+    ) -> _Times:
+        """The record's timing fields; ``started`` None when nothing was sent."""
+        first = self.first
+        end = self.last if ok and self.last is not None else ended
+        ttft = None if first is None or started is None else first - started
+        prefill = self.prefill
+        if prefill is None and ttft and prompt_tokens:
+            prefill = prompt_tokens / ttft
+        decode = self.decode
+        after_first = tokens - self.first_tokens
+        if decode is None and first is not None and after_first > 0 and end > first:
+            decode = after_first / (end - first)
+        return {
+            "queued_at": queued,
+            "started_at": None if started is None else clock.unix(started),
+            "first_token_at": None if first is None else clock.unix(first),
+            "ended_at": clock.unix(end),
+            "ttft_s": ttft,
+            "prefill_tok_s": prefill,
+            "decode_tok_s": decode,
+        }
 
 
 async def _tagged(stream: AsyncIterator[ChatDelta]) -> AsyncIterator[tuple[int, ChatDelta]]:
@@ -421,7 +540,8 @@ class _Dataflow:
         if outcome is None:
             return False
         self.state.loads += 1
-        self.emit(ModelLoaded(model, outcome.seconds, outcome.measured))
+        estimated = self.sizes.get(model)  # what the plan counted, before a measurement
+        self.emit(ModelLoaded(model, outcome.seconds, outcome.measured, estimated, outcome.peak))
         return self._remeasure(model, outcome.measured)
 
     def _remeasure(self, model: str, measured: int | None) -> bool:
@@ -460,7 +580,7 @@ class _Dataflow:
         await self.changes.wait_for(lambda: self.state.may_start(stage) or self.stopped)
         if self.stopped:
             return  # not started before the re-plan: the new plan runs it
-        records = await self._make(calls, stage)
+        records = await self._make(calls, stage, self.executor.now())  # ready: queued now
         closed = False
         for call, record in zip(calls, records, strict=True):
             closed = self.state.record(call, record) or closed
@@ -487,22 +607,24 @@ class _Dataflow:
         if stage == self.horizon and self.state.has_pending():
             self.stopped = True  # plan what is left, loading nothing a skip made needless
 
-    async def _make(self, calls: list[Call], stage: int) -> list[CallRecord]:
-        """The calls, on their model held loaded while they run (a shared pool may have lent
-        the memory to an older request meanwhile: then the model is loaded again first)."""
+    async def _make(self, calls: list[Call], stage: int, queued: float) -> list[CallRecord]:
+        """The calls, ready since ``queued``, on their model held loaded while they run (a
+        shared pool may have lent the memory to an older request meanwhile: then the model is
+        loaded again first)."""
         model = calls[0].model
+        make = self.executor.calls
         error = self.state.failed_loads.get(model)
         if error is not None:
-            return await self.executor.calls(calls, None, self.emit, error=error)
+            return await make(calls, None, self.emit, error=error, queued_at=queued)
         async with self.admission.using(model) as admitted:
             for gone in admitted.unloaded:
                 self.emit(ModelUnloaded(gone))
             self._loaded(model, admitted.outcome)  # mid-stay: a measurement re-plans not
             error = self.state.failed_loads.get(model)
             if error is not None:
-                return await self.executor.calls(calls, None, self.emit, error=error)
+                return await make(calls, None, self.emit, error=error, queued_at=queued)
             requests, sent = await self._requests(calls)
-            return await self.executor.calls(calls, requests, self.emit, sent=sent)
+            return await make(calls, requests, self.emit, sent=sent, queued_at=queued)
 
     async def _requests(self, calls: list[Call]) -> tuple[list[ChatRequest], Sent]:
         """What each call sends, with the references it reads cut to fit its model's context

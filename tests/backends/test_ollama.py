@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from fake_ollama import FakeOllama, FakeOllamaModel, loaded_bytes
 
 from localmoa.backends.base import ChatMessage, ChatRequest
 from localmoa.backends.ollama import OllamaBackend, ollama_host
-from localmoa.config import OllamaModel, Settings
+from localmoa.config import Agent, Ensemble, OllamaModel, Settings
+from localmoa.egress import client_options
 from localmoa.errors import (
     BackendError,
     EgressError,
@@ -22,6 +26,9 @@ from localmoa.errors import (
     ServerUnavailableError,
 )
 from localmoa.footprint.measurements import MeasurementCache
+from localmoa.planning.fewest_loads import make_plan
+from localmoa.runtime.engine import Event, Executor, ModelLoaded
+from localmoa.runtime.moa import calls_for, stages_of
 
 GB = 1_000_000_000
 QWEN = FakeOllamaModel(name="qwen2.5:7b", family="qwen2", size=4 * GB)
@@ -415,3 +422,105 @@ async def test_request_options_are_ollamas_own(
     expected = "a fake " if "stop" in options else "a fake answer"
     assert "".join(d.text for d in pieces) == expected
     assert [kind for kind, _ in server.events] == ["load", "unload"]  # sampling options: no reload
+
+
+# --- telemetry: Ollama's own timings -------------------------------------------------------------
+
+
+class _Kept(httpx.AsyncByteStream):
+    """A response body passed on as it is read, a copy kept."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, kept: bytearray) -> None:
+        self.stream = stream
+        self.kept = kept
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            self.kept.extend(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class Tee(httpx.AsyncBaseTransport):
+    """The backend's own transport, with every response body it reads kept by path."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.bodies: list[tuple[str, bytearray]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        kept = bytearray()
+        self.bodies.append((request.url.path, kept))
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Kept(response.stream, kept),
+            extensions=response.extensions,
+        )
+
+
+async def test_ollama_s_own_timings_are_the_rates_and_the_request_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tees: list[Tee] = []
+
+    def teeing(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        options = client_options(*args, **kwargs)
+        tees.append(Tee(options["transport"]))
+        return {**options, "transport": tees[-1]}
+
+    monkeypatch.setattr("localmoa.backends.ollama.client_options", teeing)
+    with FakeOllama([QWEN], token_seconds=0.005) as fake:
+        backend = backend_for(fake, tmp_path)
+        await backend.load("qwen", model())
+        deltas = [d async for d in backend.chat("qwen", REQUEST)]
+        assert backend.load_peak_bytes("qwen") == fake.resident()["qwen2.5:7b"]  # /api/ps size
+        await backend.aclose()
+        (chat,) = bodies(fake, "/api/chat")
+    (tee,) = tees
+    (answer,) = [body for path, body in tee.bodies if path == "/api/chat"]
+    final = json.loads(answer.decode().splitlines()[-1])
+    assert final["done"] and final["eval_duration"] > 0
+    last = deltas[-1]
+    assert last.prompt_tokens == final["prompt_eval_count"]
+    # The fake takes 1 µs per prompt token, as its final chunk says: exactly 10^6 tokens/s.
+    assert last.prefill_tok_s == final["prompt_eval_count"] * 1e9 / final["prompt_eval_duration"]
+    assert last.prefill_tok_s == 1e6
+    assert last.decode_tok_s == final["eval_count"] * 1e9 / final["eval_duration"]
+    assert all(d.prefill_tok_s is None and d.decode_tok_s is None for d in deltas[:-1])
+    assert chat == {  # telemetry asks nothing more of Ollama
+        "model": "qwen2.5:7b",
+        "stream": True,
+        "options": {"num_ctx": 8192, "temperature": 0.3, "num_predict": 3},
+        "keep_alive": -1.0,
+        "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+        "tools": [],
+    }
+
+
+async def test_a_run_on_ollama_records_its_rates_and_the_load_s_size(tmp_path: Path) -> None:
+    ensemble = Ensemble(layers=[["qwen"]], aggregator=Agent(model="qwen"))
+    models = {"qwen": model()}
+    events: list[Event] = []
+    with FakeOllama([QWEN], token_seconds=0.002) as fake:
+        backend = backend_for(fake, tmp_path)
+        sizes = {"qwen": (await backend.footprint("qwen", model())).total}
+        plan = make_plan(stages_of(ensemble), sizes, 100 * GB)
+        executor = Executor(models, {"ollama": backend}, sizes=sizes)
+        try:
+            result = await executor.run(
+                calls_for(ensemble), plan, [REQUEST.messages[0]], on_event=events.append
+            )
+        finally:
+            await backend.aclose()
+        resident = loaded_bytes(QWEN, 8192)
+    for record in result.calls:
+        assert record.ok and record.prefill_tok_s == 1e6  # Ollama's figure, not the stream's
+        assert record.decode_tok_s is not None and record.decode_tok_s > 0
+        assert record.ttft_s is not None and record.ttft_s > 0
+    (loaded,) = [e for e in events if isinstance(e, ModelLoaded)]
+    assert loaded.estimated_bytes == sizes["qwen"] and loaded.peak_bytes == resident
