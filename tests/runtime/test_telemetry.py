@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import sys
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from cli.invoke import FAKE_THREE, localmoa
 from conftest import write_config
 
@@ -24,6 +29,8 @@ from localmoa.cli.render import run_summary
 from localmoa.cli.reports import RunReport
 from localmoa.config import Agent, Ensemble, FakeModel, LlamaCppModel
 from localmoa.errors import BackendError
+from localmoa.footprint import measurements
+from localmoa.footprint.measurements import ProcessMemory
 from localmoa.planning.fewest_loads import make_plan
 from localmoa.runtime.engine import CallRecord, Event, Executor, ModelLoaded, RunResult
 from localmoa.runtime.moa import calls_for, stages_of
@@ -241,6 +248,66 @@ async def test_llama_cpp_samples_each_get_their_own_first_token(
     assert all((r.first_token_at or 0) > ended for r in second_round)
     assert min(r.ttft_s or 0 for r in second_round) > max(r.ttft_s or 0 for r in first_round)
     assert len({r.prefill_tok_s for r in samples}) == 1  # one prompt, evaluated once for all
+
+
+# --- what this process holds: RSS and, where NVML is, GPU memory ---------------------------------
+
+
+class FakeNvml(types.ModuleType):
+    """``pynvml`` as a driver would answer: two GPUs, this process on both (once as a compute
+    and once as a graphics process on the first), another process beside it."""
+
+    def __init__(self, held: list[int | None], *, broken: bool = False) -> None:
+        super().__init__("pynvml")
+        self.held = held
+        self.broken = broken
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        if self.broken:
+            raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+        return len(self.held)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetComputeRunningProcesses(self, device: int) -> list[SimpleNamespace]:
+        mine = SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.held[device])
+        return [mine, SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=10 * GiB)]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, device: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.held[device])][: 1 - device]
+
+
+def with_nvml(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType | None) -> None:
+    monkeypatch.setattr(measurements, "_nvml", None)  # initialized again, from this module
+    monkeypatch.setitem(sys.modules, "pynvml", module)  # None: not installed
+
+
+def test_gpu_memory_is_this_process_s_on_every_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_nvml(monkeypatch, FakeNvml([3 * GiB, GiB]))
+    assert measurements.gpu_bytes_of_this_process() == 4 * GiB  # listed twice, counted once
+    with_nvml(monkeypatch, FakeNvml([None, GiB]))  # a driver that cannot tell says None
+    assert measurements.gpu_bytes_of_this_process() == GiB
+
+
+def test_without_nvml_gpu_memory_is_not_measured_and_nothing_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with_nvml(monkeypatch, None)
+    assert measurements.gpu_bytes_of_this_process() is None
+    assert ProcessMemory.now().gpu is None and ProcessMemory.now().rss > 0
+    with_nvml(monkeypatch, FakeNvml([GiB], broken=True))
+    assert measurements.gpu_bytes_of_this_process() is None
+
+
+def test_a_load_s_growth_counts_ram_and_gpu_and_never_goes_negative() -> None:
+    before = ProcessMemory(rss=10 * GiB, gpu=GiB)
+    assert ProcessMemory(rss=11 * GiB, gpu=3 * GiB).growth_since(before) == 3 * GiB
+    assert ProcessMemory(rss=9 * GiB, gpu=2 * GiB).growth_since(before) == GiB  # RAM freed
+    assert ProcessMemory(rss=12 * GiB, gpu=None).growth_since(before) == 2 * GiB
 
 
 # --- the summary line -----------------------------------------------------------------------------
