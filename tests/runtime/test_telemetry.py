@@ -278,7 +278,8 @@ class FakeNvml(types.ModuleType):
         return [mine, SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=10 * GiB)]
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, device: int) -> list[SimpleNamespace]:
-        return [SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.held[device])][: 1 - device]
+        mine = SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.held[device])
+        return [mine] if device == 0 else []
 
 
 def with_nvml(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType | None) -> None:
