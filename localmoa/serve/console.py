@@ -279,7 +279,7 @@ class _Console:
             server._admit()
         except Refused as refused:
             return refused.response
-        from localmoa.serve.app import RequestRun
+        from localmoa.serve.app import RequestRun  # here: the app imports this module
 
         run = RequestRun(server, next(server._tickets), body, ensemble, conversation)
         try:

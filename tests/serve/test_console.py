@@ -18,11 +18,11 @@ CHROMIUM = Path("/usr/bin/chromium")
 GiB = 1 << 30
 WAIT_MS = 30_000
 
-ALL_AGENTS_WRITING = """() => [...document.querySelectorAll('[data-testid="agent"].writing .text')]
+AN_AGENT_MID_ANSWER = """() => [...document.querySelectorAll('[data-testid="agent"].writing .text')]
     .some((text) => text.textContent.length > 0)"""
 
 
-def three(seconds_per_token: float = 0.02, words: int = 6) -> Config:
+def three(seconds_per_token: float = 0.04, words: int = 6) -> Config:
     """Three fake models that write slowly enough to watch: two layers of all three, ``a``
     aggregating; each answer names its model and the question it was asked."""
     reply = "{model} heard: {prompt} " + " ".join(["word"] * words)
@@ -107,7 +107,7 @@ def test_agents_stream_side_by_side_and_a_second_turn_carries_the_first(
     page, served = console
     expect(page.page.locator("#ensemble option")).to_have_text(["default"])
     page.ask("why is the sky blue?")
-    page.page.wait_for_function(ALL_AGENTS_WRITING, timeout=WAIT_MS)  # text before the end
+    page.page.wait_for_function(AN_AGENT_MID_ANSWER, timeout=WAIT_MS)  # text before the end
     answer = page.page.get_by_test_id("answer")
     expect(answer).to_have_text("a heard: why is the sky blue? word word word word word word")
     page.answered()
@@ -143,7 +143,7 @@ def test_stop_cancels_the_run_on_the_server(browser: Browser) -> None:
     with serving(three(seconds_per_token=0.05, words=200), 3 * GiB) as served:
         page = Console(browser, served)
         page.ask("a long one")
-        page.page.wait_for_function(ALL_AGENTS_WRITING, timeout=WAIT_MS)
+        page.page.wait_for_function(AN_AGENT_MID_ANSWER, timeout=WAIT_MS)
         page.page.get_by_role("button", name="Stop").click()
         expect(page.page.get_by_role("status")).to_contain_text("Stopped", timeout=WAIT_MS)
         served.wait_idle()  # the run ended: cancelled, not finished
