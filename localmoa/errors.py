@@ -11,6 +11,7 @@
     │   ├── ModelNotInstalledError  Ollama does not have the model (localmoa never pulls)
     │   ├── PromptTooLongError    the prompt cannot fit the context (n_ctx) of the models
     │   ├── AddressInUseError     ``serve``'s host:port is taken by another program
+    │   ├── MissingExtraError     an optional extra (e.g. ``plot``) this command needs is missing
     │   └── UsageRefused          a request localmoa will not carry out as asked (unsafe)
     └── RunError                  exit 1: something failed while the ensemble ran
         ├── BackendError          a backend could not load a model or answer a call
@@ -32,6 +33,7 @@ __all__ = [
     "EgressError",
     "LayerFailedError",
     "LocalMoaError",
+    "MissingExtraError",
     "ModelFileError",
     "ModelNotInstalledError",
     "PromptTooLongError",
@@ -89,6 +91,10 @@ class PromptTooLongError(UserError):
 
 class AddressInUseError(UserError):
     """``localmoa serve`` cannot listen: another program holds the host and port."""
+
+
+class MissingExtraError(UserError):
+    """An optional extra a command needs is not installed (the message names the pip line)."""
 
 
 class UsageRefused(UserError):

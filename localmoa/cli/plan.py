@@ -26,14 +26,32 @@ __all__ = ["plan_command", "plan_report"]
 @ensemble_option
 @budget_option
 @json_option
+@click.option(
+    "--timeline",
+    "timeline",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the plan as the cost model times it (FILE.svg or FILE.png; the plot extra).",
+)
 def plan_command(
-    config_path: Path | None, ensemble: str, memory_budget: str | None, as_json: bool
+    config_path: Path | None,
+    ensemble: str,
+    memory_budget: str | None,
+    as_json: bool,
+    timeline: Path | None,
 ) -> None:
     """Show which models will be resident together, without loading anything."""
+    if timeline is not None:
+        from localmoa.records.timeline import check_path
+
+        check_path(timeline)
 
     async def go() -> PlanReport:
         async with open_session(config_path, memory_budget) as session:
             prepared = await plan_run(session, ensemble, memory_budget)
+            if timeline is not None:
+                from localmoa.records.timeline import draw_plan
+
+                draw_plan(prepared, timeline)
             return plan_report(prepared, session.reasons)
 
     report = arun(go)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from localmoa.errors import UserError
+from localmoa.errors import MissingExtraError, UserError
 from localmoa.planning.profiles import PROFILES, Profile
 from localmoa.planning.refine import calls_as_planned
 from localmoa.planning.timing import simulate_plan
@@ -62,6 +62,7 @@ __all__ = [
     "Residency",
     "Timeline",
     "TimelineSpan",
+    "check_path",
     "draw",
     "draw_plan",
     "draw_run",
@@ -79,10 +80,6 @@ OpenAI-compatible server) and so it has none of its own: the picture says it is 
 
 _SALT = "localmoa"
 """``svg.hashsalt``: the SVG's element ids come from it, not from a random draw."""
-
-
-class MissingExtraError(UserError):
-    """An optional extra this command needs is not installed."""
 
 
 class TimelineSpan(BaseModel):
@@ -408,13 +405,9 @@ _BAR = 0.62
 _ROLE_RANK = {"roles": 0, "proposer": 1, "judge": 2, "aggregator": 3}
 
 
-def draw(timeline: Timeline, path: Path) -> None:
-    """Render ``timeline`` to ``path``, SVG or PNG by its suffix; the same timeline always
-    gives the same bytes.
-
-    Raises UserError for another suffix or a folder that does not exist, and
-    MissingExtraError when matplotlib (the ``plot`` extra) is not installed.
-    """
+def check_path(path: Path) -> Path:
+    """``path`` when a timeline can be drawn there (a .svg or .png in an existing folder), else
+    UserError saying what to change: the CLI checks before planning or loading anything."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -424,6 +417,18 @@ def draw(timeline: Timeline, path: Path) -> None:
         )
     if not path.parent.is_dir():
         raise UserError(f"{path}: the folder {path.parent} does not exist; create it first")
+    return path
+
+
+def draw(timeline: Timeline, path: Path) -> None:
+    """Render ``timeline`` to ``path``, SVG or PNG by its suffix; the same timeline always
+    gives the same bytes.
+
+    Raises UserError for another suffix or a folder that does not exist, and
+    MissingExtraError when matplotlib (the ``plot`` extra) is not installed.
+    """
+    path = check_path(path)
+    suffix = path.suffix.lower()
     try:
         import matplotlib
         from matplotlib.figure import Figure

@@ -121,3 +121,14 @@ def _table(report: PlanReport) -> str:
     out = StringIO()
     print_plan(Console(file=out, width=200), report)
     return out.getvalue()
+
+
+def test_plan_draws_its_timeline_and_refuses_a_bad_suffix_first(tmp_path: Path) -> None:
+    write_config(tmp_path, FAKE_THREE)
+    out = localmoa("plan", "--memory-budget", "2.5GiB", "--timeline", str(tmp_path / "p.svg"))
+    assert out.returncode == 0, out.stderr
+    svg = (tmp_path / "p.svg").read_text(encoding="utf-8")
+    assert svg.startswith("<?xml") and all(f">{m}<" in svg or m in svg for m in "abc")
+    (tmp_path / "models.toml").unlink()  # refused before any config is read
+    out = localmoa("plan", "--timeline", str(tmp_path / "p.pdf"))
+    assert out.returncode == 2 and "name the file .svg or .png" in out.stderr
