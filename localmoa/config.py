@@ -105,6 +105,12 @@ class Settings(_Strict):
     ] = "auto"
     """The cost-model profile whose speeds time the plan (localmoa.planning.timing.PROFILES); "auto"
     picks by the detected device. Set it when `localmoa plan` names the wrong kind."""
+    record: Literal["full", "metadata", "off"] = "full"
+    """What the run log (``localmoa logs``; localmoa.records.store) keeps of each run: "full" =
+    everything, the prompts, every message sent and every answer included; "metadata" = models,
+    timings, token counts and errors, but no prompt, message or answer text anywhere in the
+    file; "off" = nothing is written, no file is even created. The LOCALMOA_RECORD environment
+    variable, when set, overrides this."""
 
 
 if TYPE_CHECKING:
