@@ -42,9 +42,13 @@ the chain a chat call would build). Such a context holds ``parallel`` sequences,
 own n_ctx (see :func:`_sequences` for why the cache is not unified); more samples than that decode
 in rounds. Afterwards the context is emptied, so the next ``chat`` starts as after a load.
 
-What a call took is timed by the engine from the stream (time to first token, prefill and
-decode rates); samples decoded together say their prompt's evaluation rate themselves, since
-the prompt is evaluated once for them all. What a load took is this process's growth over it
+What a call took is timed by the engine from the stream (time to first token, decode rate),
+except the prompt's evaluation rate, which the backend states itself: llama-cpp-python keeps
+the previous call's tokens and evaluates only the part of a prompt they do not begin (an
+aggregator after a proposer on the same model may evaluate a tenth of its prompt), so prompt
+tokens over the time to the first token could overstate it tenfold. A chat call times its one
+``Llama.eval`` of the prompt (:class:`_PromptTimer`); samples decoded together time the
+evaluation they share. What a load took is this process's growth over it
 (:class:`~localmoa.footprint.measurements.ProcessMemory`: RSS, and GPU memory where NVML tells),
 measured on the model's thread around the construction alone.
 
@@ -63,6 +67,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -293,6 +298,33 @@ class _Abort:
             self._set(self.ctx, self._none, None)
 
 
+class _PromptTimer:
+    """Times a chat call's evaluation of its prompt: stands in for the model's ``Llama.eval``,
+    whose first call after :meth:`arm` is the prompt's (the tokens the kept context does not
+    already hold; every later one is a sampled token's). Runs on the model's worker thread."""
+
+    def __init__(self, llama: Any) -> None:
+        self._evaluate = llama.eval
+        self._armed = False
+        self.rate: float | None = None
+        """The last armed call's prompt tokens evaluated per second; None when it evaluated
+        none (the whole prompt was kept) or failed."""
+        llama.eval = self
+
+    def arm(self) -> None:
+        self._armed, self.rate = True, None
+
+    def __call__(self, tokens: Sequence[int]) -> None:
+        if not self._armed:
+            self._evaluate(tokens)
+            return
+        self._armed = False
+        began = time.perf_counter()
+        self._evaluate(tokens)
+        took = time.perf_counter() - began
+        self.rate = len(tokens) / took if tokens and took > 0 else None
+
+
 @dataclass
 class _Loaded:
     llama: Any
@@ -300,6 +332,7 @@ class _Loaded:
     measured: int | None
     n_ctx: int
     abort: _Abort
+    prompt: _PromptTimer
     peak: int
     """This process's growth over the load (RSS, and GPU memory where NVML tells)."""
     busy: list[threading.Event] = field(default_factory=list)
@@ -344,7 +377,8 @@ class LlamaCppBackend(Backend):
                 raise BackendError(name, f"llama.cpp could not load {config.path}: {exc}") from exc
             raise
         abort = _Abort(llama._ctx.ctx)  # llama-cpp-python's context handle
-        self._models[name] = _Loaded(llama, worker, measured, config.n_ctx, abort, peak)
+        prompt = _PromptTimer(llama)
+        self._models[name] = _Loaded(llama, worker, measured, config.n_ctx, abort, prompt, peak)
 
     async def unload(self, name: str) -> None:
         loaded = self._models.pop(name, None)
@@ -396,6 +430,7 @@ class LlamaCppBackend(Backend):
                 return scores
 
             loaded.abort.arm(stop)
+            loaded.prompt.arm()
             try:
                 for text in _stream(name, loaded.llama, request, each_token):
                     if stop.is_set():
@@ -403,7 +438,8 @@ class LlamaCppBackend(Backend):
                     emit("delta", ChatDelta(text, generated - counted))
                     counted = generated
                 # The loop samples one token past max_tokens before it notices the limit.
-                emit("done", ChatDelta("", min(generated, request.max_tokens) - counted, prompt))
+                tokens = min(generated, request.max_tokens) - counted
+                emit("done", ChatDelta("", tokens, prompt, prefill_tok_s=loaded.prompt.rate))
             except BackendError as exc:
                 emit("error", exc)
             except Exception as exc:

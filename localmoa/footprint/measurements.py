@@ -94,22 +94,42 @@ class MeasurementCache:
 
 @dataclass(frozen=True)
 class ProcessMemory:
-    """What this process holds at one moment: RSS, and GPU memory where NVML can tell."""
+    """What this process holds at one moment: RSS, the anonymous part of it where the system
+    says (Linux), and GPU memory where NVML can tell."""
 
     rss: int
+    anon: int | None
     gpu: int | None
 
     @classmethod
     def now(cls) -> ProcessMemory:
-        return cls(psutil.Process().memory_info().rss, gpu_bytes_of_this_process())
+        rss = psutil.Process().memory_info().rss
+        return cls(rss, _anonymous_rss(), gpu_bytes_of_this_process())
 
     def growth_since(self, before: ProcessMemory) -> int:
-        """Bytes this process took on since ``before``, RAM and GPU together (never negative:
-        memory freed by other threads meanwhile is not a load giving memory back)."""
-        gpu = 0
+        """Bytes this process took on since ``before``: RAM and GPU together, each kind
+        counted on its own and never negative. Memory given back meanwhile is not a load
+        giving memory back: another thread's frees, or file pages (a shared library's) the
+        kernel reclaims on a busy machine, which would otherwise cancel the load's own
+        anonymous memory (its KV cache, its buffers) out of the sum."""
+        pairs = [(self.rss, before.rss)]
+        if self.anon is not None and before.anon is not None:
+            pairs = [(self.anon, before.anon), (self.rss - self.anon, before.rss - before.anon)]
         if self.gpu is not None and before.gpu is not None:
-            gpu = self.gpu - before.gpu
-        return max(0, self.rss - before.rss) + max(0, gpu)
+            pairs.append((self.gpu, before.gpu))
+        return sum(max(0, now - then) for now, then in pairs)
+
+
+def _anonymous_rss() -> int | None:
+    """``RssAnon`` of /proc/self/status (Linux ≥ 4.5): resident memory that no file backs."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 _nvml_lock = threading.Lock()

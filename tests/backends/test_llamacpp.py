@@ -456,3 +456,32 @@ async def test_samples_state_the_rate_of_the_prompt_they_share(
     assert sorted(last) == [0, 1, 2]
     (rate,) = set(last.values())  # two rounds of samples, one evaluation of the prompt
     assert rate is not None and 0 < rate < float("inf")
+
+
+async def test_a_call_states_the_rate_of_the_prompt_it_evaluated(
+    tiny_models: dict[str, Path],
+) -> None:
+    """Timed around llama.cpp's evaluation of the prompt alone: what the context already held
+    from the last call is not evaluated again, so it is not counted either."""
+    backend = LlamaCppBackend()
+    await backend.load("m", model(tiny_models["tiny-a"]))
+    timer = backend._models["m"].prompt
+    evaluated: list[int] = []
+    evaluate = timer._evaluate
+
+    def spy(tokens: Any) -> None:
+        evaluated.append(len(tokens))
+        evaluate(tokens)
+
+    timer._evaluate = spy
+    try:
+        for _ in range(2):
+            evaluated.clear()
+            deltas = [d async for d in backend.chat("m", REQUEST)]
+            assert all(d.prefill_tok_s is None for d in deltas[:-1])
+            rate = deltas[-1].prefill_tok_s
+            assert rate is not None and 0 < rate < float("inf")
+            assert evaluated[0] <= deltas[-1].prompt_tokens  # the prompt's evaluation first
+        assert evaluated[0] < deltas[-1].prompt_tokens  # the second: only what was not kept
+    finally:
+        await backend.aclose()

@@ -299,16 +299,20 @@ def test_without_nvml_gpu_memory_is_not_measured_and_nothing_fails(
 ) -> None:
     with_nvml(monkeypatch, None)
     assert measurements.gpu_bytes_of_this_process() is None
-    assert ProcessMemory.now().gpu is None and ProcessMemory.now().rss > 0
+    now = ProcessMemory.now()
+    assert now.gpu is None and now.rss > 0 and now.anon is not None and now.anon > 0
     with_nvml(monkeypatch, FakeNvml([GiB], broken=True))
     assert measurements.gpu_bytes_of_this_process() is None
 
 
-def test_a_load_s_growth_counts_ram_and_gpu_and_never_goes_negative() -> None:
-    before = ProcessMemory(rss=10 * GiB, gpu=GiB)
-    assert ProcessMemory(rss=11 * GiB, gpu=3 * GiB).growth_since(before) == 3 * GiB
-    assert ProcessMemory(rss=9 * GiB, gpu=2 * GiB).growth_since(before) == GiB  # RAM freed
-    assert ProcessMemory(rss=12 * GiB, gpu=None).growth_since(before) == 2 * GiB
+def test_a_load_s_growth_counts_each_kind_of_memory_and_never_goes_negative() -> None:
+    before = ProcessMemory(rss=10 * GiB, anon=8 * GiB, gpu=GiB)
+    assert ProcessMemory(rss=11 * GiB, anon=9 * GiB, gpu=3 * GiB).growth_since(before) == 3 * GiB
+    # File pages reclaimed meanwhile do not cancel the load's anonymous memory out.
+    assert ProcessMemory(rss=10 * GiB, anon=9 * GiB, gpu=GiB).growth_since(before) == GiB
+    assert ProcessMemory(rss=9 * GiB, anon=7 * GiB, gpu=2 * GiB).growth_since(before) == GiB
+    # Where the system does not say what is anonymous, or NVML what is on the GPU: RSS alone.
+    assert ProcessMemory(rss=12 * GiB, anon=None, gpu=None).growth_since(before) == 2 * GiB
 
 
 # --- the summary line -----------------------------------------------------------------------------
