@@ -61,9 +61,10 @@ are ordered as things happened even if the wall clock is set meanwhile:
 - ``ended_at``: its last delta arrives (each sample its own), or the stream ends when it failed.
 
 ``ttft_s`` is first token − start. The rates are the runtime's own where it states them on the
-last delta (Ollama, llama-server, samples decoded together: see ChatDelta); else they come from
-the stream: prefill = prompt tokens / ttft (so it includes what precedes evaluation: the request,
-the chat template), decode = the tokens after the first delta / (end − first token).
+last delta (Ollama and llama-server both; llama.cpp in process its prompt's: see ChatDelta);
+else they come from the stream: prefill = prompt tokens / ttft (so it includes what precedes
+evaluation: the request, the chat template), decode = the tokens after the first delta / (end −
+first token).
 
 Progress is reported through ``on_event`` callbacks (:mod:`localmoa.runtime.events`); the
 engine itself prints nothing. What a run has done is one :class:`~localmoa.runtime.state.RunState`.

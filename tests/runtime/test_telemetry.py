@@ -3,7 +3,8 @@ fast it went, and what each load took; the summary line ``run`` ends with.
 
 The fake backend's timing is its simulated work (``seconds_per_token``): the first token after
 one token's time, each next a token's time later, and it states its rates like Ollama. Real
-llama.cpp with the tiny random-weight models is timed from the stream.
+llama.cpp with the tiny random-weight models is timed from the stream, except the rate of its
+prompt's evaluation, which it states.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def tiny(path: Path, **kwargs: Any) -> LlamaCppModel:
     )
 
 
-async def test_llama_cpp_calls_are_timed_from_the_stream_and_loads_measured(
+async def test_llama_cpp_calls_are_timed_and_loads_measured(
     tiny_models: dict[str, Path],
 ) -> None:
     models = {"tiny-a": tiny(tiny_models["tiny-a"]), "tiny-b": tiny(tiny_models["tiny-b"])}
