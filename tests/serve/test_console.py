@@ -138,6 +138,18 @@ def test_agents_stream_side_by_side_and_a_second_turn_carries_the_first(
         ("user", "and at sunset?"),
     ]
 
+    page.page.get_by_text("Past runs").click()
+    runs = page.page.locator("#runs-list button")
+    expect(runs).to_have_count(2)
+    expect(runs.first).to_contain_text("and at sunset?")  # newest first
+    runs.first.click()
+    detail = page.page.locator("#run-detail")
+    expect(detail.get_by_role("heading", name="layer 2")).to_be_visible()
+    expect(detail.locator("details")).to_have_count(7)
+    expect(detail.locator(":scope > .text")).to_have_text(
+        "a heard: and at sunset? word word word word word word"
+    )
+
 
 def test_stop_cancels_the_run_on_the_server(browser: Browser) -> None:
     with serving(three(seconds_per_token=0.05, words=200), 3 * GiB) as served:

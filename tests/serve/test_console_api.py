@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -14,8 +13,6 @@ from servers import Serving, serving
 
 from localmoa.backends import FakeBackend
 from localmoa.config import Config, parse_config
-from localmoa.errors import UserError
-from localmoa.records.models import LoggedRun, RunDetail
 
 GiB = 1 << 30
 
@@ -215,6 +212,8 @@ def test_a_client_that_goes_away_cancels_its_console_run() -> None:
         fake = served.server.backends["fake"]
         assert isinstance(fake, FakeBackend)
         assert len(fake.requests) < 7  # the aggregator never ran
+        [run] = httpx.get(f"{base(served)}/console/runs").json()["runs"]
+        assert run["status"] == "interrupted" and run["answer"] is None
 
 
 def test_a_failed_run_ends_with_its_error() -> None:
@@ -236,65 +235,43 @@ def test_a_failed_run_ends_with_its_error() -> None:
         assert [d["ok"] for d in done] == [False] and "the model broke" in done[0]["error"]
 
 
-def test_runs_say_recording_is_off_without_a_run_log(served: Serving) -> None:
-    served.server.recorder = SimpleNamespace(mode="off", store=None)  # type: ignore[attr-defined]
-    page = httpx.get(f"{base(served)}/console/runs").json()
-    assert page["recording"] is False and page["runs"] == []
-    assert page["message"].startswith("recording is off") and 'record = "off"' in page["message"]
-    missing = httpx.get(f"{base(served)}/console/runs/01ABC")
-    assert missing.status_code == 404 and "recording is off" in missing.json()["error"]["message"]
+def test_runs_say_recording_is_off_without_a_run_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCALMOA_RECORD", "off")
+    with serving(three(), 3 * GiB) as served:
+        chat_events(served, {"ensemble": "solo", "messages": [{"role": "user", "content": "q"}]})
+        page = httpx.get(f"{base(served)}/console/runs").json()
+        assert page["recording"] is False and page["runs"] == []
+        assert page["message"].startswith("recording is off")
+        assert 'record = "off"' in page["message"]
+        missing = httpx.get(f"{base(served)}/console/runs/01ABC")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["message"].startswith("recording is off")
 
 
-def test_runs_list_and_show_what_the_store_holds(served: Serving) -> None:
-    run = LoggedRun(
-        id="01JTEST",
-        status="ok",
-        source="serve",
-        chat_id=None,
-        ensemble="default",
-        started="2025-01-01T00:00:00Z",
-        seconds=1.5,
-        calls=7,
-        loads=3,
-        prompt="why?",
-        answer="because",
-        error=None,
+def test_a_console_chat_is_recorded_and_shown_in_past_runs(served: Serving) -> None:
+    events = chat_events(
+        served, {"ensemble": "default", "messages": [{"role": "user", "content": "why?"}]}
     )
-    detail = RunDetail(
-        id="01JTEST",
-        status="ok",
-        source="serve",
-        chat_id=None,
-        ensemble="default",
-        started=run.started,
-        seconds=1.5,
-        error=None,
-        config={},
-        plan=None,
-        budget_bytes=3 * GiB,
-        budget_source="flag",
-        device=None,
-        versions={},
-        conversation=None,
-        answer="because",
-        calls=[],
-        loads=[],
-    )
-
-    class Store:
-        def list_runs(self, n: int = 20, **filters: Any) -> list[LoggedRun]:
-            return [run][:n]
-
-        def run(self, run_id: str) -> RunDetail:
-            if run_id != detail.id:
-                raise UserError(f'no run "{run_id}" in the log')
-            return detail
-
-    served.server.recorder = SimpleNamespace(store=Store())  # type: ignore[attr-defined]
+    end = events[-2]
     page = httpx.get(f"{base(served)}/console/runs").json()
-    assert page["recording"] is True and page["runs"] == [run.model_dump(mode="json")]
-    shown = httpx.get(f"{base(served)}/console/runs/01JTEST")
-    assert shown.status_code == 200 and shown.json() == detail.model_dump(mode="json")
-    missing = httpx.get(f"{base(served)}/console/runs/01OTHER")
-    assert missing.status_code == 404
-    assert missing.json()["error"]["message"] == 'no run "01OTHER" in the log'
+    assert page["recording"] is True and page["message"] is None
+    [run] = page["runs"]
+    assert (run["ensemble"], run["status"], run["source"]) == ("default", "ok", "serve")
+    assert (run["calls"], run["loads"], run["prompt"]) == (7, 3, "why?")
+    assert run["answer"] == end["answer"] == "a says word word word"
+    shown = httpx.get(f"{base(served)}/console/runs/{run['id']}")
+    assert shown.status_code == 200
+    detail = shown.json()
+    assert [(c["layer"], c["model"]) for c in detail["calls"]] == [
+        (1, "a"),
+        (1, "b"),
+        (1, "c"),
+        (2, "a"),
+        (2, "b"),
+        (2, "c"),
+        (3, "a"),
+    ]
+    assert all(c["text"] == f"{c['model']} says word word word" for c in detail["calls"])
+    assert sorted(load["model"] for load in detail["loads"]) == ["a", "b", "c"]
+    missing = httpx.get(f"{base(served)}/console/runs/01ZZZZZZZZ")
+    assert missing.status_code == 404 and "01ZZZZZZZZ" in missing.json()["error"]["message"]

@@ -361,7 +361,8 @@ async function showRun(id) {
     byLayer.get(call.layer).push(call);
   }
   for (const [layer, calls] of byLayer) {
-    parts.push(el("h4", { text: `layer ${layer}` }));
+    const aggregating = calls.every((call) => call.role === "aggregator");
+    parts.push(el("h4", { text: aggregating ? "aggregator" : `layer ${layer}` }));
     for (const call of calls) {
       const head = `${call.role} · ${call.model} · ${call.ok ? "ok" : "failed"} · ${call.tokens_out} tokens · ${seconds(call.seconds)}`;
       const details = el("details", {}, el("summary", { text: head }));
