@@ -1,7 +1,9 @@
 """``localmoa run``: answer a prompt with an ensemble, the answer streamed to stdout.
 
 stdout carries only the answer (or the :class:`~localmoa.cli.reports.RunReport` with ``--json``),
-so it can be piped; progress, layer outputs and the closing summary go to stderr.
+so it can be piped; progress, layer outputs and the closing summary go to stderr. Every run is
+written to the run log as it goes (localmoa.records.recorder; ``localmoa logs`` shows it), ok,
+failed or interrupted; a log that cannot be written is one warning, never a lost answer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from localmoa.cli.reports import RunReport
 from localmoa.cli.session import Session, open_session, plan_run
 from localmoa.cli.signals import arun, unloads
 from localmoa.errors import UserError
+from localmoa.records.recorder import Recorder, RunRecording, recorded
 from localmoa.runtime.engine import (
     CallFinished,
     CallPiece,
@@ -31,7 +34,7 @@ from localmoa.runtime.engine import (
 from localmoa.runtime.moa import stage_label
 from localmoa.runtime.prepare import Prepared
 
-__all__ = ["execute", "run_command", "run_report"]
+__all__ = ["execute", "run_command", "run_report", "warning"]
 
 
 @click.command(name="run")
@@ -62,10 +65,25 @@ def run_command(
 
     async def go() -> RunReport:
         async with open_session(config_path, memory_budget) as session:
+            # A bad LOCALMOA_RECORD stops the command here, before anything loads.
+            recorder = Recorder.open(session.config.settings, warn=warning)
             for reason in session.reasons:
                 stderr().print(f"zero-config: {reason}", markup=False)
             prepared = await plan_run(session, ensemble, memory_budget, question)
-            result = await execute(session, prepared, question, show_layers, quiet=as_json)
+            recording = recorder.start(
+                source="run",
+                ensemble=prepared.ensemble,
+                ensemble_config=session.config.ensembles[prepared.ensemble],
+                plan=prepared.plan,
+                budget=prepared.budget,
+                conversation=[ChatMessage(role="user", content=question)],
+                models=prepared.models or session.config.models,
+            )
+            with recorded(recording, interrupted="interrupted (Ctrl-C or a stop signal)"):
+                result = await execute(
+                    session, prepared, question, show_layers, quiet=as_json, record=recording
+                )
+            recording.finish("ok", answer=result.answer, seconds=result.seconds)
             report = run_report(result)
             stderr().print(run_summary(report), markup=False)  # before the closing unloads
         return report
@@ -86,6 +104,11 @@ def _utf8(raw: bytes, where: str) -> str:
         ) from None
 
 
+def warning(line: str) -> None:
+    """A warning as one line on stderr, never wrapped (so a path in it can be copied)."""
+    stderr().print(f"localmoa: warning: {line}", markup=False, soft_wrap=True)
+
+
 def run_report(result: RunResult) -> RunReport:
     """What ``run --json`` prints for ``result``."""
     return RunReport(
@@ -100,9 +123,16 @@ def run_report(result: RunResult) -> RunReport:
 
 
 async def execute(
-    session: Session, prepared: Prepared, prompt: str, show_layers: bool, *, quiet: bool
+    session: Session,
+    prepared: Prepared,
+    prompt: str,
+    show_layers: bool,
+    *,
+    quiet: bool,
+    record: RunRecording | None = None,
 ) -> RunResult:
-    """Run the plan, progress on stderr and (unless ``quiet``) the answer streamed to stdout."""
+    """Run the plan, progress on stderr and (unless ``quiet``) the answer streamed to stdout;
+    every event also goes to ``record`` (the run log), first."""
     from localmoa.cli.progress import Progress
 
     progress = Progress(
@@ -116,6 +146,8 @@ async def execute(
 
     def on_event(event: Event) -> None:
         nonlocal streaming
+        if record is not None:
+            record.on_event(event)
         if isinstance(event, ModelUnloaded):
             unloads.add([event.model])
         if isinstance(event, CallPiece) and event.call.is_aggregator and not quiet:

@@ -65,7 +65,8 @@ from localmoa.errors import (
 from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget
 from localmoa.planning import PlanPolicy, plan_run
-from localmoa.runtime.engine import Executor
+from localmoa.records.recorder import Recorder, recorded
+from localmoa.runtime.engine import Emit, Executor
 from localmoa.runtime.events import CallPiece, Event, RunResult
 from localmoa.runtime.prepare import (
     check_prompt,
@@ -110,6 +111,8 @@ log = logging.getLogger(__name__)
 PREFIX = "moa/"
 RETRY_AFTER_SECONDS = 5
 PING_SECONDS = 15
+CANCELLED = "the request was cancelled (the client went away, or the server stopped)"
+"""A cancelled request's error in the run log."""
 
 
 class MoaServer:
@@ -126,8 +129,11 @@ class MoaServer:
         max_body: int = DEFAULT_MAX_BODY,
         loopback_only: bool = True,
         allowed_origins: Sequence[str] = (),
+        recorder: Recorder | None = None,
     ) -> None:
         self.config = config
+        self.recorder = recorder or Recorder.open(config.settings)
+        """Where every request's run is recorded (the run log; ``settings.record``)."""
         self.backends = backends
         self.budget = budget
         self.api_key = api_key
@@ -205,6 +211,7 @@ class MoaServer:
         await asyncio.gather(*runs, return_exceptions=True)
         if self.pool is not None:
             await self.pool.close()
+        self.recorder.close()
 
     # --- endpoints -------------------------------------------------------------------------------
 
@@ -366,6 +373,8 @@ class RequestRun:
         self.server = server
         self.ticket = ticket
         self.body = body
+        self.ensemble = ensemble
+        """The ensemble as this request runs it (the request's aggregator settings applied)."""
         self.stages = stages_for(
             server.config, ensemble, prompt="\n".join(m.content for m in conversation)
         )
@@ -395,11 +404,13 @@ class RequestRun:
         return task
 
     async def run(self, on_event: Any = None) -> RunResult:
-        """Plan from what the pool holds now, then run the one engine on the pool's admission;
-        always gives the admission slot back."""
+        """Plan from what the pool holds now, then run the one engine on the pool's admission,
+        recording the run (a cancelled one, the client gone, as "interrupted"); every event
+        also goes to ``on_event``. Always gives the admission slot back."""
         server = self.server
         pool, sizes = server.pool, server.executor.sizes
         assert pool is not None and sizes is not None, "MoaServer.start() first"
+        passed_on: Emit = on_event or server.executor.on_event
         try:
             plan = await asyncio.to_thread(  # off the event loop: a search may take a second
                 plan_run,
@@ -410,13 +421,30 @@ class RequestRun:
                 resident=pool.resident(),
                 prompt="\n".join(m.content for m in self.conversation),
             )
-            return await server.executor.run(
-                self.stages,
-                plan,
-                self.conversation,
-                admission=pool.admission(self.ticket),
-                on_event=on_event,
+            recording = server.recorder.start(
+                source="serve",
+                ensemble=self.body.model.removeprefix(PREFIX),
+                ensemble_config=self.ensemble,
+                plan=plan,
+                budget=server.budget,
+                conversation=self.conversation,
+                models=server.executor.models,
             )
+
+            def emit(event: Event) -> None:
+                recording.on_event(event)
+                passed_on(event)
+
+            with recorded(recording, interrupted=CANCELLED):
+                result = await server.executor.run(
+                    self.stages,
+                    plan,
+                    self.conversation,
+                    admission=pool.admission(self.ticket),
+                    on_event=emit,
+                )
+            recording.finish("ok", answer=result.answer, seconds=result.seconds)
+            return result
         finally:
             server.finished()
 
