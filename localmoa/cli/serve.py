@@ -139,7 +139,8 @@ def serve_command(
                 names = ", ".join(f"moa/{n}" for n in session.config.ensembles)
                 stderr().print(
                     f"localmoa: serving {names} at http://{host}:{port}/v1 "
-                    f"(budget {format_bytes(budget.bytes)}: {budget.detail})",
+                    f"(budget {format_bytes(budget.bytes)}: {budget.detail}); "
+                    f"console at http://{host}:{port}/",
                     markup=False,
                 )
                 await uv.serve(sockets=[listener])

@@ -217,8 +217,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {
-        404: f"no route {request.url.path}; this server has /v1/models, /v1/chat/completions "
-        "and /health",
+        404: f"no route {request.url.path}; this server has /v1/models, /v1/chat/completions, "
+        "/health and the console at /",
         405: f"{request.method} is not allowed on {request.url.path}",
     }.get(exc.status_code, str(exc.detail))
     return error_response(
