@@ -126,16 +126,16 @@ def print_models(console: Console, report: ModelsReport) -> None:
         console.print(note, markup=False)
 
 
-def run_summary(report: RunReport, load_seconds: float | None = None) -> str:
-    """The line ``run`` ends with on stderr: calls, failures, loads (with the seconds they took,
-    when given), re-plans, then where the time went, short: the median time to first token and
-    decode rate of the calls that answered (each call's figures are in ``run --json``), and the
-    run's seconds. E.g. ``7 calls (0 failed), 3 loads (2.1s), ttft 0.12s median, decode 41
-    tok/s median, 3.40s``."""
+def run_summary(report: RunReport) -> str:
+    """The line ``run`` ends with on stderr: calls, failures, loads (with the seconds they
+    took, when those round to something), re-plans, then where the time went, short: the median
+    time to first token and decode rate of the calls that answered (each call's figures are in
+    ``run --json``), and the run's seconds. E.g. ``7 calls (0 failed), 3 loads (2.1s), ttft
+    0.12s median, decode 41 tok/s median, 3.40s``."""
     failed = sum(not call.ok for call in report.calls)
     loads = f"{report.loads} loads"
-    if load_seconds is not None and report.loads:
-        loads += f" ({load_seconds:.1f}s)"
+    if report.loads and report.load_seconds >= 0.05:
+        loads += f" ({report.load_seconds:.1f}s)"
     parts = [f"{len(report.calls)} calls ({failed} failed)", loads]
     if report.replans:
         parts.append(f"re-planned {report.replans}x mid-run")

@@ -61,6 +61,7 @@ class RunReport(BaseModel):
         description="one record per call, by layer then agent index; the aggregator's is last"
     )
     loads: int = Field(description="model loads the run really made")
+    load_seconds: float = Field(description="seconds those loads took, added up")
     replans: int = Field(
         description="times the rest of the run was planned again: after a load was measured, "
         "or after a judge that may stop early decided"

@@ -115,6 +115,7 @@ def run_report(result: RunResult) -> RunReport:
         answer=result.answer,
         calls=result.calls,
         loads=result.loads,
+        load_seconds=round(result.load_seconds, 4),
         replans=result.replans,
         seconds=round(result.seconds, 4),
         skipped_layers=result.skipped_layers,

@@ -47,8 +47,8 @@ The variants (:mod:`localmoa.runtime.moa`) need three things more:
 - before a call that reads answers, they are cut to fit its model's context
   (:func:`localmoa.runtime.fit.fit_references`), and its record says what it read.
 
-Every call's record says when it happened and how fast it went (:class:`_Timing`). Its times
-are unix times read from one monotonic clock per executor (:class:`_Clock`), so a run's times
+Every call's record says when it happened and how fast it went (:class:`Timing`). Its times
+are unix times read from one monotonic clock per executor (:class:`Clock`), so a run's times
 are ordered as things happened even if the wall clock is set meanwhile:
 
 - ``queued_at``: the call is ready, its model admitted for its stay and the answers it reads
@@ -77,8 +77,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, TypedDict
+from dataclasses import replace
+from typing import Any
 
 from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel
@@ -108,6 +108,7 @@ from localmoa.runtime.judge import judge_format
 from localmoa.runtime.moa import Call, build_request
 from localmoa.runtime.roles import RolesCache
 from localmoa.runtime.state import Answer, RunState, layer_of, stage_of
+from localmoa.runtime.telemetry import Clock, Timing
 
 __all__ = [
     "CallFinished",
@@ -172,7 +173,7 @@ class Executor:
         self._slots = asyncio.Semaphore(max_parallel_calls) if max_parallel_calls else None
         self._throttler = Throttler(max_calls_per_second) if max_calls_per_second else None
         self._locks: dict[str, asyncio.Lock] = {}
-        self._clock = _Clock()
+        self._clock = Clock()
 
     def now(self) -> float:
         """Unix time now, as the records of this executor's calls count it."""
@@ -247,7 +248,7 @@ class Executor:
             pieces: list[list[str]] = [[] for _ in calls]
             tokens = [0] * len(calls)
             prompt_tokens = [0] * len(calls)
-            timing = [_Timing() for _ in calls]
+            timing = [Timing() for _ in calls]
             sending = error is None and requests is not None  # else: failed before sending
             if error is None and requests is not None:
                 try:
@@ -306,85 +307,6 @@ class Executor:
         used = list(dict.fromkeys(c.model for stage in stages for c in stage))
         found = await asyncio.gather(*(self.backend(m).footprint(m, self.models[m]) for m in used))
         return {model: footprint.total for model, footprint in zip(used, found, strict=True)}
-
-
-class _Clock:
-    """Unix times read from the monotonic clock, anchored once: intervals between them are
-    monotonic-clock intervals, whatever happens to the wall clock meanwhile."""
-
-    def __init__(self) -> None:
-        self._wall = time.time()
-        self._monotonic = time.perf_counter()
-
-    def unix(self, moment: float) -> float:
-        """The unix time of ``moment``, a ``time.perf_counter()`` reading."""
-        return self._wall + (moment - self._monotonic)
-
-
-class _Times(TypedDict):
-    """A record's timing fields (see :class:`CallRecord`)."""
-
-    queued_at: float
-    started_at: float | None
-    first_token_at: float | None
-    ended_at: float
-    ttft_s: float | None
-    prefill_tok_s: float | None
-    decode_tok_s: float | None
-
-
-@dataclass
-class _Timing:
-    """One call's stream as it arrived (``time.perf_counter()`` readings): its first token, its
-    last delta, and the rates the runtime stated itself (see the module docstring)."""
-
-    first: float | None = None
-    first_tokens: int = 0
-    """Tokens the first delta with any carried (more than 1 when text was held back)."""
-    last: float | None = None
-    prefill: float | None = None
-    decode: float | None = None
-
-    def saw(self, delta: ChatDelta, now: float) -> None:
-        if delta.tokens and self.first is None:
-            self.first, self.first_tokens = now, delta.tokens
-        self.last = now
-        if delta.prefill_tok_s is not None:
-            self.prefill = delta.prefill_tok_s
-        if delta.decode_tok_s is not None:
-            self.decode = delta.decode_tok_s
-
-    def fields(
-        self,
-        clock: _Clock,
-        *,
-        queued: float,
-        started: float | None,
-        ended: float,
-        ok: bool,
-        tokens: int,
-        prompt_tokens: int,
-    ) -> _Times:
-        """The record's timing fields; ``started`` None when nothing was sent."""
-        first = self.first
-        end = self.last if ok and self.last is not None else ended
-        ttft = None if first is None or started is None else first - started
-        prefill = self.prefill
-        if prefill is None and ttft and prompt_tokens:
-            prefill = prompt_tokens / ttft
-        decode = self.decode
-        after_first = tokens - self.first_tokens
-        if decode is None and first is not None and after_first > 0 and end > first:
-            decode = after_first / (end - first)
-        return {
-            "queued_at": queued,
-            "started_at": None if started is None else clock.unix(started),
-            "first_token_at": None if first is None else clock.unix(first),
-            "ended_at": clock.unix(end),
-            "ttft_s": ttft,
-            "prefill_tok_s": prefill,
-            "decode_tok_s": decode,
-        }
 
 
 async def _tagged(stream: AsyncIterator[ChatDelta]) -> AsyncIterator[tuple[int, ChatDelta]]:
@@ -541,6 +463,7 @@ class _Dataflow:
         if outcome is None:
             return False
         self.state.loads += 1
+        self.state.load_seconds += outcome.seconds
         estimated = self.sizes.get(model)  # what the plan counted, before a measurement
         self.emit(ModelLoaded(model, outcome.seconds, outcome.measured, estimated, outcome.peak))
         return self._remeasure(model, outcome.measured)

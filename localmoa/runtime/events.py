@@ -87,6 +87,8 @@ class RunResult(BaseModel):
     answer: str
     calls: list[CallRecord]
     loads: int
+    load_seconds: float = 0.0
+    """Seconds the run's loads took, added up (they may overlap calls)."""
     replans: int = 0
     """Times the rest of the run was planned again: after a measurement, or after a judge that
     may stop early decided (see Executor.run)."""

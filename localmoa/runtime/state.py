@@ -90,6 +90,8 @@ class RunState:
     failed_loads: dict[str, str] = field(default_factory=dict)
     """Model -> why its last load failed; its calls fail with that reason until a load works."""
     loads: int = 0
+    load_seconds: float = 0.0
+    """Seconds the run's loads took, added up."""
     replans: int = 0
     waves_started: int = 0
 
@@ -212,6 +214,7 @@ class RunState:
             answer=self.answer(),
             calls=sorted(self.records, key=lambda r: (r.layer, _ROLE_ORDER[r.role], r.index)),
             loads=self.loads,
+            load_seconds=self.load_seconds,
             replans=self.replans,
             plan=plan,
             seconds=seconds,

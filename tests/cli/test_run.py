@@ -44,7 +44,16 @@ def test_run_json_is_exactly_the_run_report(tmp_path: Path) -> None:
     report = RunReport.model_validate_json(out.stdout)
     assert out.stdout == json.dumps(report.model_dump(mode="json")) + "\n"
     doc = json.loads(out.stdout)
-    assert list(doc) == ["answer", "calls", "loads", "replans", "seconds", "skipped_layers", "plan"]
+    assert list(doc) == [
+        "answer",
+        "calls",
+        "loads",
+        "load_seconds",
+        "replans",
+        "seconds",
+        "skipped_layers",
+        "plan",
+    ]
     assert all(list(call) == list(CallRecord.model_fields) for call in doc["calls"])
     assert report.answer == "a has considered: q" and report.replans == 0
     assert report.loads == report.plan.loads == 3

@@ -334,12 +334,15 @@ def record(ttft: float | None, decode: float | None, ok: bool = True) -> CallRec
     )
 
 
-def report(calls: list[CallRecord], loads: int = 3, replans: int = 0) -> RunReport:
+def report(
+    calls: list[CallRecord], loads: int = 3, replans: int = 0, load_seconds: float = 0.0
+) -> RunReport:
     plan = make_plan([["a"]], {"a": GiB}, GiB)
     return RunReport(
         answer="",
         calls=calls,
         loads=loads,
+        load_seconds=load_seconds,
         replans=replans,
         seconds=3.4,
         skipped_layers=[],
@@ -350,7 +353,7 @@ def report(calls: list[CallRecord], loads: int = 3, replans: int = 0) -> RunRepo
 def test_the_summary_gives_load_seconds_and_the_median_ttft_and_decode() -> None:
     calls = [record(0.1, 40.0), record(0.12, 41.0), record(0.5, 45.0), record(None, None, False)]
     assert (
-        run_summary(report(calls), load_seconds=2.1)
+        run_summary(report(calls, load_seconds=2.1))
         == "4 calls (1 failed), 3 loads (2.1s), ttft 0.12s median, decode 41 tok/s median, 3.40s"
     )
 
