@@ -291,6 +291,13 @@ class Backend(ABC):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def load_peak_bytes(self, name: str) -> int | None:
+        """Bytes the last load of loaded model ``name`` really took, beside what it holds
+        (:meth:`resident_bytes`): llama.cpp measures this process's growth over the load,
+        Ollama its ``/api/ps`` size, the fake its books. None when not measured (an
+        OpenAI-compatible server's model is the server's memory)."""
+        return None
+
     @abstractmethod
     def resident_bytes(self, name: str) -> int | None:
         """Measured bytes model ``name`` holds while loaded; None when not measurable."""

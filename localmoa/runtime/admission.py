@@ -19,7 +19,7 @@ is made by evicting idle ones.
 A load that fails, for whatever reason, is an outcome, not an exception (:func:`timed_load`):
 the engine fails that model's agents and the run goes on on quorum. A load that worked says how
 long it took, what the backend measures the model holds, and what the load really took where
-the backend can tell (:class:`MeasuresLoads`: this process's growth for llama.cpp in process,
+the backend can tell (``Backend.load_peak_bytes``: this process's growth for llama.cpp in process,
 Ollama's ``/api/ps`` size).
 """
 
@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from localmoa.backends.base import Backend
 from localmoa.errors import BackendError, LocalMoaError
@@ -44,7 +44,6 @@ __all__ = [
     "BudgetAdmission",
     "Changes",
     "LoadOutcome",
-    "MeasuresLoads",
     "still_loaded",
     "timed_load",
     "too_large",
@@ -62,19 +61,7 @@ class LoadOutcome:
     measured: int | None
     error: str | None = None
     peak: int | None = None
-    """Memory the load really took, where the backend can tell (:class:`MeasuresLoads`)."""
-
-
-@runtime_checkable
-class MeasuresLoads(Protocol):
-    """A backend that can say what a load really took, beside what the model holds
-    (``resident_bytes``): llama.cpp measures this process's growth over the load, Ollama its
-    ``/api/ps`` size, the fake its books. An OpenAI-compatible server's model is the server's
-    memory: nothing to say."""
-
-    def load_peak_bytes(self, name: str) -> int | None:
-        """Bytes the last load of loaded model ``name`` took; None when not measured."""
-        ...
+    """Memory the load really took, where the backend can tell (``Backend.load_peak_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +137,7 @@ async def timed_load(backend: Backend, model: str, config: Any) -> LoadOutcome:
     except Exception as exc:
         return LoadOutcome(model, time.perf_counter() - began, None, _load_error(model, exc))
     seconds = time.perf_counter() - began
-    peak = backend.load_peak_bytes(model) if isinstance(backend, MeasuresLoads) else None
+    peak = backend.load_peak_bytes(model)
     return LoadOutcome(model, seconds, backend.resident_bytes(model), peak=peak)
 
 
