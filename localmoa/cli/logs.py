@@ -254,7 +254,9 @@ def _print_detail(console: Console, run: RunDetail) -> None:
     """The run's header, its conversation, each layer's calls with their text, the answer, then
     the plan, the loads and the telemetry tables."""
     head = f"run {run.id} · {run.status} · {run.source} · ensemble {run.ensemble}"
-    head += f" · {_local(run.started)} · {_seconds(run.seconds)}s"
+    head += f" · {_local(run.started)}"
+    if run.seconds is not None:  # None: still running, or its process died mid-run
+        head += f" · {run.seconds:.2f}s"
     console.print(head, markup=False)
     facts = []
     if run.budget_bytes is not None:

@@ -23,6 +23,7 @@ from localmoa.backends.base import ChatMessage
 from localmoa.config import Agent, Ensemble, FakeModel, Settings, parse_config
 from localmoa.errors import UserError
 from localmoa.planning.fewest_loads import make_plan
+from localmoa.records.models import LoggedRun
 from localmoa.records.recorder import Recorder, record_mode, recorded
 from localmoa.records.store import Store, log_path
 from localmoa.runtime.engine import Executor
@@ -90,7 +91,8 @@ def test_off_by_the_environment_leaves_no_file_after_a_real_run(
 
 def fake_ensemble() -> tuple[dict[str, FakeModel], Ensemble]:
     models = {n: FakeModel(backend="fake", memory=GiB) for n in ("a", "b")}
-    return models, Ensemble(layers=[["a", "b"]], aggregator=Agent(model="a"))
+    layer = [Agent(model="a"), Agent(model="b")]
+    return models, Ensemble(layers=[layer], aggregator=Agent(model="a"))
 
 
 async def test_each_call_and_load_is_in_the_file_when_its_event_comes() -> None:
@@ -147,7 +149,7 @@ async def test_each_call_and_load_is_in_the_file_when_its_event_comes() -> None:
 async def test_recorded_closes_a_failed_and_a_cancelled_run() -> None:
     recorder = Recorder.open(Settings())
     _, ensemble = fake_ensemble()
-    ids = []
+    ids: list[str | None] = []
     thrown: list[BaseException] = [RuntimeError("boom"), asyncio.CancelledError()]
     for error in thrown:
         recording = recorder.start(
@@ -158,7 +160,7 @@ async def test_recorded_closes_a_failed_and_a_cancelled_run() -> None:
             raise error
         recording.finish("ok")  # a run ends once: ignored
     assert recorder.store is not None
-    runs = {run.id: run for run in recorder.store.list_runs()}
+    runs: dict[str | None, LoggedRun] = {run.id: run for run in recorder.store.list_runs()}
     assert (runs[ids[0]].status, runs[ids[0]].error) == ("failed", "RuntimeError: boom")
     assert (runs[ids[1]].status, runs[ids[1]].error) == ("interrupted", "went away")
 
@@ -213,6 +215,8 @@ def test_metadata_leaves_no_prompt_message_or_answer_in_the_file(
     if record == "metadata":
         assert kept == [None] * len(kept)
         assert detail["config"]["layers"][0][0]["system_prompt"] is None
+        shown = localmoa("logs", "show", detail["id"]).stdout
+        assert '(texts not recorded: record = "metadata")' in shown and "Telemetry" in shown
     else:
         assert None not in kept and detail["answer"] == f"a says {ANSWER}"
 
