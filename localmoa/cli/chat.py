@@ -75,7 +75,7 @@ from localmoa.runtime.prepare import Prepared, check_prompt, stages_for
 from localmoa.serve.pool import ModelPool
 from localmoa.sizes import format_bytes
 
-__all__ = ["COMMANDS", "Chat", "chat_command", "open_recorder"]
+__all__ = ["COMMANDS", "Chat", "TurnRecorder", "TurnRecording", "chat_command", "open_recorder"]
 
 T = TypeVar("T")
 
