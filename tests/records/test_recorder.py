@@ -245,9 +245,9 @@ aggregator = "a"
 """
 
 
-def test_ctrl_c_records_the_run_as_interrupted_with_the_calls_that_finished(
-    tmp_path: Path,
-) -> None:
+def stop_after_layer_1(tmp_path: Path, signum: int) -> tuple[int, str]:
+    """Run a slow ensemble; once both calls of layer 1 have ended (the progress says so),
+    send ``signum`` (layer 2 is then under way). Returns the exit status and stderr."""
     write_config(tmp_path, SLOW.format(words=" ".join(["word"] * 40)))  # 2 s a call
     process = subprocess.Popen(
         [sys.executable, "-m", "localmoa", "run", "q", "--memory-budget", "2GiB"],
@@ -262,9 +262,16 @@ def test_ctrl_c_records_the_run_as_interrupted_with_the_calls_that_finished(
         finished += "layer 1 · " in line
         if finished == 2:
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    return process.returncode, err
+
+
+def test_ctrl_c_records_the_run_as_interrupted_with_the_calls_that_finished(
+    tmp_path: Path,
+) -> None:
+    returncode, err = stop_after_layer_1(tmp_path, signal.SIGINT)
+    assert returncode == 130, err
     store = Store.open(create=False)
     assert store is not None
     (run,) = store.list_runs()
@@ -274,6 +281,20 @@ def test_ctrl_c_records_the_run_as_interrupted_with_the_calls_that_finished(
     assert [(c.layer, c.ok) for c in detail.calls] == [(1, True), (1, True)]
     assert {load.model for load in detail.loads} == {"a", "b"}
     assert all(load.unloaded_at is not None for load in detail.loads)  # the stop unloaded them
+
+
+def test_a_crash_loses_only_the_calls_in_flight(tmp_path: Path) -> None:
+    returncode, _ = stop_after_layer_1(tmp_path, signal.SIGKILL)  # no cleanup of any kind
+    assert returncode == -signal.SIGKILL
+    store = Store.open(create=False)
+    assert store is not None
+    (run,) = store.list_runs()
+    assert run.status == "running" and run.seconds is None  # it never ended
+    detail = store.run(run.id)
+    assert [(c.layer, c.ok, c.text) for c in detail.calls] == [
+        (1, True, " ".join(["word"] * 40))
+    ] * 2
+    assert {load.model for load in detail.loads} == {"a", "b"}
 
 
 def test_a_failed_run_is_recorded_failed_with_its_error(tmp_path: Path) -> None:
