@@ -43,39 +43,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import os
 import re
 import signal
 import sys
-import time
-import uuid
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
 from localmoa.backends.base import ChatMessage
 from localmoa.cli.options import budget_option, config_option, ensemble_option
 from localmoa.cli.render import run_summary, stderr
-from localmoa.cli.run import _executor, run_report
+from localmoa.cli.run import _executor, run_report, warning
 from localmoa.cli.session import Session, open_session, plan_run
 from localmoa.cli.signals import STOP_SIGNALS, Stopped, unloads
-from localmoa.config import Settings
 from localmoa.errors import LocalMoaError, PromptTooLongError
-from localmoa.hardware import Budget
 from localmoa.planning import plan_run as plan_turn
 from localmoa.planning.fewest_loads import Plan
+from localmoa.records.recorder import Recorder, RunRecording, recorded
+from localmoa.records.store import new_id
 from localmoa.runtime.engine import CallFinished, CallPiece, Event, ModelUnloaded, RunResult
 from localmoa.runtime.moa import Call, stage_label
 from localmoa.runtime.prepare import Prepared, check_prompt, stages_for
 from localmoa.serve.pool import ModelPool
 from localmoa.sizes import format_bytes
 
-__all__ = ["COMMANDS", "Chat", "TurnRecorder", "TurnRecording", "chat_command", "open_recorder"]
+__all__ = ["COMMANDS", "Chat", "chat_command"]
 
 T = TypeVar("T")
 
@@ -105,72 +102,6 @@ def chat_command(
     _Repl(config_path, ensemble, memory_budget, show_layers).main()
 
 
-# --- recording ------------------------------------------------------------------------------
-
-
-class TurnRecording(Protocol):
-    """One turn's record (localmoa.records.recorder.RunRecording)."""
-
-    id: str | None
-
-    def on_event(self, event: Event) -> None: ...
-
-    def finish(
-        self,
-        *,
-        status: Literal["ok", "failed", "interrupted"],
-        answer: str | None = None,
-        error: str | None = None,
-        seconds: float,
-    ) -> Any: ...
-
-
-class TurnRecorder(Protocol):
-    """Where turns are recorded (localmoa.records.recorder.Recorder)."""
-
-    def start(
-        self,
-        *,
-        source: Literal["run", "serve", "chat", "batch"],
-        ensemble: str,
-        ensemble_config: Any,
-        plan: Plan | None,
-        budget: Budget | None,
-        conversation: list[ChatMessage],
-        chat_id: str | None,
-    ) -> TurnRecording: ...
-
-
-class _NotRecording:
-    """Stands in while the run log's recorder is not installed; records nothing."""
-
-    id: str | None = None
-
-    def start(self, **_: Any) -> TurnRecording:
-        return self
-
-    def on_event(self, event: Event) -> None:
-        pass
-
-    def finish(self, **_: Any) -> None:
-        pass
-
-
-def open_recorder(settings: Settings) -> TurnRecorder:
-    """The run log's recorder for these settings (it never raises: a store that cannot be
-    opened is its own warning, and ``record = "off"`` records nothing).
-
-    Imported by name, so that ``chat`` works in a tree where the recorder has not landed yet."""
-    try:
-        recorder = importlib.import_module("localmoa.records.recorder")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("localmoa.records.recorder", "localmoa.records"):
-            raise
-        return _NotRecording()
-    opened: TurnRecorder = recorder.Recorder.open(settings)
-    return opened
-
-
 # --- the session ----------------------------------------------------------------------------
 
 
@@ -187,7 +118,7 @@ class Chat:
         prepared: Prepared,
         *,
         show_layers: bool = False,
-        recorder: TurnRecorder | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.session = session
         self.ensemble = prepared.ensemble
@@ -202,65 +133,55 @@ class Chat:
         )
         self.executor = _executor(session, prepared, lambda event: None)
         self.show_layers = show_layers
-        self.recorder = recorder or open_recorder(session.config.settings)
-        self.id = uuid.uuid4().hex
-        """The chat_id every turn's record carries."""
+        self.recorder = recorder or Recorder.open(session.config.settings, warn=warning)
+        """Where each turn is recorded, as a run of this chat (a bad LOCALMOA_RECORD stops the
+        command here, before anything loads)."""
+        self.id = new_id()
+        """The chat_id every turn's record carries (a ULID, as run ids are: sorted by time)."""
         self.conversation: list[ChatMessage] = []
         """The turns that were answered, each user message followed by its answer."""
 
     async def turn(self, text: str) -> RunResult:
         """Answer ``text`` after the conversation so far; the conversation grows only when an
-        answer came. Raises what the run raised (LocalMoaError; CancelledError when cancelled),
-        after recording the turn as failed or interrupted."""
+        answer came. Raises what stopped it: a LocalMoaError (a turn refused before anything
+        loads, as ``run`` refuses a prompt, is not recorded; one that ran is, as failed), or
+        CancelledError (recorded as interrupted, with the calls that had finished)."""
         config = self.session.config
+        ensemble = config.ensemble(self.ensemble)
         conversation = [*self.conversation, ChatMessage(role="user", content=text)]
         whole = "\n".join(m.content for m in conversation)
-        started = time.perf_counter()
-        recording: TurnRecording | None = None
-
-        def record(plan: Plan | None) -> TurnRecording:
-            return self.recorder.start(
-                source="chat",
-                ensemble=self.ensemble,
-                ensemble_config=config.ensemble(self.ensemble),
-                plan=plan,
-                budget=self.budget,
-                conversation=conversation,
-                chat_id=self.id,
-            )
-
+        stages = stages_for(config, ensemble, prompt=whole)
         try:
-            stages = stages_for(config, config.ensemble(self.ensemble), prompt=whole)
             await check_prompt(config, stages, self.session.backends, conversation)
-            plan = await asyncio.to_thread(  # off the loop: a search may take a second
-                plan_turn,
-                stages,
-                self.sizes,
-                self.budget.bytes,
-                self.policy,
-                resident=self.pool.resident(),
-                prompt=whole,
-            )
-            recording = record(plan)
+        except PromptTooLongError as exc:
+            if not self.conversation:
+                raise
+            raise PromptTooLongError(
+                f"{exc}; the conversation so far is part of every turn's prompt: start a new "
+                "chat to go on"
+            ) from None
+        plan = await asyncio.to_thread(  # off the loop: a search may take a second
+            plan_turn,
+            stages,
+            self.sizes,
+            self.budget.bytes,
+            self.policy,
+            resident=self.pool.resident(),
+            prompt=whole,
+        )
+        recording = self.recorder.start(
+            source="chat",
+            ensemble=self.ensemble,
+            ensemble_config=ensemble,
+            plan=plan,
+            budget=self.budget,
+            conversation=conversation,
+            chat_id=self.id,
+            models=self.pool.models,
+        )
+        with recorded(recording, interrupted="interrupted (Ctrl-C or a stop signal)"):
             result = await self._answer(stages, plan, conversation, recording)
-        except asyncio.CancelledError:
-            recording = recording or record(None)
-            recording.finish(
-                status="interrupted",
-                error="cancelled (Ctrl-C)",
-                seconds=time.perf_counter() - started,
-            )
-            raise
-        except LocalMoaError as exc:
-            if isinstance(exc, PromptTooLongError) and self.conversation:
-                exc = PromptTooLongError(
-                    f"{exc}; the conversation so far is part of every turn's prompt, so "
-                    "start a new chat to go on"
-                )
-            recording = recording or record(None)
-            recording.finish(status="failed", error=str(exc), seconds=time.perf_counter() - started)
-            raise exc from None
-        recording.finish(status="ok", answer=result.answer, seconds=result.seconds)
+        recording.finish("ok", answer=result.answer, seconds=result.seconds)
         answer = ChatMessage(role="assistant", content=result.answer)
         self.conversation = [*conversation, answer]
         stderr().print(run_summary(run_report(result)), markup=False, soft_wrap=True)
@@ -271,7 +192,7 @@ class Chat:
         stages: list[list[Call]],
         plan: Plan,
         conversation: list[ChatMessage],
-        recording: TurnRecording,
+        recording: RunRecording,
     ) -> RunResult:
         """Run the turn on the pool: progress on stderr, the answer streamed to stdout as
         ``run`` streams it (localmoa.cli.run.execute, whose steps these are)."""

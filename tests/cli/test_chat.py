@@ -9,6 +9,7 @@ real process, turns written to its stdin, signals sent when its stderr shows the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -23,13 +24,13 @@ import pytest
 from conftest import write_config
 
 from localmoa.backends import make_backends
-from localmoa.backends.base import ChatMessage
+from localmoa.backends.base import ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
-from localmoa.cli.chat import Chat, TurnRecording
+from localmoa.cli.chat import Chat
 from localmoa.cli.session import Session, plan_run
 from localmoa.config import load_config
 from localmoa.errors import LayerFailedError, PromptTooLongError
-from localmoa.runtime.events import CallPiece, Event
+from localmoa.records.models import RunDetail
 
 from .invoke import FAKE_THREE, localmoa
 
@@ -61,46 +62,25 @@ LONG = "first" + " x" * 300
 # --- in process, on the fake backend ----------------------------------------------------------
 
 
-class Recorded:
-    """A recorder that keeps what it is told, shaped as localmoa.records.recorder's."""
-
-    def __init__(self) -> None:
-        self.runs: list[dict[str, Any]] = []
-        self.piece = asyncio.Event()
-        """Set when any answer has begun to arrive."""
-
-    def start(self, **run: Any) -> TurnRecording:
-        recording = Recorded.Recording(self, run)
-        self.runs.append(run)
-        return recording
-
-    class Recording:
-        def __init__(self, recorder: Recorded, run: dict[str, Any]) -> None:
-            self.recorder, self.run = recorder, run
-            self.id: str | None = str(len(recorder.runs))
-            run["events"] = []
-
-        def on_event(self, event: Event) -> None:
-            self.run["events"].append(event)
-            if isinstance(event, CallPiece):
-                self.recorder.piece.set()
-
-        def finish(self, **end: Any) -> None:
-            self.run["finish"] = end
-
-
-async def open_chat(tmp_path: Path, toml: str, budget: str = "3GiB") -> tuple[Chat, FakeBackend]:
+async def open_chat(
+    tmp_path: Path, toml: str, budget: str = "3GiB", fake: FakeBackend | None = None
+) -> tuple[Chat, FakeBackend]:
+    """A chat on ``toml``'s fake models (served by ``fake`` when given), recording into the
+    test's own run log (LOCALMOA_HOME is the test's)."""
     config = load_config(write_config(tmp_path, toml))
-    session = Session(config, make_backends(config.settings), [])
+    backends = make_backends(config.settings) if fake is None else {"fake": fake}
+    session = Session(config, backends, [])
     prepared = await plan_run(session, "default", budget)
-    fake = session.backends["fake"]
-    assert isinstance(fake, FakeBackend)
-    return Chat(session, prepared, recorder=Recorded()), fake
+    served = session.backends["fake"]
+    assert isinstance(served, FakeBackend)
+    return Chat(session, prepared), served
 
 
-def recorded(chat: Chat) -> list[dict[str, Any]]:
-    assert isinstance(chat.recorder, Recorded)
-    return chat.recorder.runs
+def runs(chat: Chat) -> list[RunDetail]:
+    """The chat's turns as the run log has them, oldest first."""
+    store = chat.recorder.store
+    assert store is not None
+    return [store.run(run.id) for run in reversed(store.list_runs())]
 
 
 async def test_the_second_turn_carries_the_first_answer_and_loads_nothing(
@@ -149,25 +129,30 @@ async def test_a_smaller_budget_reloads_only_what_the_turn_is_missing(tmp_path: 
 async def test_each_turn_is_recorded_as_a_run_of_the_same_chat(tmp_path: Path) -> None:
     chat, _ = await open_chat(tmp_path, FAKE_THREE)
     first = await chat.turn("hi")
-    await chat.turn("and then?")
-    runs = recorded(chat)
-    assert [r["source"] for r in runs] == ["chat", "chat"]
-    assert {r["chat_id"] for r in runs} == {chat.id}
-    assert [len(r["conversation"]) for r in runs] == [1, 3]
-    assert runs[1]["conversation"][1].content == first.answer
-    assert [r["finish"]["status"] for r in runs] == ["ok", "ok"]
-    assert runs[0]["finish"]["answer"] == first.answer
-    assert all(r["plan"] is not None and r["budget"] is not None for r in runs)
-    assert any(type(e).__name__ == "ModelLoaded" for e in runs[0]["events"])
-    assert not any(type(e).__name__ == "ModelLoaded" for e in runs[1]["events"])
+    second = await chat.turn("and then?")
+    one, two = runs(chat)
+    assert (one.source, two.source) == ("chat", "chat")
+    assert one.chat_id == two.chat_id == chat.id and one.id != two.id
+    assert (one.status, two.status) == ("ok", "ok")
+    assert (one.answer, two.answer) == (first.answer, second.answer)
+    assert one.conversation == [ChatMessage(role="user", content="hi")]
+    assert two.conversation == chat.conversation[:3]  # the whole conversation it was sent
+    assert (len(one.calls), len(two.calls)) == (7, 7)
+    assert sorted(load.model for load in one.loads) == ["a", "b", "c"] and two.loads == []
+    assert one.plan is not None and one.budget_bytes == 3 << 30
     await chat.close()
 
 
 async def test_a_cancelled_turn_is_left_out_and_the_models_stay_loaded(tmp_path: Path) -> None:
-    chat, fake = await open_chat(tmp_path, SLOW_TWO, budget="2GiB")
+    answering = asyncio.Event()
+
+    def script(model: str, request: ChatRequest) -> str:
+        answering.set()
+        return f"{model} on {request.messages[-1].content}"  # the template SLOW_TWO gives
+
+    chat, fake = await open_chat(tmp_path, SLOW_TWO, "2GiB", FakeBackend(script=script))
     turn = asyncio.create_task(chat.turn(LONG))
-    assert isinstance(chat.recorder, Recorded)
-    await asyncio.wait_for(chat.recorder.piece.wait(), WAIT)
+    await asyncio.wait_for(answering.wait(), WAIT)
     turn.cancel()
     with pytest.raises(asyncio.CancelledError):
         await turn
@@ -179,15 +164,19 @@ async def test_a_cancelled_turn_is_left_out_and_the_models_stay_loaded(tmp_path:
     sent = [r.messages for _, r in fake.requests[sent_before:]]
     assert sent[:2] == [[ChatMessage(role="user", content="second")]] * 2
     assert chat.conversation[0] == ChatMessage(role="user", content="second")
-    assert [r["finish"]["status"] for r in recorded(chat)] == ["interrupted", "ok"]
+    cancelled, answered = runs(chat)
+    assert (cancelled.status, answered.status) == ("interrupted", "ok")
+    assert cancelled.error == "interrupted (Ctrl-C or a stop signal)"
+    assert answered.conversation == [ChatMessage(role="user", content="second")]
     await chat.close()
     assert fake.resident == {}
 
 
 async def test_a_turn_that_fails_says_why_and_leaves_the_conversation(tmp_path: Path) -> None:
-    """Too long for every model: refused before anything loads. Too long for the calls (the
-    fake counts the estimate): every agent fails, LayerFailedError. Neither joins the
-    conversation; a short turn afterwards is answered."""
+    """Too long for every model: refused before anything loads (and, as ``run`` refuses a
+    prompt, not recorded). Too long for the calls (the fake counts the estimate): every agent
+    fails, LayerFailedError, recorded as failed. Neither joins the conversation; a short turn
+    afterwards is answered."""
     narrow = FAKE_THREE.replace('memory = "1GiB"', 'memory = "1GiB"\nn_ctx = 200')
     narrow += "max_tokens = 8\n"
     chat, fake = await open_chat(tmp_path, narrow)
@@ -199,8 +188,31 @@ async def test_a_turn_that_fails_says_why_and_leaves_the_conversation(tmp_path: 
     assert chat.conversation == []
     result = await chat.turn("hi")
     assert result.answer == "a has considered: hi"
-    assert [r["finish"]["status"] for r in recorded(chat)] == ["failed", "failed", "ok"]
-    assert recorded(chat)[0]["plan"] is None  # refused before it was planned
+    failed, answered = runs(chat)
+    assert (failed.status, answered.status) == ("failed", "ok")
+    assert failed.error is not None and "every agent of layer 1 failed" in failed.error
+    await chat.close()
+
+
+async def test_a_conversation_grown_too_long_says_to_start_a_new_chat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fake models' prompts are not counted before the run, so the context check is stood in
+    for: it refuses any conversation of more than one message."""
+
+    async def check(config: Any, stages: Any, backends: Any, messages: list[ChatMessage]) -> None:
+        if len(messages) > 1:
+            raise PromptTooLongError("the prompt does not fit layer 1")
+
+    monkeypatch.setattr("localmoa.cli.chat.check_prompt", check)
+    chat, _ = await open_chat(tmp_path, FAKE_THREE)
+    with pytest.raises(PromptTooLongError) as refused:
+        await chat.turn("hi")  # alone it fits
+        await chat.turn("again")
+    assert str(refused.value) == (
+        "the prompt does not fit layer 1; the conversation so far is part of every turn's "
+        "prompt: start a new chat to go on"
+    )
     await chat.close()
 
 
@@ -210,6 +222,14 @@ async def test_a_turn_that_fails_says_why_and_leaves_the_conversation(tmp_path: 
 def loads(stderr: str) -> list[int]:
     """The loads of each turn that was answered, from its summary line."""
     return [int(n) for n in re.findall(r"calls \(0 failed\), (\d+) loads", stderr)]
+
+
+def logged_turns() -> list[dict[str, Any]]:
+    """The runs ``localmoa logs --json`` lists, oldest first (the test's own LOCALMOA_HOME)."""
+    out = localmoa("logs", "--json")
+    assert out.returncode == 0, out.stderr
+    turns: list[dict[str, Any]] = json.loads(out.stdout)
+    return turns[::-1]
 
 
 def last_line(stderr: str) -> str:
@@ -229,6 +249,13 @@ def test_piped_turns_one_per_line(tmp_path: Path) -> None:
     assert out.stderr.count("  loaded ") == 3
     assert last_line(out.stderr).startswith("localmoa: chat ended; unloaded ")
     assert unloaded(last_line(out.stderr)) == {"a", "b", "c"}
+    turns = logged_turns()  # two runs of one chat
+    assert [(t["source"], t["status"], t["prompt"]) for t in turns] == [
+        ("chat", "ok", "hi"),
+        ("chat", "ok", "and then?"),
+    ]
+    assert turns[0]["chat_id"] == turns[1]["chat_id"] is not None
+    assert [(t["calls"], t["loads"]) for t in turns] == [(7, 3), (7, 0)]
 
 
 def test_tiny_llama_cpp_models_are_loaded_once_for_two_turns(tiny_config: Path) -> None:
@@ -412,6 +439,9 @@ def test_ctrl_c_during_an_answer_cancels_it_and_the_session_goes_on(
     assert out == "a on second\n"  # cancelled before its aggregator wrote anything
     assert loads(err) == [0]  # the models stayed loaded after Ctrl-C
     assert unloaded(last_line(err)) == {"a", "b"}
+    turns = logged_turns()
+    assert [(t["status"], t["prompt"]) for t in turns] == [("interrupted", LONG), ("ok", "second")]
+    assert turns[0]["chat_id"] == turns[1]["chat_id"]
     assert "Traceback" not in err
 
 
@@ -428,6 +458,7 @@ def test_sigterm_during_an_answer_unloads_and_exits_143(
     assert code == 143 and "Traceback" not in err
     assert last_line(err).startswith("localmoa: stopped by SIGTERM; unloaded ")
     assert unloaded(last_line(err)) == {"a", "b"}
+    assert [t["status"] for t in logged_turns()] == ["interrupted"]
 
 
 def test_sigterm_at_the_prompt_unloads_and_exits_143(
