@@ -17,7 +17,7 @@ from a pipe or a file, one turn per line, without decoration, ending at EOF with
 that is exactly a command is not sent: ``/layers`` toggles printing every agent's answer,
 ``/exit`` (or ``/quit``) ends the session, ``/help`` lists them.
 
-Signals, as common REPLs treat them (Python's, IPython's, psql's):
+Signals, as common REPLs (Python's, psql) treat them:
 
 - Ctrl-C while an answer is written cancels that answer (the turn is left out of the
   conversation, a line says so) and returns to the prompt; the models stay loaded;
@@ -25,8 +25,9 @@ Signals, as common REPLs treat them (Python's, IPython's, psql's):
   session. Ending it unloads everything and one line says what was unloaded;
 - SIGTERM or SIGHUP, at any moment, ends the session as they end ``run``: the turn in flight is
   cancelled, everything is unloaded, and the command exits 128 + the signal's number (143 for
-  SIGTERM) after the same closing line. While unloading, a signal is answered with a line
-  saying so; another quits at once, leaving what is still loaded.
+  SIGTERM) after the same closing line; so does Ctrl-C before the session is open (130). While
+  unloading, a signal is answered with a line saying so; another quits at once, leaving what
+  is still loaded.
 
 This is why the prompt is read by ``input()`` on the main thread, outside the event loop: that
 is the only place a signal can interrupt a blocked read and readline can discard its line. The
@@ -272,8 +273,8 @@ class _Repl:
         self.show_layers = show
         self.interactive = sys.stdin is not None and sys.stdin.isatty()
         self.phase: Phase = "setup"
-        self.round = 0
-        """Counts turns, so that a Ctrl-C meant for a turn that has ended since is ignored."""
+        self.turns = 0
+        """Turns begun, so that a Ctrl-C meant for a turn that has ended since is ignored."""
         self.stopped: int | None = None
         """The SIGTERM/SIGHUP (or setup's Ctrl-C) that ends the session."""
         self.cancel = False
@@ -287,14 +288,14 @@ class _Repl:
         if self.interactive:
             _use_readline()
         _stdin_as_utf8()
-        handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
-        try:
-            with asyncio.Runner() as runner:
-                self.loop = runner.get_loop()
+        with asyncio.Runner() as runner:
+            self.loop = runner.get_loop()  # first: the handlers hand signals to it
+            handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+            try:
                 self._session(runner)
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+            finally:
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
         if self.stopped is not None:
             raise Stopped(self.stopped, unloads, exit_code=None)
         stderr().print(f"localmoa: chat ended; {unloads.summary()}", markup=False)
@@ -359,14 +360,13 @@ class _Repl:
                     sys.stdout.write("\n")  # leave the terminal on a fresh line after Ctrl-D
                 return
             text = line.strip()
-            if not text or self._command(chat, text):
-                continue
             if text in ("/exit", "/quit"):
                 return
-            self._turn(runner, chat, text)
+            if text and not self._command(chat, text):
+                self._turn(runner, chat, text)
 
     def _command(self, chat: Chat, text: str) -> bool:
-        """Carry out ``text`` if it is a command other than /exit (True), else False."""
+        """Carry out ``text`` if it is a command (True), else leave it to be sent (False)."""
         if text == "/layers":
             chat.show_layers = not chat.show_layers
             said = "shown" if chat.show_layers else "hidden"
@@ -374,7 +374,7 @@ class _Repl:
         elif text == "/help":
             for command, what in COMMANDS.items():
                 stderr().print(f"  {command:8} {what}", markup=False)
-        elif _COMMAND_LIKE.fullmatch(text) and text not in ("/exit", "/quit"):
+        elif _COMMAND_LIKE.fullmatch(text):
             known = ", ".join(COMMANDS)
             stderr().print(
                 f"unknown command {text} (the commands: {known}); not sent", markup=False
@@ -393,7 +393,7 @@ class _Repl:
                 markup=False,
             )
             return
-        self.round += 1
+        self.turns += 1
         self.phase = "turn"
         try:
             runner.run(self._cancellable(chat.turn(text)))
@@ -451,9 +451,9 @@ class _Repl:
                 raise KeyboardInterrupt if signum == signal.SIGINT else _EndSession
             return
         assert self.loop is not None
-        self.loop.call_soon_threadsafe(self._signalled, signum, self.round)
+        self.loop.call_soon_threadsafe(self._signalled, signum, self.turns)
 
-    def _signalled(self, signum: int, round: int) -> None:
+    def _signalled(self, signum: int, turn: int) -> None:
         if self.phase == "closing":
             self.stopped = self.stopped or signum
             self.closing_signals += 1
@@ -465,7 +465,7 @@ class _Repl:
                 markup=False,
             )
             return
-        if signum == signal.SIGINT and self.phase == "turn" and round != self.round:
+        if signum == signal.SIGINT and self.phase == "turn" and turn != self.turns:
             return  # meant for a turn that has ended
         if signum != signal.SIGINT or self.phase == "setup":
             self.stopped = self.stopped or signum

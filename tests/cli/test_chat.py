@@ -24,7 +24,7 @@ import pytest
 from conftest import write_config
 
 from localmoa.backends import make_backends
-from localmoa.backends.base import ChatMessage, ChatRequest
+from localmoa.backends.base import Backend, ChatMessage, ChatRequest
 from localmoa.backends.fake import FakeBackend
 from localmoa.cli.chat import Chat
 from localmoa.cli.session import Session, plan_run
@@ -68,7 +68,9 @@ async def open_chat(
     """A chat on ``toml``'s fake models (served by ``fake`` when given), recording into the
     test's own run log (LOCALMOA_HOME is the test's)."""
     config = load_config(write_config(tmp_path, toml))
-    backends = make_backends(config.settings) if fake is None else {"fake": fake}
+    backends: dict[str, Backend] = make_backends(config.settings)
+    if fake is not None:
+        backends["fake"] = fake
     session = Session(config, backends, [])
     prepared = await plan_run(session, "default", budget)
     served = session.backends["fake"]
