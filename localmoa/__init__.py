@@ -30,6 +30,7 @@ from localmoa.errors import (
     PromptTooLongError,
     RunError,
     ServerUnavailableError,
+    StoreError,
     UsageRefused,
     UserError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "RunError",
     "RunResult",
     "ServerUnavailableError",
+    "StoreError",
     "UsageRefused",
     "UserError",
     "Wave",

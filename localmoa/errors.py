@@ -12,6 +12,7 @@
     │   ├── PromptTooLongError    the prompt cannot fit the context (n_ctx) of the models
     │   ├── AddressInUseError     ``serve``'s host:port is taken by another program
     │   ├── MissingExtraError     an optional extra (e.g. ``plot``) this command needs is missing
+    │   ├── StoreError            the run log cannot be opened, read or written
     │   └── UsageRefused          a request localmoa will not carry out as asked (unsafe)
     └── RunError                  exit 1: something failed while the ensemble ran
         ├── BackendError          a backend could not load a model or answer a call
@@ -39,6 +40,7 @@ __all__ = [
     "PromptTooLongError",
     "RunError",
     "ServerUnavailableError",
+    "StoreError",
     "UsageRefused",
     "UserError",
 ]
@@ -95,6 +97,10 @@ class AddressInUseError(UserError):
 
 class MissingExtraError(UserError):
     """An optional extra a command needs is not installed (the message names the pip line)."""
+
+
+class StoreError(UserError):
+    """The run log cannot be opened, read or written (corrupt, read-only, locked)."""
 
 
 class UsageRefused(UserError):

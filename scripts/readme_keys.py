@@ -29,6 +29,7 @@ from localmoa.cli.reports import (
     key_list,
 )
 from localmoa.planning.fewest_loads import Plan
+from localmoa.records.models import LoggedRun, RunDetail
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN = "<!-- json-keys: written by scripts/readme_keys.py from localmoa/cli/reports.py -->"
@@ -38,8 +39,12 @@ REPORTS: list[tuple[str, type[BaseModel]]] = [
     ("plan --json", PlanReport),
     ("models --json", ModelsReport),
     ("init --json", InitReport),
+    ("logs --json", LoggedRun),
+    ("logs show --json", RunDetail),
     (PLAN, Plan),
 ]
+LISTS = {"logs --json"}
+"""Commands that print a list of the model's objects."""
 WIDTH = 100
 
 
@@ -48,7 +53,7 @@ def block() -> str:
     indent = max(len(label) for label, _ in REPORTS) + 2
     lists = [
         textwrap.fill(
-            key_list(model),
+            f"[{key_list(model)}]" if label in LISTS else key_list(model),
             width=WIDTH,
             initial_indent=label.ljust(indent),
             subsequent_indent=" " * indent,

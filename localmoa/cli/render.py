@@ -126,6 +126,11 @@ def print_models(console: Console, report: ModelsReport) -> None:
         console.print(note, markup=False)
 
 
+def warning(line: str) -> None:
+    """A warning as one line on stderr, never wrapped (so a path in it can be copied)."""
+    stderr().print(f"localmoa: warning: {line}", markup=False, soft_wrap=True)
+
+
 def run_summary(report: RunReport) -> str:
     """The line ``run`` ends with on stderr: calls, failures, loads (with the seconds they
     took, when those round to something), re-plans, then where the time went, short: the median

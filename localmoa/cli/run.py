@@ -17,7 +17,7 @@ import click
 
 from localmoa.backends.base import ChatMessage
 from localmoa.cli.options import budget_option, config_option, ensemble_option, json_option
-from localmoa.cli.render import print_json, run_summary, stderr
+from localmoa.cli.render import print_json, run_summary, stderr, warning
 from localmoa.cli.reports import RunReport
 from localmoa.cli.session import Session, open_session, plan_run
 from localmoa.cli.signals import arun, unloads
@@ -102,11 +102,6 @@ def _utf8(raw: bytes, where: str) -> str:
             f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
             "convert it first, e.g. iconv -f latin1 -t utf-8"
         ) from None
-
-
-def warning(line: str) -> None:
-    """A warning as one line on stderr, never wrapped (so a path in it can be copied)."""
-    stderr().print(f"localmoa: warning: {line}", markup=False, soft_wrap=True)
 
 
 def run_report(result: RunResult) -> RunReport:

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from localmoa.cli.options import budget_option, config_option
-from localmoa.cli.render import stderr
+from localmoa.cli.render import stderr, warning
 from localmoa.cli.session import open_session
 from localmoa.cli.signals import arun, unloads
 from localmoa.errors import AddressInUseError, UsageRefused, UserError
@@ -112,6 +112,7 @@ def serve_command(
         assert task is not None
         starting.append(task)
 
+        from localmoa.records.recorder import Recorder
         from localmoa.serve.app import MoaServer
 
         async with open_session(config_path, memory_budget) as session:
@@ -127,6 +128,7 @@ def serve_command(
                 max_body=body_limit,
                 loopback_only=loopback,
                 allowed_origins=allow_origins,
+                recorder=Recorder.open(session.config.settings, warn=warning),
             )
             try:
                 await server.start()

@@ -77,7 +77,7 @@ import platformdirs
 from pydantic import BaseModel
 
 from localmoa.backends.base import ChatMessage
-from localmoa.errors import UserError
+from localmoa.errors import StoreError, UserError
 from localmoa.records.models import LoggedCall, LoggedLoad, LoggedRun, RunDetail
 
 __all__ = [
@@ -99,10 +99,6 @@ BUSY_SECONDS = 1.0
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ID_LENGTH = 26
-
-
-class StoreError(UserError):
-    """The run log cannot be opened, read or written (corrupt, read-only, locked)."""
 
 
 def log_path() -> Path:

@@ -65,7 +65,7 @@ from localmoa.errors import (
 from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget
 from localmoa.planning import PlanPolicy, plan_run
-from localmoa.records.recorder import Recorder, recorded
+from localmoa.records.recorder import Recorder, RunRecording, recorded
 from localmoa.runtime.engine import Emit, Executor
 from localmoa.runtime.events import CallPiece, Event, RunResult
 from localmoa.runtime.prepare import (
@@ -386,6 +386,8 @@ class RequestRun:
         self.max_tokens = self.stages[-1][0].max_tokens
         self.pieces: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.task: asyncio.Task[RunResult] | None = None
+        self.recording: RunRecording | None = None
+        """This request's run in the run log, once it started (the console reports its id)."""
 
     def start(self) -> None:
         """Run in the background, the aggregator's text going to :attr:`pieces`."""
@@ -430,6 +432,7 @@ class RequestRun:
                 conversation=self.conversation,
                 models=server.executor.models,
             )
+            self.recording = recording
 
             def emit(event: Event) -> None:
                 recording.on_event(event)
