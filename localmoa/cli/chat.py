@@ -346,6 +346,8 @@ class _Repl:
         while self.stopped is None:
             try:
                 self.phase = "prompt"
+                if self.stopped is not None:  # a stop just before the read
+                    raise _EndSession
                 line = self._read()
                 self.phase = "idle"
             except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is dropped
@@ -395,6 +397,8 @@ class _Repl:
             return
         self.turns += 1
         self.phase = "turn"
+        if self.stopped is not None:  # a stop just before the turn
+            return
         try:
             runner.run(self._cancellable(chat.turn(text)))
         except asyncio.CancelledError:
@@ -443,19 +447,19 @@ class _Repl:
         """Python-level handler, run on the main thread between bytecodes. At the prompt it
         ends the read; otherwise, while the loop runs, the loop acts on it (call_soon_threadsafe
         wakes it from its selector)."""
-        if self.phase in ("prompt", "idle"):
-            if signum != signal.SIGINT:
-                self.stopped = self.stopped or signum
-            if self.phase == "prompt":
-                self.phase = "idle"  # a second signal must not escape the read's handlers
-                raise KeyboardInterrupt if signum == signal.SIGINT else _EndSession
-            return
+        if signum != signal.SIGINT:  # said here, whatever the phase: each phase looks
+            self.stopped = self.stopped or signum
+        if self.phase == "prompt":
+            self.phase = "idle"  # a second signal must not escape the read's handlers
+            raise KeyboardInterrupt if signum == signal.SIGINT else _EndSession
+        if self.phase == "idle":
+            return  # a Ctrl-C between a line and its turn is dropped; a stop is seen next
         assert self.loop is not None
         self.loop.call_soon_threadsafe(self._signalled, signum, self.turns)
 
     def _signalled(self, signum: int, turn: int) -> None:
         if self.phase == "closing":
-            self.stopped = self.stopped or signum
+            self.stopped = self.stopped or signum  # Ctrl-C too: the session is over
             self.closing_signals += 1
             if self.closing_signals > 1:
                 os._exit(128 + signum)
@@ -467,7 +471,7 @@ class _Repl:
             return
         if signum == signal.SIGINT and self.phase == "turn" and turn != self.turns:
             return  # meant for a turn that has ended
-        if signum != signal.SIGINT or self.phase == "setup":
+        if self.phase == "setup":  # Ctrl-C too: nothing to go back to yet
             self.stopped = self.stopped or signum
         if self.task is None:
             self.cancel = True

@@ -447,18 +447,20 @@ def test_ctrl_c_during_an_answer_cancels_it_and_the_session_goes_on(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_sigterm_during_an_answer_unloads_and_exits_143(
-    tmp_path: Path, processes: list[ChatProcess]
+    tmp_path: Path, processes: list[ChatProcess], signum: int, code: int
 ) -> None:
     write_config(tmp_path, SLOW_TWO)
     chat = ChatProcess("--memory-budget", "2GiB")
     processes.append(chat)
     chat.say(LONG)
     chat.wait_for("loaded b")
-    chat.popen.send_signal(signal.SIGTERM)
-    code, _, err = chat.finish()
-    assert code == 143 and "Traceback" not in err
-    assert last_line(err).startswith("localmoa: stopped by SIGTERM; unloaded ")
+    chat.popen.send_signal(signum)
+    rc, _, err = chat.finish()
+    assert rc == code and "Traceback" not in err
+    name = signal.Signals(signum).name
+    assert last_line(err).startswith(f"localmoa: stopped by {name}; unloaded ")
     assert unloaded(last_line(err)) == {"a", "b"}
     assert [t["status"] for t in logged_turns()] == ["interrupted"]
 
