@@ -58,8 +58,8 @@ import click
 
 from localmoa.backends.base import ChatMessage
 from localmoa.cli.options import budget_option, config_option, ensemble_option
-from localmoa.cli.render import run_summary, stderr
-from localmoa.cli.run import _executor, run_report, warning
+from localmoa.cli.render import run_summary, stderr, warning
+from localmoa.cli.run import executor_for, run_report
 from localmoa.cli.session import Session, open_session, plan_run
 from localmoa.cli.signals import STOP_SIGNALS, Stopped, unloads
 from localmoa.errors import LocalMoaError, PromptTooLongError
@@ -132,7 +132,7 @@ class Chat:
             self.sizes,
             prepared.budget.bytes,
         )
-        self.executor = _executor(session, prepared, lambda event: None)
+        self.executor = executor_for(session, prepared, lambda event: None)
         self.show_layers = show_layers
         self.recorder = recorder or Recorder.open(session.config.settings, warn=warning)
         """Where each turn is recorded, as a run of this chat (a bad LOCALMOA_RECORD stops the
@@ -244,7 +244,10 @@ class Chat:
         """Unload every model the pool holds, adding what really left to the account."""
         held = self.pool.resident()
         await asyncio.shield(self.pool.close())
-        unloads.add([m for m in held if m not in self.pool.backend(m).loaded()])
+        gone = [m for m in held if m not in self.pool.backend(m).loaded()]
+        unloads.add(gone)
+        for model in gone:
+            self.recorder.unloaded(model)
 
 
 # --- the command: lines in, turns out, signals ------------------------------------------------

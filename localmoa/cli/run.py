@@ -34,7 +34,7 @@ from localmoa.runtime.engine import (
 from localmoa.runtime.moa import stage_label
 from localmoa.runtime.prepare import Prepared
 
-__all__ = ["execute", "run_command", "run_report", "warning"]
+__all__ = ["execute", "executor_for", "run_command", "run_report"]
 
 
 @click.command(name="run")
@@ -158,7 +158,7 @@ async def execute(
             streaming = False
         progress(event)
 
-    executor = _executor(session, prepared, on_event)
+    executor = executor_for(session, prepared, on_event)
     try:
         result = await executor.run(
             prepared.stages, prepared.plan, [ChatMessage(role="user", content=prompt)]
@@ -175,7 +175,9 @@ async def execute(
             sys.stdout.flush()
 
 
-def _executor(session: Session, prepared: Prepared, on_event: Callable[[Event], None]) -> Executor:
+def executor_for(
+    session: Session, prepared: Prepared, on_event: Callable[[Event], None]
+) -> Executor:
     """The engine for this run: the CLI's one place that builds an Executor. A re-plan mid-run
     follows the policy the first plan was made with (plan_for, min_gain, the profile)."""
     settings = session.config.settings

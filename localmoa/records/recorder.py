@@ -238,6 +238,11 @@ class Recorder:
         except StoreError as exc:
             self._fault(exc)
 
+    def unloaded(self, model: str) -> None:
+        """``model`` left memory outside any run (a chat ended, a server's pool closed): its
+        last recorded load gets its unload time."""
+        self._unloaded(model, time.time())
+
     def _unloaded(self, model: str, at: float) -> None:
         load_id = self._open_loads.pop(model, None)
         if load_id is not None:

@@ -210,7 +210,10 @@ class MoaServer:
             task.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
         if self.pool is not None:
+            held = self.pool.resident()
             await self.pool.close()
+            for model in held:
+                self.recorder.unloaded(model)
         self.recorder.close()
 
     # --- endpoints -------------------------------------------------------------------------------

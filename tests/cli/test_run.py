@@ -11,7 +11,7 @@ from conftest import write_config
 
 from localmoa.backends import make_backends
 from localmoa.cli.reports import RunReport
-from localmoa.cli.run import _executor, run_report
+from localmoa.cli.run import executor_for, run_report
 from localmoa.cli.session import Session
 from localmoa.config import load_config
 from localmoa.footprint.estimate import Footprint
@@ -82,7 +82,7 @@ def test_a_run_re_plans_the_way_its_first_plan_was_made(tmp_path: Path) -> None:
     policy = PlanPolicy(None, plan_for="loads", min_gain=0.25)
     budget = Budget(bytes=GiB, source="flag", detail="--memory-budget")
     prepared = Prepared("default", [], {"a": Footprint.override(GiB)}, budget, plan, None, policy)
-    executor = _executor(session, prepared, lambda event: None)
+    executor = executor_for(session, prepared, lambda event: None)
     assert executor.policy is policy and executor.sizes == {"a": GiB}
 
 

@@ -368,3 +368,25 @@ def test_a_client_that_goes_away_leaves_an_interrupted_run() -> None:
         (run,) = store.list_runs()
     assert run.source == "serve" and run.status == "interrupted"
     assert run.error is not None and "cancelled" in run.error
+
+
+def test_a_model_unloaded_after_its_run_gets_its_unload_time() -> None:
+    """A chat's or a server's models outlive each run; when the session ends, their last loads
+    are closed too."""
+    models, ensemble = fake_ensemble()
+    recorder = Recorder.open(Settings())
+    recording = recorder.start(
+        source="chat",
+        ensemble="e",
+        ensemble_config=ensemble,
+        conversation=[ChatMessage(role="user", content="q")],
+        models=models,
+    )
+    name = next(iter(models))
+    recording.on_event(ModelLoaded(name, 0.1, None, estimated_bytes=GiB, peak_bytes=GiB))
+    recording.finish("ok", answer="a", seconds=0.2)
+    other = sqlite3.connect(log_path())
+    assert other.execute("SELECT unloaded_at FROM loads").fetchall() == [(None,)]
+    recorder.unloaded(name)
+    ((at,),) = other.execute("SELECT unloaded_at FROM loads").fetchall()
+    assert at is not None
