@@ -14,6 +14,16 @@ from localmoa.tinymodels import PRESETS, write_tiny_model
 TINY = ("tiny-a", "tiny-b", "tiny-c")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A LOCALMOA_HOME for the whole session, so fixtures wider than one test (a module's
+    server) never write the user's own run log or caches; each test then gets its own."""
+    home = tmp_path_factory.mktemp("session-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOCALMOA_HOME", str(home))
+        yield home
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Each test in its own cwd and LOCALMOA_HOME, with no proxy settings leaking in."""

@@ -301,15 +301,26 @@ def _call_line(call: LoggedCall) -> str:
     seen = ""
     if call.references:
         seen = " · read " + ", ".join(f"{layer}.{index + 1}" for layer, index in call.references)
+    who = _position(call) if call.role in ("judge", "roles") else f"{_position(call)} {call.role}"
     return (
-        f"{call.layer}.{call.index + 1} {call.role} {call.model} ({call.backend}) · "
+        f"{who} {call.model} ({call.backend}) · "
         f"{call.tokens_in} → {call.tokens_out} tokens{ttft} · {call.seconds:.2f}s{seen}"
     )
 
 
+def _position(call: LoggedCall) -> str:
+    """Where a call stands, as references name answers: layer.agent (1-based); a judge and the
+    roles call write no answer of their layer, so they are named by what they are."""
+    if call.role == "judge":
+        return f"judge {call.layer}"
+    if call.role == "roles":
+        return "roles"
+    return f"{call.layer}.{call.index + 1}"
+
+
 def _plan_table(plan: dict[str, Any]) -> Table:
     table = Table(title="Plan", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("wave", "layer", "unload", "load", "resident", "runs", "bytes"):
+    for column in ("wave", "stage", "unload", "load", "resident", "runs", "bytes"):
         table.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
     for number, wave in enumerate(plan.get("waves", []), start=1):
         table.add_row(
@@ -351,7 +362,7 @@ def _telemetry_table(calls: list[LoggedCall]) -> Table:
     table.add_column("s", justify="right")
     for call in calls:
         table.add_row(
-            f"{call.layer}.{call.index + 1}",
+            _position(call),
             call.role,
             call.model,
             "yes" if call.ok else "no",

@@ -85,7 +85,8 @@ def run_command(
                 )
             recording.finish("ok", answer=result.answer, seconds=result.seconds)
             report = run_report(result)
-            stderr().print(run_summary(report), markup=False)  # before the closing unloads
+            # before the closing unloads
+            stderr().print(run_summary(report), markup=False, soft_wrap=True)
         return report
 
     report = arun(go)

@@ -535,7 +535,10 @@ class Store:
         with self._using("cannot be read", write=False) as db:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (full,)).fetchone()
             calls = db.execute(
-                'SELECT * FROM calls WHERE run_id = ? ORDER BY layer, "index", id', (full,)
+                "SELECT * FROM calls WHERE run_id = ? ORDER BY layer, "
+                "CASE role WHEN 'roles' THEN 0 WHEN 'proposer' THEN 1 WHEN 'judge' THEN 2 "
+                'ELSE 3 END, "index", id',
+                (full,),
             ).fetchall()
             loads = db.execute(
                 "SELECT * FROM loads WHERE run_id = ? ORDER BY started_at, id", (full,)
