@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -173,7 +174,7 @@ def read_jobs(path: Path | str) -> list[Job]:
                 if not text.strip():
                     continue
                 try:
-                    job, id_was_int = _job(text)
+                    job, id_was_int = _job(text.rstrip())  # a column past the line's end
                 except _LineProblem as problem:
                     problems.add(number, str(problem))
                     continue
@@ -421,7 +422,7 @@ class Results:
         written: each id is in OUT at most once.
         """
         ids = [result.id for result in results]
-        again = sorted({i for i in ids if i in self._ids or ids.count(i) > 1})
+        again = sorted({i for i, n in Counter(ids).items() if i in self._ids or n > 1})
         if again:
             raise ValueError(f"{self.path} would hold these ids twice: {again}")
         if not results:
