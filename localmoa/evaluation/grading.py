@@ -245,6 +245,7 @@ def pairwise_verdict(order1: Preference | None, order2: Preference | None) -> Ve
     return "win" if first == second == "win" else "loss" if first == second == "loss" else "tie"
 
 
+_OBJECT_START_RE = re.compile(r'\{\s*"')
 _RATING_KEYS = ("rating", "score", "grade")
 _VERDICT_KEYS = ("verdict", "winner", "better", "choice", "result")
 
@@ -393,15 +394,13 @@ def _keyed_values(text: str, keys: tuple[str, ...]) -> Iterator[Any]:
 
 
 def _json_objects(text: str) -> Iterator[dict[str, Any]]:
-    """Every JSON object that decodes starting at some ``{`` of ``text``, in order."""
+    """Every JSON object with a key that decodes starting at some ``{`` of ``text``, in order
+    (only a ``{`` before a quoted key is tried: a failed decode costs the text's length)."""
     decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
+    for start in _OBJECT_START_RE.finditer(text):
         try:
-            value, _ = decoder.raw_decode(text, start)
+            value, _ = decoder.raw_decode(text, start.start())
         except (ValueError, RecursionError):
-            pass
-        else:
-            if isinstance(value, dict):
-                yield value
-        start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            yield value

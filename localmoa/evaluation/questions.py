@@ -89,7 +89,7 @@ def read_questions(path: str | Path) -> list[Question]:
     line for any mistake, see the module docstring)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(
             f"question set {path}: no such file; give the path of a JSONL file"
@@ -98,12 +98,15 @@ def read_questions(path: str | Path) -> list[Question]:
         raise UserError(
             f"question set {path}: is a folder; give the path of a JSONL file"
         ) from None
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"question set {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
-        ) from None
     except OSError as exc:
         raise UserError(f"question set {path}: cannot be read ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"question set {path}, line {line}: not UTF-8 text; save the file as UTF-8"
+        ) from None
     return parse_questions(text.splitlines(), source=str(path))
 
 
@@ -176,7 +179,7 @@ def _first_problem(error: ValidationError) -> str:
         return f'unknown key "{key}"; a question has the keys {_KEYS}'
     if key == "kind":
         return f'"kind" is {json.dumps(problem["input"])}; use "exact" or "judged"'
-    if kind == "string_too_short":
+    if kind in {"string_too_short", "too_short"}:
         return f'"{key}" is empty; {"leave it out" if key == "answer" else "fill it in"}'
     if kind in {"string_type", "model_type"}:
         return f'"{key}" is {_json_type(problem["input"])}; write it as a string'

@@ -13,8 +13,8 @@ deliberately few and written down, so a user can see why an answer scored 0:
    content holds a value of the expected kind wins: a model that corrects itself ends with the
    correction.
 2. **Else the text as a whole**: for a number, the last number in the text; for a choice, the
-   last letter written as a choice (``(C)``, ``option C``, a line holding only the letter),
-   else the last capital A–E standing as a word of its own (an "A" that opens a sentence
+   text itself when it is only a letter (``b``, ``(C).``), else the last letter written as a
+   choice (``(C)``, ``option C``, a line holding only the letter), else the last capital A–E standing as a word of its own (an "A" that opens a sentence
    followed by a lowercase word is the article, unless that word is a verb such as "is");
    for yes/no, the first word when it is yes or no, else the last yes or no that stands as a
    clause of its own ("..., so no."), never one inside a sentence ("there is no way").
@@ -31,7 +31,7 @@ currency sign ($ € £) and a trailing ``%``; ``−`` (U+2212) is a minus; ``2.
 ``3/4`` equals ``0.75``. The canonical form is the plain decimal when the value has one
 (``0.75``, ``-13``, ``10000``), else the reduced fraction (``1/3``). Not read: scientific
 notation, a decimal comma, spaces inside a number, mixed numbers (``1 1/2`` reads as its last
-number, ``1/2``), times (``3:45``). Matching is exact: ``0.33`` does not match ``1/3``.
+number, ``1/2``), times (``3:45``); ``a/0`` reads as ``a``. Matching is exact: ``0.33`` does not match ``1/3``.
 
 **Choices** are written back as the capital letter, **yes/no** as ``"yes"`` / ``"no"``.
 
@@ -90,6 +90,10 @@ _HASH_MARK_RE = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOXED_CHARS = 200
+"""How far a boxed value is looked for: boxes hold short values, and an unclosed one in a long
+answer must not make reading it quadratic."""
+_NEXT_LINE_RE = re.compile(r"\s*([^\n]*)")
 
 _NOT_WORD = r"(?![\w'’-])"
 _LEADING_CHOICE_RE = re.compile(rf"^\(([A-Ea-e])\)|^([A-E]){_NOT_WORD}")
@@ -202,10 +206,11 @@ def _marker_contents(text: str) -> Iterator[str]:
     """The contents of every marker in ``text``, last first."""
     found: list[tuple[int, str]] = []
     for match in _ANSWER_MARK_RE.finditer(text):
-        rest = text[match.end() :]
-        line, _, after = rest.partition("\n")
-        if not line.strip(" \t*_:"):
-            line = next((other for other in after.split("\n") if other.strip()), "")
+        line_end = text.find("\n", match.end())
+        line = text[match.end() : line_end if line_end != -1 else len(text)]
+        if not line.strip(" \t*_:") and line_end != -1:
+            next_line = _NEXT_LINE_RE.match(text, line_end)
+            line = next_line.group(1) if next_line else ""
         found.append((match.start(), line))
     for match in _HASH_MARK_RE.finditer(text):
         found.append((match.start(), match.group("content")))
@@ -216,17 +221,18 @@ def _marker_contents(text: str) -> Iterator[str]:
 
 
 def _braced(text: str, start: int) -> str:
-    """The text from ``start`` to the brace that closes the one just before it (to the end
-    when none closes it)."""
+    """The text from ``start`` to the brace that closes the one just before it (at most
+    :data:`_BOXED_CHARS` of it when none closes it)."""
     depth = 1
-    for i in range(start, len(text)):
+    end = min(len(text), start + _BOXED_CHARS)
+    for i in range(start, end):
         if text[i] == "{":
             depth += 1
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
                 return text[start:i].replace("{", "").replace("}", "")
-    return text[start:]
+    return text[start:end]
 
 
 def _read_content(content: str, expect: AnswerKind | None) -> str | None:
@@ -274,13 +280,21 @@ def _read_whole(text: str, expect: AnswerKind | None) -> str | None:
         return _whole_choice(text)
     if expect == "yes_no":
         return _whole_yes_no(text)
-    bare = _BARE_VALUE_RE.fullmatch(text.strip().strip("*_`.!:; \t\n"))
+    bare = _BARE_VALUE_RE.fullmatch(_bare(text))
     if bare is not None:
         return bare.group(1).upper() if bare.group(1) else bare.group(2).lower()
     return _last_number(text)
 
 
+def _bare(text: str) -> str:
+    """``text`` without the markup and punctuation around a lone value ("**B.**" → "B")."""
+    return text.strip().strip("*_`.!:; \t\n")
+
+
 def _whole_choice(text: str) -> str | None:
+    bare = _BARE_VALUE_RE.fullmatch(_bare(text))
+    if bare is not None and bare.group(1):
+        return bare.group(1).upper()
     strong = [(m.start(), _letter(m)) for m in _CHOICE_WORD_RE.finditer(text)]
     strong += [(m.start(), m.group(1)) for m in _CHOICE_LINE_RE.finditer(text)]
     if strong:
@@ -295,7 +309,7 @@ def _whole_choice(text: str) -> str | None:
 def _is_article(text: str, start: int, end: int) -> bool:
     """Whether the capital "A" at ``start`` is the article opening a sentence ("A bat costs")
     rather than a choice ("A is right")."""
-    before = text[:start].rstrip(" \t*_\"'“(")
+    before = text[max(0, start - 40) : start].rstrip(" \t*_\"'“(")
     opens_sentence = not before or before[-1] in ".!?:\n"
     following = re.match(r"[ \t]+([a-z][\w'’-]*)", text[end:])
     return (
