@@ -309,3 +309,13 @@ def test_choice_questions_list_their_options_and_the_answer_is_one(
             letters = sorted(_options(q.prompt).values())
             assert letters == [chr(ord("A") + i) for i in range(len(letters))], q.id
             assert q.answer in letters, q.id
+
+
+def test_the_starter_set_ships_with_the_package() -> None:
+    """An installed localmoa (not only this checkout) carries the starter set and the console."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["localmoa"]
+    assert "evaluation/*.jsonl" in shipped and "serve/static/*" in shipped
