@@ -14,8 +14,9 @@ deliberately few and written down, so a user can see why an answer scored 0:
    correction.
 2. **Else the text as a whole**: for a number, the last number in the text; for a choice, the
    text itself when it is only a letter (``b``, ``(C).``), else the last letter written as a
-   choice (``(C)``, ``option C``, a line holding only the letter), else the last capital A–E standing as a word of its own (an "A" that opens a sentence
-   followed by a lowercase word is the article, unless that word is a verb such as "is");
+   choice (``(C)``, ``option C``, a line holding only the letter), else the last capital A–E
+   standing as a word of its own (an "A" that opens a sentence followed by a lowercase word
+   is the article, unless that word is a verb such as "is");
    for yes/no, the first word when it is yes or no, else the last yes or no that stands as a
    clause of its own ("..., so no."), never one inside a sentence ("there is no way").
 3. **Inside a marker**: for a number, the first number of the content, or the number after its
@@ -31,7 +32,8 @@ currency sign ($ € £) and a trailing ``%``; ``−`` (U+2212) is a minus; ``2.
 ``3/4`` equals ``0.75``. The canonical form is the plain decimal when the value has one
 (``0.75``, ``-13``, ``10000``), else the reduced fraction (``1/3``). Not read: scientific
 notation, a decimal comma, spaces inside a number, mixed numbers (``1 1/2`` reads as its last
-number, ``1/2``), times (``3:45``); ``a/0`` reads as ``a``. Matching is exact: ``0.33`` does not match ``1/3``.
+number, ``1/2``), times (``3:45``); ``a/0`` reads as ``a``. Matching is exact: ``0.33`` does
+not match ``1/3``.
 
 **Choices** are written back as the capital letter, **yes/no** as ``"yes"`` / ``"no"``.
 
