@@ -179,6 +179,7 @@ class Chat:
             conversation=conversation,
             chat_id=self.id,
             models=self.pool.models,
+            stages=[stage_label(stage) for stage in stages],
         )
         with recorded(recording, interrupted="interrupted (Ctrl-C or a stop signal)"):
             result = await self._answer(stages, plan, conversation, recording)

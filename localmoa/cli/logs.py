@@ -322,10 +322,13 @@ def _plan_table(plan: dict[str, Any]) -> Table:
     table = Table(title="Plan", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("wave", "stage", "unload", "load", "resident", "runs", "bytes"):
         table.add_column(column, justify="right" if column in ("wave", "bytes") else "left")
+    labels = plan.get("stage_labels") or []
     for number, wave in enumerate(plan.get("waves", []), start=1):
+        stage = wave.get("layer", 0)
+        known = isinstance(stage, int) and 0 < stage <= len(labels)
         table.add_row(
             str(number),
-            str(wave.get("layer", "")),
+            str(labels[stage - 1]) if known else str(stage),
             ", ".join(wave.get("unload", [])) or "-",
             ", ".join(wave.get("load", [])) or "-",
             ", ".join(wave.get("resident", [])),

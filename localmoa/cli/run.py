@@ -78,6 +78,7 @@ def run_command(
                 budget=prepared.budget,
                 conversation=[ChatMessage(role="user", content=question)],
                 models=prepared.models or session.config.models,
+                stages=[stage_label(stage) for stage in prepared.stages],
             )
             with recorded(recording, interrupted="interrupted (Ctrl-C or a stop signal)"):
                 result = await execute(

@@ -171,8 +171,11 @@ class Recorder:
         conversation: Sequence[ChatMessage],
         chat_id: str | None = None,
         models: Mapping[str, ModelConfig] | None = None,
+        stages: Sequence[str] | None = None,
     ) -> RunRecording:
-        """Write a run's row now (status "running") and return its recording."""
+        """Write a run's row now (status "running") and return its recording. ``stages``: each
+        stage's label ("layer 1", "judge 1", "aggregator"; a plan's waves number stages), kept
+        with the plan as ``stage_labels`` so ``logs show`` names them."""
         began = time.perf_counter()
         if self._failed:
             return RunRecording(self, None, {}, began)
@@ -195,7 +198,7 @@ class Recorder:
             seconds=None,
             error=None,
             config=config if full else _without_texts(config),
-            plan=None if plan is None else plan.model_dump(mode="json"),
+            plan=None if plan is None else _plan_json(plan, stages),
             budget_bytes=None if budget is None else budget.bytes,
             budget_source=None if budget is None else budget.source,
             device=self._snapshot(budget),
@@ -413,3 +416,9 @@ def _platform() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "ram_bytes": int(psutil.virtual_memory().total),
     }
+
+
+def _plan_json(plan: Plan, stages: Sequence[str] | None) -> dict[str, Any]:
+    """The plan as stored: its own JSON, with the stages' labels beside it when given."""
+    dumped = plan.model_dump(mode="json")
+    return {**dumped, "stage_labels": list(stages)} if stages else dumped

@@ -68,6 +68,7 @@ from localmoa.planning import PlanPolicy, plan_run
 from localmoa.records.recorder import Recorder, RunRecording, recorded
 from localmoa.runtime.engine import Emit, Executor
 from localmoa.runtime.events import CallPiece, Event, RunResult
+from localmoa.runtime.moa import stage_label
 from localmoa.runtime.prepare import (
     check_prompt,
     footprints,
@@ -434,6 +435,7 @@ class RequestRun:
                 budget=server.budget,
                 conversation=self.conversation,
                 models=server.executor.models,
+                stages=[stage_label(stage) for stage in self.stages],
             )
             self.recording = recording
 

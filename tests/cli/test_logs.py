@@ -249,3 +249,19 @@ def test_done_when_a_tiny_llamacpp_run_is_recorded_with_its_telemetry(tiny_confi
     shown = localmoa("logs", "show", run.id)
     assert shown.returncode == 0 and "tiny-a (llamacpp)" in shown.stdout
     assert os.path.getsize(log_path()) > 0
+
+
+def test_logs_show_names_each_waves_stage(tmp_path: Path) -> None:
+    """A plan's waves number stages; the log keeps their labels, so a judge reads as one."""
+    write_config(
+        tmp_path,
+        FAKE_THREE.replace('aggregator = "a"', 'aggregator = "a"\nfinal = "select"'),
+    )
+    out = localmoa("run", "q", "--memory-budget", "3GiB")
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(localmoa("logs", "--json").stdout)
+    shown = localmoa("logs", "show", listed[0]["id"])
+    assert shown.returncode == 0, shown.stderr
+    assert "judge 2" in shown.stdout and "layer 1" in shown.stdout
+    detail = json.loads(localmoa("logs", "show", listed[0]["id"], "--json").stdout)
+    assert detail["plan"]["stage_labels"] == ["layer 1", "layer 2", "judge 2"]
