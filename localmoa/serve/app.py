@@ -83,7 +83,6 @@ from localmoa.serve.guard import (
     ErrorDetail,
     Refused,
     RequestGuard,
-    error_response,
     http_error,
     read_body,
     server_error,
@@ -232,26 +231,32 @@ class MoaServer:
         ]
         return JSONResponse(ModelList(data=cards).model_dump())
 
-    async def chat_completions(self, request: Request) -> Response:
-        try:
-            self._authorize(request)
-            body = await self._parse(request)
-            ensemble = self._ensemble(body)
-            conversation = [to_chat(i, m) for i, m in enumerate(body.messages)]
-            self._admit()
-        except Refused as refused:
-            return refused.response
+    async def open_run(self, body: ChatCompletionRequest) -> RequestRun:
+        """A parsed request admitted as a run, its prompt checked before anything loads; the API
+        and the console both start here. Refused (the admission slot given back) otherwise."""
+        ensemble = self._ensemble(body)
+        conversation = [to_chat(i, m) for i, m in enumerate(body.messages)]
+        self._admit()
         run = RequestRun(self, next(self._tickets), body, ensemble, conversation)
         try:
             await check_prompt(self.config, run.stages, self.backends, conversation)
         except PromptTooLongError as exc:
             self.finished()
-            return error_response(
+            raise Refused(
                 400, str(exc), "invalid_request_error", "context_length_exceeded", param="messages"
-            )
+            ) from None
         except BaseException:
             self.finished()
             raise
+        return run
+
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._parse(request)
+            run = await self.open_run(body)
+        except Refused as refused:
+            return refused.response
         if body.stream:
             run.start()  # now, so the admission slot comes back even if nobody reads the stream
             return EventSourceResponse(run.events(), ping=PING_SECONDS, sep="\n")

@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from localmoa.backends.base import ChatMessage
-from localmoa.errors import LocalMoaError, PromptTooLongError, UserError
+from localmoa.errors import LocalMoaError, UserError
 from localmoa.runtime.events import (
     CallFinished,
     CallPiece,
@@ -58,9 +58,8 @@ from localmoa.runtime.events import (
     WaveStarted,
 )
 from localmoa.runtime.moa import Call, stage_label
-from localmoa.runtime.prepare import check_prompt
 from localmoa.serve.guard import Refused, error_response, read_body
-from localmoa.serve.wire import ChatCompletionRequest, json_path, to_chat
+from localmoa.serve.wire import ChatCompletionRequest, json_path
 
 if TYPE_CHECKING:
     from localmoa.serve.app import MoaServer, RequestRun
@@ -274,24 +273,9 @@ class _Console:
                     "stream": True,
                 }
             )
-            ensemble = server._ensemble(body)
-            conversation = [to_chat(i, m) for i, m in enumerate(body.messages)]
-            server._admit()
+            run = await server.open_run(body)
         except Refused as refused:
             return refused.response
-        from localmoa.serve.app import RequestRun  # here: the app imports this module
-
-        run = RequestRun(server, next(server._tickets), body, ensemble, conversation)
-        try:
-            await check_prompt(server.config, run.stages, server.backends, conversation)
-        except PromptTooLongError as exc:
-            server.finished()
-            return error_response(
-                400, str(exc), "invalid_request_error", "context_length_exceeded", param="messages"
-            )
-        except BaseException:
-            server.finished()
-            raise
         stream = _Stream(server, run, asked.ensemble)
         stream.start()  # now, so the admission slot comes back even if nobody reads the stream
         return EventSourceResponse(stream.events(), ping=PING_SECONDS, sep="\n")
