@@ -14,10 +14,7 @@ recorded by the run log into a temporary ``LOCALMOA_HOME`` (the user's own log i
 The picture is drawn from the recorded run, as ``localmoa logs show ID --timeline OUT.svg``
 draws it; the plan's picture from the cost model's simulation of the same plan with the same
 prompt, as ``localmoa plan --timeline`` draws it. Put side by side, they show where the
-estimate and the machine agree. Where nothing is recorded (``LOCALMOA_RECORD=off``, or a
-checkout without the run log's recorder), the run is rebuilt from the engine's own events
-instead: the same calls with their times, and each load when it ended, as the recorder writes
-them.
+estimate and the machine agree.
 
 The model weights are random, so the answers are noise; the loads, the swaps, the timings and
 the memory are real. Measured times vary from run to run, so each run draws a different picture;
@@ -28,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import os
 import sys
 import tempfile
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from localmoa.backends import make_backends
 from localmoa.backends.base import Backend, ChatMessage
 from localmoa.config import Config, parse_config
-from localmoa.records.models import LoggedCall, LoggedLoad, RunDetail
+from localmoa.records.models import RunDetail
+from localmoa.records.recorder import Recorder
 from localmoa.records.timeline import draw, draw_run, from_plan
 from localmoa.runtime.engine import Executor
-from localmoa.runtime.events import (
-    CallFinished,
-    CallRecord,
-    Event,
-    ModelLoaded,
-    ModelUnloaded,
-    RunResult,
-)
+from localmoa.runtime.moa import stage_label
 from localmoa.runtime.prepare import Prepared, prepare
 from localmoa.sizes import format_bytes
 from localmoa.tinymodels import PRESETS, ensemble_config, write_tiny_model
@@ -131,142 +119,38 @@ async def swap_budget(config: Config, backends: dict[str, Backend]) -> int:
 async def recorded_run(
     config: Config, backends: dict[str, Backend], prepared: Prepared
 ) -> RunDetail:
-    """Run ``prepared`` through the engine, each event to the run log's recorder when there is
-    one (and to :class:`EventLog`, the stand-in used before it existed)."""
-    settings = config.settings
-    recorder = _recorder(settings)
+    """Run ``prepared`` through the engine with every event going to the run log's recorder,
+    and read the run back from the log."""
+    settings = config.settings.model_copy(update={"record": "full"})
+    recorder = Recorder.open(settings)
     conversation = [ChatMessage(role="user", content=PROMPT)]
-    recording = None
-    if recorder is not None:
-        recording = recorder.start(
-            source="run",
-            ensemble="default",
-            ensemble_config=config.ensemble("default"),
-            plan=prepared.plan,
-            budget=prepared.budget,
-            conversation=conversation,
-            chat_id=None,
-        )
-    events = EventLog(config, prepared)
-
-    def on_event(event: Event) -> None:
-        events(event)
-        if recording is not None:
-            recording.on_event(event)
-
+    models = prepared.models or config.models
+    recording = recorder.start(
+        source="run",
+        ensemble="default",
+        ensemble_config=config.ensemble("default"),
+        plan=prepared.plan,
+        budget=prepared.budget,
+        conversation=conversation,
+        models=models,
+        stages=[stage_label(stage) for stage in prepared.stages],
+    )
     executor = Executor(
-        prepared.models or config.models,
+        models,
         backends,
         max_parallel_calls=settings.max_parallel_calls,
         max_calls_per_second=settings.max_calls_per_second,
-        on_event=on_event,
+        on_event=recording.on_event,
         sizes={name: fp.total for name, fp in prepared.footprints.items()},
         policy=prepared.policy,
     )
-    started = time.time()
     result = await executor.run(prepared.stages, prepared.plan, conversation)
-    seconds = time.time() - started
-    if recording is not None:
-        recording.finish(status="ok", answer=result.answer, error=None, seconds=seconds)
-        if recording.id is not None and recorder.store is not None:
-            found: RunDetail = recorder.store.run(recording.id)
-            return found
-    return events.detail(started, seconds, result)
-
-
-def _recorder(settings: Any) -> Any:
-    """The run log's recorder (localmoa.records.recorder), or None where it does not exist."""
-    try:
-        module = importlib.import_module("localmoa.records.recorder")
-    except ModuleNotFoundError:
-        return None
-    return module.Recorder.open(settings)
-
-
-class EventLog:
-    """A run rebuilt from the engine's events, as the run log records it: each call's record
-    (with its times), each load from the moment it ended back by its seconds, each unload when
-    it was reported."""
-
-    def __init__(self, config: Config, prepared: Prepared) -> None:
-        self.config = config
-        self.prepared = prepared
-        self.calls: list[CallRecord] = []
-        self.loads: list[LoggedLoad] = []
-
-    def __call__(self, event: Event) -> None:
-        now = time.time()
-        if isinstance(event, CallFinished):
-            self.calls.append(event.record)
-        elif isinstance(event, ModelLoaded):
-            self.loads.append(
-                LoggedLoad(
-                    model=event.model,
-                    started_at=now - event.seconds,
-                    seconds=event.seconds,
-                    bytes_estimated=event.estimated_bytes,
-                    bytes_measured=event.measured_bytes,
-                    bytes_peak=event.peak_bytes,
-                    unloaded_at=None,
-                )
-            )
-        elif isinstance(event, ModelUnloaded):
-            for k in reversed(range(len(self.loads))):
-                if self.loads[k].model == event.model and self.loads[k].unloaded_at is None:
-                    self.loads[k] = self.loads[k].model_copy(update={"unloaded_at": now})
-                    break
-
-    def detail(self, started: float, seconds: float, result: RunResult) -> RunDetail:
-        prepared = self.prepared
-        return RunDetail(
-            id="readme-picture",
-            status="ok",
-            source="run",
-            chat_id=None,
-            ensemble=prepared.ensemble,
-            started=datetime.fromtimestamp(started, UTC).isoformat(),
-            seconds=seconds,
-            error=None,
-            config=self.config.ensemble(prepared.ensemble).model_dump(mode="json"),
-            plan=result.plan.model_dump(mode="json"),
-            budget_bytes=prepared.budget.bytes,
-            budget_source=prepared.budget.detail,
-            device=None,
-            versions={},
-            conversation=[ChatMessage(role="user", content=PROMPT)],
-            answer=result.answer,
-            calls=[self._call(record) for record in self.calls],
-            loads=self.loads,
-        )
-
-    def _call(self, record: CallRecord) -> LoggedCall:
-        return LoggedCall(
-            layer=record.layer,
-            index=record.index,
-            role=record.role,
-            model=record.model,
-            backend=self.config.models[record.model].backend,
-            ok=record.ok,
-            error=record.error,
-            tokens_in=record.prompt_tokens,
-            tokens_out=record.tokens,
-            ttft_s=record.ttft_s,
-            prefill_tok_s=record.prefill_tok_s,
-            decode_tok_s=record.decode_tok_s,
-            seconds=record.seconds,
-            queued_at=record.queued_at,
-            started_at=record.started_at,
-            first_token_at=record.first_token_at,
-            ended_at=record.ended_at,
-            references=record.references,
-            truncated=record.truncated,
-            selected=record.selected,
-            stop=record.stop,
-            parsed=record.parsed,
-            messages=None,
-            text=record.text,
-        )
+    recording.finish(status="ok", answer=result.answer, seconds=result.seconds)
+    if recording.id is None or recorder.store is None:
+        raise SystemExit("the run log could not be written: see the warning above")
+    found: RunDetail = recorder.store.run(recording.id)
+    return found
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
