@@ -59,7 +59,7 @@ import click
 from localmoa.backends.base import ChatMessage
 from localmoa.cli.options import budget_option, config_option, ensemble_option
 from localmoa.cli.render import run_summary, stderr, warning
-from localmoa.cli.run import executor_for, run_report
+from localmoa.cli.run import executor_for, run_report, stream_answer
 from localmoa.cli.session import Session, open_session, plan_run
 from localmoa.cli.signals import STOP_SIGNALS, Stopped, unloads
 from localmoa.errors import LocalMoaError, PromptTooLongError
@@ -67,7 +67,7 @@ from localmoa.planning import plan_run as plan_turn
 from localmoa.planning.fewest_loads import Plan
 from localmoa.records.recorder import Recorder, RunRecording, recorded
 from localmoa.records.store import new_id
-from localmoa.runtime.engine import CallFinished, CallPiece, Event, ModelUnloaded, RunResult
+from localmoa.runtime.engine import RunResult
 from localmoa.runtime.moa import Call, stage_label
 from localmoa.runtime.prepare import Prepared, check_prompt, stages_for
 from localmoa.serve.pool import ModelPool
@@ -196,50 +196,16 @@ class Chat:
         conversation: list[ChatMessage],
         recording: RunRecording,
     ) -> RunResult:
-        """Run the turn on the pool: progress on stderr, the answer streamed to stdout as
-        ``run`` streams it (localmoa.cli.run.execute, whose steps these are)."""
-        from localmoa.cli.progress import Progress
-
-        progress = Progress(
-            stderr(),
+        """Run the turn on the pool, shown as ``run`` shows a run (its models stay loaded)."""
+        return await stream_answer(
+            self.executor,
+            stages,
+            plan,
+            conversation,
             show_layers=self.show_layers,
-            n_waves=len(plan.waves),
-            labels=[stage_label(stage) for stage in stages],
+            record=recording,
+            admission=self.pool.admission(),
         )
-        selecting = not any(c.is_aggregator for stage in stages for c in stage)
-        streaming = False
-
-        def on_event(event: Event) -> None:
-            nonlocal streaming
-            recording.on_event(event)
-            if isinstance(event, ModelUnloaded):
-                unloads.add([event.model])
-            if isinstance(event, CallPiece) and event.call.is_aggregator:
-                if not streaming:
-                    progress.pause()
-                    streaming = True
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            elif isinstance(event, CallFinished) and event.call.is_aggregator and streaming:
-                sys.stdout.write("\n")  # end the answer's line before stderr speaks again
-                sys.stdout.flush()
-                streaming = False
-            progress(event)
-
-        try:
-            result = await self.executor.run(
-                stages, plan, conversation, admission=self.pool.admission(), on_event=on_event
-            )
-            if selecting:  # final = "select": the answer is chosen, not written
-                progress.pause()
-                sys.stdout.write(result.answer + "\n")
-                sys.stdout.flush()
-            return result
-        finally:
-            progress.close()
-            if streaming:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
 
     async def close(self) -> None:
         """Unload every model the pool holds, adding what really left to the account."""

@@ -22,7 +22,9 @@ from localmoa.cli.reports import RunReport
 from localmoa.cli.session import Session, open_session, plan_run
 from localmoa.cli.signals import arun, unloads
 from localmoa.errors import UserError
+from localmoa.planning.fewest_loads import Plan
 from localmoa.records.recorder import Recorder, RunRecording, recorded
+from localmoa.runtime.admission import Admission
 from localmoa.runtime.engine import (
     CallFinished,
     CallPiece,
@@ -31,10 +33,10 @@ from localmoa.runtime.engine import (
     ModelUnloaded,
     RunResult,
 )
-from localmoa.runtime.moa import stage_label
+from localmoa.runtime.moa import Call, stage_label
 from localmoa.runtime.prepare import Prepared
 
-__all__ = ["execute", "executor_for", "run_command", "run_report"]
+__all__ = ["execute", "executor_for", "run_command", "run_report", "stream_answer"]
 
 
 @click.command(name="run")
@@ -131,15 +133,41 @@ async def execute(
 ) -> RunResult:
     """Run the plan, progress on stderr and (unless ``quiet``) the answer streamed to stdout;
     every event also goes to ``record`` (the run log), first."""
+    return await stream_answer(
+        executor_for(session, prepared, lambda event: None),
+        prepared.stages,
+        prepared.plan,
+        [ChatMessage(role="user", content=prompt)],
+        show_layers=show_layers,
+        quiet=quiet,
+        record=record,
+    )
+
+
+async def stream_answer(
+    executor: Executor,
+    stages: list[list[Call]],
+    plan: Plan,
+    conversation: list[ChatMessage],
+    *,
+    show_layers: bool,
+    quiet: bool = False,
+    record: RunRecording | None = None,
+    admission: Admission | None = None,
+) -> RunResult:
+    """Run ``plan`` on ``executor`` as the CLI shows a run: progress on stderr, the answer
+    streamed to stdout (printed whole when ``final = "select"`` chose it), every event to
+    ``record`` first, every unload to the closing account. ``run`` and each ``chat`` turn
+    (``admission``: its pool's) both answer through here."""
     from localmoa.cli.progress import Progress
 
     progress = Progress(
         stderr(),
         show_layers=show_layers,
-        n_waves=len(prepared.plan.waves),
-        labels=[stage_label(stage) for stage in prepared.stages],
+        n_waves=len(plan.waves),
+        labels=[stage_label(stage) for stage in stages],
     )
-    selecting = not any(c.is_aggregator for stage in prepared.stages for c in stage)
+    selecting = not any(c.is_aggregator for stage in stages for c in stage)
     streaming = False
 
     def on_event(event: Event) -> None:
@@ -160,10 +188,9 @@ async def execute(
             streaming = False
         progress(event)
 
-    executor = executor_for(session, prepared, on_event)
     try:
         result = await executor.run(
-            prepared.stages, prepared.plan, [ChatMessage(role="user", content=prompt)]
+            stages, plan, conversation, admission=admission, on_event=on_event
         )
         if selecting and not quiet:  # final = "select": the answer is chosen, not written
             progress.pause()
