@@ -51,13 +51,13 @@ not follow the instruction, and a guess would pass for a measurement. In a pairw
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from localmoa.backends.base import ChatMessage, JsonSchemaFormat, ResponseFormat
+from localmoa.jsontext import json_objects
 
 __all__ = [
     "EXPLANATION_CHARS",
@@ -245,7 +245,6 @@ def pairwise_verdict(order1: Preference | None, order2: Preference | None) -> Ve
     return "win" if first == second == "win" else "loss" if first == second == "loss" else "tie"
 
 
-_OBJECT_START_RE = re.compile(r'\{\s*"')
 _RATING_KEYS = ("rating", "score", "grade")
 _VERDICT_KEYS = ("verdict", "winner", "better", "choice", "result")
 
@@ -385,22 +384,9 @@ def _preference_from_json(text: str) -> Any:
 
 def _keyed_values(text: str, keys: tuple[str, ...]) -> Iterator[Any]:
     """The value of the first of ``keys`` in each JSON object of ``text`` that has one."""
-    for obj in _json_objects(text):
+    for obj in json_objects(text):
         lowered = {str(k).strip().lower(): v for k, v in obj.items()}
         for key in keys:
             if key in lowered:
                 yield lowered[key]
                 break
-
-
-def _json_objects(text: str) -> Iterator[dict[str, Any]]:
-    """Every JSON object with a key that decodes starting at some ``{`` of ``text``, in order
-    (only a ``{`` before a quoted key is tried: a failed decode costs the text's length)."""
-    decoder = json.JSONDecoder()
-    for start in _OBJECT_START_RE.finditer(text):
-        try:
-            value, _ = decoder.raw_decode(text, start.start())
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(value, dict):
-            yield value

@@ -21,8 +21,8 @@ carries its selection (the regex below recovers it).
 ```json fence, among prose, with SMoA's own key spellings ("chosen responses", "end debate",
 "reasoning"), or with numbers as strings. :func:`parse_verdict`
 
-- takes the first JSON object in the text that decodes and has a selection key (trying
-  :meth:`json.JSONDecoder.raw_decode` at each ``{``), else a regex for ``"selected": [...]``
+- takes the first JSON object in the text that decodes and has a selection key
+  (:func:`localmoa.jsontext.json_objects`), else a regex for ``"selected": [...]``
   (and ``"stop": true``) when no object decodes, e.g. a verdict cut off mid-reason;
 - reads a number given as an int (``2``), an integral float (``2.0``), a numeric string
   (``"2"``) or a labelled one (``"Response 2"``, ``"Answer 2"``, ``"#2"``, ``"2."``), and a
@@ -43,11 +43,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from localmoa.backends.base import JsonSchemaFormat, ResponseFormat
+from localmoa.jsontext import json_objects
 
 __all__ = [
     "JUDGE_FORMAT",
@@ -213,7 +214,7 @@ def _normal(key: str) -> str:
 def _find_verdict(text: str) -> tuple[Any, Any, str] | None:
     """(selection, stop, reason) as found in ``text``: from the first JSON object with a
     selection key, else from the regexes; None when there is no selection at all."""
-    for obj in _json_objects(text):
+    for obj in json_objects(text):
         keys = {_normal(k): v for k, v in obj.items()}
         selected_key = next((k for k in keys if k in _SELECTED_KEYS), None)
         if selected_key is None:
@@ -238,22 +239,6 @@ def _find_verdict(text: str) -> tuple[Any, Any, str] | None:
         None if stop_match is None else stop_match.group(1).lower() == "true",
         reason,
     )
-
-
-def _json_objects(text: str) -> Iterator[dict[str, Any]]:
-    """Every JSON object that decodes starting at some ``{`` of ``text``, in order (an
-    object's inner objects follow it, so a verdict nested in a wrapper is found too)."""
-    decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except (ValueError, RecursionError):
-            pass
-        else:
-            if isinstance(value, dict):
-                yield value
-        start = text.find("{", start + 1)
 
 
 def _numbers(raw: Any) -> list[int]:

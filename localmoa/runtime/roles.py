@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from localmoa.backends.base import ChatMessage, JsonSchemaFormat, ResponseFormat
+from localmoa.jsontext import json_values
 
 __all__ = [
     "ROLES_FORMAT",
@@ -126,19 +127,8 @@ def parse_roles(text: str, count: int) -> list[str] | None:
     return None
 
 
-def _json_values(text: str) -> Iterator[Any]:
-    """Every JSON value that decodes at a ``{`` or ``[`` of ``text``, in order."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"[\[{]", text):
-        try:
-            value, _ = decoder.raw_decode(text, match.start())
-        except (ValueError, RecursionError):
-            continue
-        yield value
-
-
 def _from_json_object(text: str) -> list[str]:
-    for value in _json_values(text):
+    for value in json_values(text):
         if isinstance(value, dict):
             roles = next((v for k, v in value.items() if k.strip().lower() == "roles"), None)
             if isinstance(roles, list):
@@ -147,7 +137,7 @@ def _from_json_object(text: str) -> list[str]:
 
 
 def _from_json_list(text: str) -> list[str]:
-    for value in _json_values(text):
+    for value in json_values(text):
         if isinstance(value, list) and value and all(isinstance(v, str | dict) for v in value):
             return [_role_text(item) for item in value]
     return []
