@@ -68,7 +68,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,16 +397,8 @@ class LlamaCppBackend(Backend):
         if loaded is None:
             raise BackendError(name, "called while not loaded")
         self.refuse_unsupported(name, request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-        loaded.busy.append(stop)
 
-        def emit(kind: str, value: Any) -> None:
-            if not stop.is_set():
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-
-        def work() -> None:
+        def work(emit: Callable[[Any], None], stop: threading.Event) -> None:
             generated = counted = prompt = 0
             eos = loaded.llama.token_eos()
 
@@ -435,35 +427,21 @@ class LlamaCppBackend(Backend):
                 for text in _stream(name, loaded.llama, request, each_token):
                     if stop.is_set():
                         return
-                    emit("delta", ChatDelta(text, generated - counted))
+                    emit(ChatDelta(text, generated - counted))
                     counted = generated
                 # The loop samples one token past max_tokens before it notices the limit.
                 tokens = min(generated, request.max_tokens) - counted
-                emit("done", ChatDelta("", tokens, prompt, prefill_tok_s=loaded.prompt.rate))
-            except BackendError as exc:
-                emit("error", exc)
+                if tokens or prompt:
+                    emit(ChatDelta("", tokens, prompt, prefill_tok_s=loaded.prompt.rate))
+            except BackendError:
+                raise
             except Exception as exc:
-                if stop.is_set():
-                    return  # the decode was aborted on purpose: nobody reads this stream now
-                emit("error", _failure(name, loaded.n_ctx, request, exc, prompt, generated))
+                raise _failure(name, loaded.n_ctx, request, exc, prompt, generated) from exc
             finally:
                 loaded.abort.disarm()
 
-        future = loop.run_in_executor(loaded.worker, work)
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    if value.tokens or value.prompt_tokens:
-                        yield value
-                    return
-                yield value
-        finally:
-            stop.set()
-            loaded.busy.remove(stop)
-            await asyncio.shield(future)
+        async for delta in _on_worker(loaded, work):
+            yield delta
 
     async def chat_samples(
         self, name: str, requests: Sequence[ChatRequest], parallel: int
@@ -488,49 +466,27 @@ class LlamaCppBackend(Backend):
             )
         for request in requests:
             self.refuse_unsupported(name, request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-        loaded.busy.append(stop)
 
-        def emit(kind: str, value: Any) -> None:
-            if not stop.is_set():
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-
-        def work() -> None:
+        def work(emit: Callable[[Any], None], stop: threading.Event) -> None:
             samples: list[Sample] = []
             try:
                 capture = Capture(loaded.llama)
                 for index, request in enumerate(requests):
                     samples.append(Sample.prepare(name, capture, index, request))
-                decode_together(loaded, samples, parallel, stop, lambda i, d: emit("delta", (i, d)))
-                emit("done", None)
-            except BackendError as exc:
-                emit("error", exc)
+                decode_together(loaded, samples, parallel, stop, lambda i, d: emit((i, d)))
+            except BackendError:
+                raise
             except Exception as exc:
-                if stop.is_set():
-                    return  # aborted on purpose: nobody reads this stream now
                 longest = max(requests, key=lambda r: r.max_tokens)
                 prompt = samples[0].prompt_tokens if samples else 0
                 generated = max((s.generated for s in samples), default=0)
-                emit("error", _failure(name, loaded.n_ctx, longest, exc, prompt, generated))
+                raise _failure(name, loaded.n_ctx, longest, exc, prompt, generated) from exc
             finally:
                 for sample in samples:
                     sample.sampler.close()
 
-        future = loop.run_in_executor(loaded.worker, work)
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    return
-                yield value
-        finally:
-            stop.set()
-            loaded.busy.remove(stop)
-            await asyncio.shield(future)
+        async for piece in _on_worker(loaded, work):
+            yield piece
 
     async def count_tokens(self, name: str, config: Any, messages: list[ChatMessage]) -> int:
         """Exact: the model's chat template and tokenizer (:meth:`prompt_tokens`)."""
@@ -601,6 +557,46 @@ class LlamaCppBackend(Backend):
 
     def loaded(self) -> list[str]:
         return list(self._models)
+
+
+async def _on_worker(
+    loaded: _Loaded, work: Callable[[Callable[[Any], None], threading.Event], None]
+) -> AsyncIterator[Any]:
+    """Run ``work(emit, stop)`` on the model's worker thread and yield what it emits, as it
+    emits it; what it raises is raised here. Closing the iterator sets ``stop`` (which ends
+    the work within a token, or within a graph node of a prompt's evaluation) and waits for
+    the worker, so the model is free again when this returns; whatever the work emits or
+    raises after ``stop`` is nobody's and is dropped (a decode aborted on purpose)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
+    loaded.busy.append(stop)
+
+    def put(kind: str, value: Any) -> None:
+        if not stop.is_set():
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+    def run() -> None:
+        try:
+            work(lambda value: put("item", value), stop)
+        except Exception as exc:
+            put("error", exc)
+        else:
+            put("done", None)
+
+    future = loop.run_in_executor(loaded.worker, run)
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+    finally:
+        stop.set()
+        loaded.busy.remove(stop)
+        await asyncio.shield(future)
 
 
 _ASKED = re.compile(r"Requested tokens \((\d+)\) exceed context window")
