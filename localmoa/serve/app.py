@@ -100,7 +100,7 @@ from localmoa.serve.wire import (
     ModelList,
     RunFacts,
     Usage,
-    json_path,
+    invalid_request,
     to_chat,
 )
 
@@ -304,15 +304,7 @@ class MoaServer:
         try:
             return ChatCompletionRequest.model_validate(parsed)
         except ValidationError as exc:
-            errors = exc.errors()
-            problems = "; ".join(f"{json_path(e['loc']) or 'body'}: {e['msg']}" for e in errors)
-            raise Refused(
-                400,
-                problems,
-                "invalid_request_error",
-                "invalid_request",
-                param=json_path(errors[0]["loc"]) or None,
-            ) from None
+            raise invalid_request(exc) from None
 
     def _ensemble(self, body: ChatCompletionRequest) -> Ensemble:
         name = body.model.removeprefix(PREFIX)

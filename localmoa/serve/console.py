@@ -59,7 +59,7 @@ from localmoa.runtime.events import (
 )
 from localmoa.runtime.moa import Call, stage_label
 from localmoa.serve.guard import Refused, error_response, read_body
-from localmoa.serve.wire import ChatCompletionRequest, json_path
+from localmoa.serve.wire import ChatCompletionRequest, invalid_request
 
 if TYPE_CHECKING:
     from localmoa.serve.app import MoaServer, RequestRun
@@ -285,15 +285,7 @@ class _Console:
         try:
             return ConsoleChat.model_validate_json(raw)
         except ValidationError as exc:
-            errors = exc.errors()
-            problems = "; ".join(f"{json_path(e['loc']) or 'body'}: {e['msg']}" for e in errors)
-            raise Refused(
-                400,
-                problems,
-                "invalid_request_error",
-                "invalid_request",
-                param=json_path(errors[0]["loc"]) or None,
-            ) from None
+            raise invalid_request(exc) from None
 
     async def runs(self, request: Request) -> Response:
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localmoa.backends.base import ChatMessage, ChatRequest, ResponseFormat, Seed, StopList
 from localmoa.serve.guard import Refused
@@ -32,6 +32,7 @@ __all__ = [
     "ModelList",
     "RunFacts",
     "Usage",
+    "invalid_request",
     "json_path",
     "to_chat",
 ]
@@ -228,3 +229,17 @@ def json_path(loc: Sequence[int | str]) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
     return out
+
+
+def invalid_request(exc: ValidationError) -> Refused:
+    """A body that does not validate, as OpenAI's 400: every problem with its JSON path, the
+    first one's path as ``param``."""
+    errors = exc.errors()
+    problems = "; ".join(f"{json_path(e['loc']) or 'body'}: {e['msg']}" for e in errors)
+    return Refused(
+        400,
+        problems,
+        "invalid_request_error",
+        "invalid_request",
+        param=json_path(errors[0]["loc"]) or None,
+    )
