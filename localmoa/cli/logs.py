@@ -87,7 +87,9 @@ def _usage(exc: click.UsageError) -> UserError:
     return UserError(f"{where}: {exc.format_message()} (see {where} --help)")
 
 
-class _Group(click.Group):
+class _Command(click.Command):
+    """A command whose usage errors are one line (see :func:`_usage`)."""
+
     def make_context(
         self,
         info_name: str | None,
@@ -99,25 +101,15 @@ class _Group(click.Group):
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as exc:
             raise _usage(exc) from None
+
+
+class _Group(_Command, click.Group):
+    """The same for the group, and for its subcommands' arguments."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:  # an unknown subcommand, or a subcommand's arguments
-            raise _usage(exc) from None
-
-
-class _Command(click.Command):
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: click.Context | None = None,
-        **extra: Any,
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as exc:
             raise _usage(exc) from None
 
 
