@@ -204,10 +204,32 @@ class Executor:
         sizes = await self._sizes(stages)
         if admission is None:
             admission = BudgetAdmission(self.models, self.backend, sizes, plan.budget_bytes)
-        state = RunState(stages, conversation)
+        state = RunState.of(stages, conversation)
         flow = _Dataflow(self, state, admission, sizes, on_event or self.on_event)
         await flow.run(plan)
         return state.result(plan, time.perf_counter() - started)
+
+    async def run_jobs(
+        self,
+        jobs: Sequence[tuple[Sequence[Sequence[Call]], list[ChatMessage]]],
+        plan: Plan,
+        *,
+        admission: Admission | None = None,
+        on_event: Emit | None = None,
+    ) -> list[tuple[RunResult, str | None]]:
+        """Run several conversations as one plan (a batch chunk): ``jobs`` are each one's
+        stages, tagged by :func:`localmoa.runtime.moa.batched`, and conversation; ``plan`` was
+        made for the stages of all of them together. Stage by stage, every job's calls to one
+        model are made together. A job whose stage has no usable answer fails alone; each job's
+        result comes with why it failed (None: it answered), in ``jobs`` order."""
+        started = time.perf_counter()
+        state = RunState.of_jobs(jobs)
+        sizes = await self._sizes(state.stages)
+        if admission is None:
+            admission = BudgetAdmission(self.models, self.backend, sizes, plan.budget_bytes)
+        flow = _Dataflow(self, state, admission, sizes, on_event or self.on_event)
+        await flow.run(plan)
+        return state.results(plan, started)
 
     async def call(
         self,
@@ -231,14 +253,16 @@ class Executor:
         emit: Emit,
         *,
         error: str | None = None,
-        sent: Sent | None = None,
+        sent: Sent | Sequence[Sent] | None = None,
         queued_at: float | None = None,
     ) -> list[CallRecord]:
-        """Make calls of one model together (one agent's samples: the backend's
-        ``chat_samples`` decodes them at once where it can) and record each; one call is the
-        backend's ``chat``. Calls to one model take turns. ``queued_at`` is when they became
-        ready (see the module docstring), by default now."""
+        """Make calls of one model together (one agent's samples, or a batch's calls of one
+        model: the backend's ``chat_samples`` decodes them at once where it can) and record
+        each; one call is the backend's ``chat``. Calls to one model take turns. ``sent``: what
+        they read (one for all, or one per call). ``queued_at`` is when they became ready (see
+        the module docstring), by default now."""
         model = calls[0].model
+        read = list(sent) if isinstance(sent, Sequence) else [sent or Sent()] * len(calls)
         queued = self.now() if queued_at is None else queued_at
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock, _maybe(self._slots), _maybe(self._throttler):
@@ -294,7 +318,7 @@ class Executor:
                     prompt_tokens=prompt_tokens[i],
                     text="".join(pieces[i]),
                     role=call.role,
-                    **(sent or Sent()).model_dump(),
+                    **read[i].model_dump(),
                     **times,
                 )
                 emit(CallFinished(call, record, None if requests is None else requests[i]))
@@ -372,10 +396,11 @@ class _Dataflow:
     def _horizon(self, live: list[int]) -> int | None:
         """The first judge whose verdict may skip later stages (early stop) and is not in: no
         model is loaded for a stage after it until it has decided, and then the rest is planned
-        again, so a model needed only by skipped layers is never loaded."""
+        again, so a model needed only by skipped layers is never loaded. In a batch the stage
+        closes once every job's judge has decided."""
         for stage in live[:-1]:
-            first = self.state.stages[stage][0]
-            if first.role == "judge" and first.early_stop and not self.state.done(stage):
+            stopping = any(c.role == "judge" and c.early_stop for c in self.state.stages[stage])
+            if stopping and not self.state.done(stage):
                 return stage
         return None
 
@@ -504,32 +529,37 @@ class _Dataflow:
         await self.changes.wait_for(lambda: self.state.may_start(stage) or self.stopped)
         if self.stopped:
             return  # not started before the re-plan: the new plan runs it
+        calls = [c for c in calls if c in self.state.job(c).pending[c.stage]]
+        if not calls:
+            return  # a batch's jobs that failed meanwhile: nothing left to make
         records = await self._make(calls, stage, self.executor.now())  # ready: queued now
         closed = False
         for call, record in zip(calls, records, strict=True):
-            closed = self.state.record(call, record) or closed
+            job_closed, stage_closed = self.state.record(call, record)
+            if job_closed:
+                self._closed(call)
+            closed = closed or stage_closed
         if closed:
-            self._closed(calls[0], stage)
+            if stage == self.horizon and self.state.has_pending():
+                self.stopped = True  # plan what is left, loading nothing a skip made needless
             self.changes.notify()  # it closed its stage: wake the next one
 
-    def _closed(self, call: Call, stage: int) -> None:
-        """After a stage closed: report a judge's verdict, keep written roles, and stop to
-        re-plan after a judge that may have changed what is left."""
-        if call.role == "roles" and self.state.roles is not None and call.task:
-            self.executor.roles_cache.put(call.task, call.model, call.roles, self.state.roles)
-        if call.role != "judge":
-            return
-        verdict = self.state.verdicts[stage]
+    def _closed(self, call: Call) -> None:
+        """After a job's stage closed: keep written roles, report a judge's verdict."""
+        job = self.state.job(call)
+        if call.role == "roles" and job.roles is not None and call.task:
+            self.executor.roles_cache.put(call.task, call.model, call.roles, job.roles)
+        verdict = job.verdicts.get(call.stage)
+        if call.role != "judge" or verdict is None:
+            return  # not a judge, or its job failed
         skipped = sorted(
             {
-                self.state.stages[k][0].layer
-                for k in self.state.skipped
-                if k > stage and self.state.stages[k][0].role == "proposer"
+                job.stages[k][0].layer
+                for k in job.skipped
+                if k > call.stage and job.stages[k][0].role == "proposer"
             }
         )
         self.emit(Judged(call, verdict, tuple(skipped) if verdict.stop else ()))
-        if stage == self.horizon and self.state.has_pending():
-            self.stopped = True  # plan what is left, loading nothing a skip made needless
 
     async def _make(self, calls: list[Call], stage: int, queued: float) -> list[CallRecord]:
         """The calls, ready since ``queued``, on their model held loaded while they run (a
@@ -550,14 +580,30 @@ class _Dataflow:
             requests, sent = await self._requests(calls)
             return await make(calls, requests, self.emit, sent=sent, queued_at=queued)
 
-    async def _requests(self, calls: list[Call]) -> tuple[list[ChatRequest], Sent]:
-        """What each call sends, with the references it reads cut to fit its model's context
-        (prompt + references + max_tokens <= n_ctx: :func:`localmoa.runtime.fit.fit_references`)."""
+    async def _requests(self, calls: list[Call]) -> tuple[list[ChatRequest], list[Sent]]:
+        """What each call sends, and reads: per job and agent (a batch makes several jobs'
+        calls of one model together; an agent's samples read the same)."""
+        parts: dict[tuple[int, int], list[int]] = {}
+        for i, call in enumerate(calls):
+            parts.setdefault((call.job, call.agent), []).append(i)
+        requests: list[ChatRequest | None] = [None] * len(calls)
+        sent: list[Sent] = [Sent()] * len(calls)
+        for positions in parts.values():
+            made, read = await self._agent_requests([calls[i] for i in positions])
+            for i, request in zip(positions, made, strict=True):
+                requests[i], sent[i] = request, read
+        return [r for r in requests if r is not None], sent
+
+    async def _agent_requests(self, calls: list[Call]) -> tuple[list[ChatRequest], Sent]:
+        """What one agent's calls of one job send, with the references they read cut to fit
+        the model's context (prompt + references + max_tokens <= n_ctx:
+        :func:`localmoa.runtime.fit.fit_references`)."""
         first = calls[0]
-        conversation = self.state.conversation
-        roles = self.state.roles
+        job = self.state.job(first)
+        conversation = job.conversation
+        roles = job.roles
         persona = roles[first.agent % len(roles)] if roles and first.role == "proposer" else None
-        read = self.state.references_for(first)
+        read = job.references_for(first)
         if read is None:
             requests = [build_request(c, conversation, None, persona=persona) for c in calls]
             return [self._supported(r, first.model) for r in requests], Sent()
@@ -582,7 +628,7 @@ class _Dataflow:
         kept = [answers[i] for i in fitted.kept]
         texts = list(fitted.texts)
         if first.role == "judge":
-            self.state.shown[first.stage] = [
+            job.shown[first.stage] = [
                 Answer(a.layer, a.index, t) for a, t in zip(kept, texts, strict=True)
             ]
             # The schema names only numbers that exist: a grammar then cannot pick answer 7 of 4.
@@ -611,7 +657,7 @@ class _Dataflow:
         live = self.state.live_stages()
         self.state.replans += 1
         log.info("re-planned the rest of the run (%d)", self.state.replans)
-        prompt = "\n".join(m.content for m in self.state.conversation)
+        prompt = "\n".join(m.content for m in self.state.jobs[0].conversation)
         plan = await asyncio.to_thread(  # off the event loop: a search may take a second
             plan_run,
             [self.state.pending[k] for k in live],

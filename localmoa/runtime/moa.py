@@ -53,6 +53,7 @@ __all__ = [
     "ROLE_TOKENS",
     "Call",
     "Role",
+    "batched",
     "build_request",
     "calls_for",
     "conditional_stages",
@@ -120,6 +121,8 @@ class Call:
     window: tuple[int, int] | None = None
     """A windowed aggregator step's slice of the answers it aggregates (Self-MoA-Seq); each
     step after the first also reads the previous step's synthesis."""
+    job: int = 0
+    """Which conversation of a batch the call answers (:func:`batched`); 0 in a single run."""
 
     def __post_init__(self) -> None:
         if self.stage < 0:
@@ -261,6 +264,26 @@ def calls_for(
             ]
         )
     return stages
+
+
+def batched(jobs: Sequence[Sequence[Sequence[Call]]]) -> list[list[list[Call]]]:
+    """The stages of several conversations made as one run (a batch chunk): each call tagged
+    with its job's position, and every call of one model in one stage, whatever its job or
+    agent, in one group, so they are made together (llama.cpp decodes them as sequences of
+    one context; a server gets them as concurrent requests within its slots). Stage k of the
+    run is stage k of every job."""
+    models: dict[tuple[int, str], int] = {}  # (stage, model) -> its group in that stage
+    out: list[list[list[Call]]] = []
+    for number, stages in enumerate(jobs):
+        tagged = []
+        for stage in stages:
+            calls = []
+            for call in stage:
+                group = models.setdefault((call.stage, call.model), len(models))
+                calls.append(replace(call, job=number, group=group))
+            tagged.append(calls)
+        out.append(tagged)
+    return out
 
 
 def stage_label(stage: Sequence[Call]) -> str:

@@ -15,6 +15,7 @@ skipped is not read).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from localmoa.runtime.judge import Verdict, parse_verdict
 from localmoa.runtime.moa import Call
 from localmoa.runtime.roles import parse_roles
 
-__all__ = ["Answer", "RunState", "layer_of", "stage_of", "usable_answers"]
+__all__ = ["Answer", "JobState", "RunState", "layer_of", "stage_of", "usable_answers"]
 
 
 def stage_of(layer: int) -> int:
@@ -67,12 +68,16 @@ def usable_answers(
 
 
 @dataclass
-class RunState:
-    """Everything one run has done and has still to do; the engine mutates it through these
-    methods only, so what it means stays in one place."""
+class JobState:
+    """Everything one conversation of a run has done and has still to do (a run answers one
+    conversation; a batch chunk several, each its own job): the engine mutates it through
+    :class:`RunState` only, so what it means stays in one place."""
 
     stages: Sequence[Sequence[Call]]
     conversation: list[ChatMessage]
+    tolerant: bool = False
+    """True in a batch: a stage with no usable answer fails this job (``error``) and the
+    others go on; False: it ends the run (LayerFailedError)."""
     pending: list[list[Call]] = field(init=False)
     """Calls not made yet, by stage (0-based)."""
     records: list[CallRecord] = field(default_factory=list)
@@ -87,13 +92,10 @@ class RunState:
     """Judge stage -> the answers it was shown, as sent (cut to fit), numbered from 1."""
     verdicts: dict[int, Verdict] = field(default_factory=dict)
     """Judge stage -> its verdict, as used."""
-    failed_loads: dict[str, str] = field(default_factory=dict)
-    """Model -> why its last load failed; its calls fail with that reason until a load works."""
-    loads: int = 0
-    load_seconds: float = 0.0
-    """Seconds the run's loads took, added up."""
-    replans: int = 0
-    waves_started: int = 0
+    error: str | None = None
+    """Why this job failed (``tolerant`` only); its calls not made yet are dropped."""
+    finished: float | None = None
+    """perf_counter when its last stage closed or it failed."""
 
     def __post_init__(self) -> None:
         self.pending = [list(stage) for stage in self.stages]
@@ -113,7 +115,12 @@ class RunState:
         return [k for k, calls in enumerate(self.pending) if calls]
 
     def done(self, stage: int) -> bool:
-        return stage in self.outputs or stage in self.skipped
+        return (
+            stage in self.outputs
+            or stage in self.skipped
+            or stage >= len(self.stages)
+            or self.error is not None
+        )
 
     def may_start(self, stage: int) -> bool:
         """Are the answers a call of ``stage`` reads all in?"""
@@ -151,7 +158,20 @@ class RunState:
 
     def record(self, call: Call, record: CallRecord) -> bool:
         """Account for a finished call; True when it was its stage's last. A stage with no
-        usable answer raises LayerFailedError."""
+        usable answer raises LayerFailedError, or fails the job when ``tolerant``."""
+        try:
+            closed = self._record(call, record)
+        except LayerFailedError as exc:
+            if not self.tolerant:
+                raise
+            self.error = str(exc)
+            self.pending = [[] for _ in self.stages]
+            closed = True
+        if closed and (self.error is not None or not self.has_pending()):
+            self.finished = time.perf_counter()
+        return closed
+
+    def _record(self, call: Call, record: CallRecord) -> bool:
         stage = call.stage
         self.pending[stage].remove(call)
         if call.role == "judge":
@@ -209,13 +229,14 @@ class RunState:
                 return self.outputs[stage][0].text
         return ""
 
-    def result(self, plan: Plan, seconds: float) -> RunResult:
+    def result(self, run: RunState, plan: Plan, seconds: float) -> RunResult:
+        """This job's result; loads and re-plans are the run's (shared by its jobs)."""
         return RunResult(
             answer=self.answer(),
             calls=sorted(self.records, key=lambda r: (r.layer, _ROLE_ORDER[r.role], r.index)),
-            loads=self.loads,
-            load_seconds=self.load_seconds,
-            replans=self.replans,
+            loads=run.loads,
+            load_seconds=run.load_seconds,
+            replans=run.replans,
             plan=plan,
             seconds=seconds,
             skipped_layers=sorted(
@@ -226,6 +247,91 @@ class RunState:
                 }
             ),
         )
+
+
+@dataclass
+class RunState:
+    """Everything a run has done and has still to do, as the engine sees it: the stages of all
+    its jobs together (stage k of the run is stage k of every job: the calls a plan's wave
+    runs), and what the run shares (loads, failed loads, re-plans).
+
+    A run answers one conversation (``localmoa run``, a ``serve`` request) or, in a batch,
+    several (:meth:`of_jobs`): then every job is ``tolerant`` (one failing job does not end the
+    others) and the calls of all jobs are made stage by stage together."""
+
+    jobs: list[JobState]
+    stages: list[list[Call]] = field(init=False)
+    """Stage -> the calls of every job in that stage."""
+    failed_loads: dict[str, str] = field(default_factory=dict)
+    """Model -> why its last load failed; its calls fail with that reason until a load works."""
+    loads: int = 0
+    load_seconds: float = 0.0
+    """Seconds the run's loads took, added up."""
+    replans: int = 0
+    waves_started: int = 0
+
+    def __post_init__(self) -> None:
+        depth = max(len(job.stages) for job in self.jobs)
+        self.stages = [
+            [c for job in self.jobs if k < len(job.stages) for c in job.stages[k]]
+            for k in range(depth)
+        ]
+
+    @classmethod
+    def of(cls, stages: Sequence[Sequence[Call]], conversation: list[ChatMessage]) -> RunState:
+        """One conversation's run."""
+        return cls([JobState(stages, conversation)])
+
+    @classmethod
+    def of_jobs(
+        cls, jobs: Sequence[tuple[Sequence[Sequence[Call]], list[ChatMessage]]]
+    ) -> RunState:
+        """A batch's run: each job's stages (their calls tagged with the job's position, see
+        :func:`localmoa.runtime.moa.batched`) and conversation."""
+        return cls([JobState(stages, conv, tolerant=True) for stages, conv in jobs])
+
+    @property
+    def pending(self) -> list[list[Call]]:
+        """Calls not made yet, by stage."""
+        return [
+            [c for job in self.jobs if k < len(job.pending) for c in job.pending[k]]
+            for k in range(len(self.stages))
+        ]
+
+    def job(self, call: Call) -> JobState:
+        return self.jobs[call.job]
+
+    def has_pending(self) -> bool:
+        return any(job.has_pending() for job in self.jobs)
+
+    def live_stages(self) -> list[int]:
+        """Stages with calls still to make, in order: what a re-plan plans."""
+        return [k for k, calls in enumerate(self.pending) if calls]
+
+    def done(self, stage: int) -> bool:
+        return all(job.done(stage) for job in self.jobs)
+
+    def may_start(self, stage: int) -> bool:
+        """Are the answers every call of ``stage`` reads all in?"""
+        return all(job.may_start(stage) for job in self.jobs)
+
+    def record(self, call: Call, record: CallRecord) -> tuple[bool, bool]:
+        """Account for a finished call: (its job's stage closed, the run's stage closed)."""
+        closed = self.job(call).record(call, record)
+        return closed, closed and self.done(call.stage)
+
+    def result(self, plan: Plan, seconds: float) -> RunResult:
+        """The one job's result (raises what ended it)."""
+        return self.jobs[0].result(self, plan, seconds)
+
+    def results(self, plan: Plan, started: float) -> list[tuple[RunResult, str | None]]:
+        """Each job's result and why it failed (None: it answered); its seconds run from
+        ``started`` (perf_counter) to when it finished."""
+        now = time.perf_counter()
+        return [
+            (job.result(self, plan, (job.finished or now) - started), job.error)
+            for job in self.jobs
+        ]
 
 
 _ROLE_ORDER = {"roles": 0, "proposer": 1, "judge": 2, "aggregator": 3}

@@ -1,0 +1,469 @@
+"""Many prompts planned together: the batch engine behind ``localmoa batch`` and ``localmoa eval``.
+
+Run one by one, every prompt pays every swap again. Here the prompts are cut into *chunks*, and
+each chunk is one run of the one engine (:meth:`localmoa.runtime.engine.Executor.run_jobs`):
+stage k of the run is stage k of every prompt, so the plan loads each model once per stage for
+the whole chunk, and a stage's calls to one model, whatever their prompt, are made together
+(:func:`localmoa.runtime.moa.batched`): on llama.cpp as parallel sequences of one context, on a
+server as concurrent requests within its slots.
+
+Each of those sequences holds its own KV cache, so a llama.cpp model serving a chunk is loaded
+with as many sequences as its largest group (:func:`localmoa.runtime.prepare.run_models`) and its
+footprint, which the plan counts, grows with the chunk. The chunk is therefore chosen
+(:func:`choose_chunk`) as the size, up to :data:`CHUNK_MAX` prompts, whose plans need the fewest
+loads for the whole batch (ties: the smaller chunk, whose first results come sooner); a chunk too
+large for the budget is never chosen. Models stay loaded from one chunk to the next when the next
+chunk's plan starts with them.
+
+A *system* is what answers a prompt: an ensemble's calls (``localmoa batch``, and
+``moa/NAME`` in ``localmoa eval``), or one model's single call at an ensemble's settings
+(``model/NAME``). Every prompt of a chunk goes through every system given, so an evaluation's
+systems and questions are one plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from localmoa.backends.base import Backend
+from localmoa.config import Agent, Config, Ensemble, ModelConfig
+from localmoa.errors import BudgetError, PromptTooLongError, UserError
+from localmoa.hardware import Budget, resolve_budget
+from localmoa.planning import PlanPolicy, plan_run
+from localmoa.planning.fewest_loads import Plan
+from localmoa.records.recorder import Recorder, RunRecording
+from localmoa.runtime.admission import BudgetAdmission
+from localmoa.runtime.engine import (
+    CallFinished,
+    CallPiece,
+    CallStarted,
+    Event,
+    Executor,
+    Judged,
+    RunResult,
+)
+from localmoa.runtime.moa import Call, batched, calls_for, stage_label
+from localmoa.runtime.prepare import (
+    check_prompt,
+    footprints,
+    plan_policy,
+    run_models,
+    stages_for,
+)
+
+from .jobs import Job
+
+__all__ = [
+    "CHUNK_MAX",
+    "BatchPlan",
+    "Outcome",
+    "System",
+    "choose_chunk",
+    "ensemble_system",
+    "model_system",
+    "plan_batch",
+    "run_batch",
+]
+
+log = logging.getLogger(__name__)
+
+CHUNK_MAX = 16
+"""The most prompts a chunk holds unless ``--chunk`` says otherwise: the wait for the first
+results, and what an interruption can lose, stay bounded."""
+
+
+@dataclass(frozen=True)
+class System:
+    """What answers each prompt: its calls by stage, and the ensemble it belongs to (whose
+    settings it runs at, and under whose name its runs are recorded)."""
+
+    name: str
+    """"moa/NAME" or "model/NAME" in an evaluation; the ensemble's name in a batch."""
+    ensemble: str
+    stages: list[list[Call]]
+    table: Ensemble
+    """What its runs record as their ensemble's config."""
+
+
+def ensemble_system(config: Config, name: str, *, label: str | None = None) -> System:
+    """The ensemble ``name`` of ``config`` as a system (roles from the cache, as a run)."""
+    table = config.ensemble(name)
+    return System(label or name, name, stages_for(config, table), table)
+
+
+def model_system(config: Config, ensemble: str, model: str) -> System:
+    """One call of ``model`` alone, at the ensemble's settings (its temperature and
+    max_tokens, or those of the model's first agent in it): the single-model baseline."""
+    table = config.ensemble(ensemble)
+    agents = [agent for layer in table.layers for agent in layer] + [table.aggregator]
+    agent = next((a for a in agents if a.model == model), Agent(model=model))
+    alone = Ensemble(
+        layers=[[agent.model_copy(update={"samples": 1})]],
+        aggregator=agent.model_copy(update={"samples": 1}),
+        temperature=table.temperature,
+        max_tokens=table.max_tokens,
+    )
+    (layer, _) = calls_for(alone)
+    only = replace(layer[0], is_aggregator=True)  # one call, and it is the answer
+    return System(f"model/{model}", ensemble, [[only]], alone)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A batch decided before anything loads: the chunk, the plan of a full chunk, and how
+    many loads the whole batch is expected to make."""
+
+    systems: list[System]
+    chunk: int
+    """Prompts per chunk."""
+    chunks: int
+    plan: Plan
+    """The plan of the first chunk (the others are planned as they come, from what the chunk
+    before left loaded)."""
+    loads: int
+    """Loads the batch is expected to make: the first chunk's plan, then each other chunk's
+    as planned with the models the one before leaves loaded."""
+    budget: Budget
+    models: dict[str, ModelConfig]
+    """The model tables as a chunk loads them (llama.cpp models hold a sequence per call of
+    their largest group)."""
+    sizes: dict[str, int]
+    policy: PlanPolicy
+    tried: dict[int, int | None]
+    """Chunk size -> the loads the batch would make with it (None: it does not fit)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One prompt through one system: its result, or why there is none."""
+
+    job: Job
+    system: System
+    result: RunResult | None
+    """None when it never ran (its prompt cannot fit, or the run was stopped)."""
+    error: str | None
+    seconds: float
+    run_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.result is not None
+
+    @property
+    def answer(self) -> str | None:
+        return self.result.answer if self.ok and self.result is not None else None
+
+
+def _stages(systems: Sequence[System], jobs: int) -> list[list[list[Call]]]:
+    """Every job through every system, tagged as one run (job-major: job j's systems first)."""
+    return batched([system.stages for _ in range(jobs) for system in systems])
+
+
+def _merged(tagged: Sequence[Sequence[Sequence[Call]]]) -> list[list[Call]]:
+    depth = max(len(stages) for stages in tagged)
+    return [[c for stages in tagged if k < len(stages) for c in stages[k]] for k in range(depth)]
+
+
+async def plan_batch(
+    config: Config,
+    systems: Sequence[System],
+    prompts: int,
+    backends: Mapping[str, Backend],
+    *,
+    memory_budget: str | None = None,
+    chunk: int | None = None,
+) -> BatchPlan:
+    """Decide the chunk (``chunk``, or :func:`choose_chunk`) and plan a full one; raises
+    BudgetError when not even one prompt fits, naming where the budget came from."""
+    budget = resolve_budget(memory_budget, config.settings.memory_budget)
+    used = list(dict.fromkeys(c.model for s in systems for st in s.stages for c in st))
+    policy = plan_policy(config, used, budget)
+    prompts = max(prompts, 1)
+    sizes_for: dict[int, tuple[dict[str, ModelConfig], dict[str, int]]] = {}
+
+    async def attempt(size: int) -> tuple[Plan, int] | None:
+        merged = _merged(_stages(systems, size))
+        models = run_models(config.models, merged)
+        found = await footprints(config, used, backends, models)
+        sizes = {name: fp.total for name, fp in found.items()}
+        sizes_for[size] = (models, sizes)
+        try:
+            plan = await asyncio.to_thread(plan_run, merged, sizes, budget.bytes, policy)
+        except BudgetError:
+            return None
+        return plan, _batch_loads(plan, merged, sizes, budget.bytes, policy, prompts, size)
+
+    if chunk is not None:
+        if chunk < 1:
+            raise UserError(f"--chunk must be at least 1, not {chunk}")
+        sizes_to_try = [min(chunk, prompts)]
+    else:
+        sizes_to_try = choose_chunk_sizes(prompts)
+    tried: dict[int, int | None] = {}
+    best: tuple[int, Plan, int] | None = None
+    for size in sizes_to_try:
+        made = await attempt(size)
+        tried[size] = None if made is None else made[1]
+        if made is not None and (best is None or made[1] < best[2]):
+            best = (size, made[0], made[1])
+    if best is None:
+        # Not even the smallest chunk fits: say why, as a single run's plan would.
+        size = sizes_to_try[0]
+        merged = _merged(_stages(systems, size))
+        models, sizes = sizes_for[size]
+        try:
+            plan_run(merged, sizes, budget.bytes, policy)
+        except BudgetError as exc:
+            more = "" if chunk is None or chunk == 1 else "; try a smaller --chunk"
+            raise BudgetError(f"{exc} (budget from {budget.detail}){more}") from None
+        raise AssertionError("a plan that failed once cannot succeed")  # pragma: no cover
+    size, plan, loads = best
+    models, sizes = sizes_for[size]
+    return BatchPlan(
+        list(systems),
+        size,
+        math.ceil(prompts / size),
+        plan,
+        loads,
+        budget,
+        models,
+        sizes,
+        policy,
+        tried,
+    )
+
+
+def choose_chunk_sizes(prompts: int) -> list[int]:
+    """The chunk sizes :func:`plan_batch` compares: powers of two up to :data:`CHUNK_MAX`, and
+    the whole batch when it is smaller, in increasing order."""
+    top = min(prompts, CHUNK_MAX)
+    sizes = {1 << k for k in range(top.bit_length()) if 1 << k <= top} | {top}
+    return sorted(sizes)
+
+
+def choose_chunk(tried: Mapping[int, int | None]) -> int | None:
+    """The chunk with the fewest loads for the whole batch; ties go to the smaller chunk (its
+    first results come sooner, an interruption loses less). None when none fits."""
+    fits = [(loads, size) for size, loads in tried.items() if loads is not None]
+    return min(fits)[1] if fits else None
+
+
+def _batch_loads(
+    plan: Plan,
+    merged: list[list[Call]],
+    sizes: dict[str, int],
+    budget: int,
+    policy: PlanPolicy,
+    prompts: int,
+    size: int,
+) -> int:
+    """Loads of the whole batch in chunks of ``size``: the first chunk's plan, then a full
+    chunk planned from what it leaves loaded, times the full chunks left, then the last."""
+    first = _loads(plan)
+    chunks = math.ceil(prompts / size)
+    if chunks == 1:
+        return first
+    left = _resident_after(plan)
+    again = plan_run(merged, sizes, budget, PlanPolicy(None), resident=left)
+    return first + (chunks - 1) * _loads(again)
+
+
+def _loads(plan: Plan) -> int:
+    return sum(len(wave.load) for wave in plan.waves)
+
+
+def _resident_after(plan: Plan) -> list[str]:
+    last = plan.waves[-1]
+    return sorted((set(last.resident) | set(last.load)) - set(last.unload))
+
+
+Report = Callable[[list[Outcome]], None]
+
+
+async def run_batch(
+    config: Config,
+    planned: BatchPlan,
+    jobs: Sequence[Job],
+    backends: Mapping[str, Backend],
+    *,
+    on_chunk: Report,
+    on_event: Callable[[Event], None] | None = None,
+    recorder: Recorder | None = None,
+    check: bool = True,
+) -> int:
+    """Answer every job with every system of ``planned``, chunk by chunk; ``on_chunk`` gets
+    each chunk's outcomes (job-major) as soon as it finishes. Returns the loads made.
+
+    Before anything loads, every prompt is checked against the contexts it must fit
+    (:func:`localmoa.runtime.prepare.check_prompt`); one that cannot fit fails alone. Each
+    prompt through each system is one recorded run (source "batch"), its calls and the loads
+    of its chunk. Cancellation (Ctrl-C) ends the chunk in flight; its outcomes are not
+    reported, and every model is unloaded."""
+    systems = planned.systems
+    hopeless: dict[tuple[int, int], str] = {}
+    if check:
+        for j, job in enumerate(jobs):
+            for s, system in enumerate(systems):
+                try:
+                    await check_prompt(config, system.stages, backends, job.messages)
+                except PromptTooLongError as exc:
+                    hopeless[j, s] = str(exc)
+    settings = config.settings
+    loads = 0
+    executor = Executor(
+        planned.models,
+        backends,
+        max_parallel_calls=settings.max_parallel_calls,
+        max_calls_per_second=settings.max_calls_per_second,
+        sizes=planned.sizes,
+        policy=planned.policy,
+    )
+    admission = _KeepAdmission(executor.models, executor.backend, planned.sizes, planned.budget)
+    try:
+        for first in range(0, len(jobs), planned.chunk):
+            chunk = list(enumerate(jobs))[first : first + planned.chunk]
+            units = [
+                (j, job, s, system)
+                for j, job in chunk
+                for s, system in enumerate(systems)
+                if (j, s) not in hopeless
+            ]
+            outcomes: dict[tuple[int, int], Outcome] = {
+                key: Outcome(jobs[key[0]], systems[key[1]], None, why, 0.0)
+                for key, why in hopeless.items()
+                if chunk[0][0] <= key[0] <= chunk[-1][0]
+            }
+            if units:
+                made, counted = await _run_chunk(
+                    executor, admission, planned, units, on_event, recorder
+                )
+                outcomes.update(made)
+                loads += counted
+            on_chunk([outcomes[key] for key in sorted(outcomes)])
+    finally:
+        await asyncio.shield(admission.drain())
+    return loads
+
+
+async def _run_chunk(
+    executor: Executor,
+    admission: _KeepAdmission,
+    planned: BatchPlan,
+    units: list[tuple[int, Job, int, System]],
+    on_event: Callable[[Event], None] | None,
+    recorder: Recorder | None,
+) -> tuple[dict[tuple[int, int], Outcome], int]:
+    tagged = batched([system.stages for _, _, _, system in units])
+    merged = _merged(tagged)
+    resident = admission.resident()
+    plan = await asyncio.to_thread(
+        plan_run,
+        merged,
+        planned.sizes,
+        planned.budget.bytes,
+        planned.policy,
+        resident=resident,
+        prompt=_prompt(units[0][1]),
+    )
+    keep = set(plan.waves[0].resident) - set(plan.waves[0].load)
+    for model in resident:
+        if model not in keep:
+            await admission.release(model)
+    recordings = [
+        _start(recorder, job, system, plan, planned) if recorder is not None else None
+        for _, job, _, system in units
+    ]
+
+    def route(event: Event) -> None:
+        call = _call_of(event)
+        for number, recording in enumerate(recordings):
+            if recording is not None and (call is None or call.job == number):
+                recording.on_event(event)
+        if on_event is not None:
+            on_event(event)
+
+    started = time.perf_counter()
+    try:
+        results = await executor.run_jobs(
+            [(stages, job.messages) for stages, (_, job, _, _) in zip(tagged, units, strict=True)],
+            plan,
+            admission=admission,
+            on_event=route,
+        )
+    except BaseException as exc:
+        stopped = isinstance(exc, asyncio.CancelledError | KeyboardInterrupt)
+        why = "interrupted (Ctrl-C or a stop signal)" if stopped else str(exc)
+        for recording in recordings:
+            if recording is not None:
+                recording.finish(
+                    "interrupted" if stopped else "failed",
+                    error=why,
+                    seconds=time.perf_counter() - started,
+                )
+        raise
+    out: dict[tuple[int, int], Outcome] = {}
+    counted = 0
+    for (j, job, s, system), recording, (result, error) in zip(
+        units, recordings, results, strict=True
+    ):
+        counted = result.loads
+        if recording is not None:
+            if error is None:
+                recording.finish("ok", answer=result.answer, seconds=result.seconds)
+            else:
+                recording.finish("failed", error=error, seconds=result.seconds)
+        run_id = None if recording is None else recording.id
+        out[j, s] = Outcome(job, system, result, error, result.seconds, run_id)
+    return out, counted
+
+
+def _prompt(job: Job) -> str:
+    return "\n".join(m.content for m in job.messages)
+
+
+def _call_of(event: Event) -> Call | None:
+    if isinstance(event, CallStarted | CallPiece | CallFinished | Judged):
+        return event.call
+    return None
+
+
+def _start(
+    recorder: Recorder, job: Job, system: System, plan: Plan, planned: BatchPlan
+) -> RunRecording:
+    config_of = planned.models
+    return recorder.start(
+        source="batch",
+        ensemble=system.ensemble,
+        ensemble_config=system.table,
+        plan=plan,
+        budget=planned.budget,
+        conversation=job.messages,
+        models=config_of,
+        stages=[stage_label(stage) for stage in system.stages],
+    )
+
+
+class _KeepAdmission(BudgetAdmission):
+    """A batch's memory seam: a run's budget whose models outlive each chunk's run, so the
+    next chunk can start with them (its plan says which it keeps); :meth:`drain` unloads them
+    when the batch ends."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelConfig],
+        backend: Callable[[str], Backend],
+        sizes: Mapping[str, int],
+        budget: Budget,
+    ) -> None:
+        super().__init__(models, backend, sizes, budget.bytes)
+
+    async def finish(self) -> list[str]:
+        return []  # kept for the next chunk
+
+    async def drain(self) -> list[str]:
+        return await super().finish()
