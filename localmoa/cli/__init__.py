@@ -1,7 +1,8 @@
 """The ``localmoa`` command: ``run`` a prompt, show its ``plan``, list the ``models``, ``serve``,
-``init`` a models.toml.
+``init`` a models.toml, ``chat``, read the ``logs``, answer a file of prompts (``batch``) and
+``eval`` the ensemble against its members.
 
-One module per command (run, plan, models, serve, init); what they share is named for what it is:
+One module per command; what they share is named for what it is:
 session (the config and backends a command opens, the one call into the planner), signals
 (stop, unload, say what was unloaded), reports (the pydantic models every ``--json`` dumps),
 render (tables from those reports), options, progress.
@@ -20,7 +21,9 @@ import click
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from localmoa.cli.batch import batch_command
 from localmoa.cli.chat import chat_command
+from localmoa.cli.eval import eval_command
 from localmoa.cli.init import init_command
 from localmoa.cli.logs import logs_command
 from localmoa.cli.models import models_command
@@ -68,6 +71,8 @@ cli.add_command(serve_command)
 cli.add_command(init_command)
 cli.add_command(logs_command)
 cli.add_command(chat_command)
+cli.add_command(batch_command)
+cli.add_command(eval_command)
 
 
 def main() -> None:
