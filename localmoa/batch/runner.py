@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from localmoa.backends.base import Backend
 from localmoa.config import Agent, Config, Ensemble, ModelConfig
 from localmoa.errors import BudgetError, PromptTooLongError, UserError
+from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget, resolve_budget
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan
@@ -133,6 +134,9 @@ class BatchPlan:
     """The model tables as a chunk loads them (llama.cpp models hold a sequence per call of
     their largest group)."""
     sizes: dict[str, int]
+    footprints: dict[str, Footprint]
+    stages: list[list[Call]]
+    """The stages of a full chunk: every prompt's calls of stage k together."""
     policy: PlanPolicy
     tried: dict[int, int | None]
     """Chunk size -> the loads the batch would make with it (None: it does not fit)."""
@@ -184,14 +188,14 @@ async def plan_batch(
     used = list(dict.fromkeys(c.model for s in systems for st in s.stages for c in st))
     policy = plan_policy(config, used, budget)
     prompts = max(prompts, 1)
-    sizes_for: dict[int, tuple[dict[str, ModelConfig], dict[str, int]]] = {}
+    sizes_for: dict[int, tuple[dict[str, ModelConfig], dict[str, Footprint]]] = {}
 
     async def attempt(size: int) -> tuple[Plan, int] | None:
         merged = _merged(_stages(systems, size))
         models = run_models(config.models, merged)
         found = await footprints(config, used, backends, models)
         sizes = {name: fp.total for name, fp in found.items()}
-        sizes_for[size] = (models, sizes)
+        sizes_for[size] = (models, found)
         try:
             plan = await asyncio.to_thread(plan_run, merged, sizes, budget.bytes, policy)
         except BudgetError:
@@ -215,26 +219,28 @@ async def plan_batch(
         # Not even the smallest chunk fits: say why, as a single run's plan would.
         size = sizes_to_try[0]
         merged = _merged(_stages(systems, size))
-        models, sizes = sizes_for[size]
+        models, found = sizes_for[size]
         try:
-            plan_run(merged, sizes, budget.bytes, policy)
+            plan_run(merged, {n: fp.total for n, fp in found.items()}, budget.bytes, policy)
         except BudgetError as exc:
             more = "" if chunk is None or chunk == 1 else "; try a smaller --chunk"
             raise BudgetError(f"{exc} (budget from {budget.detail}){more}") from None
         raise AssertionError("a plan that failed once cannot succeed")  # pragma: no cover
     size, plan, loads = best
-    models, sizes = sizes_for[size]
+    models, found = sizes_for[size]
     return BatchPlan(
-        list(systems),
-        size,
-        math.ceil(prompts / size),
-        plan,
-        loads,
-        budget,
-        models,
-        sizes,
-        policy,
-        tried,
+        systems=list(systems),
+        chunk=size,
+        chunks=math.ceil(prompts / size),
+        plan=plan,
+        loads=loads,
+        budget=budget,
+        models=models,
+        sizes={name: fp.total for name, fp in found.items()},
+        footprints=found,
+        stages=_merged(_stages(systems, size)),
+        policy=policy,
+        tried=tried,
     )
 
 

@@ -9,6 +9,7 @@ what is left when it is done.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from statistics import median
 
 import click
@@ -67,7 +68,7 @@ def print_plan(console: Console, report: PlanReport) -> None:
             ", ".join(wave.unload) or "-",
             ", ".join(wave.load) or "-",
             ", ".join(wave.resident),
-            ", ".join(wave.runs),
+            _calls(wave.runs),
             format_bytes(wave.bytes),
         )
     console.print(waves)
@@ -102,6 +103,12 @@ def print_plan(console: Console, report: PlanReport) -> None:
         f"budget: {format_bytes(report.budget_bytes)} ({report.budget_source}){timed}",
         markup=False,
     )
+
+
+def _calls(runs: list[str]) -> str:
+    """A wave's calls by model, repeats counted ("a ×16, b ×16": a batch's prompts, samples)."""
+    counted = Counter(runs)
+    return ", ".join(name if n == 1 else f"{name} ×{n}" for name, n in counted.items())
 
 
 def print_models(console: Console, report: ModelsReport) -> None:

@@ -29,6 +29,7 @@ from localmoa.runtime.engine import CallRecord
 __all__ = [
     "PLAN",
     "SOURCE_LABELS",
+    "BatchPlanReport",
     "InitModel",
     "InitReport",
     "ModelCost",
@@ -130,6 +131,29 @@ class PlanReport(Plan):
     zero_config: list[str] | None = Field(
         description="with no models.toml: how the ensemble was built from Ollama's models, one "
         "line per choice; null when a models.toml was used"
+    )
+
+
+class BatchPlanReport(BaseModel):
+    """``localmoa batch --plan --json``: how the prompts will be chunked, the loads expected,
+    and one full chunk's plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int = Field(description="prompts in the input file")
+    chunk: int = Field(description="prompts planned together")
+    chunks: int = Field(description="chunks the prompts make")
+    loads: int = Field(
+        description="model loads expected for the whole batch (models stay loaded from one "
+        "chunk to the next when the next plan starts with them)"
+    )
+    loads_by_chunk: dict[str, int | None] = Field(
+        description="each chunk size compared -> the loads the batch would make with it; null "
+        "when a chunk that large does not fit the budget"
+    )
+    chunk_plan: PlanReport = Field(
+        description="the first chunk's plan, as `plan --json` shows one (its stages hold every "
+        "prompt's calls)"
     )
 
 
