@@ -64,7 +64,17 @@ def test_bad_input_exits_2_with_one_clear_message(tmp_path: Path, case: str, exp
 
 
 def test_the_commands_and_the_console_script() -> None:
-    assert sorted(cli.commands) == ["chat", "init", "logs", "models", "plan", "run", "serve"]
+    assert sorted(cli.commands) == [
+        "batch",
+        "chat",
+        "eval",
+        "init",
+        "logs",
+        "models",
+        "plan",
+        "run",
+        "serve",
+    ]
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="localmoa")
     assert script.value == "localmoa.cli:main" and script.load() is main
     out = localmoa("--help")
