@@ -13,7 +13,7 @@ from localmoa.backends.fake import FakeBackend
 from localmoa.config import Agent, Ensemble, FakeModel
 from localmoa.errors import LayerFailedError
 from localmoa.planning.fewest_loads import Plan, make_plan
-from localmoa.runtime.engine import CallPiece, Event, Executor, RunResult, WaveStarted
+from localmoa.runtime.engine import CallPiece, CallStarted, Event, Executor, RunResult, WaveStarted
 from localmoa.runtime.moa import AGGREGATE_PROMPT, calls_for, stages_of
 
 GiB = 1 << 30
@@ -126,7 +126,7 @@ async def test_a_layer_with_no_usable_answer_stops_the_run_and_unloads() -> None
     assert backend.resident == {}
 
 
-async def test_calls_to_one_model_are_serialized_and_different_models_overlap() -> None:
+async def test_calls_to_one_model_keep_to_its_slots_and_different_models_overlap() -> None:
     models = fake_models("a", "b", a={"seconds_per_token": 0.001}, b={"seconds_per_token": 0.001})
     ensemble = Ensemble(layers=[["a", "a", "b", "b"]], aggregator=Agent(model="a"))
     backend = CountingFake(capacity=2 * GiB)
@@ -372,3 +372,58 @@ def test_a_load_ahead_never_holds_up_the_calls_before_it() -> None:
     b_loaded = events.index(("load", "b"))
     assert [i for i, e in enumerate(events) if e == ("chat", "a")][-1] < b_loaded  # layer 2 too
     assert events.index(("chat", "b")) > b_loaded and backend.resident == {}
+
+
+async def test_calls_waiting_for_one_model_are_made_together_within_its_slots() -> None:
+    slow = {"seconds_per_token": 0.001, "parallel": 2}
+    models = fake_models("a", "b", a=slow, b=slow)
+    ensemble = Ensemble(layers=[["a", "a", "a", "b"]], aggregator=Agent(model="a"))
+    backend = CountingFake(capacity=2 * GiB)
+    result, _ = await run(ensemble, models, 2 * GiB, backend)
+    assert backend.most_per_model == 2  # together, never beyond the model's slots
+    assert all(call.ok for call in result.calls)
+
+
+def one_call(model: str, index: int) -> Any:
+    (stage, *_) = calls_for(Ensemble(layers=[[model]], aggregator=Agent(model=model)))
+    from dataclasses import replace
+
+    return replace(stage[0], index=index)
+
+
+async def test_concurrent_callers_of_one_model_share_a_turn_and_leave_it_alone() -> None:
+    """Two requests' calls (as two serve requests make them) go together; one caller that is
+    cancelled leaves, the other gets its whole answer."""
+    models = fake_models("a", a={"seconds_per_token": 0.002, "parallel": 4})
+    backend = FakeBackend(capacity=GiB)
+    await backend.load("a", models["a"])
+    executor = Executor(models, {"fake": backend})
+    request = ChatRequest(messages=QUESTION, temperature=0.0, max_tokens=40)
+    seen: list[list[Event]] = [[], []]
+    first = asyncio.create_task(executor.calls([one_call("a", 0)], [request], seen[0].append))
+    second = asyncio.create_task(executor.calls([one_call("a", 1)], [request], seen[1].append))
+    while not any(isinstance(e, CallPiece) for e in seen[0]):
+        await asyncio.sleep(0)  # until the shared turn streams
+    assert any(isinstance(e, CallStarted) for e in seen[1])  # the same turn: both started
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    (record,) = await second
+    assert record.ok and record.tokens == len(record.text.split(" "))
+    assert backend.max_in_flight["a"] == 2
+
+
+async def test_a_turn_nobody_waits_for_is_stopped() -> None:
+    models = fake_models("a", a={"seconds_per_token": 0.01})
+    backend = CountingFake(capacity=GiB)
+    await backend.load("a", models["a"])
+    executor = Executor(models, {"fake": backend})
+    request = ChatRequest(messages=QUESTION, temperature=0.0, max_tokens=400)
+    pieces: list[Event] = []
+    task = asyncio.create_task(executor.calls([one_call("a", 0)], [request], pieces.append))
+    while not pieces:
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backend.active["a"] == 0  # the stream was closed, not left decoding
