@@ -121,14 +121,22 @@ def tiny_models(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def bench_config(paths: dict[str, Path], max_tokens: int) -> Config:
-    return parse_config(ensemble_config(paths, n_ctx=N_CTX, max_tokens=max_tokens, seed=SEED))
+def bench_config(paths: dict[str, Path], max_tokens: int, parallel: int = 0) -> Config:
+    raw = ensemble_config(paths, n_ctx=N_CTX, max_tokens=max_tokens, seed=SEED)
+    if parallel:  # sequences per context: concurrent requests' calls decode together
+        for model in raw["models"].values():
+            model["parallel"] = parallel
+    return parse_config(raw)
 
 
-def bench_budget(paths: dict[str, Path], models: int) -> Budget:
+def bench_budget(paths: dict[str, Path], models: int, parallel: int = 0) -> Budget:
     """Room for the ``models`` largest models by localmoa's estimate, so any that many fit."""
+    n_seq = parallel or 1
     sizes = sorted(
-        (estimate(read_gguf(p), n_ctx=N_CTX, n_batch=N_BATCH).total for p in paths.values()),
+        (
+            estimate(read_gguf(p), n_ctx=N_CTX, n_batch=N_BATCH, n_seq=n_seq).total
+            for p in paths.values()
+        ),
         reverse=True,
     )
     room = sum(sizes[:models])
@@ -249,6 +257,10 @@ async def one_round(
     stream: bool,
 ) -> Round:
     loads = serving.pool_loads
+    assert serving.server is not None
+    # "one_per_turn": concurrent, but each model makes one request's calls per turn, as before
+    # calls waiting for one model were made together (set between rounds, while idle)
+    serving.server.executor.together = mode != "one_per_turn"
     began = time.perf_counter()
     if mode == "sequential":
         samples = [await ask(client, q, max_tokens, stream) for q in questions]
@@ -257,6 +269,7 @@ async def one_round(
             await asyncio.gather(*(ask(client, q, max_tokens, stream) for q in questions))
         )
     wall = time.perf_counter() - began
+    serving.server.executor.together = True
     return Round(mode, wall, samples, serving.pool_loads - loads)
 
 
@@ -270,13 +283,21 @@ async def measure(serving: Serving, args: argparse.Namespace) -> tuple[float, li
     ):
         warm = await ask(client, "Warm up.", args.max_tokens, False)
         rounds = []
+        modes = modes_of(args)
         for r in range(args.repeat):
-            order = ("sequential", "concurrent") if r % 2 == 0 else ("concurrent", "sequential")
+            order = modes if r % 2 == 0 else tuple(reversed(modes))
             for mode in order:
                 rounds.append(
                     await one_round(client, serving, mode, questions, args.max_tokens, args.stream)
                 )
     return warm.seconds, rounds
+
+
+def modes_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """Sequential and concurrent; with ``--parallel`` also concurrent one call per turn."""
+    if args.parallel > 1:
+        return ("sequential", "concurrent", "one_per_turn")
+    return ("sequential", "concurrent")
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -316,7 +337,11 @@ def table(summaries: list[Summary], n: int, stream: bool) -> str:
         rule += "--:|--:|"
     lines = [head, rule]
     for s in summaries:
-        label = f"{n} one after another" if s.mode == "sequential" else f"{n} at once"
+        label = {
+            "sequential": f"{n} one after another",
+            "concurrent": f"{n} at once",
+            "one_per_turn": f"{n} at once, one call per model turn",
+        }[s.mode]
         row = (
             f"| {label} | {s.wall_median:.2f} s | {s.throughput_median:.2f} req/s "
             f"| {s.p50:.2f} s | {s.p95:.2f} s | {s.loads_per_request:.1f} |"
@@ -339,6 +364,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=3,
         help="models the budget holds at once (default 3: all; 2 forces swaps)",
     )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        help="sequences per llama.cpp context (parallel = N on every model): concurrent "
+        "requests' calls to one model decode together; adds a one-call-per-turn mode to compare",
+    )
     parser.add_argument("--stream", action="store_true", help="stream; adds time to first token")
     parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
     parser.add_argument(
@@ -352,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("-n, --repeat and --max-tokens must be positive")
 
     paths = tiny_models(args.workdir)
-    config = bench_config(paths, args.max_tokens)
-    budget = bench_budget(paths, args.budget_models)
+    config = bench_config(paths, args.max_tokens, args.parallel)
+    budget = bench_budget(paths, args.budget_models, args.parallel)
     with Serving(config, budget, max_queue=max(16, args.n)) as serving:
         warm, rounds = asyncio.run(measure(serving, args))
         assert serving.server is not None and serving.server.pool is not None
@@ -361,8 +393,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         total_loads = serving.server.pool.loads
     assert peak <= budget.bytes, f"the pool held {peak} bytes, over the {budget.bytes} budget"
 
-    summaries = [summarize(mode, rounds) for mode in ("sequential", "concurrent")]
+    summaries = [summarize(mode, rounds) for mode in modes_of(args)]
     ratio = summaries[1].throughput_median / summaries[0].throughput_median
+    together = (
+        summaries[1].throughput_median / summaries[2].throughput_median
+        if len(summaries) > 2
+        else None
+    )
     command = shlex.join(
         ["python", "scripts/bench_serve.py", *(sys.argv[1:] if argv is None else argv)]
     )
@@ -378,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "warmup_seconds": warm,
             "loads": total_loads,
             "throughput_ratio": ratio,
+            "together_ratio": together,
+            "parallel": args.parallel,
             "summaries": [asdict(s) for s in summaries],
             "rounds": [asdict(r) for r in rounds],
         }
@@ -393,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table(summaries, args.n, args.stream))
     print()
     print(f"concurrent / sequential throughput: {ratio:.2f}x")
+    if together is not None:
+        print(f"calls made together / one call per model turn: {together:.2f}x throughput")
     print(
         f"pool peak {peak / MiB:.1f} MiB (by localmoa's estimates) of a "
         f"{budget.bytes / MiB:.1f} MiB budget "

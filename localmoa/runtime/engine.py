@@ -163,8 +163,12 @@ class Executor:
         sizes: Mapping[str, int] | None = None,
         policy: PlanPolicy | None = None,
         roles_cache: RolesCache | None = None,
+        together: bool = True,
     ) -> None:
         self.models = models
+        self.together = together
+        """Make the calls that wait for one model's turn together (False: one caller's calls
+        per turn, as before calls were made together; for comparisons)."""
         self.roles_cache = roles_cache or RolesCache()
         """Where roles written by a roles call are kept for later runs."""
         self.backends = backends
@@ -295,7 +299,10 @@ class Executor:
         waits: calls that came while the model was busy (other requests' to the same model)
         are made together next, not one after another."""
         while turns.waiting:
-            turns.making, turns.waiting = turns.waiting, []
+            if self.together:
+                turns.making, turns.waiting = turns.waiting, []
+            else:
+                turns.making, turns.waiting = turns.waiting[:1], turns.waiting[1:]
             try:
                 records = await self._make(turns.making, model, None)
             except BaseException as exc:

@@ -27,7 +27,7 @@ from localmoa.backends.base import (
     ChatMessage,
     estimate_tokens,
 )
-from localmoa.backends.configs import context_tokens
+from localmoa.backends.configs import MAX_PARALLEL, context_tokens
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Config, Ensemble, LlamaCppModel, ModelConfig
 from localmoa.errors import BackendError, BudgetError, PromptTooLongError, UserError
@@ -150,7 +150,8 @@ def run_models(
     out: dict[str, ModelConfig] = {}
     for name, model in models.items():
         if isinstance(model, LlamaCppModel) and model.parallel is None and name in most:
-            model = model.model_copy(update={"parallel": most[name]})
+            # llama.cpp holds at most MAX_PARALLEL sequences; a larger group decodes in rounds
+            model = model.model_copy(update={"parallel": min(most[name], MAX_PARALLEL)})
         out[name] = model
     return out
 

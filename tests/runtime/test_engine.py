@@ -427,3 +427,12 @@ async def test_a_turn_nobody_waits_for_is_stopped() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert backend.active["a"] == 0  # the stream was closed, not left decoding
+
+
+async def test_one_call_per_turn_when_asked_not_to_make_them_together() -> None:
+    slow = {"seconds_per_token": 0.001, "parallel": 2}
+    models = fake_models("a", "b", a=slow, b=slow)
+    ensemble = Ensemble(layers=[["a", "a", "a", "b"]], aggregator=Agent(model="a"))
+    backend = CountingFake(capacity=2 * GiB)
+    await run(ensemble, models, 2 * GiB, backend, together=False)
+    assert backend.most_per_model == 1
