@@ -243,3 +243,56 @@ def test_every_prompt_is_a_recorded_batch_run(tmp_path: Path) -> None:
         assert len(detail.calls) == 7  # its own calls only
         assert detail.conversation[-1].content == outcome.job.messages[-1].content
     assert any(isinstance(e, ModelLoaded) for e in events)
+
+
+SPARSE = """
+[settings]
+memory_budget = "2GiB"
+[models.a]
+backend = "fake"
+memory = "1GiB"
+[models.b]
+backend = "fake"
+memory = "1GiB"
+[models.c]
+backend = "fake"
+memory = "1GiB"
+[models.j]
+backend = "fake"
+memory = "1GiB"
+reply = "{prompt}"
+[ensembles.default]
+layers = [["a", "b"], ["c", "b"]]
+aggregator = "a"
+judge = { model = "j", top_k = 1, early_stop = true }
+"""
+"""A judge that answers with the prompt: each prompt carries its own verdict."""
+
+
+def test_each_prompts_judge_decides_for_that_prompt_alone(tmp_path: Path) -> None:
+    config = config_of(tmp_path, SPARSE)
+    stop = '{"selected": [2], "stop": true, "reason": "enough"}'
+    go_on = '{"selected": [1], "stop": false, "reason": "more"}'
+    todo = [
+        Job(id="stops", messages=[ChatMessage(role="user", content=stop)]),
+        Job(id="goes on", messages=[ChatMessage(role="user", content=go_on)]),
+    ]
+    chunks, _, _ = run(config, plan(config, 2), todo)
+    stopped, went_on = (o for chunk in chunks for o in chunk)
+    assert stopped.ok and went_on.ok
+    assert stopped.result is not None and went_on.result is not None
+    assert stopped.result.skipped_layers == [2]
+    assert went_on.result.skipped_layers == []
+    assert {c.model for c in stopped.result.calls} == {"a", "b", "j"}
+    assert "c" in {c.model for c in went_on.result.calls}
+
+
+def test_when_every_prompt_stops_early_a_model_only_later_layers_need_never_loads(
+    tmp_path: Path,
+) -> None:
+    config = config_of(tmp_path, SPARSE)
+    stop = '{"selected": [1], "stop": true, "reason": "enough"}'
+    todo = [Job(id=str(i), messages=[ChatMessage(role="user", content=stop)]) for i in range(3)]
+    chunks, _, fake = run(config, plan(config, 3), todo)
+    assert all(o.ok for chunk in chunks for o in chunk)
+    assert "c" not in [m for kind, m in fake.events if kind == "load"]
