@@ -11,9 +11,10 @@ Each of those sequences holds its own KV cache, so a llama.cpp model serving a c
 with as many sequences as its largest group (:func:`localmoa.runtime.prepare.run_models`) and its
 footprint, which the plan counts, grows with the chunk. The chunk is therefore chosen
 (:func:`choose_chunk`) as the size, up to :data:`CHUNK_MAX` prompts, whose plans need the fewest
-loads for the whole batch (ties: the smaller chunk, whose first results come sooner); a chunk too
-large for the budget is never chosen. Models stay loaded from one chunk to the next when the next
-chunk's plan starts with them.
+loads for the whole batch (ties: the larger chunk, whose calls decode together more); a chunk too
+large for the budget is never chosen. Each chunk is planned knowing the next
+(:func:`chunk_plan`), so a model both need stays loaded from one to the other when the budget
+allows.
 
 A *system* is what answers a prompt: an ensemble's calls (``localmoa batch``, and
 ``moa/NAME`` in ``localmoa eval``), or one model's single call at an ensemble's settings
@@ -36,7 +37,7 @@ from localmoa.errors import BudgetError, PromptTooLongError, UserError
 from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget, resolve_budget
 from localmoa.planning import PlanPolicy, plan_run
-from localmoa.planning.fewest_loads import Plan
+from localmoa.planning.fewest_loads import Plan, Wave
 from localmoa.records.recorder import Recorder, RunRecording
 from localmoa.runtime.admission import BudgetAdmission
 from localmoa.runtime.engine import (
@@ -196,11 +197,15 @@ async def plan_batch(
         found = await footprints(config, used, backends, models)
         sizes = {name: fp.total for name, fp in found.items()}
         sizes_for[size] = (models, found)
+        following = merged if prompts > size else None
         try:
-            plan = await asyncio.to_thread(plan_run, merged, sizes, budget.bytes, policy)
+            plan = await asyncio.to_thread(
+                chunk_plan, merged, following, sizes, budget.bytes, policy
+            )
         except BudgetError:
             return None
-        return plan, _batch_loads(plan, merged, sizes, budget.bytes, policy, prompts, size)
+        loads = await asyncio.to_thread(_batch_loads, merged, sizes, budget.bytes, prompts, size)
+        return plan, loads
 
     if chunk is not None:
         if chunk < 1:
@@ -209,24 +214,26 @@ async def plan_batch(
     else:
         sizes_to_try = choose_chunk_sizes(prompts)
     tried: dict[int, int | None] = {}
-    best: tuple[int, Plan, int] | None = None
+    plans: dict[int, Plan] = {}
     for size in sizes_to_try:
         made = await attempt(size)
         tried[size] = None if made is None else made[1]
-        if made is not None and (best is None or made[1] < best[2]):
-            best = (size, made[0], made[1])
+        if made is not None:
+            plans[size] = made[0]
+    best = choose_chunk(tried)
     if best is None:
         # Not even the smallest chunk fits: say why, as a single run's plan would.
         size = sizes_to_try[0]
         merged = _merged(_stages(systems, size))
-        models, found = sizes_for[size]
+        _, found = sizes_for[size]
         try:
             plan_run(merged, {n: fp.total for n, fp in found.items()}, budget.bytes, policy)
         except BudgetError as exc:
             more = "" if chunk is None or chunk == 1 else "; try a smaller --chunk"
             raise BudgetError(f"{exc} (budget from {budget.detail}){more}") from None
         raise AssertionError("a plan that failed once cannot succeed")  # pragma: no cover
-    size, plan, loads = best
+    size, plan, loads = best, plans[best], tried[best]
+    assert loads is not None
     models, found = sizes_for[size]
     return BatchPlan(
         systems=list(systems),
@@ -253,39 +260,77 @@ def choose_chunk_sizes(prompts: int) -> list[int]:
 
 
 def choose_chunk(tried: Mapping[int, int | None]) -> int | None:
-    """The chunk with the fewest loads for the whole batch; ties go to the smaller chunk (its
-    first results come sooner, an interruption loses less). None when none fits."""
-    fits = [(loads, size) for size, loads in tried.items() if loads is not None]
-    return min(fits)[1] if fits else None
+    """The chunk with the fewest loads for the whole batch; ties go to the larger chunk (more
+    calls decode together; :data:`CHUNK_MAX` bounds the wait for the first results). None
+    when none fits."""
+    fits = [(loads, -size) for size, loads in tried.items() if loads is not None]
+    return -min(fits)[1] if fits else None
+
+
+def chunk_plan(
+    stages: list[list[Call]],
+    following: list[list[Call]] | None,
+    sizes: Mapping[str, int],
+    budget: int,
+    policy: PlanPolicy,
+    *,
+    resident: Sequence[str] = (),
+    prompt: str | None = None,
+) -> Plan:
+    """The plan of one chunk's ``stages``, made knowing the ``following`` chunk's (None for the
+    last): planned as one run and cut after this chunk's stages, so a model the next chunk
+    needs stays loaded when the budget allows, rather than being unloaded because this chunk
+    is done with it and loaded again."""
+    plan = plan_run(
+        stages + (following or []), sizes, budget, policy, resident=resident, prompt=prompt
+    )
+    if not following:
+        return plan
+    waves = [wave for wave in plan.waves if wave.layer <= len(stages)]
+    return plan.model_copy(
+        update={
+            "waves": waves,
+            "loads": _loads(waves),
+            "bytes_loaded": sum(sizes[m] for wave in waves for m in wave.load),
+            "estimated_seconds": None,  # the estimate was of both chunks
+            "fewest_loads": None,
+            "fewest_loads_seconds": None,
+        }
+    )
 
 
 def _batch_loads(
-    plan: Plan,
     merged: list[list[Call]],
     sizes: dict[str, int],
     budget: int,
-    policy: PlanPolicy,
     prompts: int,
     size: int,
 ) -> int:
-    """Loads of the whole batch in chunks of ``size``: the first chunk's plan, then a full
-    chunk planned from what it leaves loaded, times the full chunks left, then the last."""
-    first = _loads(plan)
+    """Loads of the whole batch in chunks of ``size``, as :func:`run_batch` plans them: the
+    first chunk, then the second from what the first leaves loaded, which every later chunk
+    repeats (the last, shorter one counted as a full one)."""
     chunks = math.ceil(prompts / size)
+    untimed = PlanPolicy(None)
+    first = chunk_plan(merged, merged if chunks > 1 else None, sizes, budget, untimed)
     if chunks == 1:
-        return first
-    left = _resident_after(plan)
-    again = plan_run(merged, sizes, budget, PlanPolicy(None), resident=left)
-    return first + (chunks - 1) * _loads(again)
+        return _loads(first.waves)
+    left = _resident_after(first)
+    second = chunk_plan(
+        merged, merged if chunks > 2 else None, sizes, budget, untimed, resident=left
+    )
+    return _loads(first.waves) + (chunks - 1) * _loads(second.waves)
 
 
-def _loads(plan: Plan) -> int:
-    return sum(len(wave.load) for wave in plan.waves)
+def _loads(waves: Sequence[Wave]) -> int:
+    return sum(len(wave.load) for wave in waves)
 
 
 def _resident_after(plan: Plan) -> list[str]:
-    last = plan.waves[-1]
-    return sorted((set(last.resident) | set(last.load)) - set(last.unload))
+    """The models a plan leaves loaded: what its last wave holds, less what no wave unloads."""
+    held: list[str] = []
+    for wave in plan.waves:
+        held = [m for m in held if m not in wave.unload] + [m for m in wave.load if m not in held]
+    return sorted(held)
 
 
 Report = Callable[[list[Outcome]], None]
@@ -344,9 +389,16 @@ async def run_batch(
                 for key, why in hopeless.items()
                 if chunk[0][0] <= key[0] <= chunk[-1][0]
             }
+            upcoming = list(enumerate(jobs))[first + planned.chunk : first + 2 * planned.chunk]
+            following = [
+                (j, job, s, system)
+                for j, job in upcoming
+                for s, system in enumerate(systems)
+                if (j, s) not in hopeless
+            ]
             if units:
                 made, counted = await _run_chunk(
-                    executor, admission, planned, units, on_event, recorder
+                    executor, admission, planned, units, following, on_event, recorder
                 )
                 outcomes.update(made)
                 loads += counted
@@ -361,15 +413,18 @@ async def _run_chunk(
     admission: _KeepAdmission,
     planned: BatchPlan,
     units: list[tuple[int, Job, int, System]],
+    following: list[tuple[int, Job, int, System]],
     on_event: Callable[[Event], None] | None,
     recorder: Recorder | None,
 ) -> tuple[dict[tuple[int, int], Outcome], int]:
     tagged = batched([system.stages for _, _, _, system in units])
     merged = _merged(tagged)
+    upcoming = _merged(batched([s.stages for _, _, _, s in following])) if following else None
     resident = admission.resident()
     plan = await asyncio.to_thread(
-        plan_run,
+        chunk_plan,
         merged,
+        upcoming,
         planned.sizes,
         planned.budget.bytes,
         planned.policy,
