@@ -1,7 +1,7 @@
 """Serving throughput: N concurrent requests against the same N one after another.
 
     python scripts/bench_serve.py [-n 4] [--repeat 3] [--max-tokens 32] [--budget-models 3]
-                                  [--stream] [--json] [--workdir DIR]
+                                  [--parallel N] [--stream] [--json] [--workdir DIR]
 
 One ``MoaServer`` (what ``localmoa serve`` runs) is started in this process on a loopback port,
 with real uvicorn in a background thread and real llama.cpp behind it, on the three tiny
@@ -18,6 +18,12 @@ of a whole answer (non-streamed; ``--stream`` streams instead and adds time to f
 the concurrent/sequential throughput ratio. Both modes run in one process and one run,
 ``--repeat`` times each in alternating order (seq, conc, conc, seq, ...), so drift on a noisy
 machine falls on both alike: compare the ratio, not the absolute figures, across machines.
+
+``--parallel N`` loads every model with N sequences (``parallel = N``): the calls of
+concurrent requests to one model are then made together, decoded as sequences of one context.
+A third mode, ``one_per_turn``, sends the same N requests at once but has each model make one
+request's calls per turn (``Executor.together = False``, what the engine did before calls were
+made together), so the gain of decoding them together is measured side by side.
 
 One request warms the server first, so the first loads of the models are not timed. The budget
 is, by default, room for all three models (the sum of localmoa's estimates); ``--budget-models 2``
