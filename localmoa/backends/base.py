@@ -255,7 +255,8 @@ class Backend(ABC):
         self, name: str, requests: Sequence[ChatRequest], parallel: int
     ) -> AsyncIterator[tuple[int, ChatDelta]]:
         """Stream the answers to several requests of loaded model ``name`` (one agent's
-        ``samples``), each delta tagged with its request's position in ``requests``.
+        ``samples``, one model's calls for several prompts, or a mix: each request has its own
+        messages), each delta tagged with its request's position in ``requests``.
 
         By default at most ``parallel`` requests run at once through :meth:`chat` (a server's
         slots; 1 = one after another). A backend that decodes sequences together in one

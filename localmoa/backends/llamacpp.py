@@ -30,25 +30,28 @@ the JSON schema (``json_object``: llama.cpp's JSON grammar). The grammar is buil
 than through llama-cpp-python's ``response_format``, which silently falls back to any JSON when
 it cannot convert a schema: here such a schema fails the call, before generating, naming it.
 
-An agent's samples (Self-MoA: one model, k seeds) decode together, as k sequences of the model's
-one context (:meth:`LlamaCppBackend.chat_samples`), not as k calls in a row: on a CPU a decode
-step reads every weight once whatever the number of tokens in it, so k tokens a step cost little
-more than one. The prompt is formatted, tokenized, checked and seeded exactly as a chat call does
-it (``create_chat_completion`` runs with a stand-in that takes over where generation would
-begin, :class:`Capture`), evaluated once on sequence 0 and copied to the others
-(``llama_memory_seq_cp``); then each step decodes one token of every live sequence in one
+Several calls of one model decode together, as sequences of the model's one context
+(:meth:`LlamaCppBackend.chat_samples`), not as calls in a row: an agent's samples (Self-MoA: one
+prompt, k seeds), one model's calls for the prompts of a batch, or concurrent ``serve``
+requests. On a CPU a decode step reads every weight once whatever the number of tokens in it,
+so k tokens a step cost little more than one. Each prompt is formatted, tokenized, checked and
+seeded exactly as a chat call does it (``create_chat_completion`` runs with a stand-in that
+takes over where generation would begin, :class:`Capture`) and evaluated into a sequence of its
+own; requests with the same prompt share that evaluation, copied to their sequences
+(``llama_memory_seq_cp``). Then each step decodes one token of every live sequence in one
 ``llama_decode``, and each sequence samples with its own chain (its seed, temperature, grammar:
 the chain a chat call would build). Such a context holds ``parallel`` sequences, each with its
-own n_ctx (see :func:`_sequences` for why the cache is not unified); more samples than that decode
-in rounds. Afterwards the context is emptied, so the next ``chat`` starts as after a load.
+own n_ctx (see :func:`_sequences` for why the cache is not unified); more calls than that
+decode in rounds (:mod:`localmoa.backends.llamacpp_batch`). Afterwards the context is emptied,
+so the next ``chat`` starts as after a load.
 
 What a call took is timed by the engine from the stream (time to first token, decode rate),
 except the prompt's evaluation rate, which the backend states itself: llama-cpp-python keeps
 the previous call's tokens and evaluates only the part of a prompt they do not begin (an
 aggregator after a proposer on the same model may evaluate a tenth of its prompt), so prompt
 tokens over the time to the first token could overstate it tenfold. A chat call times its one
-``Llama.eval`` of the prompt (:class:`_PromptTimer`); samples decoded together time the
-evaluation they share. What a load took is this process's growth over it
+``Llama.eval`` of the prompt (:class:`_PromptTimer`); calls decoded together time the
+evaluation of their own prompt. What a load took is this process's growth over it
 (:class:`~localmoa.footprint.measurements.ProcessMemory`: RSS, and GPU memory where NVML tells),
 measured on the model's thread around the construction alone.
 
@@ -446,24 +449,22 @@ class LlamaCppBackend(Backend):
     async def chat_samples(
         self, name: str, requests: Sequence[ChatRequest], parallel: int
     ) -> AsyncIterator[tuple[int, ChatDelta]]:
-        """Stream the answers to ``requests`` (one agent's samples: the same messages, each
-        request its own seed, temperature, max_tokens, stop and response_format) decoded
-        together as sequences of the model's context (see the module docstring).
+        """Stream the answers to ``requests`` (one agent's samples, several prompts' calls, or
+        a mix; each request its own messages, seed, temperature, max_tokens, stop and
+        response_format) decoded together as sequences of the model's context (see the module
+        docstring).
 
         At most ``parallel`` sequences, and at most the context's, decode at once; more
-        requests decode in rounds, the prompt still evaluated once. A failure ends them all;
-        closing the iterator stops them within a token, or within a graph node while the
-        prompt is evaluated.
+        requests decode in rounds. Requests with the same messages share one evaluation of
+        their prompt. A failure ends them all (a prompt that does not fit the context fails
+        the call before anything is decoded); closing the iterator stops them within a token,
+        or within a graph node while a prompt is evaluated.
         """
         loaded = self._models.get(name)
         if loaded is None:
             raise BackendError(name, "called while not loaded")
         if not requests:
             return
-        if any(r.messages != requests[0].messages for r in requests):
-            raise ValueError(
-                "chat_samples decodes one prompt: every request's messages must be the same"
-            )
         for request in requests:
             self.refuse_unsupported(name, request)
 
@@ -471,16 +472,27 @@ class LlamaCppBackend(Backend):
             samples: list[Sample] = []
             try:
                 capture = Capture(loaded.llama)
+                unfit: list[tuple[int, int, Exception]] = []  # tokens, request, error
                 for index, request in enumerate(requests):
-                    samples.append(Sample.prepare(name, capture, index, request))
+                    try:
+                        samples.append(Sample.prepare(name, capture, index, request))
+                    except ValueError as exc:
+                        asked = _ASKED.search(str(exc))
+                        if asked is None:
+                            raise
+                        unfit.append((int(asked[1]), index, exc))
+                if unfit:
+                    raise _unfit(name, loaded.n_ctx, requests, samples, unfit)
                 decode_together(loaded, samples, parallel, stop, lambda i, d: emit((i, d)))
             except BackendError:
                 raise
             except Exception as exc:
-                longest = max(requests, key=lambda r: r.max_tokens)
-                prompt = samples[0].prompt_tokens if samples else 0
-                generated = max((s.generated for s in samples), default=0)
-                raise _failure(name, loaded.n_ctx, longest, exc, prompt, generated) from exc
+                fullest = max(samples, key=lambda s: s.prompt_tokens + s.generated, default=None)
+                request = requests[fullest.index if fullest else 0]
+                prompt, generated = (
+                    (fullest.prompt_tokens, fullest.generated) if fullest else (0, 0)
+                )
+                raise _failure(name, loaded.n_ctx, request, exc, prompt, generated) from exc
             finally:
                 for sample in samples:
                     sample.sampler.close()
@@ -618,10 +630,7 @@ def _failure(
     asked = _ASKED.search(text)
     if asked:
         tokens = int(asked[1])
-        why = (
-            f"the prompt's {tokens} tokens do not fit the context (n_ctx {n_ctx}); raise n_ctx "
-            f"of [models.{name}] to at least {tokens + request.max_tokens}, or shorten the prompt"
-        )
+        why = _too_long(name, n_ctx, tokens, tokens + request.max_tokens)
     elif text == "llama_decode returned 1" or "could not broadcast input array" in text:
         used = f": {prompt} prompt tokens + {generated} generated" if generated else ""
         why = (
@@ -630,6 +639,54 @@ def _failure(
         )
     else:
         why = f"generation failed: {exc}"
+    error = BackendError(name, why)
+    error.__cause__ = exc
+    return error
+
+
+def _too_long(name: str, n_ctx: int, tokens: int, needed: int, unfit: int = 1, of: int = 1) -> str:
+    """Why a call failed whose prompt of ``tokens`` does not fit, and the n_ctx that holds it
+    and its answer (``needed``); with ``of`` prompts in the call, ``unfit`` of them too long,
+    ``tokens`` is the longest's."""
+    fix = f"raise n_ctx of [models.{name}] to at least {needed}"
+    if of == 1:
+        return (
+            f"the prompt's {tokens} tokens do not fit the context (n_ctx {n_ctx}); {fix}, "
+            "or shorten the prompt"
+        )
+    if unfit == 1:
+        return (
+            f"1 of {of} prompts does not fit the context (n_ctx {n_ctx}): it has {tokens} "
+            f"tokens; {fix}, or shorten it"
+        )
+    return (
+        f"{unfit} of {of} prompts do not fit the context (n_ctx {n_ctx}): the longest has "
+        f"{tokens} tokens; {fix}, or shorten them"
+    )
+
+
+def _unfit(
+    name: str,
+    n_ctx: int,
+    requests: Sequence[ChatRequest],
+    samples: list[Sample],
+    unfit: list[tuple[int, int, Exception]],
+) -> BackendError:
+    """The failure of a :meth:`LlamaCppBackend.chat_samples` call some of whose prompts do not
+    fit the context (``unfit``: tokens, the request's index and llama-cpp-python's error): it
+    names the longest, and the n_ctx that would give every request its whole max_tokens."""
+    sizes = [(s.prompt_tokens, s.index) for s in samples] + [(t, i) for t, i, _ in unfit]
+    needed = max(tokens + requests[index].max_tokens for tokens, index in sizes)
+    tokens, _, exc = max(unfit, key=lambda u: u[0])
+    too_long = {index for _, index, _ in unfit}
+    prompts: list[list[ChatMessage]] = []  # distinct, in order (messages are not hashable)
+    unfit_prompts: list[list[ChatMessage]] = []
+    for index, request in enumerate(requests):
+        if request.messages not in prompts:
+            prompts.append(request.messages)
+        if index in too_long and request.messages not in unfit_prompts:
+            unfit_prompts.append(request.messages)
+    why = _too_long(name, n_ctx, tokens, needed, len(unfit_prompts), len(prompts))
     error = BackendError(name, why)
     error.__cause__ = exc
     return error

@@ -1,17 +1,32 @@
-"""Several answers of one prompt decoded together as sequences of one llama.cpp context: the
-batched half of :mod:`localmoa.backends.llamacpp` (an agent's ``samples``, Self-MoA).
+"""Several answers decoded together as sequences of one llama.cpp context: the batched half of
+:mod:`localmoa.backends.llamacpp`. The answers may be one prompt's (an agent's ``samples``,
+Self-MoA) or several prompts' (one model's calls for the prompts of a batch, or for concurrent
+``serve`` requests), in any mix.
 
-The prompt is built exactly as a chat call builds it (:class:`Capture` runs llama-cpp-python's
+Each prompt is built exactly as a chat call builds it (:class:`Capture` runs llama-cpp-python's
 own ``create_chat_completion`` and takes over where generation would start: its chat template,
-stop strings, context check and sampler chain), evaluated once on sequence 0 and copied to the
-others with ``llama_memory_seq_cp``; then each step is one ``llama_decode`` with one token per
-live sequence, each sampled by its own chain. Text is released per sequence with stop strings
-held back while they may still match, UTF-8 decoded incrementally. Everything here runs on the
-model's worker thread, like a chat call.
+stop strings, context check and sampler chain). Up to ``width`` sequences decode at a time, in
+rounds. A round evaluates each of its distinct prompts into a sequence of its own, ``n_batch``
+tokens a decode, and the samples of that prompt sample their first token right away (the next
+decode overwrites the logits); the prompt's sequence is then copied to its other samples' with
+``llama_memory_seq_cp``, so identical prompts are evaluated once. Then each step is one
+``llama_decode`` with one token per live sequence, each at its own position (its prompt's length
+plus what it has generated), each sampled by its own chain. Text is released per sequence with
+stop strings held back while they may still match, UTF-8 decoded incrementally. Everything
+here runs on the model's worker thread, like a chat call.
 
-Each sample's last delta says the prompt's evaluation rate, timed around the one evaluation
-they share: the engine's estimate from the stream (prompt tokens over the time to the first
-token) would count, for a sample of a later round, the rounds decoded before it.
+Prompts are not packed into one decode: a prompt's evaluation is already a product over many
+tokens, bound by compute, so packing would save little, and with one cache stream per sequence
+llama.cpp splits such a batch into equal shares per sequence anyway (``split_equal``). The
+steps, one token per sequence, are where sharing one read of the weights pays. What a round
+keeps of the last is a sequence's prompt cells: the next prompt goes to the sequence that holds
+the longest start of it (for one prompt's samples over several rounds, all but the last token,
+evaluated again for its logits; for different prompts, often the chat template's opening).
+
+Each sample's last delta says its prompt's evaluation rate, timed around that evaluation (the
+first, when a later round evaluated only its last token again): the engine's estimate from the
+stream (prompt tokens over the time to the first token) would count, for a sample of a later
+round or a later prompt, what was decoded before it.
 """
 
 from __future__ import annotations
@@ -115,11 +130,12 @@ class Sample:
     criteria: Any
     """The chat handler's stopping criteria, or None."""
     seq: int = 0
+    """Its sequence in the context, in its round."""
     at: int = -1
     """The row of the last decode's logits this sequence samples from."""
     tokens: list[int] = field(default_factory=list)
     prefill_tok_s: float | None = None
-    """The shared prompt's evaluation rate, told on the last delta."""
+    """Its prompt's evaluation rate, told on the last delta."""
     generated: int = 0
     counted: int = 0
     done: bool = False
@@ -235,59 +251,143 @@ def decode_together(
 ) -> None:
     """Decode ``samples`` together, ``parallel`` (at most the context's sequences) at a time,
     from the model's worker thread; return early once ``stop`` is set. The context is left
-    empty, as after a load."""
+    empty, as after a load.
+
+    The samples of one prompt are taken next to each other, so that they share a round and
+    its one evaluation (the order they finish in is theirs whatever the order of the rounds:
+    each sample has its own chain and is told by its index).
+    """
     import llama_cpp
-    from llama_cpp._internals import LlamaBatch
 
     llama = loaded.llama
     memory = llama_cpp.llama_get_memory(llama.ctx)
     width = max(1, min(parallel, llama_cpp.llama_n_seq_max(llama.ctx), llama.n_batch))
-    prompt = samples[0].prompt
-    batch: Any = LlamaBatch(n_tokens=llama.n_batch, embd=0, n_seq_max=1, verbose=False)
-    held = 0  # prompt tokens in sequence 0's cells
-    rate: float | None = None  # the first round's prompt evaluation, tokens per second
+    rank: dict[tuple[int, ...], int] = {}
+    for sample in samples:
+        rank.setdefault(tuple(sample.prompt), len(rank))
+    ordered = sorted(samples, key=lambda sample: rank[tuple(sample.prompt)])
+    rounds = _Rounds(loaded, memory, width, stop, emit)
     llama_cpp.llama_memory_clear(memory, True)
     llama.reset()
     try:
-        for first in range(0, len(samples), width):
-            group = samples[first : first + width]
-            for seq in range(1, width):
-                llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
-            # A later round evaluates the prompt's last token again: its logits are gone.
-            held = min(held, len(prompt) - 1)
-            llama_cpp.llama_memory_seq_rm(memory, 0, held, -1)
-            loaded.abort.arm(stop)
-            began = time.perf_counter()
-            try:
-                last = evaluate(llama, batch, prompt, held)
-            finally:
-                loaded.abort.disarm()
-            took = time.perf_counter() - began
-            if rate is None and took > 0:
-                rate = (len(prompt) - held) / took
-            held = len(prompt)
-            for seq, sample in enumerate(group):
-                if seq:
-                    llama_cpp.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-                sample.seq, sample.at, sample.prefill_tok_s = seq, last, rate
-            live = group
+        for first in range(0, len(ordered), width):
+            if stop.is_set():
+                return
+            live = rounds.begin(ordered[first : first + width])
             while live and not stop.is_set():
-                for sample in live:
-                    delta = sample.take(llama, sample.sampler.sample(llama._ctx, sample.at))
-                    if delta is not None:
-                        emit(sample.index, delta)
+                step(llama, rounds.batch, live)
+                rounds.take(live)
                 live = [sample for sample in live if not sample.done]
-                if live and not stop.is_set():
-                    step(llama, batch, live, len(prompt))
     finally:
-        batch.close()
+        rounds.batch.close()
         llama_cpp.llama_memory_clear(memory, True)
         llama.reset()
 
 
-def evaluate(llama: Any, batch: Any, prompt: list[int], start: int) -> int:
-    """Evaluate ``prompt[start:]`` on sequence 0, ``n_batch`` tokens a decode; the row of the
-    last token's logits."""
+class _Rounds:
+    """What a round of :func:`decode_together` starts from: the cells each sequence holds from
+    the rounds before, and each prompt's evaluation rate."""
+
+    def __init__(
+        self,
+        loaded: _Loaded,
+        memory: Any,
+        width: int,
+        stop: threading.Event,
+        emit: Callable[[int, ChatDelta], None],
+    ) -> None:
+        from llama_cpp._internals import LlamaBatch
+
+        self.loaded, self.llama, self.memory = loaded, loaded.llama, memory
+        self.stop, self.emit = stop, emit
+        self.batch: Any = LlamaBatch(
+            n_tokens=self.llama.n_batch, embd=0, n_seq_max=1, verbose=False
+        )
+        self.held: list[list[int]] = [[] for _ in range(width)]
+        """The prompt tokens each sequence holds, from position 0 (what was generated after
+        them is removed before the sequence is used again)."""
+        self.rates: dict[tuple[int, ...], float] = {}
+        """Each prompt's first evaluation, tokens per second: a later round that evaluates
+        only its last token again says nothing about the rate."""
+
+    def begin(self, group: list[Sample]) -> list[Sample]:
+        """Start a round of ``group`` (at most ``width`` samples): each distinct prompt is
+        evaluated into a sequence, its samples sample their first token at once (the next
+        prompt's evaluation overwrites the logits) and those still going get copies of the
+        sequence. The samples still live, on sequences 0 to ``len(group) - 1``."""
+        import llama_cpp
+
+        prompts: dict[tuple[int, ...], list[Sample]] = {}
+        for sample in group:
+            prompts.setdefault(tuple(sample.prompt), []).append(sample)
+        free = list(range(len(group)))
+        homes: dict[tuple[int, ...], int] = {}
+        for prompt in prompts:
+            # The sequence that holds the most of it already: for the prompt the last round
+            # ended with, all but its last token; else often the chat template's opening.
+            home = max(free, key=lambda seq: shared(self.held[seq], prompt))
+            free.remove(home)
+            homes[prompt] = home
+        live: list[Sample] = []
+        for prompt, members in prompts.items():
+            if self.stop.is_set():
+                break
+            home = homes[prompt]
+            last = self.evaluate(list(prompt), home)
+            for sample in members:
+                sample.seq = home if sample is members[0] else free.pop(0)
+                sample.at, sample.prefill_tok_s = last, self.rates.get(prompt)
+            self.take(members)
+            for sample in members:
+                if sample.seq != home and not sample.done:
+                    llama_cpp.llama_memory_seq_rm(self.memory, sample.seq, -1, -1)
+                    llama_cpp.llama_memory_seq_cp(self.memory, home, sample.seq, -1, -1)
+                    self.held[sample.seq] = list(prompt)
+            live += [sample for sample in members if not sample.done]
+        return live
+
+    def evaluate(self, prompt: list[int], seq: int) -> int:
+        """Evaluate ``prompt`` into sequence ``seq``, past what it already holds of it (the
+        last token at least, for its logits), with the abort callback armed; the row of the
+        last token's logits."""
+        import llama_cpp
+
+        keep = min(shared(self.held[seq], prompt), len(prompt) - 1)
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
+        self.held[seq] = prompt[:keep]
+        self.loaded.abort.arm(self.stop)
+        began = time.perf_counter()
+        try:
+            last = evaluate(self.llama, self.batch, prompt, keep, seq)
+        finally:
+            self.loaded.abort.disarm()
+        took = time.perf_counter() - began
+        self.held[seq] = prompt
+        if tuple(prompt) not in self.rates and took > 0:
+            self.rates[tuple(prompt)] = (len(prompt) - keep) / took
+        return last
+
+    def take(self, samples: list[Sample]) -> None:
+        """Sample each of ``samples``' next token from the last decode and emit its text."""
+        for sample in samples:
+            delta = sample.take(self.llama, sample.sampler.sample(self.llama._ctx, sample.at))
+            if delta is not None:
+                self.emit(sample.index, delta)
+
+
+def shared(held: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many tokens ``held`` and ``prompt`` begin with in common."""
+    count = 0
+    for a, b in zip(held, prompt, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def evaluate(llama: Any, batch: Any, prompt: list[int], start: int, seq: int) -> int:
+    """Evaluate ``prompt[start:]`` on sequence ``seq``, ``n_batch`` tokens a decode; the row
+    of the last token's logits."""
     size = int(llama.n_batch)
     for begin in range(start, len(prompt), size):
         chunk = prompt[begin : begin + size]
@@ -297,19 +397,20 @@ def evaluate(llama: Any, batch: Any, prompt: list[int], start: int) -> int:
             native.token[i] = token
             native.pos[i] = begin + i
             native.n_seq_id[i] = 1
-            native.seq_id[i][0] = 0
+            native.seq_id[i][0] = seq
             native.logits[i] = begin + i == len(prompt) - 1
         llama._ctx.decode(batch)
     return (len(prompt) - 1 - start) % size
 
 
-def step(llama: Any, batch: Any, live: list[Sample], prompt: int) -> None:
-    """Decode the last sampled token of every live sequence, one ``llama_decode`` for all."""
+def step(llama: Any, batch: Any, live: list[Sample]) -> None:
+    """Decode the last sampled token of every live sequence, one ``llama_decode`` for all,
+    each at its own position (the prompts' lengths differ)."""
     native = batch.batch
     native.n_tokens = len(live)
     for i, sample in enumerate(live):
         native.token[i] = sample.tokens[-1]
-        native.pos[i] = prompt + len(sample.tokens) - 1
+        native.pos[i] = len(sample.prompt) + len(sample.tokens) - 1
         native.n_seq_id[i] = 1
         native.seq_id[i][0] = sample.seq
         native.logits[i] = True

@@ -1,4 +1,5 @@
-"""An agent's samples decoded together as sequences of one llama.cpp context (Self-MoA).
+"""Answers decoded together as sequences of one llama.cpp context: an agent's samples of one
+prompt (Self-MoA), and one model's calls for different prompts (a batch, concurrent requests).
 
 Real llama.cpp with the tiny random-weight models: their answers are noise, different for every
 seed, which is what makes "each sample has its own seed" checkable. llama-cpp-python's own
@@ -100,6 +101,21 @@ def record_decodes(backend: LlamaCppBackend) -> list[int]:
 
     context.decode = decode
     return sizes
+
+
+def record_sequences(backend: LlamaCppBackend) -> list[set[int]]:
+    """The sequences of every batch model "m"'s context decodes from now on."""
+    context = backend._models["m"].llama._ctx
+    real_decode = context.decode
+    sequences: list[set[int]] = []
+
+    def decode(batch: Any) -> Any:
+        native = batch.batch
+        sequences.append({native.seq_id[i][0] for i in range(native.n_tokens)})
+        return real_decode(batch)
+
+    context.decode = decode
+    return sequences
 
 
 @pytest.fixture
@@ -305,6 +321,200 @@ async def test_the_footprint_counts_every_sequence_s_kv_cache(
         measured.append(bytes_)
     # (llama.cpp logs each buffer in MiB with two decimals)
     assert measured[1] - measured[0] == pytest.approx(3 * per_sequence + output_rows, abs=30_000)
+
+
+# Different prompts, of different lengths (each sequence decodes at its own positions), two
+# of them with the chat template's system opening in common.
+PROMPTS = {
+    "A": MESSAGES,
+    "B": [ChatMessage(role="user", content="Why?")],
+    "C": [
+        ChatMessage(role="system", content="You answer in French, in one long sentence."),
+        ChatMessage(role="user", content="Describe a harbour at dawn, its boats and its birds."),
+    ],
+}
+
+
+def asking(prompt: str, seed: int, **options: Any) -> ChatRequest:
+    return request(seed, **options).model_copy(update={"messages": PROMPTS[prompt]})
+
+
+async def separately(backend: LlamaCppBackend, requests: Sequence[ChatRequest]) -> list[Answer]:
+    return [await chat(backend, one) for one in requests]
+
+
+def same_answers(together: dict[int, Answer], alone: list[Answer]) -> None:
+    assert sorted(together) == list(range(len(alone)))
+    for i, answer in enumerate(alone):
+        assert (together[i].ascii, together[i].tokens) == (answer.ascii, answer.tokens), i
+        assert together[i].deltas[-1].prompt_tokens == answer.deltas[-1].prompt_tokens, i
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_different_prompts_together_are_the_answers_of_separate_chat_calls(
+    loaded: LlamaCppBackend, temperature: float
+) -> None:
+    requests = [
+        asking(prompt, seed, temperature=temperature)
+        for prompt, seed in zip("ABC", SEEDS, strict=False)
+    ]
+    decodes = record_decodes(loaded)
+    together = await samples(loaded, requests)
+    # Each prompt evaluated into its own sequence, then one token of each live sequence a step.
+    prompts = [together[i].deltas[-1].prompt_tokens for i in range(3)]
+    assert len(set(prompts)) == 3, prompts
+    assert decodes[:3] == prompts and max(decodes[3:]) == 3
+    assert all(together[i].deltas[-1].prefill_tok_s for i in range(3))
+    assert len({answer.text for answer in together.values()}) == 3
+    same_answers(together, await separately(loaded, requests))
+
+
+async def test_a_mix_of_prompts_in_rounds_gives_each_request_its_separate_answer(
+    loaded: LlamaCppBackend,
+) -> None:
+    """Two requests of A, one of B, two of C, two sequences at a time: A is evaluated once for
+    both its requests, and C's second round evaluates only its last token again."""
+    order = "CABAC"  # one prompt's requests are put together whatever their order
+    requests = [asking(p, seed) for p, seed in zip(order, (11, 22, 33, 44, 55), strict=True)]
+    decodes = record_decodes(loaded)
+    sequences = record_sequences(loaded)
+    together = await samples(loaded, requests, parallel=2)
+    assert set().union(*sequences) == {0, 1}
+    length = {p: together[order.index(p)].deltas[-1].prompt_tokens for p in "ABC"}
+    steps = sum(answer.tokens - 1 for answer in together.values())  # after the first token
+    evaluated = sum(decodes) - steps
+    assert evaluated <= length["A"] + length["B"] + length["C"] + 1, (evaluated, length)
+    same_answers(together, await separately(loaded, requests))
+
+
+async def test_max_tokens_and_stop_strings_hold_per_request_of_different_prompts(
+    loaded: LlamaCppBackend,
+) -> None:
+    whole = await samples(
+        loaded, [asking(p, seed, max_tokens=48) for p, seed in zip("ABC", SEEDS, strict=False)]
+    )
+    limits = (1, 5, 48)
+    short = await samples(
+        loaded,
+        [asking(p, seed, max_tokens=n) for p, seed, n in zip("ABC", SEEDS, limits, strict=False)],
+    )
+    for i, limit in enumerate(limits):
+        assert short[i].tokens == min(limit, whole[i].tokens), (limit, whole[i].tokens)
+        assert whole[i].text.startswith(short[i].text)
+    stops = []  # an ASCII character of each answer, not at its start
+    for answer in (whole[i] for i in range(3)):
+        firsts = {c: answer.text.index(c) for c in answer.text if c.isalnum() and c.isascii()}
+        stops.append(max((c for c in firsts if firsts[c] > 0), key=firsts.__getitem__))
+    cut = await samples(
+        loaded,
+        [
+            asking(p, seed, max_tokens=48, stop=[stop])
+            for p, seed, stop in zip("ABC", SEEDS, stops, strict=False)
+        ],
+    )
+    for i, stop in enumerate(stops):
+        assert cut[i].text == whole[i].text[: whole[i].text.index(stop)], stop
+        assert 0 < len(cut[i].text) < len(whole[i].text)
+
+
+async def test_closing_mid_decode_of_different_prompts_stops_within_a_step(
+    loaded: LlamaCppBackend,
+) -> None:
+    context = loaded._models["m"].llama._ctx
+    real_decode = context.decode
+    decodes: list[int] = []
+    generating = threading.Event()
+
+    def decode(batch: Any) -> Any:
+        decodes.append(batch.n_tokens())
+        if len(decodes) == 5:  # three prompts, then two steps of three tokens
+            generating.set()
+            assert loaded._models["m"].busy[0].wait(60)  # the test closes the stream meanwhile
+        return real_decode(batch)
+
+    context.decode = decode
+    requests = [asking(p, seed, max_tokens=400) for p, seed in zip("ABC", SEEDS, strict=False)]
+    consumer = asyncio.create_task(samples(loaded, requests))
+    assert await asyncio.to_thread(generating.wait, 60)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert decodes[3:] == [3, 3]  # nothing decoded after the stop
+    context.decode = real_decode
+    again = [asking(p, seed) for p, seed in zip("ABC", SEEDS, strict=False)]
+    same_answers(await samples(loaded, again), await separately(loaded, again))
+
+
+async def test_closing_during_a_later_prompt_aborts_it_and_evaluates_no_more(
+    loaded: LlamaCppBackend,
+) -> None:
+    context = loaded._models["m"].llama._ctx
+    real_decode = context.decode
+    evaluating = threading.Event()
+    decodes: list[int] = []
+    failures: list[str] = []
+
+    def decode(batch: Any) -> Any:
+        decodes.append(batch.n_tokens())
+        if len(decodes) == 2:  # B's prompt, after A's
+            evaluating.set()
+            assert loaded._models["m"].busy[0].wait(60)
+        try:
+            return real_decode(batch)
+        except RuntimeError as exc:
+            failures.append(str(exc))
+            raise
+
+    context.decode = decode
+    requests = [asking(p, seed) for p, seed in zip("ABC", SEEDS, strict=False)]
+    consumer = asyncio.create_task(samples(loaded, requests))
+    assert await asyncio.to_thread(evaluating.wait, 60)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert failures == ["llama_decode returned 2"] and len(decodes) == 2  # C never began
+    context.decode = real_decode
+    same_answers(await samples(loaded, requests), await separately(loaded, requests))
+
+
+async def test_a_prompt_too_long_fails_the_call_naming_the_longest(
+    loaded: LlamaCppBackend, tiny_models: dict[str, Path]
+) -> None:
+    config = model(tiny_models["tiny-a"])
+    long = [ChatMessage(role="user", content="x" * 600)]
+    longer = [ChatMessage(role="user", content="y" * 700)]
+    tokens = {
+        "long": await loaded.count_tokens("m", config, long),
+        "longer": await loaded.count_tokens("m", config, longer),
+    }
+    assert 512 < tokens["long"] < tokens["longer"]
+    decodes = record_decodes(loaded)
+    one = [asking("A", 1), request(2).model_copy(update={"messages": long}), asking("B", 3)]
+    with pytest.raises(BackendError) as failed:
+        await samples(loaded, one)
+    assert str(failed.value) == (
+        f'model "m": 1 of 3 prompts does not fit the context (n_ctx 512): it has '
+        f"{tokens['long']} tokens; raise n_ctx of [models.m] to at least {tokens['long'] + 24}, "
+        "or shorten it"
+    )
+    two = [
+        request(1).model_copy(update={"messages": long}),
+        asking("A", 2, max_tokens=600),
+        request(3, max_tokens=40).model_copy(update={"messages": longer}),
+        request(4).model_copy(update={"messages": long}),
+    ]
+    with pytest.raises(BackendError) as failed:
+        await samples(loaded, two)
+    prompt_a = await loaded.count_tokens("m", config, PROMPTS["A"])
+    needed = max(tokens["longer"] + 40, prompt_a + 600)  # every request's whole answer
+    assert str(failed.value) == (
+        f'model "m": 2 of 3 prompts do not fit the context (n_ctx 512): the longest has '
+        f"{tokens['longer']} tokens; raise n_ctx of [models.m] to at least {needed}, "
+        "or shorten them"
+    )
+    assert decodes == []  # failed before anything was evaluated
+    fine = [asking(p, seed) for p, seed in zip("ABC", SEEDS, strict=False)]
+    assert len(await samples(loaded, fine)) == 3
 
 
 def test_text_waits_for_whole_characters_and_for_what_may_begin_a_stop() -> None:
