@@ -18,9 +18,42 @@ What a call costs. A call is (model bytes, prompt tokens P, output tokens T).
   exactly when running several models at once pays.
 - *Load* reads the file: ``bytes / disk + load_init_s`` (runner start, device context, warm-up).
 
+Batched calls. A batch (``localmoa batch``) makes one model's calls for several prompts together,
+as parallel sequences of one llama.cpp context: one ``llama_decode`` per step advances every
+sequence. A :class:`CallSpec` with ``sequences = B`` is such a group, each sequence reading
+``prompt_tokens`` and writing up to ``output_tokens``:
+
+- *Prefill* is ``B`` times the FLOPs, at the same compute rate.
+- *Decode* takes one step per token of the longest sequence. A step reads the weights once for
+  all sequences, each sequence's KV cache (``kv_bytes_per_token`` times its context, counted at
+  its mean over the decode, ``P + T/2``), and computes each further sequence's token at the
+  prefill rate (:func:`decode_rate`)::
+
+      step = (weights + B·kv·(P + T/2)) / bandwidth + (B - 1)·2·params / compute
+
+  The first sequence's FLOPs are not added: the single-stream rate is calibrated on measured
+  decode (``MEMORY_EFFICIENCY``), which includes them. So a memory-bound device decodes B
+  sequences at close to B times one sequence's tokens/s until compute binds. Check on an RTX
+  4090 (desktop-24g), llama 8B Q4_0 (4.66 GB): alone 151 tokens/s; 16 tokens a step, 6.6 ms +
+  15 × 0.10 ms = 8.1 ms, i.e. 1973 tokens/s, where llama.cpp measures 1930 (micro-batch 16,
+  ggml-org/llama.cpp#15131; 1937 in #7676); at 512 a step, where compute binds, the formula gives
+  8.8k tokens/s and llama.cpp 10.4k (#7676): additive errs slow. ``stream_cap`` caps steps/s
+  (its per-step overhead is assumed the same for one sequence or many).
+- A sequence leaves the batch when its answer ends, and the steps after get cheaper: with
+  ``total_output_tokens`` (all sequences' tokens, ``Σ T_i``) the decode's steps are timed at
+  their mean, ``Σ T_i / T`` sequences a step; without it (a plan made before the run, when
+  every call is assumed to write ``max_tokens``) every sequence runs to the end.
+- Memory is the caller's: a group needs ``B`` contexts of KV cache, which ``sizes`` (from the
+  caller, as for any plan) must hold; ``weight_bytes`` then says how much of that size is
+  weights, so decode reads and parameters follow the weights, not the cache. A load still reads
+  the whole size: for a size that holds a cache this overstates the load (allocating a cache
+  reads no file), against the batch; it keeps the search's lower bounds, which time loads from
+  sizes, valid.
+
 Sharing. Streams active at the same time share the device as a fluid (:class:`Fluid`): stream i
-alone would use a fraction ``f_i`` of it (``rate·bytes / bandwidth`` while decoding; 1 while
-prefilling, which saturates compute). If ``Σf ≤ 1`` every stream runs at its solo rate, else all
+alone would use a fraction ``f_i`` of it (while decoding, its steps/s times a step's seconds of
+device work: ``rate·bytes / bandwidth`` for one sequence; 1 while prefilling, which saturates
+compute). If ``Σf ≤ 1`` every stream runs at its solo rate, else all
 slow down by ``1/Σf``. Rates are constant between events (a stream starts, changes phase or
 ends), so the simulation jumps from event to event and is exact, not time-stepped. Loads do not
 take a share: they are disk- and bus-bound.
@@ -68,6 +101,7 @@ __all__ = [
     "Timing",
     "WaveSpec",
     "call_seconds",
+    "decode_rate",
     "load_seconds",
     "phases",
     "simulate_plan",
@@ -82,11 +116,24 @@ tensors Q6_K); llama.cpp prints 4.53 BPW for a Q4_K_M Mixtral (ggml-org/llama.cp
 
 
 class CallSpec(NamedTuple):
-    """One call: its model, prompt tokens and output tokens."""
+    """One call: its model, prompt tokens and output tokens; or a group of calls to one model
+    made together as ``sequences`` parallel sequences (see "Batched calls" in the module
+    docstring). The defaults are one sequence, timed as the single-prompt planner always has."""
 
     model: str
     prompt_tokens: int
+    """Per sequence."""
     output_tokens: int
+    """Per sequence: of a group, its longest (the decode's steps)."""
+    sequences: int = 1
+    total_output_tokens: int = 0
+    """Of a group, every sequence's output tokens together; 0: each writes ``output_tokens``."""
+    kv_bytes_per_token: int = 0
+    """KV-cache bytes one token of a sequence's context takes, read at every decode step; 0
+    leaves them out (for one sequence they are a few per cent of the weights)."""
+    weight_bytes: int = 0
+    """Bytes of weights the model's size holds; 0: all of it. A size that holds the KV cache of
+    many sequences is mostly not weights."""
 
 
 class Span(NamedTuple):
@@ -137,14 +184,35 @@ Phase = tuple[float, float, float]
 
 
 def phases(call: CallSpec, size: int, profile: Profile) -> tuple[Phase, ...]:
+    """``call``'s prefill, then its decode (tokens of one sequence: steps), on a model of
+    ``size`` bytes."""
+    weights = call.weight_bytes or size
     out: list[Phase] = []
     if call.prompt_tokens > 0:
-        flops = 2 * (size / BYTES_PER_PARAM) * call.prompt_tokens
+        flops = 2 * (weights / BYTES_PER_PARAM) * call.prompt_tokens * call.sequences
         out.append((flops, profile.compute, 1.0))
     if call.output_tokens > 0:
-        rate = min(profile.stream_cap, profile.bandwidth / size)
-        out.append((float(call.output_tokens), rate, rate * size / profile.bandwidth))
+        steps = call.output_tokens
+        active = (call.total_output_tokens or call.sequences * steps) / steps  # mean, a step
+        cache = active * call.kv_bytes_per_token * (call.prompt_tokens + steps / 2)
+        rate, share = decode_rate(weights, profile, sequences=active, cache_bytes=cache)
+        out.append((float(steps), rate, share))
     return tuple(out)
+
+
+def decode_rate(
+    weights: float, profile: Profile, *, sequences: float = 1, cache_bytes: float = 0.0
+) -> tuple[float, float]:
+    """Decode steps per second of ``sequences`` sequences of one context, alone on the device,
+    and the share of the device that takes (see "Batched calls" in the module docstring).
+
+    Each step reads ``weights`` and ``cache_bytes`` (every sequence's KV cache) and computes
+    each sequence but the first at the prefill rate; ``stream_cap`` caps the steps."""
+    step_s = (weights + cache_bytes) / profile.bandwidth
+    if sequences > 1:  # (a mean over the steps need not be whole)
+        step_s += (sequences - 1) * 2 * (weights / BYTES_PER_PARAM) / profile.compute
+    rate = min(profile.stream_cap, 1 / step_s)
+    return rate, rate * step_s
 
 
 _EPS = 1e-9
@@ -167,6 +235,14 @@ class Fluid:
         self._phases[key], self._index[key], self._left[key] = phases, 0, phases[0][0]
         self._factor = None
         return True
+
+    def stop(self, key: int) -> float:
+        """Take a stream off the device before it ends; returns the work left in its current
+        phase (a server's batch whose sequences change mid-phase is restarted so)."""
+        left = self._left.pop(key)
+        del self._phases[key], self._index[key]
+        self._factor = None
+        return left
 
     def busy(self) -> bool:
         return bool(self._left)
