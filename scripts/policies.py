@@ -12,7 +12,9 @@ and load seconds), so that only the scheduling differs:
 - :func:`reactive`: Ollama's scheduler rules replayed (ollama/ollama server/sched.go: fast path
   for loaded models, one load at a time, FIFO pending queue with head-of-line blocking, eviction
   of an idle runner by keep_alive-then-name, ``OLLAMA_MAX_LOADED_MODELS``,
-  ``OLLAMA_NUM_PARALLEL=1``);
+  ``OLLAMA_NUM_PARALLEL=1``), serving one MoA client; :func:`reactive_clients` serves several
+  at once, with ``OLLAMA_NUM_PARALLEL`` slots per runner decoding together (the batch
+  comparison of ``scripts/bench_scheduler.py --batch``);
 - :func:`optimal`: the fastest wave plan under dataflow execution, knowing every answer's length
   (localmoa's own search run to its end), and :func:`optimal_waves` under wave-by-wave
   execution (Dijkstra: there a plan's cost is a sum over its waves); each is ``≤`` the matching
@@ -36,6 +38,7 @@ from localmoa.planning.fewest_loads import Plan, make_plan
 from localmoa.planning.profiles import Profile
 from localmoa.planning.search import PlanSpace, search
 from localmoa.planning.timing import (
+    BYTES_PER_PARAM,
     CallSpec,
     Fluid,
     Span,
@@ -43,6 +46,7 @@ from localmoa.planning.timing import (
     Timing,
     WaveSpec,
     call_seconds,
+    decode_rate,
     load_seconds,
     phases,
     simulate_plan,
@@ -59,6 +63,7 @@ __all__ = [
     "optimal",
     "optimal_waves",
     "reactive",
+    "reactive_clients",
     "wave_by_wave",
 ]
 
@@ -177,101 +182,207 @@ def reactive(
     max_loaded: int = OLLAMA_MAX_LOADED,
     spans: list[Span] | None = None,
 ) -> PolicyResult:
-    """Ollama's scheduler, replayed (scheduler-anchors.md §1.1), with the MoA client on top.
+    """Ollama's scheduler serving one MoA client (:func:`reactive_clients` with one client and
+    ``OLLAMA_NUM_PARALLEL=1``)."""
+    return reactive_clients([calls], sizes, profile, max_loaded=max_loaded, spans=spans)
 
-    The client sends a layer's requests together, in agent order, and the next layer's once every
-    answer is back (the aggregator last). A request for a loaded model goes straight to its
-    runner (one request at a time: ``OLLAMA_NUM_PARALLEL=1``); any other joins one FIFO queue
+
+class _Sequence:
+    """A request a runner has admitted: its client, call and the work it has left."""
+
+    def __init__(self, client: int, call: CallSpec, weights: float, t: float) -> None:
+        self.client, self.call, self.began = client, call, t
+        self.prefill = 2 * (weights / BYTES_PER_PARAM) * call.prompt_tokens * call.sequences
+        self.tokens = float(call.output_tokens)
+
+
+class _Runner:
+    """One loaded model's runner: the requests routed to it, those it has admitted into its
+    ``OLLAMA_NUM_PARALLEL`` slots, and the one fluid stream that decodes them all together."""
+
+    def __init__(self, weights: float, capacity: int) -> None:
+        self.weights, self.capacity = weights, capacity
+        self.waiting: deque[tuple[int, CallSpec]] = deque()
+        self.slots: list[_Sequence] = []
+        self.key: int | None = None  # its stream on the device, while one runs
+        self.work = 0.0  # of that stream's one phase
+        self.prefilling = False
+
+    def idle(self) -> bool:
+        return not self.slots and not self.waiting
+
+
+def reactive_clients(
+    clients: Sequence[Stages],
+    sizes: Mapping[str, int],
+    profile: Profile,
+    *,
+    num_parallel: int | Mapping[str, int] = 1,
+    max_loaded: int = OLLAMA_MAX_LOADED,
+    spans: list[Span] | None = None,
+) -> PolicyResult:
+    """Ollama's scheduler, replayed (scheduler-anchors.md §1.1), with MoA clients on top.
+
+    Each client sends a layer's requests together, in agent order, and its next layer's once
+    every answer of its own is back (the aggregator last); clients start together, in order.
+    A request for a loaded model goes straight to its runner; any other joins one FIFO queue
     whose head is served by a single loop, one load at a time, blocking the requests behind it.
     Before a load, while ``max_loaded`` runners are loaded or the model does not fit, one idle
     runner (nothing running or waiting on it) is evicted, the first by name since every
     keep_alive is equal; with none idle, the loop waits. Loaded models stay until evicted, and
     loads overlap other models' calls (the one advantage a reactive scheduler has).
 
+    A runner serves up to ``num_parallel`` requests at once (``OLLAMA_NUM_PARALLEL``, or per
+    model: before ollama/ollama#11330 Ollama chose 4 where memory allowed, else 1; ``sizes``
+    must hold that many contexts of KV cache, as Ollama allocates ``num_ctx·np``), by continuous
+    batching as llama.cpp's server does: a request joins as soon as a slot is free, and the
+    slots decode together, as the sequences of a batched call (:func:`~localmoa.planning.
+    timing.decode_rate`), until each is done. While a joining request's prompt is read the
+    others wait (the server reads it in the same steps, which a long prompt makes compute-bound).
+
     ``spans``, when given, receives every load and call (for a timeline).
     """
     budget = profile.memory_bytes
     record: list[Span] = spans if spans is not None else []
-    began: dict[int, tuple[CallSpec, float]] = {}
     fluid, t, loads = Fluid(), 0.0, 0
     loaded: dict[str, int] = {}
-    running: dict[str, bool] = {}
-    waiting: dict[str, deque[CallSpec]] = {}
-    pending: deque[CallSpec] = deque()
+    runners: dict[str, _Runner] = {}
+    streams: dict[int, str] = {}  # fluid key -> its runner's model
+    pending: deque[tuple[int, CallSpec]] = deque()
     loading: tuple[str, float, float] | None = None  # model, start, end
-    stage, outstanding = 0, 0
-    keys: dict[int, str] = {}
+    stage = [-1] * len(clients)  # -1: not started; len: done
+    outstanding = [0] * len(clients)
     counter = itertools.count()
+    weight = {
+        c.model: c.weight_bytes or sizes[c.model] for stages in clients for st in stages for c in st
+    }
 
-    def used() -> int:
-        return sum(loaded.values())
-
-    def arrive() -> None:
-        nonlocal outstanding
-        outstanding = len(calls[stage])
-        for call in calls[stage]:
+    def arrive(client: int) -> None:
+        outstanding[client] = len(clients[client][stage[client]])
+        for call in clients[client][stage[client]]:
             if call.model in loaded:
-                waiting[call.model].append(call)
+                runners[call.model].waiting.append((client, call))
             else:
-                pending.append(call)
+                pending.append((client, call))
+
+    def done(runner: _Runner, sequence: _Sequence) -> None:
+        outstanding[sequence.client] -= 1
+        where = stage[sequence.client]
+        record.append(Span("call", sequence.call.model, -1, where, sequence.began, t))
+
+    def restart(model: str) -> None:
+        """Take the runner's stream off the device, book its progress, and start the phase its
+        slots are in now."""
+        runner = runners[model]
+        if runner.key is not None:
+            left = fluid.stop(runner.key)
+            del streams[runner.key]
+            runner.key = None
+            book(runner, runner.work - left, left)
+        if not runner.slots:
+            return
+        if any(s.prefill > 0 for s in runner.slots):
+            runner.work, runner.prefilling = sum(s.prefill for s in runner.slots), True
+            phase = (runner.work, profile.compute, 1.0)
+        else:
+            runner.work, runner.prefilling = min(s.tokens for s in runner.slots), False
+            cache = sum(
+                s.call.sequences
+                * s.call.kv_bytes_per_token
+                * (s.call.prompt_tokens + s.call.output_tokens / 2)
+                for s in runner.slots
+            )
+            rate, share = decode_rate(
+                runner.weights,
+                profile,
+                sequences=sum(s.call.sequences for s in runner.slots),
+                cache_bytes=cache,
+            )
+            phase = (runner.work, rate, share)
+        runner.key = next(counter)
+        streams[runner.key] = model
+        fluid.start(runner.key, (phase,))
+
+    def book(runner: _Runner, progress: float, left: float) -> None:
+        """Advance the runner's slots by ``progress`` of its phase; release the finished."""
+        if runner.prefilling:
+            for s in runner.slots:  # every prompt read at the same pace
+                s.prefill = s.prefill * left / runner.work if left > 0 else 0.0
+        else:
+            for s in runner.slots:
+                s.tokens -= progress
+        finished = [
+            s for s in runner.slots if s.prefill <= 0 and s.tokens <= EPS * s.call.output_tokens
+        ]
+        runner.slots = [s for s in runner.slots if s not in finished]
+        for s in finished:
+            done(runner, s)
 
     def dispatch() -> None:
-        nonlocal outstanding
-        for model in loaded:
-            while not running[model] and waiting[model]:
-                call = waiting[model].popleft()
-                key = next(counter)
-                if fluid.start(key, phases(call, sizes[model], profile)):
-                    keys[key], running[model] = model, True
-                    began[key] = (call, t)
-                else:
-                    outstanding -= 1
-                    record.append(Span("call", model, -1, stage, t, t))
+        for model, runner in runners.items():
+            joined = False
+            while len(runner.slots) < runner.capacity and runner.waiting:
+                client, call = runner.waiting.popleft()
+                sequence = _Sequence(client, call, runner.weights, t)
+                if sequence.prefill <= 0 and sequence.tokens <= 0:
+                    done(runner, sequence)
+                    continue
+                runner.slots.append(sequence)
+                joined = True
+            if joined:
+                restart(model)
 
     def serve_queue() -> None:
         nonlocal loading, loads
         while pending and loading is None:
-            model = pending[0].model
-            if model in loaded:
-                waiting[model].append(pending.popleft())
+            call = pending[0][1]
+            if call.model in loaded:
+                runners[call.model].waiting.append(pending.popleft())
                 continue
-            while len(loaded) >= max_loaded or used() + sizes[model] > budget:
-                idle = sorted(m for m in loaded if not running[m] and not waiting[m])
+            while len(loaded) >= max_loaded or sum(loaded.values()) + sizes[call.model] > budget:
+                idle = sorted(m for m in loaded if runners[m].idle())
                 if not idle:
                     return  # wait for a runner to go idle
-                del loaded[idle[0]], running[idle[0]], waiting[idle[0]]
-            loading = (model, t, t + load_seconds(sizes[model], profile))
+                del loaded[idle[0]], runners[idle[0]]
+            loading = (call.model, t, t + load_seconds(sizes[call.model], profile))
             loads += 1
 
-    arrive()
-    serve_queue()
-    dispatch()
-    while True:
-        if outstanding == 0 and not pending and not fluid.busy():
-            stage += 1
-            if stage == len(calls):
-                break
-            arrive()
+    def next_stages() -> None:
+        """Send each client whose layer is answered its next layer (the same instant)."""
+        moved = True
+        while moved:
+            moved = False
+            for client, stages in enumerate(clients):
+                if outstanding[client] == 0 and stage[client] < len(stages):
+                    stage[client] += 1
+                    if stage[client] < len(stages):
+                        arrive(client)
+                    moved = True
             serve_queue()
             dispatch()
-            continue
+
+    next_stages()
+    while any(s < len(c) for s, c in zip(stage, clients, strict=True)):
         until_load = loading[2] - t if loading else math.inf
         dt = min(fluid.next_dt(), until_load)
         if math.isinf(dt):
             raise RuntimeError("reactive: nothing can proceed (a model larger than the budget?)")
         t += dt
         for key in fluid.advance(dt):
-            running[keys.pop(key)] = False
-            outstanding -= 1
-            call, start = began.pop(key)
-            record.append(Span("call", call.model, -1, stage, start, t))
+            model = streams.pop(key)
+            runner = runners[model]
+            runner.key = None
+            book(runner, runner.work, 0.0)
+            restart(model)
         if loading is not None and loading[2] - t <= EPS * max(1.0, t):
             model = loading[0]
             record.append(Span("load", model, -1, -1, loading[1], t))
-            loaded[model], running[model], waiting[model] = sizes[model], False, deque()
+            slots = num_parallel if isinstance(num_parallel, int) else num_parallel[model]
+            loaded[model], runners[model] = sizes[model], _Runner(weight[model], slots)
             loading = None
         serve_queue()
         dispatch()
+        next_stages()
     return PolicyResult(t, loads)
 
 
