@@ -1,6 +1,7 @@
 """Scheduler benchmark: localmoa's plan against the optimum and the policies users run today.
 
     python scripts/bench_scheduler.py [--json] [--timeline NAME] [--max-nodes N] [--min-gain G]
+    python scripts/bench_scheduler.py --batch [N] [--json]
 
 A fixed-seed suite of MoA runs (1-3 layers, 2-6 proposers, an aggregator) built from real 4-bit
 model footprints, on every hardware profile of localmoa.planning.profiles. Each run is timed, in
@@ -34,16 +35,45 @@ reactive and the largest to optimal; then the worst runs.
 
 ``--timeline NAME`` prints one run's plan and the simulated timelines of
 localmoa and reactive.
+
+``--batch [N]`` compares instead N prompts (default 16) through each of the first
+``BATCH_PER_PROFILE`` ensembles of every profile: each prompt with answer lengths of its own,
+drawn as above, and every call reading its KV cache (f16, each model's own shape) at each
+decode step and its file's weights. Memory: each model holds an f16 KV cache of ``CTX`` = 4096
+tokens per sequence (:func:`kv_per_token`; 128 KiB a token for llama3.1:8b and mistral:7b,
+56 KiB for qwen2.5:7b: 512 and 224 MiB a sequence). Policies:
+
+- ``batch``: ``localmoa batch``: the prompts in chunks; in a chunk, each stage's calls of one
+  model are one batched call (:class:`~localmoa.planning.timing.CallSpec` ``sequences``),
+  or, where the KV of that many sequences does not fit beside the model, groups of as many as
+  fit, one after another; each model's size holds the KV of its largest group. A chunk is
+  planned as ``plan_run`` does (the fewest loads, refined for time), from ``max_tokens``,
+  with the models the chunk before left loaded; chunks of N, N/2, ... 1 prompts are planned
+  and the one estimated fastest is taken (the table's "chunk");
+- ``batch_uniform``: the same, but a chunk fits only where every model fits all its calls of a
+  stage as one group (no groups that fit): smaller chunks where one model's KV is large;
+- ``loop``: today's ``localmoa run`` once per prompt: each plans alone, starts cold;
+- ``ollama_np1``: Ollama serving N MoA clients that start together (each sends its layers as
+  ``reactive`` does), ``OLLAMA_NUM_PARALLEL=1``: the default since ollama/ollama#11330;
+- ``ollama_np4``: the same with 4 parallel slots where a model with 4 contexts fits, else 1
+  (the default before #11330); a runner decodes its slots together, joining as slots free;
+- ``ollama_serial``: the prompts one after another through one client, models kept loaded
+  between prompts, ``OLLAMA_NUM_PARALLEL=1``.
+
+The summary gives, per profile, the median and worst (largest) ratio of the batch's makespan
+to each other policy's, and every policy's loads (median and most).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,14 +88,27 @@ from policies import (
     optimal,
     optimal_waves,
     reactive,
+    reactive_clients,
     wave_by_wave,
 )
 
 from localmoa.config import Settings
+from localmoa.errors import BudgetError
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan as PlanModel
+from localmoa.planning.fewest_loads import make_plan
 from localmoa.planning.profiles import PROFILES, Profile
-from localmoa.planning.timing import CallSpec, Span, simulate_plan
+from localmoa.planning.refine import MAX_MODELS, MAX_NODES, NODES_PER_SECOND, SLACK
+from localmoa.planning.search import search
+from localmoa.planning.timing import (
+    CallSpec,
+    Span,
+    Stages,
+    WaveSpec,
+    simulate_plan,
+    simulate_waves,
+    wave_specs,
+)
 from localmoa.runtime.moa import Call
 
 MiB = 1 << 20
@@ -230,6 +273,319 @@ def run(
     }
 
 
+# --- a batch of prompts ------------------------------------------------------------------------
+
+BATCH = 16
+BATCH_PER_PROFILE = 4
+"""Ensembles per profile in the batch comparison: the suite's first on each (``--per-profile``
+sets it; all 12 take about six minutes of one core)."""
+OLLAMA_OLD_PARALLEL = 4
+"""``OLLAMA_NUM_PARALLEL`` where memory allowed before ollama/ollama#11330 (July 2025) made 1
+the default (scheduler-anchors.md §1.1)."""
+
+
+def kv_per_token(name: str) -> int:
+    """f16 KV-cache bytes per token of context: 2·layers·kv_heads·head_dim·2 (scheduler-anchors
+    §1.2). 128 KiB for llama3.1:8b and mistral:7b, 56 KiB for qwen2.5:7b (GQA with 4 KV heads):
+    512 and 224 MiB per 4096-token sequence."""
+    _, layers, kv_heads, head_dim = MODELS[name]
+    return 2 * layers * kv_heads * head_dim * 2
+
+
+def file_bytes(name: str) -> int:
+    return int(MODELS[name][0] * GB)
+
+
+def sizes_with(sequences: dict[str, int]) -> dict[str, int]:
+    """Each model's file plus its KV cache at ``CTX`` tokens for each of its sequences."""
+    return {m: file_bytes(m) + n * kv_per_token(m) * CTX for m, n in sequences.items()}
+
+
+def prompts(instance: Instance, count: int) -> list[list[list[CallSpec]]]:
+    """``count`` prompts through ``instance``'s ensemble: the same models, each prompt with
+    answer lengths of its own (drawn as the suite draws them, from a seed per instance)."""
+    rng = random.Random(f"{SEED}/{instance.name}")
+    layers = [[c.model for c in stage] for stage in instance.calls]
+    out = []
+    for _ in range(count):
+        stages, references = [], 0
+        for models in layers:
+            stage = [
+                CallSpec(
+                    m,
+                    PROMPT_TOKENS + references,
+                    rng.randint(*OUTPUT_TOKENS),
+                    kv_bytes_per_token=kv_per_token(m),
+                    weight_bytes=file_bytes(m),
+                )
+                for m in models
+            ]
+            references = sum(c.output_tokens for c in stage)
+            stages.append(stage)
+        out.append(stages)
+    return out
+
+
+def as_planned(prompt: Stages) -> list[list[CallSpec]]:
+    """A prompt's calls as known before the run: every call writes ``max_tokens`` and a later
+    layer reads references of that length (as :func:`localmoa.planning.refine.calls_as_planned`
+    makes them)."""
+    out, references = [], 0
+    for stage in prompt:
+        out.append(
+            [
+                c._replace(prompt_tokens=PROMPT_TOKENS + references, output_tokens=OUTPUT_TOKENS[1])
+                for c in stage
+            ]
+        )
+        references = OUTPUT_TOKENS[1] * len(stage)
+    return out
+
+
+def grouped(chunk: Sequence[Stages], most: Mapping[str, int] | None = None) -> list[list[CallSpec]]:
+    """The chunk's stages as a batch makes them: per stage, each model's calls of every prompt
+    one group (``localmoa.runtime.moa.batched``), or with ``most``, groups of at most
+    ``most[model]`` calls, as even as can be, run one after another. A group's sequences read
+    their mean prompt (the prefill's FLOPs are exact) and each leaves when its answer ends."""
+    out = []
+    for k in range(len(chunk[0])):
+        by_model: dict[str, list[CallSpec]] = {}
+        for prompt in chunk:
+            for call in prompt[k]:
+                by_model.setdefault(call.model, []).append(call)
+        stage = []
+        for model, calls in by_model.items():
+            parts = -(-len(calls) // most[model]) if most else 1
+            for part in range(parts):
+                group = calls[part::parts]
+                stage.append(
+                    group[0]._replace(
+                        prompt_tokens=round(statistics.fmean(c.prompt_tokens for c in group)),
+                        output_tokens=max(c.output_tokens for c in group),
+                        sequences=len(group),
+                        total_output_tokens=sum(c.output_tokens for c in group),
+                    )
+                )
+        out.append(stage)
+    return out
+
+
+def fitting(profile: Profile) -> dict[str, int]:
+    """The most sequences of each model whose KV fits ``profile`` beside the model's file."""
+    return {
+        m: (profile.memory_bytes - file_bytes(m)) // (kv_per_token(m) * CTX)
+        for m in MODELS
+        if SIZES[m] <= profile.memory_bytes
+    }
+
+
+def group_sizes(stages: Stages) -> dict[str, int]:
+    """Each model's memory for a batch: its file and the KV of its largest group."""
+    most: dict[str, int] = {}
+    for stage in stages:
+        for c in stage:
+            most[c.model] = max(most.get(c.model, 0), c.sequences)
+    return sizes_with(most)
+
+
+def plan_groups(
+    planned: Stages,
+    sizes: dict[str, int],
+    profile: Profile,
+    *,
+    resident: tuple[str, ...] = (),
+    min_gain: float = MIN_GAIN,
+) -> tuple[list[WaveSpec], float]:
+    """The plan ``localmoa batch`` makes for one chunk, and its estimate: the fewest loads,
+    then refined for time as :func:`localmoa.planning.refine.refine` does, with each group
+    timed as a batched call. Raises BudgetError when a model with its group's KV does not fit.
+    """
+    plan = make_plan(
+        [[c.model for c in s] for s in planned], sizes, profile.memory_bytes, resident=resident
+    )
+    waves = wave_specs(plan)
+    estimate = simulate_waves(waves, planned, sizes, profile, resident=resident).makespan_s
+    nodes = min(MAX_NODES, int(NODES_PER_SECOND * estimate))
+    if len(sizes) > MAX_MODELS or nodes <= 0:
+        return waves, estimate
+    found = search(
+        planned,
+        sizes,
+        profile,
+        waves,
+        max_nodes=nodes,
+        slack=SLACK,
+        min_gain=min_gain,
+        resident=resident,
+    )
+    return found.waves, found.makespan_s
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The batch of prompts as localmoa runs it, in chunks of ``chunk`` prompts."""
+
+    makespan_s: float
+    loads: int
+    chunk: int
+    estimate_s: float
+    """What the plans estimated, from ``max_tokens``: the chunk is chosen by it."""
+
+
+def batch_in_chunks(
+    instance: Instance,
+    batch: list[list[list[CallSpec]]],
+    chunk: int,
+    *,
+    min_gain: float,
+    split: bool = True,
+) -> BatchResult:
+    """``batch`` in chunks of ``chunk`` prompts, one after another; each chunk planned when the
+    one before is done, with what it left loaded (``plan_run``'s ``resident``). With ``split``,
+    a model whose KV for all its calls of a stage does not fit makes them in groups that do."""
+    profile = instance.profile
+    most = fitting(profile) if split else None
+    total = estimate = 0.0
+    loads = 0
+    resident: tuple[str, ...] = ()
+    made: dict[tuple[int, tuple[str, ...]], tuple[list[WaveSpec], float]] = {}
+    previous: dict[str, int] | None = None
+    for first in range(0, len(batch), chunk):
+        part = batch[first : first + chunk]
+        planned = grouped([as_planned(p) for p in part], most)
+        sizes = group_sizes(planned)
+        if sizes != previous:
+            resident = ()  # a chunk of another size: its models are sized anew
+        key = (len(part), resident)
+        if key not in made:
+            made[key] = plan_groups(planned, sizes, profile, resident=resident, min_gain=min_gain)
+        waves, estimated = made[key]
+        timing = simulate_waves(waves, grouped(part, most), sizes, profile, resident=resident)
+        total, estimate, loads = (
+            total + timing.makespan_s,
+            estimate + estimated,
+            loads + timing.loads,
+        )
+        resident, previous = tuple(sorted(waves[-1].resident)), sizes
+    return BatchResult(total, loads, chunk, estimate)
+
+
+def localmoa_batch(
+    instance: Instance,
+    batch: list[list[list[CallSpec]]],
+    *,
+    min_gain: float = MIN_GAIN,
+    split: bool = True,
+) -> BatchResult:
+    """``localmoa batch``: all prompts in one chunk, in chunks of half as many, and so on; of
+    the chunk sizes that fit, the one estimated fastest."""
+    results = []
+    chunk = len(batch)
+    while chunk >= 1:
+        with contextlib.suppress(BudgetError):
+            results.append(batch_in_chunks(instance, batch, chunk, min_gain=min_gain, split=split))
+        chunk //= 2
+    return min(results, key=lambda r: (r.estimate_s, -r.chunk))
+
+
+def localmoa_loop(instance: Instance, batch: list[list[list[CallSpec]]]) -> PolicyResult:
+    """Today's ``localmoa run`` once per prompt: each run plans alone (the same plan for every
+    prompt of an ensemble, made from ``max_tokens``), starts cold and unloads at its end."""
+    plan = shipped_plan(instance)
+    runs = [simulate_plan(plan, prompt, SIZES, instance.profile) for prompt in batch]
+    return PolicyResult(sum(r.makespan_s for r in runs), sum(r.loads for r in runs))
+
+
+def ollama_parallel(models: set[str], profile: Profile) -> tuple[dict[str, int], dict[str, int]]:
+    """Ollama's parallel slots before ollama/ollama#11330: 4 where the model with 4 contexts
+    fits, else 1; with the sizes that takes."""
+    slots = {
+        m: OLLAMA_OLD_PARALLEL
+        if sizes_with({m: OLLAMA_OLD_PARALLEL})[m] <= profile.memory_bytes
+        else 1
+        for m in models
+    }
+    return slots, sizes_with(slots)
+
+
+BATCH_POLICIES = ("batch", "batch_uniform", "loop", "ollama_np1", "ollama_np4", "ollama_serial")
+
+
+def run_batch(
+    instance: Instance, count: int = BATCH, *, min_gain: float = MIN_GAIN
+) -> dict[str, PolicyResult | BatchResult]:
+    """``count`` prompts through ``instance``'s ensemble, under localmoa and Ollama."""
+    batch = prompts(instance, count)
+    profile = instance.profile
+    models = {c.model for stage in instance.calls for c in stage}
+    one = sizes_with(dict.fromkeys(models, 1))
+    slots, parallel = ollama_parallel(models, profile)
+    serial = [[stage for prompt in batch for stage in prompt]]
+    return {
+        "batch": localmoa_batch(instance, batch, min_gain=min_gain),
+        "batch_uniform": localmoa_batch(instance, batch, min_gain=min_gain, split=False),
+        "loop": localmoa_loop(instance, batch),
+        "ollama_np1": reactive_clients(batch, one, profile),
+        "ollama_np4": reactive_clients(batch, parallel, profile, num_parallel=slots),
+        "ollama_serial": reactive_clients(serial, one, profile),
+    }
+
+
+def batch_report(count: int, per_profile: int, *, as_json: bool, min_gain: float) -> None:
+    """The batch comparison: per instance, then per profile the median and worst ratios of
+    the batch's makespan to each other policy's, and every policy's loads."""
+    instances = [
+        i
+        for profile in PROFILES.values()
+        for i in [i for i in suite() if i.profile is profile][:per_profile]
+    ]
+    rows = [(i, run_batch(i, count, min_gain=min_gain)) for i in instances]
+    if as_json:
+        doc = {
+            "prompts": count,
+            "instances": [
+                {
+                    "name": i.name,
+                    "profile": i.profile.name,
+                    "policies": {
+                        k: {"makespan_s": round(v.makespan_s, 3), "loads": v.loads}
+                        | ({"chunk": v.chunk} if isinstance(v, BatchResult) else {})
+                        for k, v in r.items()
+                    },
+                }
+                for i, r in rows
+            ],
+        }
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"{count} prompts per ensemble: seconds and loads; chunk: the batch's prompts per chunk")
+    print(f"{'instance':24} {'chunk':>5} " + " ".join(f"{p:>15}" for p in BATCH_POLICIES))
+    for i, r in rows:
+        cells = " ".join(f"{r[p].makespan_s:9.1f} {r[p].loads:5}" for p in BATCH_POLICIES)
+        batch = r["batch"]
+        chunk = batch.chunk if isinstance(batch, BatchResult) else 0
+        print(f"{i.name:24} {chunk:>5} {cells}")
+    others = BATCH_POLICIES[1:]
+    print("\nthe batch's makespan over each other policy's, per profile: median and worst")
+    print(f"{'profile':12}" + "".join(f" {p:>15} {'worst':>6}" for p in others))
+    for profile in PROFILES.values():
+        mine = [r for i, r in rows if i.profile is profile]
+        cells = ""
+        for p in others:
+            ratios = [r["batch"].makespan_s / r[p].makespan_s for r in mine]
+            cells += f" {statistics.median(ratios):15.3f} {max(ratios):6.3f}"
+        print(f"{profile.name:12}{cells}")
+    print("\nloads for the whole batch, per profile: median and most")
+    print(f"{'profile':12}" + "".join(f" {p:>15}" for p in BATCH_POLICIES))
+    for profile in PROFILES.values():
+        mine = [r for i, r in rows if i.profile is profile]
+        cells = ""
+        for p in BATCH_POLICIES:
+            loads = [r[p].loads for r in mine]
+            cells += f" {f'{statistics.median(loads):g} / {max(loads)}':>15}"
+        print(f"{profile.name:12}{cells}")
+
+
 # --- output ------------------------------------------------------------------------------------
 
 
@@ -303,11 +659,24 @@ def main() -> None:
         default=MIN_GAIN,
         help="estimated gain extra loads must bring in the shipped plan (default %(default)s)",
     )
-    parser.add_argument("--per-profile", type=int, default=PER_PROFILE, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="?",
+        const=BATCH,
+        metavar="N",
+        help=f"compare a batch of N prompts (default {BATCH}) with Ollama instead",
+    )
+    parser.add_argument("--per-profile", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.timeline:
         timeline(args.timeline)
         return
+    if args.batch:
+        per_profile = args.per_profile or BATCH_PER_PROFILE
+        batch_report(args.batch, per_profile, as_json=args.json, min_gain=args.min_gain)
+        return
+    args.per_profile = args.per_profile or PER_PROFILE
     instances = suite(per_profile=args.per_profile)
     rows = [
         (instance, run(instance, max_nodes=args.max_nodes, min_gain=args.min_gain))
