@@ -1,7 +1,9 @@
-"""Self-MoA on llama.cpp: 4 samples decoded together against one answer and 4 calls in a row.
+"""Self-MoA on llama.cpp: 4 samples decoded together against one answer and 4 calls in a row;
+with ``--distinct``, N different prompts decoded together against N calls in a row.
 
     python scripts/bench_samples.py [--repeat 7] [--max-tokens 64] [--threads N] [--json]
                                     [--workdir DIR] [--preset large-300m|bench-230m|large-100m]
+                                    [--distinct]
 
 An agent with ``samples = 4`` asks one model for 4 answers with distinct seeds. localmoa decodes
 them as 4 sequences of the model's one context (``LlamaCppBackend.chat_samples``): the prompt
@@ -35,6 +37,16 @@ of one does, but computes 4 times as much. Where one token's step is bound by me
 the extra compute shows. Measured here, one ``llama_decode`` step of 1 and of 4 tokens:
 large-300m 12.1 and 14.5 ms (1.21×), bench-230m 5.4 and 9.0 ms (1.66×), large-100m 2.6 and
 4.6 ms (1.74×); flash attention or a unified KV cache moved these by under 5 %.
+
+``--distinct`` (issue 13: a batch's prompts, concurrent ``serve`` requests) answers N different
+prompts (N = 4 and 8), each question asked once, through one ``chat_samples`` call (each prompt
+evaluated into its own sequence, then one ``llama_decode`` a step for all N) against N ``chat``
+calls one after another, side by side in each repetition, on one model loaded with
+``parallel = 8`` (both modes on the same resident weights; the default model is then
+``large-100m``, ~100 MB). The calls in a row are what a model does when each prompt's call
+waits for the last: llama-cpp-python reuses only the chat template's opening that the prompts
+share. The figure is the ratio of wall times (in a row ÷ together), median over repetitions and
+median of each repetition's own.
 
 ``--threads`` sets llama.cpp's threads for one token (``n_threads``); batches of several tokens
 (the samples' steps, prompts) use ``n_threads_batch``, which llama-cpp-python sets to all cores.
@@ -78,6 +90,18 @@ SPECS: dict[str, TinySpec] = {
     "large-100m": PRESETS["large-100m"],
 }
 MODES = ("one", "together", "in_a_row")
+DISTINCT = (4, 8)
+"""How many different prompts ``--distinct`` answers at once."""
+QUESTIONS = (
+    "Explain in two sentences why the sky is blue.",
+    "What is the capital of France, and how did it become the capital?",
+    "Summarize the plot of Hamlet for a ten-year-old.",
+    "Give three tips for writing clear code.",
+    "How does a refrigerator keep food cold?",
+    "Why do cats purr?",
+    "Compare trains and planes for a 500 km trip: time, cost, comfort.",
+    "What causes the seasons on Earth?",
+)
 
 
 def request(question: str, seed: int, max_tokens: int) -> ChatRequest:
@@ -173,6 +197,113 @@ async def bench(args: Any) -> dict[str, Any]:
     }
 
 
+def distinct_requests(label: str, n: int, max_tokens: int) -> list[ChatRequest]:
+    """N different questions, never asked before (``label``), each with its own seed."""
+    return [request(f"({label}) {QUESTIONS[i]}", i + 1, max_tokens) for i in range(n)]
+
+
+async def answered_together(backend: LlamaCppBackend, requests: list[ChatRequest]) -> list[int]:
+    tokens = [0] * len(requests)
+    async for index, delta in backend.chat_samples("m", requests, len(requests)):
+        tokens[index] += delta.tokens
+    return tokens
+
+
+async def answered_in_a_row(backend: LlamaCppBackend, requests: list[ChatRequest]) -> list[int]:
+    return [sum([d.tokens async for d in backend.chat("m", one)]) for one in requests]
+
+
+DISTINCT_RUNS: dict[str, Callable[[LlamaCppBackend, list[ChatRequest]], Awaitable[list[int]]]] = {
+    "together": answered_together,
+    "in_a_row": answered_in_a_row,
+}
+
+
+async def bench_distinct(args: Any) -> dict[str, Any]:
+    spec = SPECS[args.preset]
+    path = args.workdir / f"{args.preset}.gguf"
+    if not path.exists():
+        write_tiny_model(path, spec)
+    config = LlamaCppModel(
+        backend="llamacpp",
+        path=path,
+        n_ctx=N_CTX,
+        n_threads=args.threads or None,
+        use_mmap=False,
+        parallel=max(DISTINCT),
+    )
+    backend = LlamaCppBackend()
+    await backend.load("m", config)
+    seconds: dict[int, dict[str, list[float]]] = {
+        n: {m: [] for m in DISTINCT_RUNS} for n in DISTINCT
+    }
+    tokens: dict[int, dict[str, list[int]]] = {n: {m: [] for m in DISTINCT_RUNS} for n in DISTINCT}
+    try:
+        for rep in range(-1, args.repeat):  # -1: the untimed warm-up
+            for n in DISTINCT:
+                for mode, run in DISTINCT_RUNS.items():
+                    requests = distinct_requests(f"{rep} {mode} {n}", n, args.max_tokens)
+                    began = time.perf_counter()
+                    made = await run(backend, requests)
+                    took = time.perf_counter() - began
+                    print(f"{rep:>2} {n} {mode:<9} {took:6.2f}s tokens {made}", file=sys.stderr)
+                    if rep >= 0:
+                        seconds[n][mode].append(took)
+                        tokens[n][mode].extend(made)
+    finally:
+        await backend.unload("m")
+    prompts = {}
+    for n in DISTINCT:
+        median = {mode: statistics.median(seconds[n][mode]) for mode in DISTINCT_RUNS}
+        paired = [
+            r / t for r, t in zip(seconds[n]["in_a_row"], seconds[n]["together"], strict=True)
+        ]
+        prompts[str(n)] = {
+            "modes": {
+                mode: {
+                    "median_s": round(median[mode], 3),
+                    "min_s": round(min(seconds[n][mode]), 3),
+                    "max_s": round(max(seconds[n][mode]), 3),
+                    "runs": len(seconds[n][mode]),
+                    "tokens_per_answer": sorted(set(tokens[n][mode])),
+                    "full_length": all(t == args.max_tokens for t in tokens[n][mode]),
+                }
+                for mode in DISTINCT_RUNS
+            },
+            "speedup": round(median["in_a_row"] / median["together"], 3),
+            "speedup_paired": round(statistics.median(paired), 3),
+        }
+    return {
+        "command": args.command,
+        "model": {"preset": args.preset, "file_mb": round(path.stat().st_size / MB)},
+        "threads": args.threads or "unset",
+        "max_tokens": args.max_tokens,
+        "prompts": prompts,
+    }
+
+
+def markdown_distinct(doc: dict[str, Any]) -> str:
+    lines = [
+        f"`{doc['command']}`",
+        "",
+        f"model: {doc['model']['preset']} ({doc['model']['file_mb']} MB, F32), "
+        f"{doc['max_tokens']} tokens an answer, threads {doc['threads']}",
+        "",
+        "| prompts | together s (median) | in a row s (median) | in a row ÷ together "
+        "| paired | tokens an answer |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for n, row in doc["prompts"].items():
+        modes = row["modes"]
+        made = sorted({t for m in modes.values() for t in m["tokens_per_answer"]})
+        full = "" if all(m["full_length"] for m in modes.values()) else " (some short)"
+        lines.append(
+            f"| {n} | {modes['together']['median_s']:.2f} | {modes['in_a_row']['median_s']:.2f} "
+            f"| **{row['speedup']:.2f}×** | {row['speedup_paired']:.2f}× | {made}{full} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"`{doc['command']}`",
@@ -204,12 +335,26 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = real_run_options(__doc__, repeat=7, per="mode", max_tokens=64)
-    parser.add_argument("--preset", choices=sorted(SPECS), default="large-300m")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(SPECS),
+        help="the model (default: large-300m; with --distinct, large-100m)",
+    )
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help=f"{' and '.join(map(str, DISTINCT))} different prompts together against in a row",
+    )
     args = parser.parse_args(argv)
+    args.preset = args.preset or ("large-100m" if args.distinct else "large-300m")
     args.command = shlex.join(["python", "scripts/bench_samples.py", *(argv or sys.argv[1:])])
     args.workdir.mkdir(parents=True, exist_ok=True)
-    doc = asyncio.run(bench(args))
-    print(json.dumps(doc, indent=2) if args.json else markdown(doc))
+    if args.distinct:
+        doc = asyncio.run(bench_distinct(args))
+        print(json.dumps(doc, indent=2) if args.json else markdown_distinct(doc))
+    else:
+        doc = asyncio.run(bench(args))
+        print(json.dumps(doc, indent=2) if args.json else markdown(doc))
     return 0
 
 
