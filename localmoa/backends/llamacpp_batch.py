@@ -254,8 +254,8 @@ def decode_together(
     empty, as after a load.
 
     The samples of one prompt are taken next to each other, so that they share a round and
-    its one evaluation (the order they finish in is theirs whatever the order of the rounds:
-    each sample has its own chain and is told by its index).
+    its one evaluation; no answer depends on that order (each sample samples with its own
+    chain, and its deltas are told by its index).
     """
     import llama_cpp
 
