@@ -17,8 +17,9 @@ Two targets of issue #13, measured side by side in one run:
    both ways swap. The same N prompts go (a) once through ``localmoa batch IN -o OUT`` and (b)
    through N ``localmoa run PROMPT --json`` processes one after another, as a shell loop would
    run them; each is a fresh process, so (b) also pays N process starts, which is what a user
-   running them one by one pays. Reported: wall seconds of each, their ratio, and the loads
-   each made (from ``--json``). One untimed ``localmoa run`` first warms the page cache.
+   running them one by one pays. The two ways alternate ``--repeat`` times; reported: the
+   median wall seconds of each, their ratio, and the loads each made (from ``--json``). One
+   untimed ``localmoa run`` first warms the page cache.
 
 The machine is shared and noisy: compare the ratio, not absolute seconds, across machines.
 """
@@ -30,6 +31,7 @@ import asyncio
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +42,6 @@ from typing import Any
 from localmoa.backends import make_backends
 from localmoa.batch.runner import ensemble_system, plan_batch
 from localmoa.config import load_config
-from localmoa.footprint.estimate import estimate, read_gguf
 from localmoa.tinymodels import PRESETS, TinySpec, ensemble_config, write_tiny_model
 
 SPECS: dict[str, TinySpec] = {
@@ -128,13 +129,19 @@ def write_config(workdir: Path, n_ctx: int, max_tokens: int) -> tuple[Path, dict
     return path, paths
 
 
-def budget_for(paths: dict[str, Path], n_ctx: int, sequences: int) -> int:
-    """The two largest models as the batch loads them (``sequences`` KV caches each)."""
-    sizes = sorted(
-        estimate(read_gguf(p), n_ctx=n_ctx, n_batch=512, n_seq=sequences).total
-        for p in paths.values()
-    )
-    return sizes[-1] + sizes[-2] + (1 << 20)
+def budget_for(config_path: Path, prompts: int) -> int:
+    """Room for the two largest models as a batch of ``prompts`` loads them (a KV cache per
+    sequence each, by localmoa's own footprints), never for all three."""
+    config = load_config(config_path)
+
+    async def sizes() -> list[int]:
+        backends = make_backends(config.settings)
+        systems = [ensemble_system(config, "default")]
+        planned = await plan_batch(config, systems, prompts, backends, memory_budget="64GiB")
+        return sorted(planned.sizes.values())
+
+    found = asyncio.run(sizes())
+    return found[-1] + found[-2] + (1 << 20)
 
 
 def localmoa(*args: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
@@ -152,10 +159,10 @@ def localmoa(*args: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def real_section(workdir: Path, n: int, n_ctx: int, max_tokens: int) -> dict[str, Any]:
+def real_section(workdir: Path, n: int, n_ctx: int, max_tokens: int, repeat: int) -> dict[str, Any]:
     """Target 2: ``localmoa batch`` against N ``localmoa run``s, real llama.cpp."""
     config_path, paths = write_config(workdir, n_ctx, max_tokens)
-    budget = budget_for(paths, n_ctx, n)
+    budget = budget_for(config_path, n)
     env = {**os.environ, "LOCALMOA_HOME": str(workdir / "home"), "LOCALMOA_RECORD": "off"}
     common = ["--config", str(config_path), "--memory-budget", str(budget)]
     asked = prompts(n)
@@ -165,14 +172,25 @@ def real_section(workdir: Path, n: int, n_ctx: int, max_tokens: int) -> dict[str
         "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(asked))
     )
     out = workdir / "out.jsonl"
-    out.unlink(missing_ok=True)
-    batch_s, summary = localmoa("batch", str(source), "-o", str(out), *common, "--json", env=env)
-    answered = [json.loads(line) for line in out.read_text().splitlines()]
-    runs_s, runs_loads = 0.0, 0
-    for prompt in asked:
-        seconds, report = localmoa("run", prompt, *common, "--json", env=env)
-        runs_s += seconds
-        runs_loads += report["loads"]
+    batches: list[float] = []
+    loops: list[float] = []
+    for r in range(repeat):  # alternating, so drift on a shared machine falls on both
+        for way in ("batch", "runs") if r % 2 == 0 else ("runs", "batch"):
+            if way == "batch":
+                out.unlink(missing_ok=True)
+                seconds, summary = localmoa(
+                    "batch", str(source), "-o", str(out), *common, "--json", env=env
+                )
+                batches.append(seconds)
+                answered = [json.loads(line) for line in out.read_text().splitlines()]
+            else:
+                runs_s, runs_loads = 0.0, 0
+                for prompt in asked:
+                    seconds, report = localmoa("run", prompt, *common, "--json", env=env)
+                    runs_s += seconds
+                    runs_loads += report["loads"]
+                loops.append(runs_s)
+    batch_s, runs_s = statistics.median(batches), statistics.median(loops)
     return {
         "models_mb": {name: round(p.stat().st_size / 1e6) for name, p in paths.items()},
         "budget_mb": round(budget / 1e6),
@@ -185,6 +203,9 @@ def real_section(workdir: Path, n: int, n_ctx: int, max_tokens: int) -> dict[str
         "runs_seconds": round(runs_s, 2),
         "runs_loads": runs_loads,
         "speedup": round(runs_s / batch_s, 2),
+        "repeat": repeat,
+        "batch_samples": [round(x, 2) for x in batches],
+        "runs_samples": [round(x, 2) for x in loops],
     }
 
 
@@ -215,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--n-ctx", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=2, help="each way, alternating")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--skip-real", action="store_true", help="Only the planned loads.")
     parser.add_argument("--json", action="store_true")
@@ -223,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"prompts": args.prompts, "loads": loads_section(workdir, args.prompts)}
     if not args.skip_real:
-        doc["real"] = real_section(workdir, args.prompts, args.n_ctx, args.max_tokens)
+        doc["real"] = real_section(workdir, args.prompts, args.n_ctx, args.max_tokens, args.repeat)
     print(json.dumps(doc, indent=2) if args.json else markdown(doc))
     return 0
 
