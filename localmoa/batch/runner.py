@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from localmoa.backends.base import Backend
-from localmoa.config import Agent, Config, Ensemble, ModelConfig
+from localmoa.config import Agent, Config, Ensemble, LlamaCppModel, ModelConfig
 from localmoa.errors import BudgetError, PromptTooLongError, UserError
 from localmoa.footprint.estimate import Footprint
 from localmoa.hardware import Budget, resolve_budget
@@ -141,6 +141,9 @@ class BatchPlan:
     policy: PlanPolicy
     tried: dict[int, int | None]
     """Chunk size -> the loads the batch would make with it (None: it does not fit)."""
+    sequences: int | None = None
+    """The most sequences a llama.cpp model holds, when a chunk's groups had to be capped to
+    fit (their calls then decode in rounds); None: each as many as its largest group."""
 
 
 @dataclass(frozen=True)
@@ -189,14 +192,12 @@ async def plan_batch(
     used = list(dict.fromkeys(c.model for s in systems for st in s.stages for c in st))
     policy = plan_policy(config, used, budget)
     prompts = max(prompts, 1)
-    sizes_for: dict[int, tuple[dict[str, ModelConfig], dict[str, Footprint]]] = {}
 
-    async def attempt(size: int) -> tuple[Plan, int] | None:
+    async def attempt(size: int, cap: int | None) -> _Attempt | None:
         merged = _merged(_stages(systems, size))
-        models = run_models(config.models, merged)
+        models = _capped(run_models(config.models, merged), cap)
         found = await footprints(config, used, backends, models)
         sizes = {name: fp.total for name, fp in found.items()}
-        sizes_for[size] = (models, found)
         following = merged if prompts > size else None
         try:
             plan = await asyncio.to_thread(
@@ -205,7 +206,23 @@ async def plan_batch(
         except BudgetError:
             return None
         loads = await asyncio.to_thread(_batch_loads, merged, sizes, budget.bytes, prompts, size)
-        return plan, loads
+        return _Attempt(plan, loads, models, found, cap)
+
+    async def best_for(size: int, fewest: int | None) -> _Attempt | None:
+        """A chunk of ``size`` with each model holding a sequence per call of its group; when
+        that does not fit, or loads more than ``fewest``, each model's sequences capped (a
+        larger group then decodes in rounds): the largest cap with the fewest loads."""
+        best = await attempt(size, None)
+        if best is not None and (fewest is None or best.loads <= fewest):
+            return best
+        widest = max(len(g) for st in _merged(_stages(systems, size)) for g in _by_group(st))
+        cap = 1 << ((widest - 1).bit_length() - 1) if widest > 1 else 0
+        while cap >= 1:
+            made = await attempt(size, cap)
+            if made is not None and (best is None or made.loads < best.loads):
+                best = made
+            cap //= 2
+        return best
 
     if chunk is not None:
         if chunk < 1:
@@ -214,41 +231,73 @@ async def plan_batch(
     else:
         sizes_to_try = choose_chunk_sizes(prompts)
     tried: dict[int, int | None] = {}
-    plans: dict[int, Plan] = {}
+    made: dict[int, _Attempt] = {}
     for size in sizes_to_try:
-        made = await attempt(size)
-        tried[size] = None if made is None else made[1]
-        if made is not None:
-            plans[size] = made[0]
+        fits = [loads for loads in tried.values() if loads is not None]
+        found = await best_for(size, min(fits) if fits else None)
+        tried[size] = None if found is None else found.loads
+        if found is not None:
+            made[size] = found
     best = choose_chunk(tried)
     if best is None:
         # Not even the smallest chunk fits: say why, as a single run's plan would.
         size = sizes_to_try[0]
         merged = _merged(_stages(systems, size))
-        _, found = sizes_for[size]
+        tables = _capped(run_models(config.models, merged), 1)
+        least = await footprints(config, used, backends, tables)
         try:
-            plan_run(merged, {n: fp.total for n, fp in found.items()}, budget.bytes, policy)
+            plan_run(merged, {n: fp.total for n, fp in least.items()}, budget.bytes, policy)
         except BudgetError as exc:
             more = "" if chunk is None or chunk == 1 else "; try a smaller --chunk"
             raise BudgetError(f"{exc} (budget from {budget.detail}){more}") from None
         raise AssertionError("a plan that failed once cannot succeed")  # pragma: no cover
-    size, plan, loads = best, plans[best], tried[best]
-    assert loads is not None
-    models, found = sizes_for[size]
+    chosen = made[best]
     return BatchPlan(
         systems=list(systems),
-        chunk=size,
-        chunks=math.ceil(prompts / size),
-        plan=plan,
-        loads=loads,
+        chunk=best,
+        chunks=math.ceil(prompts / best),
+        plan=chosen.plan,
+        loads=chosen.loads,
         budget=budget,
-        models=models,
-        sizes={name: fp.total for name, fp in found.items()},
-        footprints=found,
-        stages=_merged(_stages(systems, size)),
+        models=chosen.models,
+        sizes={name: fp.total for name, fp in chosen.footprints.items()},
+        footprints=chosen.footprints,
+        stages=_merged(_stages(systems, best)),
         policy=policy,
         tried=tried,
+        sequences=chosen.cap,
     )
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One chunk size (and cap) planned: what :func:`plan_batch` compares."""
+
+    plan: Plan
+    loads: int
+    models: dict[str, ModelConfig]
+    footprints: dict[str, Footprint]
+    cap: int | None
+
+
+def _by_group(stage: Sequence[Call]) -> list[list[Call]]:
+    groups: dict[int | None, list[Call]] = {}
+    for call in stage:
+        groups.setdefault(call.group, []).append(call)
+    return list(groups.values())
+
+
+def _capped(models: dict[str, ModelConfig], cap: int | None) -> dict[str, ModelConfig]:
+    """``models`` with no llama.cpp model holding more than ``cap`` sequences (None: as they
+    are); its calls beyond that decode in rounds."""
+    if cap is None:
+        return models
+    return {
+        name: table.model_copy(update={"parallel": min(table.parallel or 1, cap)})
+        if isinstance(table, LlamaCppModel)
+        else table
+        for name, table in models.items()
+    }
 
 
 def choose_chunk_sizes(prompts: int) -> list[int]:

@@ -241,6 +241,7 @@ def test_every_prompt_is_a_recorded_batch_run(tmp_path: Path) -> None:
         assert detail.source == "batch" and detail.status == "ok"
         assert detail.answer == outcome.answer
         assert len(detail.calls) == 7  # its own calls only
+        assert detail.conversation is not None
         assert detail.conversation[-1].content == outcome.job.messages[-1].content
     assert any(isinstance(e, ModelLoaded) for e in events)
 
