@@ -34,7 +34,7 @@ from localmoa.evaluation.questions import STARTER_SET, Question, read_questions,
 from localmoa.evaluation.report import EvalReport, SystemScore
 from localmoa.evaluation.runner import check_judge, eval_systems, evaluate
 from localmoa.records.recorder import Recorder
-from localmoa.runtime.engine import CallFinished, Event, ModelUnloaded
+from localmoa.runtime.engine import CallFinished, Event, ModelLoaded, ModelUnloaded
 
 __all__ = ["eval_command"]
 
@@ -123,19 +123,25 @@ async def _run(
             soft_wrap=True,
         )
         with _Bar(quiet) as bar:
-            report = await evaluate(
-                config,
-                questions,
-                systems,
-                session.backends,
-                ensemble=ensemble,
-                judge=judge,
-                set_name=set_name,
-                memory_budget=memory_budget,
-                recorder=recorder,
-                on_phase=bar.phase,
-                on_event=bar.event,
-            )
+            try:
+                report = await evaluate(
+                    config,
+                    questions,
+                    systems,
+                    session.backends,
+                    ensemble=ensemble,
+                    judge=judge,
+                    set_name=set_name,
+                    memory_budget=memory_budget,
+                    recorder=recorder,
+                    on_phase=bar.phase,
+                    on_event=bar.event,
+                )
+            finally:
+                # The batch unloads what it holds when it ends, however it ends, without an
+                # event for each: what it loaded and no backend still holds was unloaded.
+                held = {m for backend in session.backends.values() for m in backend.loaded()}
+                unloads.add([m for m in bar.loaded if m not in held])
     stderr().print(
         f"evaluated in {report.seconds:.1f} s with {report.loads} loads "
         f"({report.answer_loads} answering, {report.loads - report.answer_loads} grading)",
@@ -146,7 +152,8 @@ async def _run(
 
 
 class _Bar:
-    """Progress on stderr: one bar per phase (answering, rating, comparing), in calls made."""
+    """Progress on stderr: one bar per phase (answering, rating, comparing), in calls made,
+    and a line per phase and per load."""
 
     def __init__(self, quiet: bool) -> None:
         self.progress = Progress(
@@ -161,6 +168,8 @@ class _Bar:
         )
         self.task: TaskID | None = None
         self.quiet = quiet
+        self.loaded: list[str] = []
+        """Every model loaded, once each."""
 
     def __enter__(self) -> _Bar:
         self.progress.start()
@@ -177,7 +186,13 @@ class _Bar:
             self.progress.console.print(f"{name}: {calls} calls", markup=False)
 
     def event(self, event: Event) -> None:
-        if isinstance(event, ModelUnloaded):
+        if isinstance(event, ModelLoaded):
+            self.loaded += [event.model] * (event.model not in self.loaded)
+            if not self.quiet:
+                self.progress.console.print(
+                    f"  loaded {event.model} in {event.seconds:.2f} s", markup=False
+                )
+        elif isinstance(event, ModelUnloaded):
             unloads.add([event.model])
         elif isinstance(event, CallFinished) and self.task is not None:
             self.progress.advance(self.task)

@@ -1,14 +1,19 @@
-"""``localmoa eval``'s pure half: question sets, scoring rules and the local judge's prompts.
+"""``localmoa eval``: does the ensemble beat its best member, on this machine?
+
+The pure half says what to ask and how to read the replies:
 
 - :mod:`~localmoa.evaluation.questions`: the JSONL question shape, reading a user's set with
   errors that name the line, and the shipped starter set;
 - :mod:`~localmoa.evaluation.scoring`: the final value of an answer (documented rules), exact
   match, the bootstrap interval and wins/ties/losses;
 - :mod:`~localmoa.evaluation.grading`: the judge's rating and pairwise prompts (after MT-Bench
-  and Prometheus) and tolerant parsing of its verdicts.
+  and Prometheus) and tolerant parsing of its verdicts;
+- :mod:`~localmoa.evaluation.accounting`: how the seconds and loads of one batch are shared
+  out to the answers made in it.
 
-Nothing here loads a model or touches the disk beyond reading a question file: the engine
-runs the calls, and these functions say what to ask and how to read the replies.
+:mod:`~localmoa.evaluation.runner` runs it: every system answers every question in one batch
+plan (:mod:`localmoa.batch.runner`), the judge grades in batches too, and the result is one
+:class:`~localmoa.evaluation.report.EvalReport` (what ``localmoa eval --json`` prints).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from localmoa.evaluation.grading import (
     rating_messages,
 )
 from localmoa.evaluation.questions import Question, read_questions, starter_set
+from localmoa.evaluation.report import EvalReport, SystemScore
+from localmoa.evaluation.runner import check_judge, eval_systems, evaluate
 from localmoa.evaluation.scoring import (
     AnswerKind,
     WinsTiesLosses,
@@ -40,12 +47,17 @@ __all__ = [
     "PAIRWISE_FORMAT",
     "RATING_FORMAT",
     "AnswerKind",
+    "EvalReport",
     "Preference",
     "Question",
+    "SystemScore",
     "Verdict",
     "WinsTiesLosses",
     "answer_kind",
     "bootstrap_ci",
+    "check_judge",
+    "eval_systems",
+    "evaluate",
     "exact_match",
     "extract_final",
     "normalise_reference",

@@ -12,7 +12,7 @@ from conftest import write_config
 
 from localmoa.evaluation.report import EvalReport
 
-from .invoke import localmoa
+from .invoke import interrupt_when, localmoa
 
 CONFIG = """
 [models.wrong]
@@ -189,3 +189,14 @@ max_tokens = 16
     assert all(s.n == 3 for s in report.systems)
     logged = json.loads(localmoa("logs", "--json", "-n", "100").stdout)
     assert {r.run_id for r in report.results} <= {r["id"] for r in logged}
+
+
+def test_ctrl_c_stops_the_evaluation_and_unloads(tmp_path: Path) -> None:
+    slow = CONFIG.replace('reply = "{prompt}"', 'reply = "{prompt}"\nseconds_per_token = 0.5')
+    write_config(tmp_path, slow)
+    code, err = interrupt_when("loaded right", "eval", str(write_set(tmp_path, EXACT)))
+    assert code == 130, err
+    assert "interrupted; unloaded" in err and "right" in err.split("unloaded")[-1]
+    assert "Traceback" not in err
+    runs = json.loads(localmoa("logs", "--json", "-n", "100").stdout)
+    assert runs and {r["status"] for r in runs} == {"interrupted"}
