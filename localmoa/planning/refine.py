@@ -59,20 +59,41 @@ pay ``min_gain``."""
 
 def calls_as_planned(stages: Sequence[Sequence[Call]], prompt: str | None) -> list[list[CallSpec]]:
     """Each call as known before the run: its prompt tokens (the prompt, its system prompt,
-    and for a later layer the references at full length) and ``max_tokens`` to write."""
+    and for a later layer the references at full length) and ``max_tokens`` to write. Calls
+    made together (``Call.group``: an agent's samples, a batch's calls of one model) are one
+    spec of that many sequences, as they decode. A batch's stage holds every prompt's calls:
+    the references a call reads are its own prompt's (``Call.job``)."""
     base = len(prompt if prompt is not None else "x" * NOMINAL_PROMPT_CHARS) // CHARS_PER_TOKEN
     out: list[list[CallSpec]] = []
-    references = 0
+    references: dict[int, int] = {}  # job -> the tokens its previous stage wrote
     for stage in stages:
         specs = []
+        together: dict[int, list[CallSpec]] = {}
         for call in stage:
             system = len(call.system_prompt or "") // CHARS_PER_TOKEN
-            if references:
+            read = references.get(call.job, 0)
+            if read:
                 instruction = call.aggregate_prompt.replace("{responses}", "").rstrip()
                 system += len(instruction) // CHARS_PER_TOKEN
-            specs.append(CallSpec(call.model, base + system + references, call.max_tokens))
+            spec = CallSpec(call.model, base + system + read, call.max_tokens)
+            if call.group is None:
+                specs.append(spec)
+            else:
+                together.setdefault(call.group, []).append(spec)
+        for group in together.values():
+            specs.append(
+                CallSpec(
+                    group[0].model,
+                    max(s.prompt_tokens for s in group),
+                    max(s.output_tokens for s in group),
+                    sequences=len(group),
+                    total_output_tokens=sum(s.output_tokens for s in group),
+                )
+            )
         out.append(specs)
-        references = sum(call.max_tokens for call in stage)
+        references = {}
+        for call in stage:
+            references[call.job] = references.get(call.job, 0) + call.max_tokens
     return out
 
 

@@ -298,3 +298,24 @@ def test_a_resident_model_the_run_no_longer_needs_only_gets_the_plan_timed() -> 
     refined = refine(plan, stages, FITS, SERVER, resident=["big"])
     assert refined.waves == plan.waves and refined.estimated_seconds is not None
     assert "big" in refined.waves[0].unload
+
+
+def test_a_batchs_calls_of_one_model_are_timed_as_one_group_reading_their_own_references() -> None:
+    from localmoa.config import Agent, Ensemble
+    from localmoa.planning.refine import calls_as_planned
+    from localmoa.runtime.moa import batched, calls_for
+
+    ensemble = Ensemble(
+        layers=[["a", "b"]], aggregator=Agent(model="a"), max_tokens=100, temperature=0.0
+    )
+    one = calls_for(ensemble)
+    jobs = batched([one] * 4)
+    merged = [[c for job in jobs for c in job[k]] for k in range(len(one))]
+    alone = calls_as_planned(one, "x" * 400)
+    together = calls_as_planned(merged, "x" * 400)
+    assert [len(stage) for stage in together] == [2, 1]  # one spec per model and stage
+    (first_a, _), (aggregator,) = together
+    assert first_a.sequences == 4 and first_a.total_output_tokens == 400
+    # each prompt's aggregator reads its own prompt's two answers, not all eight
+    assert aggregator.prompt_tokens == alone[1][0].prompt_tokens
+    assert aggregator.sequences == 4
