@@ -32,7 +32,8 @@ from localmoa.cli.session import open_session
 from localmoa.cli.signals import arun, unloads
 from localmoa.evaluation.questions import STARTER_SET, Question, read_questions, starter_set
 from localmoa.evaluation.report import EvalReport, SystemScore
-from localmoa.evaluation.runner import check_judge, eval_systems, evaluate
+from localmoa.evaluation.runner import evaluate
+from localmoa.evaluation.systems import check_judge, eval_systems
 from localmoa.records.recorder import Recorder
 from localmoa.runtime.engine import CallFinished, Event, ModelLoaded, ModelUnloaded
 

@@ -8,6 +8,8 @@ The pure half says what to ask and how to read the replies:
   match, the bootstrap interval and wins/ties/losses;
 - :mod:`~localmoa.evaluation.grading`: the judge's rating and pairwise prompts (after MT-Bench
   and Prometheus) and tolerant parsing of its verdicts;
+- :mod:`~localmoa.evaluation.systems`: what is compared (the ensemble, each member alone, the
+  systems named) and the judge, as systems of the batch engine;
 - :mod:`~localmoa.evaluation.accounting`: how the seconds and loads of one batch are shared
   out to the answers made in it.
 
@@ -31,7 +33,7 @@ from localmoa.evaluation.grading import (
 )
 from localmoa.evaluation.questions import Question, read_questions, starter_set
 from localmoa.evaluation.report import EvalReport, SystemScore
-from localmoa.evaluation.runner import check_judge, eval_systems, evaluate
+from localmoa.evaluation.runner import evaluate
 from localmoa.evaluation.scoring import (
     AnswerKind,
     WinsTiesLosses,
@@ -42,6 +44,7 @@ from localmoa.evaluation.scoring import (
     normalise_reference,
     wins_ties_losses,
 )
+from localmoa.evaluation.systems import check_judge, eval_systems
 
 __all__ = [
     "PAIRWISE_FORMAT",

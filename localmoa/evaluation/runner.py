@@ -50,21 +50,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from localmoa.backends.base import Backend, ChatMessage, ResponseFormat
 from localmoa.backends.registry import backend_for
 from localmoa.batch.jobs import Job
-from localmoa.batch.runner import (
-    Outcome,
-    System,
-    ensemble_system,
-    model_system,
-    plan_batch,
-    run_batch,
-)
-from localmoa.config import Agent, Config, Ensemble
-from localmoa.errors import UserError
+from localmoa.batch.runner import Outcome, System, plan_batch, run_batch
+from localmoa.config import Config
 from localmoa.evaluation.accounting import LoadLedger, Shares, shared_seconds
 from localmoa.evaluation.grading import (
     PAIRWISE_FORMAT,
@@ -84,109 +76,17 @@ from localmoa.evaluation.scoring import (
     extract_final,
     normalise_reference,
 )
+from localmoa.evaluation.systems import check_judge, judge_system, members
 from localmoa.records.recorder import Recorder
 from localmoa.runtime.engine import Event, ModelLoaded
-from localmoa.runtime.moa import calls_for
 
-__all__ = [
-    "JUDGE_MAX_TOKENS",
-    "Phase",
-    "check_judge",
-    "eval_systems",
-    "evaluate",
-    "exact_score",
-    "judge_system",
-    "members",
-    "rating_score",
-]
-
-JUDGE_MAX_TOKENS = 1024
-"""Room for a judgement: a few sentences of reasons, then the verdict. Generous, since a
-verdict cut off by ``max_tokens`` is lost (MT-Bench gives its judge 2048); a judge that
-follows the format stops long before."""
+__all__ = ["Phase", "evaluate", "exact_score", "rating_score"]
 
 BOOTSTRAP_SEED = 0
 """The bootstrap's seed: one set of scores always gives one interval."""
 
 Phase = Callable[[str, int], None]
 """Told when a phase starts: its name ("answering", "rating", "comparing") and its calls."""
-
-
-def members(config: Config, ensemble: str) -> list[str]:
-    """The distinct models of ``ensemble`` (its proposers, then its aggregator), in order."""
-    table = config.ensemble(ensemble)
-    names = [agent.model for layer in table.layers for agent in layer] + [table.aggregator.model]
-    return list(dict.fromkeys(names))
-
-
-def eval_systems(config: Config, ensemble: str, extra: Sequence[str] = ()) -> list[System]:
-    """The systems compared: ``moa/ENSEMBLE``, ``model/M`` for each member, then each of
-    ``extra`` (``moa/NAME``, ``model/NAME``, or a bare name: an ensemble first, else a
-    model), each once; a name that is neither is a UserError listing what exists."""
-    systems = [ensemble_system(config, ensemble, label=f"moa/{ensemble}")]
-    systems += [model_system(config, ensemble, model) for model in members(config, ensemble)]
-    for name in extra:
-        system = _named_system(config, ensemble, name)
-        if system.name not in {s.name for s in systems}:
-            systems.append(system)
-    return systems
-
-
-def _named_system(config: Config, ensemble: str, name: str) -> System:
-    kind, _, rest = name.partition("/")
-    if kind == "moa" and rest in config.ensembles:
-        return ensemble_system(config, rest, label=f"moa/{rest}")
-    if kind == "model" and rest in config.models:
-        return model_system(config, ensemble, rest)
-    if name in config.ensembles:
-        return ensemble_system(config, name, label=f"moa/{name}")
-    if name in config.models:
-        return model_system(config, ensemble, name)
-    ensembles = ", ".join(f"moa/{n}" for n in sorted(config.ensembles)) or "none"
-    models = ", ".join(f"model/{n}" for n in sorted(config.models)) or "none"
-    where = f" in {config.source}" if config.source else ""
-    raise UserError(
-        f"--system {name}: no such ensemble or model{where}; name an ensemble ({ensembles}) "
-        f"or a model ({models})"
-    )
-
-
-def check_judge(config: Config, questions: Sequence[Question], judge: str | None) -> None:
-    """Refuse, before anything loads, a judge that is not a model of the config, and a set
-    with judged questions but no judge (a UserError saying how many and what to do)."""
-    models = ", ".join(sorted(config.models)) or "none"
-    where = f" in {config.source}" if config.source else ""
-    if judge is not None and judge not in config.models:
-        raise UserError(
-            f'--judge {judge}: no model "{judge}"{where}; name one of its models ({models})'
-        )
-    judged = [q.id for q in questions if q.kind == "judged"]
-    if judged and judge is None:
-        shown = ", ".join(judged[:4]) + (f" and {len(judged) - 4} more" if len(judged) > 4 else "")
-        raise UserError(
-            f"{len(judged)} of the {len(questions)} questions are judged ({shown}), and no "
-            f"judge was named: add --judge MODEL with one of the models{where} ({models}), "
-            "best a strong one outside the ensemble, or leave the judged questions out of the "
-            "set"
-        )
-
-
-def judge_system(model: str, response_format: ResponseFormat | None) -> System:
-    """One call of the judge ``model`` at temperature 0 (a verdict is not a dice roll), with
-    room for its reasons (:data:`JUDGE_MAX_TOKENS`) and ``response_format`` when its backend
-    honours one; recorded under ``judge/MODEL``."""
-    agent = Agent(
-        model=model,
-        temperature=0.0,
-        max_tokens=JUDGE_MAX_TOKENS,
-        response_format=response_format,
-    )
-    table = Ensemble(
-        layers=[[agent]], aggregator=agent, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS
-    )
-    (layer, _) = calls_for(table)
-    only = replace(layer[0], is_aggregator=True)  # one call, and it is the verdict
-    return System(f"judge/{model}", f"judge/{model}", [[only]], table)
 
 
 def exact_score(question: Question, answer: str) -> tuple[float, str | None]:
@@ -232,23 +132,27 @@ async def evaluate(
     on_event: Callable[[Event], None] | None = None,
 ) -> EvalReport:
     """Answer every question with every system, score the answers, grade judged ones with
-    ``judge`` and compare every system with the best member (module docstring). Call
-    :func:`check_judge` first: this assumes a judge wherever the set needs one."""
+    ``judge`` and compare every system with the best member (module docstring). Sets with
+    judged questions without a judge, or a judge not in ``config``, are refused before
+    anything loads (:func:`check_judge`)."""
+    check_judge(config, questions, judge)
     run = _Evaluation(
-        config, list(questions), list(systems), backends, ensemble, judge, memory_budget
+        config,
+        list(questions),
+        list(systems),
+        backends,
+        ensemble=ensemble,
+        judge=judge,
+        memory_budget=memory_budget,
+        recorder=recorder,
+        on_phase=on_phase or (lambda name, calls: None),
+        on_event=on_event or (lambda event: None),
     )
-    run.recorder = recorder
-    run.on_phase = on_phase or (lambda name, calls: None)
-    run.on_event = on_event or (lambda event: None)
     return await run.go(set_name)
 
 
 class _Evaluation:
     """The state of one evaluation, phase by phase."""
-
-    recorder: Recorder | None = None
-    on_phase: Phase
-    on_event: Callable[[Event], None]
 
     def __init__(
         self,
@@ -256,9 +160,13 @@ class _Evaluation:
         questions: list[Question],
         systems: list[System],
         backends: Mapping[str, Backend],
+        *,
         ensemble: str,
         judge: str | None,
         memory_budget: str | None,
+        recorder: Recorder | None,
+        on_phase: Phase,
+        on_event: Callable[[Event], None],
     ) -> None:
         self.config = config
         self.questions = questions
@@ -267,6 +175,9 @@ class _Evaluation:
         self.ensemble = ensemble
         self.judge = judge
         self.memory_budget = memory_budget
+        self.recorder = recorder
+        self.on_phase = on_phase
+        self.on_event = on_event
         self.cells = {(q, s): _Cell() for q in range(len(questions)) for s in range(len(systems))}
         self.seconds = [0.0] * len(systems)
         self.tokens = [0] * len(systems)
@@ -593,6 +504,18 @@ class _Evaluation:
                 "like their own (self-enhancement, MT-Bench arXiv 2306.05685 §3.3), so a judge "
                 "outside the systems compared is fairer."
             )
+        for s, row in enumerate(rows):
+            errors = [
+                cell.outcome.error if cell.outcome is not None else None
+                for (_, t), cell in self.cells.items()
+                if t == s and cell.answer is None
+            ]
+            if errors:
+                first = next((e for e in errors if e), "not answered")
+                notes.append(
+                    f"{row.name} gave no answer to {len(errors)} of the {len(self.questions)} "
+                    f"questions (the first: {first}); each scores 0."
+                )
         if self.judge_errors:
             notes.append(
                 f"{len(self.judge_errors)} of the judge's calls failed (the first: "

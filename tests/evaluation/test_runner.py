@@ -25,16 +25,9 @@ from localmoa.evaluation.accounting import LoadLedger, shared_seconds
 from localmoa.evaluation.grading import PAIRWISE_FORMAT, RATING_FORMAT
 from localmoa.evaluation.questions import Question, parse_questions
 from localmoa.evaluation.report import EvalReport, SystemScore
-from localmoa.evaluation.runner import (
-    check_judge,
-    eval_systems,
-    evaluate,
-    exact_score,
-    judge_system,
-    members,
-    rating_score,
-)
+from localmoa.evaluation.runner import evaluate, exact_score, rating_score
 from localmoa.evaluation.scoring import bootstrap_ci
+from localmoa.evaluation.systems import check_judge, eval_systems, judge_system, members
 from localmoa.runtime.events import CallRecord
 
 CONFIG = """
@@ -167,6 +160,14 @@ def test_judged_questions_need_a_judge_that_is_a_model(tmp_path: Path) -> None:
         check_judge(config, qs, "gpt")
     check_judge(config, qs, "judge")
     check_judge(config, questions(EXACT), None)  # an exact set needs none
+
+
+def test_evaluate_itself_refuses_judged_questions_without_a_judge(tmp_path: Path) -> None:
+    config = setup(tmp_path)
+    fake = scripted(config)
+    with pytest.raises(UserError, match="no judge was named"):
+        run(config, questions(EXACT, JUDGED), backend=fake)
+    assert fake.events == []  # nothing loaded
 
 
 def test_the_judge_is_one_greedy_call_that_is_the_answer() -> None:
@@ -314,6 +315,9 @@ def test_a_system_that_fails_scores_0_and_the_judge_is_not_asked(tmp_path: Path)
     assert len(rated) == 2 * 2  # moa/default and model/right on each judged question
     errors = {r.error for r in report.results if r.system == "model/wrong"}
     assert len(errors) == 1 and "out of order" in str(errors.pop())
+    (note,) = [n for n in report.notes if "gave no answer" in n]
+    assert note.startswith("model/wrong gave no answer to 6 of the 6 questions")
+    assert "out of order" in note
 
 
 def test_a_judge_call_that_cannot_fit_leaves_the_answer_unrated_and_says_why(
