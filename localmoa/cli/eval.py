@@ -157,14 +157,15 @@ class _Bar:
     and a line per phase and per load."""
 
     def __init__(self, quiet: bool) -> None:
+        console = stderr()
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("calls"),
             TimeElapsedColumn(),
-            console=stderr(),
-            disable=quiet,
+            console=console,
+            disable=quiet or not console.is_terminal,  # a log gets the lines, not a bar
             transient=True,
         )
         self.task: TaskID | None = None
