@@ -180,13 +180,17 @@ max_tokens = 16
         "model/tiny-b",
         "model/tiny-c",
     ]
-    assert all(s.failed == 0 and s.tokens > 0 and s.seconds > 0 for s in report.systems)
+    # A random model may end its answer at once: an empty answer fails that call, and is the
+    # only failure expected.
+    assert all(r.error is None or "empty answer" in r.error for r in report.results)
+    assert sum(s.failed for s in report.systems) < len(report.results)
+    assert all(s.tokens > 0 and s.seconds > 0 for s in report.systems)
     assert report.answer_loads == 3  # every model once, for every answer of every system
     assert sum(s.loads for s in report.systems) * 3 == pytest.approx(3, abs=1e-3)
     assert report.grading is not None and report.grading.loads == 2  # once per grading phase
     assert report.grading.ratings == 4  # the one judged question, four systems
     assert report.loads == 3 + 2
-    assert all(s.n == 3 for s in report.systems)
+    assert all(s.n == 3 for s in report.systems)  # a failed answer scores 0, still counted
     logged = json.loads(localmoa("logs", "--json", "-n", "100").stdout)
     assert {r.run_id for r in report.results} <= {r["id"] for r in logged}
 
