@@ -4,7 +4,7 @@
 (``model/NAME``: its proposers and its aggregator, one call each at the ensemble's settings,
 :func:`localmoa.batch.runner.model_system`), and any system named with ``--system``: another
 ensemble of the config (a Self-MoA, a ``final = "select"`` one) as ``moa/NAME``, or another
-model as ``model/NAME`` (:func:`eval_systems`).
+model as ``model/NAME`` (:mod:`localmoa.evaluation.systems`).
 
 **One batch answers everything.** Every system answers every question in one batch plan
 (:func:`localmoa.batch.runner.plan_batch`): each model loads as few times as the budget allows
@@ -19,8 +19,8 @@ and why the judge scored it so.
 - ``exact``: the answer's final value is read by the rules of
   :mod:`localmoa.evaluation.scoring` (a marker such as ``Answer: 408`` first, else the last
   number, choice or yes/no in the text) and compared with the reference: 1 when equal, else 0.
-- ``judged``: the judge rates the answer from 1 to 10 (:func:`~localmoa.evaluation.grading.
-  rating_messages`, with the reference when the question has one) and the score is
+- ``judged``: the judge rates the answer from 1 to 10 (the prompt of
+  :mod:`localmoa.evaluation.grading`, with the reference when the question has one); the score is
   ``(rating - 1) / 9``, so a 1 is 0, a 10 is 1 and both kinds share one scale. A rating the
   judge wrote in no readable form is *missing*: the question is left out of that system's ``n``
   (and counted as ``unrated``) rather than guessed.
@@ -34,10 +34,10 @@ interval on every run).
 **Against the best member.** The best member is the ensemble member (``model/NAME`` of one of
 its models) with the highest mean score; ties go to the one listed first. Every other system is
 compared with it question by question: on an exact question by the 0/1 scores; on a judged one
-by the judge's pairwise verdict asked in both orders (:func:`~localmoa.evaluation.grading.
-pairwise_verdict`: a win or loss needs both orders to agree, so a judge's preference for a
-position cancels out). No judge is asked where the answer decides itself: one side gave no
-answer (the other wins), or the two answers are the same text (a tie).
+by the judge's pairwise verdict asked in both orders (a win or loss needs both orders to agree,
+so a judge's preference for a position cancels out: MT-Bench's conservative rule). No judge is
+asked where the answers decide it: one side gave none (the other wins), or the two are the
+same text (a tie).
 
 **Costs per question** (:mod:`localmoa.evaluation.accounting`): device seconds (each stretch of
 time several calls shared split evenly among them; loads apart), output tokens of all its
