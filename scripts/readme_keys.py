@@ -20,14 +20,17 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from localmoa.batch.jobs import BatchSummary
 from localmoa.cli.reports import (
     PLAN,
+    BatchPlanReport,
     InitReport,
     ModelsReport,
     PlanReport,
     RunReport,
     key_list,
 )
+from localmoa.evaluation.report import EvalReport
 from localmoa.planning.fewest_loads import Plan
 from localmoa.records.models import LoggedRun, RunDetail
 
@@ -41,6 +44,9 @@ REPORTS: list[tuple[str, type[BaseModel]]] = [
     ("init --json", InitReport),
     ("logs --json", LoggedRun),
     ("logs show --json", RunDetail),
+    ("batch --json", BatchSummary),
+    ("batch --plan --json", BatchPlanReport),
+    ("eval --json", EvalReport),
     (PLAN, Plan),
 ]
 LISTS = {"logs --json"}

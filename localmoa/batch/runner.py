@@ -47,6 +47,7 @@ from localmoa.runtime.engine import (
     Event,
     Executor,
     Judged,
+    ModelUnloaded,
     RunResult,
 )
 from localmoa.runtime.moa import Call, batched, calls_for, stage_label
@@ -453,7 +454,9 @@ async def run_batch(
                 loads += counted
             on_chunk([outcomes[key] for key in sorted(outcomes)])
     finally:
-        await asyncio.shield(admission.drain())
+        for model in await asyncio.shield(admission.drain()):
+            if on_event is not None:
+                on_event(ModelUnloaded(model))
     return loads
 
 
@@ -483,7 +486,9 @@ async def _run_chunk(
     keep = set(plan.waves[0].resident) - set(plan.waves[0].load)
     for model in resident:
         if model not in keep:
-            await admission.release(model)
+            for gone in await admission.release(model):
+                if on_event is not None:
+                    on_event(ModelUnloaded(gone))
     recordings = [
         _start(recorder, job, system, plan, planned) if recorder is not None else None
         for _, job, _, system in units
@@ -548,7 +553,8 @@ def _start(
     config_of = planned.models
     return recorder.start(
         source="batch",
-        ensemble=system.ensemble,
+        # one model alone is not its ensemble's run: `logs -e NAME` would mix them
+        ensemble=system.name if system.name.startswith("model/") else system.ensemble,
         ensemble_config=system.table,
         plan=plan,
         budget=planned.budget,

@@ -154,6 +154,7 @@ def test_ctrl_c_keeps_the_chunks_written_and_the_rest_runs_next_time(tmp_path: P
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
     assert "Traceback" not in err
+    assert "nothing was loaded" not in err and "unloaded" in err  # says what it unloaded
     before = lines(out)
     assert len(before) % 2 == 0 and len(before) < 8
     done = localmoa("batch", str(source), "-o", str(out))
