@@ -12,10 +12,11 @@ Two targets of issue #13, measured side by side in one run:
 2. **Wall time with real llama.cpp**: three random-weight GGUF models of about 100 MB
    (``localmoa.tinymodels``, F32, distinct shapes and seeds; their answers are noise but every
    token is really decoded), loaded with ``use_mmap = false`` so a load copies the weights, at
-   ``temperature`` 0. The budget holds the two largest models as the batch loads them (each with
-   a KV cache per sequence of its largest group: ``--prompts`` sequences), so never all three:
-   both ways swap. The same N prompts go (a) once through ``localmoa batch IN -o OUT`` and (b)
-   through N ``localmoa run PROMPT --json`` processes one after another, as a shell loop would
+   ``temperature`` 0. The budget holds the two largest models as one prompt's run loads them,
+   never all three: every run swaps, and the batch must fit the KV caches of its sequences in
+   the same memory (``localmoa batch`` caps each model's sequences or takes smaller chunks).
+   The same N prompts go (a) once through ``localmoa batch IN -o OUT`` and (b) through N
+   ``localmoa run PROMPT --json`` processes one after another, as a shell loop would
    run them; each is a fresh process, so (b) also pays N process starts, which is what a user
    running them one by one pays. The two ways alternate ``--repeat`` times; reported: the
    median wall seconds of each, their ratio, and the loads each made (from ``--json``). One
@@ -129,15 +130,16 @@ def write_config(workdir: Path, n_ctx: int, max_tokens: int) -> tuple[Path, dict
     return path, paths
 
 
-def budget_for(config_path: Path, prompts: int) -> int:
-    """Room for the two largest models as a batch of ``prompts`` loads them (a KV cache per
-    sequence each, by localmoa's own footprints), never for all three."""
+def budget_for(config_path: Path) -> int:
+    """Room for the two largest models as one prompt's run loads them (by localmoa's own
+    footprints), never for all three: a run swaps, and the batch must fit its KV caches in the
+    same memory (it caps each model's sequences or takes smaller chunks)."""
     config = load_config(config_path)
 
     async def sizes() -> list[int]:
         backends = make_backends(config.settings)
         systems = [ensemble_system(config, "default")]
-        planned = await plan_batch(config, systems, prompts, backends, memory_budget="64GiB")
+        planned = await plan_batch(config, systems, 1, backends, memory_budget="64GiB")
         return sorted(planned.sizes.values())
 
     found = asyncio.run(sizes())
@@ -162,7 +164,7 @@ def localmoa(*args: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
 def real_section(workdir: Path, n: int, n_ctx: int, max_tokens: int, repeat: int) -> dict[str, Any]:
     """Target 2: ``localmoa batch`` against N ``localmoa run``s, real llama.cpp."""
     config_path, paths = write_config(workdir, n_ctx, max_tokens)
-    budget = budget_for(config_path, n)
+    budget = budget_for(config_path)
     env = {**os.environ, "LOCALMOA_HOME": str(workdir / "home"), "LOCALMOA_RECORD": "off"}
     common = ["--config", str(config_path), "--memory-budget", str(budget)]
     asked = prompts(n)
