@@ -7,11 +7,14 @@ One ``MoaServer`` (what ``localmoa serve`` runs) is started in this process on a
 with real uvicorn in a background thread and real llama.cpp behind it, on the three tiny
 random-weight models (``localmoa.tinymodels``: their answers are noise, but every token is really
 decoded, and they almost never stop early, so each call does ``--max-tokens`` tokens of work).
-The ensemble is 2 layers of tiny-a, tiny-b, tiny-c with tiny-a aggregating: 7 calls a request.
+The ensemble is 2 layers of tiny-a, tiny-b, tiny-c with tiny-a aggregating: 7 calls a request
+(``--large``: three models of about 100 MB instead).
 
 What is asked: does the server turn concurrent requests into throughput? The executor already
-runs a layer's calls in parallel, one worker thread per model, while a per-model lock serializes
-calls to one model across requests, and one ``ModelPool`` shares loaded models between requests.
+runs a layer's calls in parallel, one worker thread per model; calls of several requests to one
+model that wait for its turn are made together in the next (decoded as sequences of one context
+when the model holds several: ``--parallel``), and one ``ModelPool`` shares loaded models
+between requests.
 So the same N requests are sent (a) one after another and (b) all at once, with the official
 ``openai`` client; per mode we report the wall time, throughput (requests/s) and p50/p95 latency
 of a whole answer (non-streamed; ``--stream`` streams instead and adds time to first token), and
@@ -57,10 +60,18 @@ from localmoa.config import Config, parse_config
 from localmoa.footprint.estimate import estimate, read_gguf
 from localmoa.hardware import Budget
 from localmoa.serve.app import MoaServer
-from localmoa.tinymodels import PRESETS, ensemble_config, write_tiny_model
+from localmoa.tinymodels import PRESETS, TinySpec, ensemble_config, write_tiny_model
 
 MiB = 1 << 20
 MODELS = ("tiny-a", "tiny-b", "tiny-c")
+LARGE: dict[str, TinySpec] = {
+    # about 100, 89 and 73 MB (F32): decoding reads the weights, as a real model's does
+    "large-a": PRESETS["large-100m"],
+    "large-b": TinySpec(n_layer=7, n_embd=512, n_head=8, n_head_kv=4, n_ff=1536, seed=31),
+    "large-c": TinySpec(n_layer=6, n_embd=512, n_head=8, n_head_kv=2, n_ff=1536, seed=32),
+}
+"""``--large``: models big enough that one sequence's decode is bound by reading the weights,
+where decoding several requests together pays (the tiny ones are bound by overhead)."""
 N_CTX = 2048
 N_BATCH = 512
 SEED = 7
@@ -113,15 +124,16 @@ class Summary:
 # --- models, config, budget ----------------------------------------------------------------------
 
 
-def tiny_models(folder: Path) -> dict[str, Path]:
-    """The three tiny models, written once into ``folder`` and reused by later runs."""
+def tiny_models(folder: Path, large: bool = False) -> dict[str, Path]:
+    """The three tiny models (or ``large`` ones), written once into ``folder`` and reused."""
     folder.mkdir(parents=True, exist_ok=True)
+    specs = LARGE if large else {name: PRESETS[name] for name in MODELS}
     paths = {}
-    for name in MODELS:
+    for name, spec in specs.items():
         path = folder / f"{name}.gguf"
         if not path.exists():
             partial = path.with_suffix(".partial")
-            write_tiny_model(partial, PRESETS[name])
+            write_tiny_model(partial, spec)
             partial.replace(path)  # a run killed mid-write leaves no truncated model behind
         paths[name] = path
     return paths
@@ -377,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="sequences per llama.cpp context (parallel = N on every model): concurrent "
         "requests' calls to one model decode together; adds a one-call-per-turn mode to compare",
     )
+    parser.add_argument(
+        "--large", action="store_true", help="three ~100 MB models instead of the tiny ones"
+    )
     parser.add_argument("--stream", action="store_true", help="stream; adds time to first token")
     parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
     parser.add_argument(
@@ -389,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.n < 1 or args.repeat < 1 or args.max_tokens < 1:
         parser.error("-n, --repeat and --max-tokens must be positive")
 
-    paths = tiny_models(args.workdir)
+    paths = tiny_models(args.workdir, args.large)
     config = bench_config(paths, args.max_tokens, args.parallel)
     budget = bench_budget(paths, args.budget_models, args.parallel)
     with Serving(config, budget, max_queue=max(16, args.n)) as serving:
@@ -431,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"`{command}`")
     print(
         f"{args.n} requests per round, each mode {args.repeat}x in alternating order; "
-        f"2 layers x 3 tiny models + aggregator = 7 calls per request, {args.max_tokens} tokens "
+        f"2 layers x 3 {'~100 MB' if args.large else 'tiny'} models + aggregator = 7 calls "
+        f"per request, {args.max_tokens} tokens "
         f"each; warm-up request ({warm:.2f} s, includes first model loads) not timed"
     )
     print()
