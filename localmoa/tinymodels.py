@@ -8,7 +8,8 @@ Shape of the file (llama architecture, every tensor F32):
 
 - a byte-level SentencePiece-style vocabulary: ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
   ``<0x00>``..``<0xFF>`` and a few whole-word pieces, so any text tokenizes and any reply
-  detokenizes;
+  detokenizes (``TinySpec.english`` adds English word pieces, for benchmarks that need
+  prompts as long in tokens as a real vocabulary makes them);
 - a small Jinja chat template over system/user/assistant messages ending with an assistant cue,
   so ``Llama.create_chat_completion`` works as with a real instruct model;
 - norm weights of one and all other weights N(0, 0.02): the logits stay nearly flat, so sampling
@@ -63,6 +64,43 @@ _WORDS = ("▁", "▁the", "▁a", "▁and", "▁of", "▁to", "▁is", "▁in")
 BASE_VOCAB = len(_SPECIALS) + 256 + len(_WORDS)
 """Vocabulary size without padding pieces: specials, byte tokens and a few words."""
 
+_ENGLISH = tuple(
+    """
+the be to of and a in that have it for not on with he as you do at this but his by from they we
+say her she or an will my one all would there their what so up out if about who get which go me
+when make can like time no just him know take people into year your good some could them see
+other than then now look only come its over think also back after use two how our work first
+well way even new want because any these give day most us is are was were been has had did does
+answer answers response responses model models below several latest user message some may be
+biased incomplete simply wrong evaluate them critically keep what accurate resolve where they
+disagree write one refined well structured own do not copy verbatim mention that other exist
+question explain two sentences why sky blue light sun scattering air short long waves color name
+prime number what say hello world system assistant red green yellow more less very much many
+each every same different small large great right left high low old young early late best better
+true false yes no number numbers word words text line lines list point points part parts
+""".split()  # noqa: SIM905 - a word list reads best as text
+)
+"""English words (with the benchmarks' prompts and the aggregate instruction among them) for
+``TinySpec.english``: real vocabularies read English at about 4 characters a token, a
+byte-level one at 1, which would make every prompt's evaluation 4 times too costly against
+decoding."""
+
+
+def _english_pieces() -> list[str]:
+    """Pieces that let SentencePiece's merges spell the words: every printable ASCII
+    character, then each word's prefixes (``▁t``, ``▁th``, ``▁the``), capitalized too."""
+    pieces = dict.fromkeys(chr(c) for c in range(33, 127))
+    for word in _ENGLISH:
+        for spelled in (word, word.capitalize()):
+            marked = "▁" + spelled
+            for end in range(2, len(marked) + 1):
+                pieces[marked[:end]] = None
+    return [p for p in pieces if p not in _WORDS]
+
+
+ENGLISH_VOCAB = BASE_VOCAB + len(_english_pieces())
+"""The smallest ``n_vocab`` of a spec with ``english`` set."""
+
 _WEIGHT_STD = 0.02
 
 # Role tags are plain text (they tokenize to byte pieces); ``eos_token`` closes each turn the way
@@ -92,6 +130,11 @@ class TinySpec:
     n_ctx_train: int = 4096
     seed: int = 0
     n_vocab: int = BASE_VOCAB
+    english: bool = False
+    """Add English word pieces to the vocabulary (``n_vocab`` at least ``ENGLISH_VOCAB``), so
+    English prompts tokenize at about 3-4 characters a token as with real vocabularies, and
+    the random answers are words: for benchmarks whose prompts' evaluation must cost what it
+    would against decoding. Off for the fixtures, whose token counts tests rely on."""
 
     def __post_init__(self) -> None:
         if min(self.n_layer, self.n_embd, self.n_head, self.n_head_kv, self.n_ff) < 1:
@@ -102,6 +145,8 @@ class TinySpec:
             raise ValueError(f"n_head must be a multiple of n_head_kv: {self}")
         if self.n_vocab < BASE_VOCAB:
             raise ValueError(f"n_vocab must be at least {BASE_VOCAB}: {self}")
+        if self.english and self.n_vocab < ENGLISH_VOCAB:
+            raise ValueError(f"n_vocab must be at least {ENGLISH_VOCAB} with english: {self}")
 
     @property
     def head_dim(self) -> int:
@@ -229,12 +274,18 @@ def _add_metadata(writer: gguf.GGUFWriter, spec: TinySpec) -> None:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
 
-    pad = [f"▁w{i}" for i in range(spec.n_vocab - BASE_VOCAB)]
-    tokens = [*_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *_WORDS, *pad]
+    words = [*_WORDS, *(_english_pieces() if spec.english else [])]
+    pad = [f"▁w{i}" for i in range(spec.n_vocab - len(_SPECIALS) - 256 - len(words))]
+    tokens = [*_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *words, *pad]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(_WORDS) + len(pad))
-    # SentencePiece merges by score: prefer whole words, then padding pieces, bytes last.
-    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(_WORDS) + len(pad))]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (len(words) + len(pad))
+    # SentencePiece merges by score: longer pieces first (so words form), then padding pieces,
+    # bytes last.
+    ranked = sorted(range(len(words)), key=lambda i: (-len(words[i]), i))
+    rank = {i: r for r, i in enumerate(ranked)}
+    scores = [0.0] * 3 + [-1000.0] * 256
+    scores += [-float(rank[i]) for i in range(len(words))]
+    scores += [-float(len(words) + i) for i in range(len(pad))]
     writer.add_tokenizer_model("llama")
     # Typed arrays, not add_token_list & co: those make gguf infer and check every element's
     # type, a third of the time of writing a 128k-token header. The bytes are the same.

@@ -11,10 +11,15 @@ Two targets of issue #13, measured side by side in one run:
    chooses), against N separate runs (N times one prompt's)?
 2. **Wall time with real llama.cpp**: three random-weight GGUF models of about 100 MB
    (``localmoa.tinymodels``, F32, distinct shapes and seeds; their answers are noise but every
-   token is really decoded), loaded with ``use_mmap = false`` so a load copies the weights, at
-   ``temperature`` 0. The budget holds the two largest models as one prompt's run loads them,
-   never all three: every run swaps, and the batch must fit the KV caches of its sequences in
-   the same memory (``localmoa batch`` caps each model's sequences or takes smaller chunks).
+   token is really decoded). Their vocabulary has English word pieces (``TinySpec.english``),
+   so prompts and references read at about 4 characters a token as with a real model's
+   vocabulary; ``--byte-vocab`` runs the fixtures' byte-level one instead, which reads 1
+   character a token and so makes every prompt's evaluation (work a batch cannot share: it
+   is compute-bound) 4 times too costly against decoding (which it shares). Loaded with
+   ``use_mmap = false`` so a load copies the weights, at ``temperature`` 0. The budget holds
+   the two largest models as one prompt's run loads them, never all three: every run swaps,
+   and the batch must fit the KV caches of its sequences in the same memory (``localmoa
+   batch`` caps each model's sequences or takes smaller chunks).
    The same N prompts go (a) once through ``localmoa batch IN -o OUT`` and (b) through N
    ``localmoa run PROMPT --json`` processes one after another, as a shell loop would
    run them; each is a fresh process, so (b) also pays N process starts, which is what a user
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +49,13 @@ from typing import Any
 from localmoa.backends import make_backends
 from localmoa.batch.runner import ensemble_system, plan_batch
 from localmoa.config import load_config
-from localmoa.tinymodels import PRESETS, TinySpec, ensemble_config, write_tiny_model
+from localmoa.tinymodels import (
+    ENGLISH_VOCAB,
+    PRESETS,
+    TinySpec,
+    ensemble_config,
+    write_tiny_model,
+)
 
 SPECS: dict[str, TinySpec] = {
     # ~100 MB each: the benchmark preset, then two other shapes and seeds.
@@ -52,6 +64,19 @@ SPECS: dict[str, TinySpec] = {
     "m3": TinySpec(n_layer=6, n_embd=512, n_head=8, n_head_kv=2, n_ff=1536, seed=32),
 }
 """The three agents; ``m1`` also aggregates."""
+
+
+def specs(byte_vocab: bool) -> dict[str, TinySpec]:
+    """The agents with English word pieces in their vocabulary (prompts read at about 4
+    characters a token, as real vocabularies read English), or, with ``byte_vocab``, the
+    fixtures' byte-level one (about 1 character a token: every prompt 4 times as long)."""
+    if byte_vocab:
+        return SPECS
+    return {
+        name: dataclasses.replace(spec, english=True, n_vocab=ENGLISH_VOCAB)
+        for name, spec in SPECS.items()
+    }
+
 
 FAKES = """
 [models.a]
@@ -104,8 +129,10 @@ def model_file(workdir: Path, name: str, spec: TinySpec) -> Path:
     return path
 
 
-def write_config(workdir: Path, n_ctx: int, max_tokens: int) -> tuple[Path, dict[str, Path]]:
-    paths = {name: model_file(workdir, name, spec) for name, spec in SPECS.items()}
+def write_config(
+    workdir: Path, n_ctx: int, max_tokens: int, byte_vocab: bool
+) -> tuple[Path, dict[str, Path]]:
+    paths = {name: model_file(workdir, name, spec) for name, spec in specs(byte_vocab).items()}
     raw = ensemble_config(paths, n_ctx=n_ctx, max_tokens=max_tokens, seed=7)
     lines = []
     for name, model in raw["models"].items():
@@ -161,9 +188,11 @@ def localmoa(*args: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def real_section(workdir: Path, n: int, n_ctx: int, max_tokens: int, repeat: int) -> dict[str, Any]:
+def real_section(
+    workdir: Path, n: int, n_ctx: int, max_tokens: int, repeat: int, byte_vocab: bool
+) -> dict[str, Any]:
     """Target 2: ``localmoa batch`` against N ``localmoa run``s, real llama.cpp."""
-    config_path, paths = write_config(workdir, n_ctx, max_tokens)
+    config_path, paths = write_config(workdir, n_ctx, max_tokens, byte_vocab)
     budget = budget_for(config_path)
     env = {**os.environ, "LOCALMOA_HOME": str(workdir / "home"), "LOCALMOA_RECORD": "off"}
     common = ["--config", str(config_path), "--memory-budget", str(budget)]
@@ -199,6 +228,7 @@ def real_section(workdir: Path, n: int, n_ctx: int, max_tokens: int, repeat: int
         "prompts": n,
         "max_tokens": max_tokens,
         "n_ctx": n_ctx,
+        "vocabulary": "byte-level" if byte_vocab else "English word pieces",
         "batch_seconds": round(batch_s, 2),
         "batch_loads": summary["loads"],
         "batch_answered": sum(1 for line in answered if line["ok"]),
@@ -239,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=2, help="each way, alternating")
+    parser.add_argument(
+        "--byte-vocab",
+        action="store_true",
+        help="the fixtures' byte-level vocabulary (1 character a token) instead of English pieces",
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--skip-real", action="store_true", help="Only the planned loads.")
     parser.add_argument("--json", action="store_true")
@@ -247,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"prompts": args.prompts, "loads": loads_section(workdir, args.prompts)}
     if not args.skip_real:
-        doc["real"] = real_section(workdir, args.prompts, args.n_ctx, args.max_tokens, args.repeat)
+        doc["real"] = real_section(
+            workdir, args.prompts, args.n_ctx, args.max_tokens, args.repeat, args.byte_vocab
+        )
     print(json.dumps(doc, indent=2) if args.json else markdown(doc))
     return 0
 

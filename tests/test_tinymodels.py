@@ -134,3 +134,21 @@ def test_header_only_8b_plans_like_the_real_model(tmp_path: Path) -> None:
     stat = path.stat()
     assert stat.st_size == data_start + footprint.weights  # no tensor here needs padding
     assert stat.st_blocks * 512 < 8 << 20  # only the ~3 MB header is on disk
+
+
+def test_an_english_vocabulary_reads_english_as_real_vocabularies_do(tmp_path: Path) -> None:
+    from localmoa.runtime.moa import AGGREGATE_PROMPT
+    from localmoa.tinymodels import ENGLISH_VOCAB
+
+    def chars_per_token(spec: TinySpec) -> float:
+        path = write_tiny_model(tmp_path / f"{spec.english}.gguf", spec)
+        vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        text = AGGREGATE_PROMPT + " Explain in two sentences why the sky is blue."
+        tokens = vocab.tokenize(text.encode())
+        assert vocab.detokenize(tokens).decode().strip() == text  # every word spelled back
+        return len(text) / len(tokens)
+
+    assert chars_per_token(TinySpec()) < 1.1  # the fixtures: one byte a token
+    assert chars_per_token(TinySpec(english=True, n_vocab=ENGLISH_VOCAB)) > 3.5
+    with pytest.raises(ValueError, match="with english"):
+        TinySpec(english=True)
