@@ -54,4 +54,13 @@ echo
 echo "== localmoa run --ensemble sparse: a judge after each layer (its choice on stderr)"
 .venv/bin/localmoa run --config "$demo/models.toml" --ensemble sparse "Why run models locally?"
 echo
+echo "== localmoa batch: four prompts planned together, each model loaded once for all of them"
+printf '%s\n' '{"id": 1, "prompt": "Why run models locally?"}' \
+    '{"id": 2, "prompt": "What is a mixture of agents?"}' \
+    '{"id": 3, "prompt": "Name a use for a local model."}' \
+    '{"id": 4, "prompt": "Why plan memory before loading?"}' >"$demo/prompts.jsonl"
+rm -f "$demo/answers.jsonl"
+.venv/bin/localmoa batch --config "$demo/models.toml" "$demo/prompts.jsonl" -o "$demo/answers.jsonl"
+echo "   $(wc -l <"$demo/answers.jsonl") lines in $demo/answers.jsonl, one per prompt"
+echo
 echo "Use your own GGUF models: see 'Your own models' in README.md."
