@@ -483,7 +483,14 @@ class LlamaCppBackend(Backend):
                         unfit.append((int(asked[1]), index, exc))
                 if unfit:
                     raise _unfit(name, loaded.n_ctx, requests, samples, unfit)
-                decode_together(loaded, samples, parallel, stop, lambda i, d: emit((i, d)))
+                decode_together(
+                    loaded,
+                    samples,
+                    parallel,
+                    stop,
+                    lambda i, d: emit((i, d)),
+                    self._crowded(loaded),
+                )
             except BackendError:
                 raise
             except Exception as exc:
@@ -499,6 +506,13 @@ class LlamaCppBackend(Backend):
 
         async for piece in _on_worker(loaded, work):
             yield piece
+
+    def _crowded(self, loaded: _Loaded) -> Callable[[], bool]:
+        """Whether another loaded model is computing now (read from ``loaded``'s worker: a
+        list's truth, racy by a token at worst)."""
+        return lambda: any(
+            other.busy for other in list(self._models.values()) if other is not loaded
+        )
 
     async def count_tokens(self, name: str, config: Any, messages: list[ChatMessage]) -> int:
         """Exact: the model's chat template and tokenizer (:meth:`prompt_tokens`)."""

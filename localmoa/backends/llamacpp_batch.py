@@ -248,10 +248,21 @@ def decode_together(
     parallel: int,
     stop: threading.Event,
     emit: Callable[[int, ChatDelta], None],
+    crowded: Callable[[], bool] = lambda: False,
 ) -> None:
     """Decode ``samples`` together, ``parallel`` (at most the context's sequences) at a time,
     from the model's worker thread; return early once ``stop`` is set. The context is left
     empty, as after a load.
+
+    Threads: llama.cpp gives a decode of more than one token its batch threads (all cores by
+    default) and one token its decode threads (half). A step of several sequences is the
+    former; alone on the device it should have them all, but while other models compute too
+    (``crowded``: a layer's agents decode at once), as many busy threads as cores each
+    oversubscribe the CPU and every model slows down, so the step gets the decode threads.
+    Measured on 2 cores (``scripts/bench_serve.py --large``): three ~100 MB models serving 8
+    requests at once, each model's calls made together, 1.41x the throughput of one call per
+    model turn; with the batch threads throughout, about 1.0x. A batch whose models run one
+    at a time keeps the batch threads (``scripts/bench_batch.py``).
 
     The samples of one prompt are taken next to each other, so that they share a round and
     its one evaluation; no answer depends on that order (each sample samples with its own
@@ -267,21 +278,42 @@ def decode_together(
         rank.setdefault(tuple(sample.prompt), len(rank))
     ordered = sorted(samples, key=lambda sample: rank[tuple(sample.prompt)])
     rounds = _Rounds(loaded, memory, width, stop, emit)
+    threads = _Threads(llama)
     llama_cpp.llama_memory_clear(memory, True)
     llama.reset()
     try:
         for first in range(0, len(ordered), width):
             if stop.is_set():
                 return
+            threads.fit(crowded())
             live = rounds.begin(ordered[first : first + width])
             while live and not stop.is_set():
+                threads.fit(crowded())
                 step(llama, rounds.batch, live)
                 rounds.take(live)
                 live = [sample for sample in live if not sample.done]
     finally:
+        threads.fit(False)
         rounds.batch.close()
         llama_cpp.llama_memory_clear(memory, True)
         llama.reset()
+
+
+class _Threads:
+    """The threads a batch of several tokens decodes with: the batch's own, or the decode's
+    while other models compute (see :func:`decode_together`)."""
+
+    def __init__(self, llama: Any) -> None:
+        self.llama = llama
+        self.crowded = False
+
+    def fit(self, crowded: bool) -> None:
+        if crowded != self.crowded:
+            import llama_cpp
+
+            batch = self.llama.n_threads if crowded else self.llama.n_threads_batch
+            llama_cpp.llama_set_n_threads(self.llama.ctx, self.llama.n_threads, batch)
+            self.crowded = crowded
 
 
 class _Rounds:

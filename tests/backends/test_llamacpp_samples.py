@@ -525,3 +525,40 @@ def test_text_waits_for_whole_characters_and_for_what_may_begin_a_stop() -> None
     sample = Sample(index=0, prompt=[1], sampler=None, stops=["STOP"], limit=99, criteria=None)
     assert sample._release(b"xST", final=False) == ("x", False)
     assert sample._release(b"\xe2\x82", final=True) == ("ST", False)  # the end: all of it
+
+
+async def test_steps_take_the_decode_threads_while_another_model_computes(
+    loaded: LlamaCppBackend, tiny_models: dict[str, Path]
+) -> None:
+    """Several models' batch threads at once would oversubscribe the cores: a step of several
+    sequences gets the batch threads alone on the device, the decode threads while another
+    model computes, and the context is left with its own threads after."""
+    import llama_cpp
+
+    llama = loaded._models["m"].llama
+    llama.n_threads, llama.n_threads_batch = 1, 2  # as on a 2-core machine
+    llama_cpp.llama_set_n_threads(llama.ctx, 1, 2)
+    context = llama._ctx
+    real_decode = context.decode
+    seen: list[tuple[int, int]] = []  # (tokens in the decode, batch threads it ran with)
+
+    def decode(batch: Any) -> Any:
+        seen.append((batch.batch.n_tokens, llama_cpp.llama_n_threads_batch(llama.ctx)))
+        return real_decode(batch)
+
+    context.decode = decode
+    prompts = [asking("A", 1, max_tokens=4), asking("B", 2, max_tokens=4)]
+    await samples(loaded, prompts, parallel=2)
+    alone = [threads for tokens, threads in seen if tokens == 2]
+    seen.clear()
+    await loaded.load("other", model(tiny_models["tiny-b"]))
+    try:
+        loaded._models["other"].busy.append(threading.Event())  # it computes meanwhile
+        await samples(loaded, prompts, parallel=2)
+    finally:
+        loaded._models["other"].busy.clear()
+        await loaded.unload("other")
+    crowded = [threads for tokens, threads in seen if tokens == 2]
+    assert alone and set(alone) == {2}
+    assert crowded and set(crowded) == {1}
+    assert llama_cpp.llama_n_threads_batch(llama.ctx) == 2  # its own again
