@@ -27,12 +27,19 @@ from rich.progress import (
 )
 
 from localmoa.batch.jobs import BatchResult, BatchSummary, Job, Results, pending, read_jobs
-from localmoa.batch.runner import BatchPlan, Outcome, ensemble_system, plan_batch, run_batch
+from localmoa.batch.runner import (
+    BatchPlan,
+    Outcome,
+    System,
+    ensemble_system,
+    plan_batch,
+    run_batch,
+)
 from localmoa.cli.options import budget_option, config_option, ensemble_option, json_option
 from localmoa.cli.plan import plan_report
 from localmoa.cli.render import print_json, print_plan, stderr, stdout, warning
 from localmoa.cli.reports import BatchPlanReport
-from localmoa.cli.session import open_session
+from localmoa.cli.session import Session, open_session
 from localmoa.cli.signals import arun, unloads
 from localmoa.records.recorder import Recorder
 from localmoa.runtime.engine import CallFinished, Event, ModelUnloaded
@@ -114,15 +121,22 @@ async def _plan(
 ) -> BatchPlanReport:
     async with open_session(config_path, memory_budget) as session:
         system = ensemble_system(session.config, ensemble)
-        planned = await plan_batch(
-            session.config,
-            [system],
-            len(jobs),
-            session.backends,
-            memory_budget=memory_budget,
-            chunk=chunk,
-        )
+        planned = await _planned(session, system, len(jobs), memory_budget, chunk)
         return _plan_report(planned, ensemble, len(jobs), session.reasons)
+
+
+async def _planned(
+    session: Session, system: System, prompts: int, memory_budget: str | None, chunk: int | None
+) -> BatchPlan:
+    """The one place ``batch`` plans, with or without ``--plan``."""
+    return await plan_batch(
+        session.config,
+        [system],
+        prompts,
+        session.backends,
+        memory_budget=memory_budget,
+        chunk=chunk,
+    )
 
 
 def _plan_report(
@@ -184,14 +198,7 @@ async def _run(
             counts = {"answered": 0, "failed": 0}
             loads = 0
             if todo:
-                planned = await plan_batch(
-                    session.config,
-                    [system],
-                    len(todo),
-                    session.backends,
-                    memory_budget=memory_budget,
-                    chunk=chunk,
-                )
+                planned = await _planned(session, system, len(todo), memory_budget, chunk)
                 calls = sum(len(stage) for stage in system.stages)
                 if skipped:
                     stderr().print(

@@ -28,25 +28,10 @@ from localmoa.config import Config, LlamaCppModel, load_config
 from localmoa.errors import BudgetError
 from localmoa.records.recorder import Recorder
 from localmoa.runtime.engine import CallStarted, Event, ModelLoaded
+from tests.cli.invoke import TWO_OF_THREE
 from tests.conftest import write_config
 
-THREE = """
-[settings]
-memory_budget = "2GiB"
-[models.a]
-backend = "fake"
-memory = "1GiB"
-[models.b]
-backend = "fake"
-memory = "1GiB"
-[models.c]
-backend = "fake"
-memory = "1GiB"
-[ensembles.default]
-layers = [["a", "b", "c"], ["a", "b", "c"]]
-aggregator = "a"
-"""
-"""Three 1 GiB models on a budget that holds two: one prompt alone needs 4 loads."""
+THREE = TWO_OF_THREE
 
 
 def config_of(tmp_path: Path, text: str = THREE) -> Config:

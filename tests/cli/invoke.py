@@ -25,6 +25,9 @@ aggregator = "a"
 """
 """Three 1 GiB fake models, two layers of all three and ``a`` aggregating."""
 
+TWO_OF_THREE = FAKE_THREE.replace("[models.a]", '[settings]\nmemory_budget = "2GiB"\n[models.a]')
+"""The three fakes on a budget that holds two of them: one prompt alone needs 4 loads."""
+
 
 def localmoa(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

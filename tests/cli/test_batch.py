@@ -11,10 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.cli.invoke import FAKE_THREE, localmoa
-
-TWO_OF_THREE = FAKE_THREE.replace("[models.a]", '[settings]\nmemory_budget = "2GiB"\n[models.a]')
-"""The three 1 GiB fakes on a budget that holds two of them."""
+from .invoke import TWO_OF_THREE, localmoa
 
 
 def setup(tmp_path: Path, prompts: int, config: str = TWO_OF_THREE) -> tuple[Path, Path]:
@@ -96,8 +93,7 @@ def test_plan_shows_the_chunks_and_the_loads_without_running(tmp_path: Path) -> 
 
 
 def test_failed_prompts_are_written_and_the_exit_is_1(tmp_path: Path) -> None:
-    config = TWO_OF_THREE.replace('[models.b]\nbackend = "fake"', '[models.b]\nbackend = "fake"')
-    config += '[models.d]\nbackend = "fake"\nmemory = "1GiB"\nfail = "it broke"\n'
+    config = TWO_OF_THREE + '[models.d]\nbackend = "fake"\nmemory = "1GiB"\nfail = "it broke"\n'
     config += '[ensembles.weak]\nlayers = [["d"]]\naggregator = "a"\n'
     source, out = setup(tmp_path, 2, config)
     done = localmoa("batch", str(source), "-o", str(out), "-e", "weak", "--json")
