@@ -261,8 +261,8 @@ def decode_together(
     oversubscribe the CPU and every model slows down, so the step gets the decode threads.
     Measured on 2 cores (``scripts/bench_serve.py --large``): three ~100 MB models serving 8
     requests at once, each model's calls made together, 1.41x the throughput of one call per
-    model turn; with the batch threads throughout, about 1.0x. A batch whose models run one
-    at a time keeps the batch threads (``scripts/bench_batch.py``).
+    model turn (4 requests: 1.14x). A batch whose models run one at a time keeps the batch
+    threads (``scripts/bench_batch.py``).
 
     The samples of one prompt are taken next to each other, so that they share a round and
     its one evaluation; no answer depends on that order (each sample samples with its own
