@@ -54,7 +54,7 @@ echo
 echo "== localmoa run --ensemble sparse: a judge after each layer (its choice on stderr)"
 .venv/bin/localmoa run --config "$demo/models.toml" --ensemble sparse "Why run models locally?"
 echo
-echo "== localmoa batch: four prompts planned together, each model loaded once for all of them"
+echo "== localmoa batch: four prompts planned together, every load serving all four"
 printf '%s\n' '{"id": 1, "prompt": "Why run models locally?"}' \
     '{"id": 2, "prompt": "What is a mixture of agents?"}' \
     '{"id": 3, "prompt": "Name a use for a local model."}' \
