@@ -108,6 +108,7 @@ __all__ = [
     "CallPiece",
     "CallRecord",
     "CallStarted",
+    "Emit",
     "Event",
     "Executor",
     "Judged",
