@@ -156,3 +156,48 @@ def test_ctrl_c_keeps_the_chunks_written_and_the_rest_runs_next_time(tmp_path: P
     done = localmoa("batch", str(source), "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert sorted((line["id"] for line in lines(out)), key=int) == [str(i) for i in range(8)]
+
+
+def test_on_ollama_a_models_calls_for_every_prompt_are_concurrent_requests(
+    tmp_path: Path,
+) -> None:
+    """Each Ollama model is loaded once for the batch, and a stage's requests to it for every
+    prompt go at once, answered within Ollama's slots (OLLAMA_NUM_PARALLEL), bodies asserted."""
+    from fake_ollama import FakeOllama, FakeOllamaModel
+
+    gb = 1_000_000_000
+    installed = [
+        FakeOllamaModel(name="llama3.1:8b", family="llama", size=2 * gb),
+        FakeOllamaModel(name="qwen2.5:7b", family="qwen2", size=2 * gb),
+    ]
+    with FakeOllama(installed, num_parallel=4, token_seconds=0.002) as ollama:
+        text = f"""
+[settings]
+ollama_host = "{ollama.url}"
+[models.llama]
+backend = "ollama"
+model = "llama3.1:8b"
+num_ctx = 2048
+[models.qwen]
+backend = "ollama"
+model = "qwen2.5:7b"
+num_ctx = 2048
+parallel = 4  # the server's slots
+[ensembles.default]
+layers = [["llama", "qwen"]]
+aggregator = "llama"
+max_tokens = 16
+"""
+        source, out = setup(tmp_path, 4, text)
+        done = localmoa("batch", str(source), "-o", str(out), "--json", "--memory-budget", "64GiB")
+        loads = [model for kind, model in ollama.events if kind == "load"]
+        chats = [body for method, path, body in ollama.requests if path == "/api/chat"]
+        most = dict(ollama.max_in_flight)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["answered"] == 4
+    assert sorted(loads) == ["llama3.1:8b", "qwen2.5:7b"]  # each once for all four prompts
+    layer_1 = [c for c in chats if c["model"] == "qwen2.5:7b"]
+    asked = sorted(c["messages"][-1]["content"] for c in layer_1)
+    assert asked == [f"question {i}" for i in range(4)]  # every prompt's own request
+    assert 2 <= most["qwen2.5:7b"] <= 4  # at once, within the server's slots
+    assert most["llama3.1:8b"] == 1  # parallel unset: one at a time, as Ollama's default
