@@ -69,6 +69,7 @@ __all__ = [
     "choose_chunk",
     "ensemble_system",
     "model_system",
+    "one_call_system",
     "plan_batch",
     "run_batch",
 ]
@@ -105,15 +106,25 @@ def model_system(config: Config, ensemble: str, model: str) -> System:
     table = config.ensemble(ensemble)
     agents = [agent for layer in table.layers for agent in layer] + [table.aggregator]
     agent = next((a for a in agents if a.model == model), Agent(model=model))
-    alone = Ensemble(
-        layers=[[agent.model_copy(update={"samples": 1})]],
-        aggregator=agent.model_copy(update={"samples": 1}),
+    return one_call_system(
+        f"model/{model}",
+        ensemble,
+        agent,
         temperature=table.temperature,
         max_tokens=table.max_tokens,
     )
+
+
+def one_call_system(
+    name: str, ensemble: str, agent: Agent, *, temperature: float, max_tokens: int
+) -> System:
+    """A system of one call of ``agent`` (no samples), whose answer is the prompt's answer;
+    ``temperature`` and ``max_tokens`` apply where the agent sets none."""
+    one = agent.model_copy(update={"samples": 1})
+    alone = Ensemble(layers=[[one]], aggregator=one, temperature=temperature, max_tokens=max_tokens)
     (layer, _) = calls_for(alone)
     only = replace(layer[0], is_aggregator=True)  # one call, and it is the answer
-    return System(f"model/{model}", ensemble, [[only]], alone)
+    return System(name, ensemble, [[only]], alone)
 
 
 @dataclass(frozen=True)
@@ -395,7 +406,6 @@ async def run_batch(
     on_chunk: Report,
     on_event: Callable[[Event], None] | None = None,
     recorder: Recorder | None = None,
-    check: bool = True,
 ) -> int:
     """Answer every job with every system of ``planned``, chunk by chunk; ``on_chunk`` gets
     each chunk's outcomes (job-major) as soon as it finishes. Returns the loads made.
@@ -407,13 +417,22 @@ async def run_batch(
     reported, and every model is unloaded."""
     systems = planned.systems
     hopeless: dict[tuple[int, int], str] = {}
-    if check:
-        for j, job in enumerate(jobs):
-            for s, system in enumerate(systems):
-                try:
-                    await check_prompt(config, system.stages, backends, job.messages)
-                except PromptTooLongError as exc:
-                    hopeless[j, s] = str(exc)
+    for j, job in enumerate(jobs):
+        for s, system in enumerate(systems):
+            try:
+                await check_prompt(config, system.stages, backends, job.messages)
+            except PromptTooLongError as exc:
+                hopeless[j, s] = str(exc)
+
+    def units(first: int) -> list[tuple[int, Job, int, System]]:
+        """The chunk from job ``first``: each of its jobs through each system that can run."""
+        return [
+            (j, jobs[j], s, system)
+            for j in range(first, min(first + planned.chunk, len(jobs)))
+            for s, system in enumerate(systems)
+            if (j, s) not in hopeless
+        ]
+
     settings = config.settings
     loads = 0
     executor = Executor(
@@ -427,28 +446,16 @@ async def run_batch(
     admission = _KeepAdmission(executor.models, executor.backend, planned.sizes, planned.budget)
     try:
         for first in range(0, len(jobs), planned.chunk):
-            chunk = list(enumerate(jobs))[first : first + planned.chunk]
-            units = [
-                (j, job, s, system)
-                for j, job in chunk
-                for s, system in enumerate(systems)
-                if (j, s) not in hopeless
-            ]
             outcomes: dict[tuple[int, int], Outcome] = {
                 key: Outcome(jobs[key[0]], systems[key[1]], None, why, 0.0)
                 for key, why in hopeless.items()
-                if chunk[0][0] <= key[0] <= chunk[-1][0]
+                if first <= key[0] < first + planned.chunk
             }
-            upcoming = list(enumerate(jobs))[first + planned.chunk : first + 2 * planned.chunk]
-            following = [
-                (j, job, s, system)
-                for j, job in upcoming
-                for s, system in enumerate(systems)
-                if (j, s) not in hopeless
-            ]
-            if units:
+            chunk = units(first)
+            if chunk:
+                following = units(first + planned.chunk)
                 made, counted = await _run_chunk(
-                    executor, admission, planned, units, following, on_event, recorder
+                    executor, admission, planned, chunk, following, on_event, recorder
                 )
                 outcomes.update(made)
                 loads += counted

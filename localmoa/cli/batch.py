@@ -206,7 +206,7 @@ async def _run(
                         f"answering the other {len(todo)}",
                         markup=False,
                     )
-                with _bar(len(todo) * calls, quiet) as bar:
+                with _Bar(len(todo) * calls, quiet) as bar:
 
                     def on_event(event: Event) -> None:
                         if isinstance(event, ModelUnloaded):
@@ -258,7 +258,7 @@ def _line(outcome: Outcome) -> BatchResult:
     )
 
 
-class _bar:
+class _Bar:
     """The progress bar on stderr: calls made, with the ETA; a chunk's calls count as made
     when the chunk is written (a call made but lost with an interrupted chunk does not count)."""
 
@@ -278,7 +278,7 @@ class _bar:
         self.made = 0
         self.written = 0
 
-    def __enter__(self) -> _bar:
+    def __enter__(self) -> _Bar:
         self.progress.start()
         return self
 

@@ -124,25 +124,19 @@ async def _run(
             soft_wrap=True,
         )
         with _Bar(quiet) as bar:
-            try:
-                report = await evaluate(
-                    config,
-                    questions,
-                    systems,
-                    session.backends,
-                    ensemble=ensemble,
-                    judge=judge,
-                    set_name=set_name,
-                    memory_budget=memory_budget,
-                    recorder=recorder,
-                    on_phase=bar.phase,
-                    on_event=bar.event,
-                )
-            finally:
-                # The batch unloads what it holds when it ends, however it ends, without an
-                # event for each: what it loaded and no backend still holds was unloaded.
-                held = {m for backend in session.backends.values() for m in backend.loaded()}
-                unloads.add([m for m in bar.loaded if m not in held])
+            report = await evaluate(
+                config,
+                questions,
+                systems,
+                session.backends,
+                ensemble=ensemble,
+                judge=judge,
+                set_name=set_name,
+                memory_budget=memory_budget,
+                recorder=recorder,
+                on_phase=bar.phase,
+                on_event=bar.event,
+            )
     stderr().print(
         f"evaluated in {report.seconds:.1f} s with {report.loads} loads "
         f"({report.answer_loads} answering, {report.loads - report.answer_loads} grading)",
@@ -170,8 +164,6 @@ class _Bar:
         )
         self.task: TaskID | None = None
         self.quiet = quiet
-        self.loaded: list[str] = []
-        """Every model loaded, once each."""
 
     def __enter__(self) -> _Bar:
         self.progress.start()
@@ -189,7 +181,6 @@ class _Bar:
 
     def event(self, event: Event) -> None:
         if isinstance(event, ModelLoaded):
-            self.loaded += [event.model] * (event.model not in self.loaded)
             if not self.quiet:
                 self.progress.console.print(
                     f"  loaded {event.model} in {event.seconds:.2f} s", markup=False

@@ -13,14 +13,12 @@ questions with no judge, is a :class:`~localmoa.errors.UserError` listing what e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 from localmoa.backends.base import ResponseFormat
-from localmoa.batch.runner import System, ensemble_system, model_system
-from localmoa.config import Agent, Config, Ensemble
+from localmoa.batch.runner import System, ensemble_system, model_system, one_call_system
+from localmoa.config import Agent, Config
 from localmoa.errors import UserError
 from localmoa.evaluation.questions import Question
-from localmoa.runtime.moa import calls_for
 
 __all__ = ["JUDGE_MAX_TOKENS", "check_judge", "eval_systems", "judge_system", "members"]
 
@@ -101,9 +99,5 @@ def judge_system(model: str, response_format: ResponseFormat | None) -> System:
         max_tokens=JUDGE_MAX_TOKENS,
         response_format=response_format,
     )
-    table = Ensemble(
-        layers=[[agent]], aggregator=agent, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS
-    )
-    (layer, _) = calls_for(table)
-    only = replace(layer[0], is_aggregator=True)  # one call, and it is the verdict
-    return System(f"judge/{model}", f"judge/{model}", [[only]], table)
+    name = f"judge/{model}"
+    return one_call_system(name, name, agent, temperature=0.0, max_tokens=JUDGE_MAX_TOKENS)
