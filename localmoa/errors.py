@@ -31,6 +31,7 @@ __all__ = [
     "BudgetError",
     "ConfigError",
     "ConfigNotFoundError",
+    "DeviceLost",
     "EgressError",
     "LayerFailedError",
     "LocalMoaError",
@@ -117,6 +118,15 @@ class BackendError(RunError):
     def __init__(self, model: str, message: str) -> None:
         super().__init__(f'model "{model}": {message}')
         self.model = model
+
+
+class DeviceLost(BackendError):
+    """The device (or cluster node) a model was placed on is gone: its calls fail, and the rest
+    of the run is planned again on the devices that remain."""
+
+    def __init__(self, model: str, devices: list[str], message: str) -> None:
+        super().__init__(model, message)
+        self.devices = devices
 
 
 class LayerFailedError(RunError):

@@ -28,12 +28,21 @@ import sys
 from typing import Literal
 
 import psutil
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from localmoa.errors import BudgetError
 from localmoa.sizes import parse_size
 
-__all__ = ["DETECTED", "Budget", "detect_budget", "device_budget", "resolve_budget"]
+__all__ = [
+    "DETECTED",
+    "Budget",
+    "Device",
+    "DeviceKind",
+    "Placement",
+    "detect_budget",
+    "device_budget",
+    "resolve_budget",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,52 @@ APPLE_LARGE_RAM = 36 * GiB
 
 DETECTED = frozenset({"nvml", "apple", "ram"})
 """Budget sources that read the device: such a budget also says what kind of device it is."""
+
+
+DeviceKind = Literal["gpu", "unified", "cpu"]
+"""A discrete GPU (llama.cpp pins a model to it by ``index``), Apple unified memory, or RAM
+(llama.cpp runs a model placed there on the CPU)."""
+
+
+class Device(BaseModel):
+    """One bin the planner packs models into: a GPU, unified memory, or RAM, on this machine or
+    on a cluster node. Placement is decided per device; ``memory`` is all a plan may use of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="how plans and records name it: gpu0, ram, or as declared")
+    memory: int = Field(description="bytes models placed on it may take (the margin taken off)")
+    kind: DeviceKind = "gpu"
+    index: int | None = Field(
+        default=None, description="the GPU's CUDA ordinal: llama.cpp's main_gpu when pinned"
+    )
+    uuid: str | None = Field(default=None, description="NVML's GPU UUID, stable across orders")
+    node: str | None = Field(
+        default=None, description="the Ray node it belongs to; None = this machine"
+    )
+    detail: str = Field(default="", description="where the figure came from, for the plan")
+
+
+class Placement(BaseModel):
+    """Where one model loads: one device, or (a model too large for any one device, that allows
+    ``split``) several, each holding ``shares`` of its bytes."""
+
+    model_config = ConfigDict(frozen=True)
+
+    devices: tuple[Device, ...]
+    shares: tuple[int, ...] = ()
+    """Bytes on each of ``devices`` when split (llama.cpp's tensor_split proportions)."""
+
+    @property
+    def device(self) -> Device:
+        """The device that holds the model, or most of it."""
+        if not self.shares:
+            return self.devices[0]
+        return max(zip(self.shares, self.devices, strict=True), key=lambda p: p[0])[1]
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.devices]
 
 
 class Budget(BaseModel):

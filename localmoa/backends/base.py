@@ -27,7 +27,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -40,6 +40,9 @@ from pydantic import (
 
 from localmoa.errors import BackendError
 from localmoa.footprint.estimate import Footprint
+
+if TYPE_CHECKING:
+    from localmoa.hardware import Placement
 
 __all__ = [
     "CHARS_PER_TOKEN_ESTIMATE",
@@ -232,8 +235,11 @@ class Backend(ABC):
         for what makes the model unusable (missing file, model not installed, server down)."""
 
     @abstractmethod
-    async def load(self, name: str, config: Any) -> None:
-        """Make model ``name`` (its models.toml entry ``config``) resident."""
+    async def load(self, name: str, config: Any, placement: Placement | None = None) -> None:
+        """Make model ``name`` (its models.toml entry ``config``) resident, where ``placement``
+        says when the plan placed it (None: wherever the backend puts it). Only backends that
+        can pin a model act on it (llama.cpp, the Ray cluster's); the others place models
+        themselves."""
 
     @abstractmethod
     async def unload(self, name: str) -> None:

@@ -50,6 +50,7 @@ from localmoa.backends.base import REQUEST_OPTIONS, Backend, ChatDelta, ChatRequ
 from localmoa.backends.configs import FakeModel
 from localmoa.errors import BackendError
 from localmoa.footprint.estimate import Footprint
+from localmoa.hardware import Placement
 
 __all__ = ["FakeBackend", "fill_reply"]
 
@@ -85,6 +86,8 @@ class FakeBackend(Backend):
         self.max_in_flight: dict[str, int] = {}
         """Most calls each model was answering at once (a model never called is absent)."""
         self.resident: dict[str, int] = {}
+        self.placements: dict[str, Placement | None] = {}
+        """Where each model was last loaded, as the plan placed it (None: not placed)."""
         self.peak_bytes = 0
         self._configs: dict[str, FakeModel] = {}
         self._in_flight: dict[str, int] = {}
@@ -92,7 +95,7 @@ class FakeBackend(Backend):
     async def footprint(self, name: str, config: Any) -> Footprint:
         return Footprint.override(int(config.memory))
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Placement | None = None) -> None:
         if not isinstance(config, FakeModel):
             raise TypeError(f"FakeBackend cannot load {type(config).__name__}")
         if name in self.resident:
@@ -103,6 +106,7 @@ class FakeBackend(Backend):
         if config.load_seconds:
             await asyncio.sleep(config.load_seconds)
         self.resident[name] = size
+        self.placements[name] = placement
         self._configs[name] = config
         self.peak_bytes = max(self.peak_bytes, sum(self.resident.values()))
         self.events.append(("load", name))

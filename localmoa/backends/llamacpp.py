@@ -89,6 +89,7 @@ from localmoa.backends.llamacpp_batch import Capture, Sample, decode_together, g
 from localmoa.errors import BackendError, ModelFileError
 from localmoa.footprint.estimate import Footprint, estimate, read_gguf
 from localmoa.footprint.measurements import ProcessMemory
+from localmoa.hardware import Placement
 
 __all__ = ["LlamaCppBackend"]
 
@@ -124,7 +125,29 @@ def _measured_bytes(lines: list[str]) -> int | None:
     return int(sum(sizes) * (1 << 20)) if sizes else None
 
 
-def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
+def placement_params(config: LlamaCppModel, placement: Placement | None) -> dict[str, Any]:
+    """llama.cpp's device parameters for ``placement``. One GPU: ``split_mode = NONE`` with
+    ``main_gpu`` (in llama.cpp's default LAYER mode ``main_gpu`` is ignored and every GPU gets
+    layers). Several: LAYER mode with ``tensor_split`` in proportion to the planned bytes, by
+    CUDA ordinal. RAM: no layers offloaded. None, or unified memory: llama.cpp's defaults."""
+    params: dict[str, Any] = {"n_gpu_layers": config.n_gpu_layers}
+    if placement is None:
+        return params
+    gpus = [d for d in placement.devices if d.kind == "gpu" and d.index is not None]
+    if placement.device.kind == "cpu":
+        params["n_gpu_layers"] = 0
+    elif len(gpus) == 1 and len(placement.devices) == 1:
+        params.update(split_mode=0, main_gpu=gpus[0].index)  # LLAMA_SPLIT_MODE_NONE
+    elif len(gpus) > 1:
+        shares = dict(zip(placement.devices, placement.shares or [1] * len(gpus), strict=True))
+        split = [0.0] * (max(d.index or 0 for d in gpus) + 1)
+        for gpu in gpus:
+            split[gpu.index or 0] = float(shares[gpu])
+        params.update(split_mode=1, main_gpu=placement.device.index or 0, tensor_split=split)
+    return params
+
+
+def _construct(config: LlamaCppModel, placement: Placement | None = None) -> tuple[Any, int | None]:
     import llama_cpp
 
     n_seq = config.parallel or 1
@@ -133,10 +156,10 @@ def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
         model_path=str(config.path),
         n_ctx=config.n_ctx * n_seq,
         n_batch=config.n_batch,
-        n_gpu_layers=config.n_gpu_layers,
         n_threads=config.n_threads,
         use_mmap=config.use_mmap,
         seed=llama_cpp.LLAMA_DEFAULT_SEED if config.seed is None else config.seed,
+        **placement_params(config, placement),
     )
     # llama-cpp-python checks a prompt against the whole context (every sequence's cells), but
     # a chat call has sequence 0's alone: with one sequence the two are the same number.
@@ -144,10 +167,12 @@ def _construct(config: LlamaCppModel) -> tuple[Any, int | None]:
     return llama, measured
 
 
-def _construct_measured(config: LlamaCppModel) -> tuple[Any, int | None, int]:
+def _construct_measured(
+    config: LlamaCppModel, placement: Placement | None = None
+) -> tuple[Any, int | None, int]:
     """:func:`_construct`, and this process's growth over it (see the module docstring)."""
     before = ProcessMemory.now()
-    llama, measured = _construct(config)
+    llama, measured = _construct(config, placement)
     return llama, measured, ProcessMemory.now().growth_since(before)
 
 
@@ -358,7 +383,7 @@ class LlamaCppBackend(Backend):
         n_seq = config.parallel or 1
         return estimate(facts, n_ctx=config.n_ctx, n_batch=config.n_batch, n_seq=n_seq)
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Placement | None = None) -> None:
         if not isinstance(config, LlamaCppModel):
             raise TypeError(f"LlamaCppBackend cannot load {type(config).__name__}")
         if name in self._models:
@@ -366,7 +391,9 @@ class LlamaCppBackend(Backend):
         if not config.path.is_file():
             raise ModelFileError(f"{config.path}: file not found (model {name})")
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"localmoa-{name}")
-        loading = asyncio.get_running_loop().run_in_executor(worker, _construct_measured, config)
+        loading = asyncio.get_running_loop().run_in_executor(
+            worker, _construct_measured, config, placement
+        )
         try:
             llama, measured, peak = await asyncio.shield(loading)
         except BaseException as exc:

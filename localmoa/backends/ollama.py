@@ -74,6 +74,7 @@ from localmoa.errors import (
 )
 from localmoa.footprint.estimate import Footprint, GGUFFacts, estimate, facts_from_metadata
 from localmoa.footprint.measurements import MeasurementCache
+from localmoa.hardware import Placement
 
 if TYPE_CHECKING:
     from localmoa.config import Settings
@@ -272,7 +273,7 @@ class OllamaBackend(Backend):
 
     # --- the seam ------------------------------------------------------------------------------
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Placement | None = None) -> None:
         assert isinstance(config, OllamaModel)
         model = await self.find(config.model, setting=f"models.{name}.model")
         began = time.perf_counter()

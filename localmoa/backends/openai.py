@@ -90,6 +90,7 @@ from localmoa.errors import (
     ServerUnavailableError,
 )
 from localmoa.footprint.estimate import Footprint
+from localmoa.hardware import Placement
 
 __all__ = ["OpenAIBackend"]
 
@@ -150,7 +151,7 @@ class OpenAIBackend(Backend):
             f"declare models.{name}.memory to count it",
         )
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Placement | None = None) -> None:
         config = _expect(config)
         if name in self._models:
             raise BackendError(name, "already loaded")
