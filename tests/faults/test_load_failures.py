@@ -66,7 +66,7 @@ class FailingLoads(FakeBackend):
         self.resident_first = resident_first
         self.holding = asyncio.Event()
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Any = None) -> None:
         if name in self.failures:
             raise self.failures[name]
         if name == self.hold:

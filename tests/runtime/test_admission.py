@@ -23,7 +23,7 @@ class HeldLoads(FakeBackend):
         self.hold, self.resident_first = hold, resident_first
         self.holding = asyncio.Event()
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Any = None) -> None:
         if name == self.hold:
             if self.resident_first:
                 await super().load(name, config)

@@ -157,7 +157,7 @@ async def test_a_failed_call_has_an_end_and_no_first_token() -> None:
 
 
 class NoRoomForC(FakeBackend):
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Any = None) -> None:
         if name == "c":
             raise BackendError(name, "out of memory")
         await super().load(name, config)

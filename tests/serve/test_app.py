@@ -304,7 +304,7 @@ class Timeline(FakeBackend):
         super().__init__(**kwargs)
         self.spans: list[tuple[str, str, float, float]] = []
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Any = None) -> None:
         began = time.perf_counter()
         await super().load(name, config)
         self.spans.append(("load", name, began, time.perf_counter()))

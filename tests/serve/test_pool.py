@@ -244,7 +244,7 @@ class FlakyLoads(FakeBackend):
         super().__init__(**kwargs)
         self.model, self.failed = model, False
 
-    async def load(self, name: str, config: Any) -> None:
+    async def load(self, name: str, config: Any, placement: Any = None) -> None:
         if name == self.model and not self.failed:
             self.failed = True
             raise BackendError(name, "out of memory")
