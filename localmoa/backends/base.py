@@ -327,11 +327,11 @@ class Backend(ABC):
                 unloaded.append(name)
         return unloaded
 
-    @abstractmethod
     def lost(self) -> frozenset[str]:
         """Devices this backend found gone (a cluster node that died): the engine re-plans the
         rest of the run without them. A backend on this machine loses none."""
         return frozenset()
 
+    @abstractmethod
     def loaded(self) -> list[str]:
         """Names of the models this backend holds now."""
