@@ -12,11 +12,11 @@ taken only when estimated at least ``min_gain`` faster: the estimate has an erro
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from localmoa.hardware import Budget
+from localmoa.hardware import Budget, Device
 from localmoa.planning.fewest_loads import Plan, make_plan
 from localmoa.planning.profiles import Profile, profile_for
 from localmoa.planning.refine import refine, timed
@@ -63,8 +63,17 @@ def plan_run(
     *,
     resident: Sequence[str] = (),
     prompt: str | None = None,
+    devices: Sequence[Device] | None = None,
+    splittable: Collection[str] = (),
+    where: Mapping[str, str] | None = None,
 ) -> Plan:
     """The plan for ``stages`` within ``budget`` bytes, made as ``policy`` says.
+
+    ``devices``: the bins models are placed in (then their sum is the budget, and ``budget`` is
+    not read); ``where`` the device of each ``resident`` model, ``splittable`` the models that
+    may span several devices (see :func:`~localmoa.planning.fewest_loads.make_plan`). With
+    several devices the plan is the fewest loads, timed but not refined: the search for a
+    faster plan (:mod:`~localmoa.planning.refine`) knows one device.
 
     ``sizes`` are the models' bytes, ``resident`` the models loaded already (a plan made
     mid-run or for a request to a warm server), ``prompt`` the prompt when known (it sizes the
@@ -75,12 +84,19 @@ def plan_run(
     with the fewest (then ``fewest_loads`` and ``fewest_loads_seconds`` say what was traded).
     Raises BudgetError as :func:`~localmoa.planning.fewest_loads.make_plan` does.
     """
+    bins = {d.name: d.memory for d in devices} if devices else None
     plan = make_plan(
-        [[c.model for c in stage] for stage in stages], sizes, budget, resident=resident
+        [[c.model for c in stage] for stage in stages],
+        sizes,
+        budget,
+        resident=resident,
+        devices=bins,
+        splittable=splittable,
+        where=where,
     )
     if policy.profile is None:
         return plan
-    if policy.plan_for == "loads":
+    if policy.plan_for == "loads" or len(plan.devices) > 1:
         return timed(plan, stages, sizes, policy.profile, prompt=prompt, resident=resident)
     return refine(
         plan,

@@ -35,7 +35,7 @@ whether nothing was pruned, in which case ``loads`` is the proven minimum.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field
 
 from localmoa.errors import BudgetError
 from localmoa.planning.bitsets import bits, mask_of, submasks
+from localmoa.planning.placement import Assignment, Packer
 from localmoa.sizes import format_bytes
 
 __all__ = ["Plan", "Wave", "make_plan"]
@@ -50,6 +51,8 @@ __all__ = ["Plan", "Wave", "make_plan"]
 MAX_WORK = 1 << 15
 MAX_FRONTIER = 256
 MAX_EXACT_PACK = 10
+DEVICE = "device"
+"""The name of the one device of a plan made for a budget alone."""
 
 
 class Wave(BaseModel):
@@ -61,12 +64,25 @@ class Wave(BaseModel):
     load: list[str] = Field(description="models loaded before this wave")
     unload: list[str] = Field(description="models unloaded before this wave (before the loads)")
     bytes: int = Field(description="sum of the resident models' bytes")
+    devices: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="device -> the models resident on it during this wave (a split model is "
+        "listed under each device it spans)",
+    )
+    shares: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="split models only: model -> device -> the bytes it holds there",
+    )
 
 
 class Plan(BaseModel):
     """An ordered list of waves that covers every call of every stage once."""
 
     budget_bytes: int
+    devices: dict[str, int] = Field(
+        default_factory=dict,
+        description="device -> the bytes a plan may use on it, in order; the budget is their sum",
+    )
     loads: int
     lower_bound: int = Field(description="distinct models: no plan can load fewer")
     optimal: bool = Field(
@@ -113,17 +129,30 @@ def make_plan(
     budget: int,
     *,
     resident: Sequence[str] = (),
+    devices: Mapping[str, int] | None = None,
+    splittable: Collection[str] = (),
+    where: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan ``stages`` (model names per call, in call order) under ``budget`` bytes.
 
     ``resident`` models are loaded already (a plan made mid-run): the ones the run still needs
     are free to use, the others are unloaded by the first wave. Should they not fit the budget
     together (a measurement came out larger than its estimate), the ones needed latest go first.
-    Raises BudgetError when the budget is not positive or a model alone exceeds it, and
-    ValueError for a size that is not a whole number of bytes ≥ 0.
+
+    ``devices`` (name -> bytes, in order) are the bins models are placed in; then ``budget`` is
+    ignored for their sum, a resident set must pack onto them (:mod:`~localmoa.planning.
+    placement`), ``where`` says which device each resident model is on, and the models in
+    ``splittable`` may span several devices when none holds them alone. None: one device of
+    ``budget`` bytes. Raises BudgetError when a device is not positive or a model fits nowhere,
+    and ValueError for a size that is not a whole number of bytes ≥ 0.
     """
-    if budget <= 0:
-        raise BudgetError(f"the memory budget must be positive, got {budget} bytes")
+    bins = dict(devices) if devices else {DEVICE: budget}
+    budget = sum(bins.values())
+    if any(size <= 0 for size in bins.values()):
+        if devices is None or len(bins) == 1:
+            raise BudgetError(f"the memory budget must be positive, got {budget} bytes")
+        empty = next(name for name, size in bins.items() if size <= 0)
+        raise BudgetError(f'device "{empty}" has no memory to plan with ({bins[empty]} bytes)')
     if not stages or any(not stage for stage in stages):
         raise ValueError("every stage must call at least one model")
     names = list(dict.fromkeys(model for stage in stages for model in stage))
@@ -132,14 +161,39 @@ def make_plan(
         # one once sent the cost model searching forever.
         if isinstance(sizes[name], bool) or not isinstance(sizes[name], int) or sizes[name] < 0:
             raise ValueError(f'model "{name}": {sizes[name]!r} is not a size in bytes')
-        if sizes[name] > budget:
-            raise BudgetError(
-                f'model "{name}" needs {format_bytes(sizes[name])} but the memory budget is '
-                f"{format_bytes(budget)}, so it can never be loaded; raise the budget "
-                "(--memory-budget or settings.memory_budget), lower the model's n_ctx, "
-                "or use a smaller quantization"
-            )
-    return _Planner(stages, names, [sizes[n] for n in names], budget, resident).solve()
+        _check_fits(name, sizes[name], bins, name in splittable)
+    split = mask_of(i for i, n in enumerate(names) if n in splittable)
+    packer = Packer(bins, [sizes[n] for n in names], split)
+    planner = _Planner(stages, names, [sizes[n] for n in names], budget, resident, packer)
+    return planner.solve(where or {})
+
+
+def _check_fits(name: str, size: int, bins: Mapping[str, int], splittable: bool) -> None:
+    """A model that fits no device alone (nor all of them together, when it may be split)
+    can never be loaded: say so before planning, with what to do."""
+    largest = max(bins.values())
+    if size <= largest:
+        return
+    if len(bins) == 1:
+        raise BudgetError(
+            f'model "{name}" needs {format_bytes(size)} but the memory budget is '
+            f"{format_bytes(largest)}, so it can never be loaded; raise the budget "
+            "(--memory-budget or settings.memory_budget), lower the model's n_ctx, "
+            "or use a smaller quantization"
+        )
+    biggest = max(bins, key=lambda n: bins[n])
+    if not splittable:
+        raise BudgetError(
+            f'model "{name}" needs {format_bytes(size)} but the largest device, "{biggest}", '
+            f"has {format_bytes(largest)}; set split = true on [models.{name}] to spread it "
+            "over several devices (llama.cpp), lower its n_ctx, or use a smaller quantization"
+        )
+    if size > sum(bins.values()):
+        raise BudgetError(
+            f'model "{name}" needs {format_bytes(size)}, more than all {len(bins)} devices '
+            f"together ({format_bytes(sum(bins.values()))}); lower its n_ctx or use a smaller "
+            "quantization"
+        )
 
 
 class _Planner:
@@ -150,8 +204,11 @@ class _Planner:
         size: list[int],
         budget: int,
         resident: Sequence[str],
+        packer: Packer,
     ) -> None:
         self.stages = stages
+        self.packer = packer
+        self.fits = packer.fits
         self.names = names
         self.size = size
         self.budget = budget
@@ -174,7 +231,7 @@ class _Planner:
         self.start = 0
         self.leaving = [r for r in resident if r not in index]
         for i in sorted((index[r] for r in resident if r in index), key=self._first_use):
-            if self.bytes_of(self.start | 1 << i) <= budget:
+            if self.fits(self.start | 1 << i):
                 self.start |= 1 << i
             else:
                 self.leaving.append(names[i])
@@ -187,7 +244,7 @@ class _Planner:
     def _bytes(self, mask: int) -> int:
         return sum(self.size[i] for i in bits(mask))
 
-    def solve(self) -> Plan:
+    def solve(self, where: Mapping[str, str]) -> Plan:
         frontier: dict[int, tuple[Cost, tuple[_Step, ...]]] = {self.start: ((0, 0, 0), ())}
         for k in range(len(self.demand)):
             nxt: dict[int, tuple[Cost, tuple[_Step, ...]]] = {}
@@ -203,7 +260,7 @@ class _Planner:
                         nxt[end] = (total, (*steps, step))
             frontier = self._prune(nxt)
         cost, steps = min(frontier.values(), key=lambda v: v[0])
-        return self._render(cost, steps)
+        return self._placed(self._render(cost, steps), where)
 
     def _prune(
         self, states: dict[int, tuple[Cost, tuple[_Step, ...]]]
@@ -232,6 +289,10 @@ class _Planner:
 
     def _feasible(self, new: int, carry: int, keep: int) -> bool:
         """C ∪ E fits, and every other model loaded in the stage fits beside C."""
+        if not self.packer.single:
+            return self.fits(carry | keep) and all(
+                self.fits(carry | 1 << i) for i in bits(new & ~keep)
+            )
         held = self.bytes_of(carry)
         if held + self.bytes_of(keep) > self.budget:
             return False
@@ -273,6 +334,8 @@ class _Planner:
     def _bins(self, k: int, step: _Step, *, exact: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
         first = self.demand[k] & step.start
         rest = self.demand[k] & ~step.start & ~step.keep
+        if not self.packer.single:
+            return self._pack_devices(step.carry, first & ~step.carry, step.keep, rest)
         return self.pack(
             self.budget - self.bytes_of(step.carry),
             self.bytes_of(first & ~step.carry),
@@ -311,6 +374,40 @@ class _Planner:
             if not best or len(bins) < len(best):
                 best = bins
         return best
+
+    def _pack_devices(
+        self, carry: int, first: int, keep: int, rest: int
+    ) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """:meth:`_pack` on several devices: the stage's waves, each of which must pack onto
+        them with the carried models. First-fit decreasing: fewer waves is concurrency, not
+        loads, so an exact packing is not worth its cost here."""
+        fits = self.fits
+        specials: list[tuple[str, int]] = []
+        if first and keep and fits(carry | first | keep):
+            specials.append(("both", first | keep))
+        else:
+            if first:
+                specials.append(("first", first))
+            if keep:
+                specials.append(("last", keep))
+        kinds = [kind for kind, _ in specials]
+        masks = [mask for _, mask in specials]
+        members: list[list[int]] = [[] for _ in specials]
+        for i in sorted(bits(rest), key=lambda i: (-self.size[i], i)):
+            slot = next(
+                (b for b, m in enumerate(masks) if kinds[b] != "both" and fits(carry | m | 1 << i)),
+                None,
+            )
+            if slot is None:
+                kinds.append("plain")
+                masks.append(0)
+                members.append([])
+                slot = len(masks) - 1
+            masks[slot] |= 1 << i
+            members[slot].append(i)
+        if kinds and kinds[0] == "both" and len(kinds) > 1:  # the one bin cannot have company
+            kinds[0:1], members[0:1] = ["first", "last"], [[], []]
+        return _ordered(kinds, members)
 
     def _fill(
         self, cap: int, layout: list[tuple[str, int]], items: list[int], exact: bool
@@ -399,6 +496,66 @@ class _Planner:
 
     def _names(self, mask: int) -> list[str]:
         return [self.names[i] for i in bits(mask)]
+
+    def _placed(self, plan: Plan, where: Mapping[str, str]) -> Plan:
+        """``plan`` with each wave's devices: a model keeps its device while it stays resident
+        (``where`` for those resident before the plan); the ones loaded go around them. When
+        they cannot (the set fits, but not around what stays), the wave is packed afresh and a
+        model that must change device is unloaded and loaded again there: counted as a load,
+        and the plan no longer claims the fewest."""
+        packer, devices = self.packer, self.packer.names
+        index = {name: i for i, name in enumerate(self.names)}
+        on: dict[int, int] = {
+            index[m]: devices.index(d) for m, d in where.items() if m in index and d in devices
+        }
+        waves: list[Wave] = []
+        moved: list[str] = []
+        for wave in plan.waves:
+            mask = mask_of(index[m] for m in wave.resident)
+            kept = {i: d for i, d in on.items() if mask >> i & 1 and self.names[i] not in wave.load}
+            got = packer.pack(mask, kept)
+            move: list[str] = []
+            if got is None:
+                got = packer.pack(mask)
+                if got is None:  # fits() said it packs: only a search cut short gets here
+                    raise AssertionError(f"wave {wave.resident} does not pack onto {devices}")
+                move = [self.names[i] for i, d in kept.items() if got[i][0][0] != d]
+            # A split model's main device (most of its bytes) is the one it keeps.
+            on = {i: max(spans, key=lambda s: s[1])[0] for i, spans in got.items()}
+            waves.append(_with_devices(wave, got, self.names, devices, move))
+            moved += move
+        update: dict[str, object] = {
+            "waves": waves,
+            "devices": dict(zip(devices, packer.caps, strict=True)),
+        }
+        if moved:
+            update["loads"] = plan.loads + len(moved)
+            update["optimal"] = False
+            update["bytes_loaded"] = plan.bytes_loaded + sum(self.size[index[m]] for m in moved)
+        return plan.model_copy(update=update)
+
+
+def _with_devices(
+    wave: Wave, got: Assignment, names: list[str], devices: list[str], move: list[str]
+) -> Wave:
+    """``wave`` with its placement: device -> models, split models' shares, and the models that
+    had to move (unloaded and loaded again in this wave)."""
+    order = {name: i for i, name in enumerate(wave.resident)}
+    placed: dict[str, list[str]] = {d: [] for d in devices}
+    shares: dict[str, dict[str, int]] = {}
+    for i, spans in sorted(got.items(), key=lambda kv: order[names[kv[0]]]):
+        for d, _ in spans:
+            placed[devices[d]].append(names[i])
+        if len(spans) > 1:
+            shares[names[i]] = {devices[d]: size for d, size in spans}
+    update: dict[str, object] = {
+        "devices": {d: models for d, models in placed.items() if models},
+        "shares": shares,
+    }
+    if move:
+        update["unload"] = [*wave.unload, *move]
+        update["load"] = [*move, *wave.load]
+    return wave.model_copy(update=update)
 
 
 def _ordered(kinds: list[str], members: list[list[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:

@@ -169,6 +169,7 @@ def _as_plan(
     def ranked(models: frozenset[str] | tuple[str, ...]) -> list[str]:
         return sorted(models, key=order.index)
 
+    (device,) = was.devices or {"device": was.budget_bytes}  # the search knows one device
     out = [
         Wave(
             layer=w.stage + 1,
@@ -177,12 +178,14 @@ def _as_plan(
             load=list(w.load),
             unload=ranked(w.unload),
             bytes=sum(sizes[m] for m in w.resident),
+            devices={device: ranked(w.resident)} if w.resident else {},
         )
         for w in waves
     ]
     loads = sum(len(w.load) for w in out)
     return Plan(
         budget_bytes=was.budget_bytes,
+        devices=was.devices,
         loads=loads,
         lower_bound=was.lower_bound,
         optimal=was.optimal and loads == was.loads,
