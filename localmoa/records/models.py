@@ -37,6 +37,15 @@ class LoggedRun(BaseModel):
     seconds: float | None = Field(description="wall-clock seconds; null while running")
     calls: int = Field(description="calls recorded")
     loads: int = Field(description="model loads recorded")
+    devices: list[str] = Field(
+        default_factory=list,
+        description="the devices its calls and loads were placed on, sorted; empty when the "
+        "plan placed nothing",
+    )
+    nodes: list[str] = Field(
+        default_factory=list,
+        description="the Ray nodes its calls and loads ran on, sorted; empty on this machine",
+    )
     prompt: str | None = Field(description='the last user message; null with record = "metadata"')
     answer: str | None = Field(description='the answer; null if none, or with "metadata"')
     error: str | None = Field(description="why it failed or was interrupted")
@@ -52,6 +61,12 @@ class LoggedCall(BaseModel):
     role: str = Field(description='"proposer", "judge", "roles" or "aggregator"')
     model: str
     backend: str
+    device: str | None = Field(
+        default=None,
+        description='the device its model was placed on ("gpu1", "nodeA/gpu0"); null when '
+        "the plan placed nothing (Ollama) or for runs recorded before devices were",
+    )
+    node: str | None = Field(default=None, description="the Ray node it ran on; null here")
     ok: bool
     error: str | None
     tokens_in: int = Field(description="prompt tokens")
@@ -79,6 +94,12 @@ class LoggedLoad(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
+    device: str | None = Field(
+        default=None,
+        description="the device it was loaded on (a split model: its main one); null when the "
+        "plan placed nothing",
+    )
+    node: str | None = Field(default=None, description="the Ray node it was loaded on; null here")
     started_at: float = Field(description="unix time the load began")
     seconds: float
     bytes_estimated: int | None

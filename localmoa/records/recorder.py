@@ -290,6 +290,8 @@ class RunRecording:
             now = time.time()
             load = LoggedLoad(
                 model=event.model,
+                device=event.device,
+                node=event.node,
                 started_at=now - event.seconds,
                 seconds=event.seconds,
                 bytes_estimated=event.estimated_bytes,
@@ -331,6 +333,8 @@ class RunRecording:
             role=record.role,
             model=record.model,
             backend=self._backends.get(record.model, "unknown"),
+            device=record.device,
+            node=record.node,
             ok=record.ok,
             error=record.error,
             tokens_in=record.prompt_tokens,

@@ -22,6 +22,12 @@ columns of their own so that ``record = "metadata"`` simply leaves them NULL: no
 or answer text is then anywhere in the file (the FTS index included, which only ever indexes
 those columns).
 
+Where a call or a load ran is two columns of its row: ``device`` (the plan's name for it,
+"gpu1" or "nodeA/gpu0") and ``node`` (the Ray node; NULL on this machine). Columns, not JSON,
+because they are queried: a run in the list gathers its distinct ones as ``devices`` and
+``nodes``. Both are NULL where the plan placed nothing (a backend that places models itself,
+like Ollama) and in rows written before migration 3.
+
 - **Ids** are ULIDs (26 characters of Crockford base32: 48 bits of milliseconds, then 80 random
   bits, see :func:`new_id`): sortable by time as text, unique across processes without a counter
   in the file, and a unique prefix of one is enough for ``logs show``. Within one process, ids
@@ -223,6 +229,14 @@ def _m002(db: sqlite3.Connection) -> bool:
     return True
 
 
+@_migration(3, "where calls and loads ran: device and node")
+def _m003(db: sqlite3.Connection) -> bool:
+    for table in ("calls", "loads"):
+        for column in ("device", "node"):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+    return True
+
+
 @contextlib.contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE … COMMIT: the write lock is taken at once, so a busy database waits (up
@@ -264,21 +278,24 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 # --- the store -------------------------------------------------------------------------------
 
-_JSON = frozenset(
-    {"config", "plan", "device", "versions", "conversation", "references", "selected", "messages"}
-)
-"""Fields of the record models kept as JSON text, in a column named FIELD_json."""
+_RUN_JSON = frozenset({"config", "plan", "device", "versions", "conversation"})
+_CALL_JSON = frozenset({"references", "selected", "messages"})
+"""Fields of a run's and of a call's model kept as JSON text, in a column named FIELD_json
+(a load has none). Per table, as a name may mean JSON in one and a plain column in another: a
+run's ``device`` is its device snapshot, a call's is the name of the device it ran on."""
 
 
 def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
-def _columns(model: BaseModel, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A record model as its row's columns: every field, the JSON ones as text."""
+def _columns(
+    model: BaseModel, as_json: frozenset[str] = frozenset(), exclude: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A record model as its row's columns: every field, those in ``as_json`` as JSON text."""
     data = model.model_dump(mode="json", exclude=set(exclude))
     return {
-        (f"{k}_json" if k in _JSON else k): (_dumps(v) if k in _JSON else v)
+        (f"{k}_json" if k in as_json else k): (_dumps(v) if k in as_json else v)
         for k, v in data.items()
     }
 
@@ -328,6 +345,15 @@ _RUN_LIST = """
         r.prompt, r.answer, r.error
     FROM runs r
 """
+_PLACES = """
+    SELECT run_id, device, node FROM calls
+    WHERE run_id IN ({ids}) AND (device IS NOT NULL OR node IS NOT NULL)
+    UNION
+    SELECT run_id, device, node FROM loads
+    WHERE run_id IN ({ids}) AND (device IS NOT NULL OR node IS NOT NULL)
+"""
+_PLACES_AT_ONCE = 400
+"""Runs whose places one query reads (SQLite allows 32,766 parameters; each id is used twice)."""
 _RUN_ONLY = frozenset({"prompt", "started_at"})
 """Columns of ``runs`` that RunDetail does not have (for lists and search, and the sort)."""
 _ROW_IDS = frozenset({"id", "run_id"})
@@ -395,7 +421,7 @@ class Store:
 
     def add_run(self, run: RunDetail) -> None:
         """Write a run's row as it starts (its calls and loads come with their own writes)."""
-        columns = _columns(run, exclude=frozenset({"calls", "loads"}))
+        columns = _columns(run, _RUN_JSON, exclude=frozenset({"calls", "loads"}))
         prompt = columns["prompt"] = _last_user_message(run.conversation)
         columns["started_at"] = datetime.fromisoformat(run.started).timestamp()
         with self._using("cannot be written", write=True) as db:
@@ -409,7 +435,7 @@ class Store:
     def add_call(self, run_id: str, call: LoggedCall) -> None:
         """Write one call of ``run_id`` as it ends."""
         with self._using("cannot be written", write=True) as db:
-            _insert(db, "calls", {"run_id": run_id, **_columns(call)})
+            _insert(db, "calls", {"run_id": run_id, **_columns(call, _CALL_JSON)})
 
     def add_load(self, run_id: str, load: LoggedLoad) -> int:
         """Write one load of ``run_id`` as it ends; returns its row's id (for the unload)."""
@@ -500,7 +526,10 @@ class Store:
         sql += " ORDER BY r.started_at DESC, r.id DESC LIMIT ?"
         with self._using("cannot be read", write=False) as db:
             rows = db.execute(sql, [*args, n]).fetchall()
-        return [LoggedRun.model_validate(_fields(row)) for row in rows]
+            places = _places(db, [str(row["id"]) for row in rows])
+        return [
+            LoggedRun.model_validate({**_fields(row), **places.get(row["id"], {})}) for row in rows
+        ]
 
     def resolve(self, prefix: str) -> str:
         """The id of the one run whose id starts with ``prefix`` (any case)."""
@@ -550,6 +579,25 @@ class Store:
                 "loads": [_fields(load, exclude=_ROW_IDS) for load in loads],
             }
         )
+
+
+def _places(db: sqlite3.Connection, run_ids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+    """Each run's ``devices`` and ``nodes`` (distinct, sorted), from its calls and loads; runs
+    that ran on no named place are left out."""
+    found: dict[str, tuple[set[str], set[str]]] = {}
+    for start in range(0, len(run_ids), _PLACES_AT_ONCE):
+        chunk = run_ids[start : start + _PLACES_AT_ONCE]
+        marks = ", ".join("?" for _ in chunk)
+        for run_id, device, node in db.execute(_PLACES.format(ids=marks), [*chunk, *chunk]):
+            devices, nodes = found.setdefault(run_id, (set(), set()))
+            if device is not None:
+                devices.add(device)
+            if node is not None:
+                nodes.add(node)
+    return {
+        run_id: {"devices": sorted(devices), "nodes": sorted(nodes)}
+        for run_id, (devices, nodes) in found.items()
+    }
 
 
 def _create(path: Path) -> None:

@@ -41,6 +41,13 @@ class CallRecord(BaseModel):
     layer: int
     index: int
     model: str
+    device: str | None = None
+    """The device its model was placed on, as the plan names it ("gpu1"; a cluster node's
+    device as its bin is named, e.g. "nodeA/gpu0"); None when the plan placed nothing (a
+    backend that places models itself, such as Ollama)."""
+    node: str | None = None
+    """The Ray node the call ran on (the node's label, as its devices carry it); None on this
+    machine."""
     ok: bool
     error: str | None
     seconds: float
@@ -116,6 +123,11 @@ class ModelLoaded:
     peak_bytes: int | None = None
     """Memory the load really took, where measurable: RSS growth for in-process llama.cpp,
     NVML per-process memory where present, Ollama's /api/ps size."""
+    device: str | None = None
+    """The device it was loaded on (a split model: its main device), as the plan names it;
+    None when the plan placed nothing (see :attr:`CallRecord.device`)."""
+    node: str | None = None
+    """The Ray node it was loaded on; None on this machine."""
 
 
 @dataclass(frozen=True)

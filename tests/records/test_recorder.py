@@ -30,6 +30,8 @@ from localmoa.runtime.engine import Executor
 from localmoa.runtime.events import CallFinished, Event, ModelLoaded, ModelUnloaded
 from localmoa.runtime.moa import calls_for, stages_of
 
+from .placed import PLACES, record_placed_run
+
 GiB = 1 << 30
 PROMPT = "Zanzibar-quokka-4417 asks about tangerine orbits"
 ANSWER = "periwinkle-obelisk-9923"
@@ -144,6 +146,21 @@ async def test_each_call_and_load_is_in_the_file_when_its_event_comes() -> None:
     assert detail.plan == plan.model_dump(mode="json")
     assert detail.versions["localmoa"] and detail.device is not None
     assert "memory" in detail.device
+
+
+async def test_where_each_call_and_load_ran_is_recorded() -> None:
+    run_id = await record_placed_run()
+    store = Store.open(create=False)
+    assert store is not None
+    detail = store.run(run_id)
+    assert [c.model for c in detail.calls] == ["a", "b", "c"] * 2 + ["a"]
+    for call in detail.calls:
+        assert (call.device, call.node) == PLACES[call.model], call
+    assert sorted(load.model for load in detail.loads) == ["a", "b", "c"]
+    for load in detail.loads:
+        assert (load.device, load.node) == PLACES[load.model], load
+    (run,) = store.list_runs()
+    assert (run.devices, run.nodes) == (["gpu0", "nodeB/gpu1"], ["nodeB"])
 
 
 async def test_recorded_closes_a_failed_and_a_cancelled_run() -> None:

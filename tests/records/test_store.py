@@ -13,6 +13,7 @@ import pytest
 
 from localmoa.backends.base import ChatMessage
 from localmoa.errors import UserError
+from localmoa.records import store as store_module
 from localmoa.records.models import LoggedCall, LoggedLoad, RunDetail
 from localmoa.records.store import MIGRATIONS, Store, iso_utc, log_path, new_id
 
@@ -92,7 +93,7 @@ def test_migrations_apply_once_in_order_and_a_second_open_changes_nothing() -> N
     store.close()
     db = sqlite3.connect(log_path())
     first = db.execute("SELECT id, name, applied_at FROM _migrations ORDER BY id").fetchall()
-    assert [row[0] for row in first] == [m.id for m in MIGRATIONS] == [1, 2]
+    assert [row[0] for row in first] == [m.id for m in MIGRATIONS] == [1, 2, 3]
     db.close()
     opened().close()
     db = sqlite3.connect(log_path())
@@ -117,6 +118,86 @@ def test_a_log_made_before_the_search_index_is_indexed_when_it_arrives() -> None
     assert [r.prompt for r in store.list_runs(query="penguins")] == [
         "an older question about penguins"
     ]
+
+
+def test_a_log_of_the_previous_schema_gains_device_and_node_and_keeps_its_rows() -> None:
+    """A log written by the release before migration 3 (its own migrations, its own columns)
+    opens, upgrades once, reads its old rows (placed nowhere) and takes placed ones."""
+    db = sqlite3.connect(log_path())
+    for migration in MIGRATIONS[:2]:
+        assert migration.apply(db)
+    db.execute("CREATE TABLE _migrations (id INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+               "applied_at TEXT NOT NULL)")  # fmt: skip
+    db.executemany(
+        "INSERT INTO _migrations VALUES (?, ?, ?)",
+        [(m.id, m.name, iso_utc(T0)) for m in MIGRATIONS[:2]],
+    )
+    old = new_id(T0)
+    db.execute(
+        "INSERT INTO runs (id, source, ensemble, config_json, versions_json, prompt, status, "
+        "started, started_at) VALUES (?, 'run', 'default', '{}', '{}', 'old news', 'ok', ?, ?)",
+        (old, iso_utc(T0), T0),
+    )
+    db.execute(
+        'INSERT INTO calls (run_id, layer, "index", role, model, backend, ok, tokens_in, '
+        "tokens_out, seconds, references_json, truncated, text) "
+        "VALUES (?, 1, 0, 'proposer', 'a', 'fake', 1, 5, 2, 0.5, '[]', 0, 'hi')",
+        (old,),
+    )
+    db.execute(
+        "INSERT INTO loads (run_id, model, started_at, seconds) VALUES (?, 'a', ?, 1.0)",
+        (old, T0),
+    )
+    db.commit()
+    db.close()
+
+    store = opened()
+    (before,) = store.list_runs()
+    assert (before.id, before.calls, before.loads, before.prompt) == (old, 1, 1, "old news")
+    assert (before.devices, before.nodes) == ([], [])
+    detail = store.run(old)
+    assert [(c.model, c.text, c.device, c.node) for c in detail.calls] == [("a", "hi", None, None)]
+    assert [(load.model, load.device, load.node) for load in detail.loads] == [("a", None, None)]
+    store.add_call(old, make_call("b", index=1).model_copy(update={"device": "gpu1"}))
+    assert [c.device for c in store.run(old).calls] == [None, "gpu1"]
+    assert store.list_runs()[0].devices == ["gpu1"]
+    store.close()
+    db = sqlite3.connect(log_path())
+    applied = [row[0] for row in db.execute("SELECT id FROM _migrations ORDER BY id")]
+    assert applied == [1, 2, 3]
+    for table in ("calls", "loads"):
+        columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+        assert columns[-2:] == ["device", "node"], table
+
+
+def test_where_calls_and_loads_ran_reads_back_and_each_run_lists_its_places(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store_module, "_PLACES_AT_ONCE", 2)  # several queries for 5 runs
+    store = opened()
+    runs = [make_run(started=T0 + i) for i in range(5)]
+    for run in runs:
+        store.add_run(run)
+    here = make_call("a").model_copy(update={"device": "gpu1"})
+    there = make_call("b", index=1).model_copy(update={"device": "nodeB/gpu0", "node": "nodeB"})
+    store.add_call(runs[0].id, here)
+    store.add_call(runs[0].id, there)
+    load = LoggedLoad(model="c", device="gpu0", node=None, started_at=T0, seconds=1,
+                      bytes_estimated=None, bytes_measured=None, bytes_peak=None,
+                      unloaded_at=None)  # fmt: skip
+    store.add_load(runs[0].id, load)
+    store.add_load(runs[3].id, load.model_copy(update={"device": None, "node": "nodeC"}))
+    store.add_call(runs[4].id, make_call("a"))  # placed nowhere (Ollama)
+    detail = store.run(runs[0].id)
+    assert detail.calls == [here, there] and detail.loads == [load]
+    places = {r.id: (r.devices, r.nodes) for r in store.list_runs()}
+    assert places == {
+        runs[0].id: (["gpu0", "gpu1", "nodeB/gpu0"], ["nodeB"]),
+        runs[1].id: ([], []),
+        runs[2].id: ([], []),
+        runs[3].id: ([], ["nodeC"]),
+        runs[4].id: ([], []),
+    }
 
 
 def test_the_folder_is_made_0700_and_the_file_0600_wal_and_shm_alike(tmp_path: Path) -> None:
