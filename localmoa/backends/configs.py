@@ -87,6 +87,9 @@ class LlamaCppModel(ModelTable):
     """Sampling seed for reproducible answers; unset = random. An agent's ``seed`` wins."""
     memory: Size | None = None
     """Overrides the estimate from the GGUF header; the planner uses it as-is."""
+    split: bool = False
+    """May span several GPUs (llama.cpp's tensor_split) when it fits on none alone. Off by
+    default: a split model pays for transfers between GPUs on every token."""
 
 
 class OllamaModel(ModelTable):

@@ -30,13 +30,14 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 from localmoa.backends.base import Backend
 from localmoa.errors import BackendError, LocalMoaError
+from localmoa.hardware import Device, Placement
 
 __all__ = [
     "Admission",
@@ -78,8 +79,9 @@ class Admission(ABC):
     """Decides when each model a run needs is loaded, and when it leaves (see module docs)."""
 
     @abstractmethod
-    async def admit(self, model: str) -> Admitted:
-        """Hold ``model`` resident for this run, loading it unless it is already."""
+    async def admit(self, model: str, placement: Placement | None = None) -> Admitted:
+        """Hold ``model`` resident for this run, loading it unless it is already; where the
+        plan placed it (None: the backend places it)."""
 
     @abstractmethod
     def using(self, model: str) -> AbstractAsyncContextManager[Admitted]:
@@ -97,6 +99,14 @@ class Admission(ABC):
     @abstractmethod
     async def finish(self) -> list[str]:
         """The run is over, however it ended; returns the models unloaded."""
+
+    def where(self) -> dict[str, Placement]:
+        """Where each resident model this admission placed is (a re-plan keeps it there)."""
+        return {}
+
+    def forget(self, model: str) -> None:  # noqa: B027 - most seams never lose a device
+        """``model`` is gone with its device (a cluster node died): it holds nothing now, and
+        there is nothing to unload."""
 
 
 class Changes:
@@ -123,7 +133,9 @@ class Changes:
         await self._event.wait()
 
 
-async def timed_load(backend: Backend, model: str, config: Any) -> LoadOutcome:
+async def timed_load(
+    backend: Backend, model: str, config: Any, placement: Placement | None = None
+) -> LoadOutcome:
     """Load ``model``, timing it; any failure becomes the outcome's error.
 
     A failed load fails that model's agents only, and the run goes on on quorum: a file that
@@ -133,7 +145,7 @@ async def timed_load(backend: Backend, model: str, config: Any) -> LoadOutcome:
     """
     began = time.perf_counter()
     try:
-        await backend.load(model, config)
+        await backend.load(model, config, placement)
     except Exception as exc:
         return LoadOutcome(model, time.perf_counter() - began, None, _load_error(model, exc))
     seconds = time.perf_counter() - began
@@ -165,13 +177,17 @@ def too_large(model: str, size: int, budget: int) -> LoadOutcome:
 
 
 class BudgetAdmission(Admission):
-    """One run owns ``budget`` bytes (``localmoa run``).
+    """One run owns ``budget`` bytes (``localmoa run``), or each of several ``devices``' memory.
 
     A load starts once the bytes held plus its own fit (the engine asks in plan order, so loads
     happen in plan order); a released model is unloaded at once, so its memory lets the next
     load start while other models still compute. These are the semantics the cost model times
     (``localmoa.planning.timing.simulate_plan``). Held bytes are the plan's sizes, or what the
     backend measured once a model is loaded, when it measures whole footprints (Ollama).
+
+    With several devices, a placed model's bytes count on its device (a split model's share on
+    each), and its load waits for room there: no device is ever asked for more than its
+    memory, whatever the others hold.
     """
 
     def __init__(
@@ -180,26 +196,59 @@ class BudgetAdmission(Admission):
         backend: Callable[[str], Backend],
         sizes: Mapping[str, int],
         budget: int,
+        devices: Sequence[Device] = (),
     ) -> None:
         self.models = models
         self.backend = backend
         self.sizes = sizes
         self.budget = budget
+        self.devices = {d.name: d.memory for d in devices}
         self.loaded: dict[str, int] = {}
         """Model -> the bytes it holds against the budget (reserved before its load starts)."""
+        self.on: dict[str, dict[str, int]] = {}
+        """Placed models -> device -> the bytes they hold there."""
+        self.placements: dict[str, Placement] = {}
+        """Where each placed model was loaded (the records' device and node)."""
         self.changes = Changes()
 
-    async def admit(self, model: str) -> Admitted:
+    def _shares(self, model: str, size: int, placement: Placement | None) -> dict[str, int]:
+        if placement is None or not self.devices:
+            return {}
+        if placement.shares:
+            scale = size / max(1, sum(placement.shares))  # a measurement rescales the split
+            return {
+                d.name: round(share * scale)
+                for d, share in zip(placement.devices, placement.shares, strict=True)
+            }
+        return {placement.device.name: size}
+
+    def _room(self, size: int, shares: Mapping[str, int]) -> bool:
+        if sum(self.loaded.values()) + size > self.budget:
+            return False
+        return all(
+            sum(on.get(device, 0) for on in self.on.values()) + share <= self.devices[device]
+            for device, share in shares.items()
+            if device in self.devices
+        )
+
+    async def admit(self, model: str, placement: Placement | None = None) -> Admitted:
         if model in self.loaded:
             return Admitted()
         size = self.sizes[model]
-        if size > self.budget:
-            return Admitted(outcome=too_large(model, size, self.budget))
-        await self.changes.wait_for(lambda: sum(self.loaded.values()) + size <= self.budget)
+        shares = self._shares(model, size, placement)
+        over = next((d for d, b in shares.items() if b > self.devices.get(d, b)), None)
+        if size > self.budget or over is not None:
+            room = self.budget if over is None else self.devices[over]
+            return Admitted(outcome=too_large(model, size, room))
+        await self.changes.wait_for(lambda: self._room(size, shares))
         self.loaded[model] = size  # reserved before the load starts
+        if shares:
+            self.on[model] = shares
+        if placement is not None:
+            self.placements[model] = placement
         backend = self.backend(model)
         try:
-            outcome = await timed_load(backend, model, self.models[model])
+            outcome = await timed_load(backend, model, self.models[model], placement)
         except BaseException:  # cancelled mid-load: finish() frees only what is loaded
             if not still_loaded(backend, model):
                 self._forget(model)
@@ -208,6 +257,8 @@ class BudgetAdmission(Admission):
             self._forget(model)
         elif outcome.measured is not None and backend.measures_footprint:
             self.loaded[model] = outcome.measured
+            if shares:
+                self.on[model] = self._shares(model, outcome.measured, placement)
         return Admitted(outcome=outcome)
 
     @contextlib.asynccontextmanager
@@ -229,6 +280,9 @@ class BudgetAdmission(Admission):
     def resident(self) -> list[str]:
         return list(self.loaded)
 
+    def where(self) -> dict[str, Placement]:
+        return dict(self.placements)
+
     async def finish(self) -> list[str]:
         unloaded = []
         for model in list(self.loaded):
@@ -238,6 +292,11 @@ class BudgetAdmission(Admission):
                 log.warning("unloading %s failed: %s", model, exc)
         return unloaded
 
+    def forget(self, model: str) -> None:
+        self._forget(model)
+
     def _forget(self, model: str) -> None:
         self.loaded.pop(model, None)
+        self.on.pop(model, None)
+        self.placements.pop(model, None)
         self.changes.notify()

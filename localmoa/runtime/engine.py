@@ -80,6 +80,7 @@ from typing import Any
 from localmoa.backends.base import Backend, ChatMessage, ChatRequest
 from localmoa.backends.configs import context_tokens
 from localmoa.backends.registry import backend_for
+from localmoa.hardware import Device, Placement
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave
 from localmoa.runtime.admission import Admission, BudgetAdmission, Changes, LoadOutcome
@@ -142,8 +143,12 @@ class Executor:
         policy: PlanPolicy | None = None,
         roles_cache: RolesCache | None = None,
         together: bool = True,
+        devices: Sequence[Device] = (),
     ) -> None:
         self.models = models
+        self.devices = list(devices)
+        """The devices plans are placed on (``localmoa.hardware.resolve_devices``): the engine
+        loads each model where its wave placed it, and a re-plan places on those that remain."""
         self.roles_cache = roles_cache or RolesCache()
         """Where roles written by a roles call are kept for later runs."""
         self.backends = backends
@@ -191,7 +196,7 @@ class Executor:
         started = time.perf_counter()
         sizes = await self._sizes(stages)
         if admission is None:
-            admission = BudgetAdmission(self.models, self.backend, sizes, plan.budget_bytes)
+            admission = self._admission(sizes, plan)
         state = RunState.of(stages, conversation)
         flow = _Dataflow(self, state, admission, sizes, on_event or self.on_event)
         await flow.run(plan)
@@ -214,7 +219,7 @@ class Executor:
         state = RunState.of_jobs(jobs)
         sizes = await self._sizes(state.stages)
         if admission is None:
-            admission = BudgetAdmission(self.models, self.backend, sizes, plan.budget_bytes)
+            admission = self._admission(sizes, plan)
         flow = _Dataflow(self, state, admission, sizes, on_event or self.on_event)
         await flow.run(plan)
         return state.results(plan, started)
@@ -258,6 +263,31 @@ class Executor:
     @together.setter
     def together(self, value: bool) -> None:
         self.turns.together = value
+
+    def _admission(self, sizes: Mapping[str, int], plan: Plan) -> BudgetAdmission:
+        """The run owns the plan's budget, and each of its devices' memory."""
+        devices = [d for d in self.devices if d.name in plan.devices]
+        return BudgetAdmission(self.models, self.backend, sizes, plan.budget_bytes, devices)
+
+    def splittable(self) -> set[str]:
+        """The models that may span several devices (``split = true``)."""
+        return {name for name, table in self.models.items() if getattr(table, "split", False)}
+
+    def placement(self, plan: Plan, wave: Wave, model: str) -> Placement | None:
+        """Where ``wave`` placed ``model``, as the backend loads it; None when the plan placed
+        nothing a backend should act on: one device that is not a numbered GPU (a budget, RAM),
+        where the backend's own placement is what it was before devices were planned."""
+        known = {d.name: d for d in self.devices}
+        names = [d for d, models in wave.devices.items() if model in models]
+        if not names or any(name not in known for name in names):
+            return None
+        devices = tuple(known[name] for name in names)
+        if len(plan.devices) <= 1 and not (
+            devices[0].kind == "gpu" and devices[0].index is not None
+        ):
+            return None
+        share = wave.shares.get(model, {})
+        return Placement(devices=devices, shares=tuple(share[n] for n in names) if share else ())
 
     async def _sizes(self, stages: Sequence[Sequence[Call]]) -> dict[str, int]:
         if self.sizes is not None:
@@ -334,6 +364,7 @@ class _Dataflow:
         # hold yet (a server's request planned from the pool) is admitted before the first load.
         stay: dict[str, int] = dict.fromkeys(kept, -1)
         loads: list[tuple[int, str]] = [(-1, m) for m in kept if m not in self.held]
+        placed = {(-1, m): self.executor.placement(plan, first, m) for m in kept}
         ready = {key: asyncio.Event() for key in loads}  # set once the stay's load is done
         calls: dict[tuple[int, str], list[asyncio.Task[None]]] = {}
         uses: dict[tuple[int, str], int] = {}  # stay -> the first stage it serves
@@ -349,6 +380,7 @@ class _Dataflow:
                         ended[model] = group.create_task(leave)
                 for model in wave.load:
                     stay[model] = number
+                    placed[number, model] = self.executor.placement(plan, wave, model)
                     ready[number, model] = asyncio.Event()
                     loads.append((number, model))
                     if model in ended:
@@ -366,7 +398,9 @@ class _Dataflow:
                     while shown <= number:
                         self._show(plan.waves[shown], live)
                         shown += 1
-                    self.stopped = await self._load(model, after.get((number, model)))
+                    self.stopped = await self._load(
+                        model, after.get((number, model)), placed.get((number, model))
+                    )
                 ready[number, model].set()
             if self.stopped:
                 self.changes.notify()  # calls waiting for answers: start nothing new
@@ -385,15 +419,32 @@ class _Dataflow:
         self.emit(WaveStarted(self.state.waves_started, shown))
         self.state.waves_started += 1
 
-    async def _load(self, model: str, previous: asyncio.Task[None] | None) -> bool:
-        """Admit ``model`` for its stay; True when its measurement asks for a re-plan."""
+    async def _load(
+        self, model: str, previous: asyncio.Task[None] | None, placement: Placement | None
+    ) -> bool:
+        """Admit ``model`` for its stay; True when its measurement, or a device found gone,
+        asks for a re-plan."""
         if previous is not None:  # the plan reloads a model: its last stay must end first
             await previous
-        admitted = await self.admission.admit(model)
+        admitted = await self.admission.admit(model, placement)
         for gone in admitted.unloaded:
             self.emit(ModelUnloaded(gone))
-        replan = self._loaded(model, admitted.outcome)
+        replan = self._loaded(model, admitted.outcome) or self._lost(model)
         return replan and self.state.has_pending()
+
+    def _lost(self, model: str) -> bool:
+        """Did ``model``'s backend find a device of this run gone (a cluster node died)? Then
+        its models are gone with it, and the rest of the run is planned on what remains."""
+        gone = self.executor.backend(model).lost() & {d.name for d in self.executor.devices}
+        if not gone:
+            return False
+        self.executor.devices = [d for d in self.executor.devices if d.name not in gone]
+        for lost, placement in self.admission.where().items():
+            if set(placement.names) & gone:
+                self.held.discard(lost)
+                self.admission.forget(lost)
+        log.warning("devices gone: %s; planning the rest on the others", ", ".join(sorted(gone)))
+        return True
 
     def _loaded(self, model: str, outcome: LoadOutcome | None) -> bool:
         """Account for an admission (``outcome`` None: resident already); True when the load's
@@ -453,6 +504,8 @@ class _Dataflow:
         if not calls:
             return  # a batch's jobs that failed meanwhile: nothing left to make
         records = await self._make(calls, stage, self.executor.now())  # ready: queued now
+        if self._lost(model) and self.state.has_pending():
+            self.stopped = True  # its device is gone: plan the rest on what remains
         closed = False
         for call, record in zip(calls, records, strict=True):
             job_closed, stage_closed = self.state.record(call, record)
@@ -573,7 +626,8 @@ class _Dataflow:
         return request.model_copy(update={"response_format": None})
 
     async def _replan(self, budget: int) -> tuple[Plan, list[int]]:
-        """The rest of the run, planned again from what is resident with what was measured."""
+        """The rest of the run, planned again from what is resident with what was measured,
+        on the devices that remain, each resident model where it is."""
         live = self.state.live_stages()
         self.state.replans += 1
         log.info("re-planned the rest of the run (%d)", self.state.replans)
@@ -586,6 +640,9 @@ class _Dataflow:
             self.executor.policy,
             resident=self.admission.resident(),
             prompt=prompt,
+            devices=self.executor.devices or None,
+            splittable=self.executor.splittable(),
+            where={m: p.device.name for m, p in self.admission.where().items()},
         )
         return plan, live
 

@@ -64,6 +64,7 @@ from typing import Any
 from localmoa.backends.base import Backend
 from localmoa.backends.registry import backend_for
 from localmoa.errors import LocalMoaError
+from localmoa.hardware import Placement
 from localmoa.runtime.admission import (
     Admission,
     Admitted,
@@ -334,7 +335,9 @@ class PoolAdmission(Admission):
         self.pool = pool
         self.ticket = ticket
 
-    async def admit(self, model: str) -> Admitted:
+    async def admit(self, model: str, placement: Placement | None = None) -> Admitted:
+        # A server plans every request on one device (serve's pool keeps one budget), so its
+        # plans place nothing: the backend places the model.
         return await self.pool.hold(self.ticket, model)
 
     def using(self, model: str) -> AbstractAsyncContextManager[Admitted]:
