@@ -159,12 +159,16 @@ class Executor:
         """How a re-plan is made mid-run: the policy the first plan was made with
         (``localmoa.runtime.prepare.Prepared.policy``)."""
         self.on_event = on_event or (lambda event: None)
+        self.placed: dict[str, Placement] = {}
+        """Where each model is loaded, as the last plan that loaded it placed it: calls and
+        loads are recorded with their device and node."""
         self.turns = Turns(
             models,
             self.backend,
             max_parallel_calls=max_parallel_calls,
             max_calls_per_second=max_calls_per_second,
             together=together,
+            placed=self.placed,
         )
         """How calls are made: one model's in turns, those that wait made together."""
 
@@ -427,6 +431,10 @@ class _Dataflow:
         if previous is not None:  # the plan reloads a model: its last stay must end first
             await previous
         admitted = await self.admission.admit(model, placement)
+        if placement is None:
+            self.executor.placed.pop(model, None)
+        elif admitted.outcome is not None:
+            self.executor.placed[model] = placement
         for gone in admitted.unloaded:
             self.emit(ModelUnloaded(gone))
         replan = self._loaded(model, admitted.outcome) or self._lost(model)
@@ -461,7 +469,18 @@ class _Dataflow:
         self.state.loads += 1
         self.state.load_seconds += outcome.seconds
         estimated = self.sizes.get(model)  # what the plan counted, before a measurement
-        self.emit(ModelLoaded(model, outcome.seconds, outcome.measured, estimated, outcome.peak))
+        where = self.executor.placed.get(model)
+        self.emit(
+            ModelLoaded(
+                model,
+                outcome.seconds,
+                outcome.measured,
+                estimated,
+                outcome.peak,
+                device=None if where is None else where.device.name,
+                node=None if where is None else where.device.node,
+            )
+        )
         return self._remeasure(model, outcome.measured)
 
     def _remeasure(self, model: str, measured: int | None) -> bool:

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from localmoa.backends.base import Backend, ChatDelta, ChatRequest
 from localmoa.errors import LocalMoaError
+from localmoa.hardware import Placement
 from localmoa.runtime.events import CallFinished, CallPiece, CallRecord, CallStarted, Event
 from localmoa.runtime.moa import Call
 from localmoa.runtime.telemetry import Clock, Timing
@@ -58,9 +59,12 @@ class Turns:
         max_parallel_calls: int | None = None,
         max_calls_per_second: int | None = None,
         together: bool = True,
+        placed: Mapping[str, Placement] | None = None,
     ) -> None:
         self.models = models
         self.backend = backend
+        self.placed = {} if placed is None else placed
+        """Where each model was placed, read when its calls are recorded (the engine's)."""
         self.together = together
         """Make the calls that wait for one model's turn together (False: one caller's calls
         per turn, as before calls were made together; for comparisons)."""
@@ -181,6 +185,7 @@ class Turns:
             ended = time.perf_counter()
             seconds = ended - began
             records: list[list[CallRecord]] = []
+            where = self.placed.get(model)
             i = 0
             for entry in entries:
                 made = []
@@ -198,6 +203,8 @@ class Turns:
                         layer=call.layer,
                         index=call.index,
                         model=call.model,
+                        device=None if where is None else where.device.name,
+                        node=None if where is None else where.device.node,
                         ok=error is None,
                         error=error,
                         seconds=seconds,

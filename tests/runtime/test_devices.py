@@ -69,6 +69,8 @@ async def test_two_8_gib_devices_run_two_6_gib_models_side_by_side() -> None:
     where = {m: p.device.name for m, p in side.placements.items() if p is not None}
     assert sorted(where.values()) == ["gpu0", "gpu1"]
     assert all(c.ok for c in two.calls)
+    assert {c.model: c.device for c in two.calls} == where  # records say where calls ran
+    assert all(c.node is None for c in two.calls)
 
 
 async def test_admission_waits_for_room_on_the_model_s_own_device() -> None:
