@@ -65,6 +65,10 @@ class ModelTable(StrictModel):
     backend. Code that needs a backend's own keys narrows with ``isinstance`` to its table."""
 
     backend: str
+    device: str | None = None
+    """Pins the model to this device (a name from ``[[settings.devices]]``, or as found: gpu0,
+    gpu1...): the planner places it nowhere else. How a backend that places models itself is
+    planned per device: one Ollama server per GPU, each model on its server's GPU."""
 
 
 class LlamaCppModel(ModelTable):

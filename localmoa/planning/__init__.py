@@ -66,14 +66,16 @@ def plan_run(
     devices: Sequence[Device] | None = None,
     splittable: Collection[str] = (),
     where: Mapping[str, str] | None = None,
+    pinned: Mapping[str, str] | None = None,
 ) -> Plan:
     """The plan for ``stages`` within ``budget`` bytes, made as ``policy`` says.
 
     ``devices``: the bins models are placed in (then their sum is the budget, and ``budget`` is
-    not read); ``where`` the device of each ``resident`` model, ``splittable`` the models that
-    may span several devices (see :func:`~localmoa.planning.fewest_loads.make_plan`). With
-    several devices the plan is the fewest loads, timed but not refined: the search for a
-    faster plan (:mod:`~localmoa.planning.refine`) knows one device.
+    not read); ``where`` the device of each ``resident`` model, ``pinned`` the models that go
+    on one named device only, ``splittable`` the models that may span several devices (see
+    :func:`~localmoa.planning.fewest_loads.make_plan`). With several devices the plan is the
+    fewest loads, timed but not refined: the search for a faster plan
+    (:mod:`~localmoa.planning.refine`) knows one device.
 
     ``sizes`` are the models' bytes, ``resident`` the models loaded already (a plan made
     mid-run or for a request to a warm server), ``prompt`` the prompt when known (it sizes the
@@ -93,6 +95,7 @@ def plan_run(
         devices=bins,
         splittable=splittable,
         where=where,
+        pinned=pinned,
     )
     if policy.profile is None:
         return plan

@@ -132,6 +132,7 @@ def make_plan(
     devices: Mapping[str, int] | None = None,
     splittable: Collection[str] = (),
     where: Mapping[str, str] | None = None,
+    pinned: Mapping[str, str] | None = None,
 ) -> Plan:
     """Plan ``stages`` (model names per call, in call order) under ``budget`` bytes.
 
@@ -142,9 +143,10 @@ def make_plan(
     ``devices`` (name -> bytes, in order) are the bins models are placed in; then ``budget`` is
     ignored for their sum, a resident set must pack onto them (:mod:`~localmoa.planning.
     placement`), ``where`` says which device each resident model is on, and the models in
-    ``splittable`` may span several devices when none holds them alone. None: one device of
-    ``budget`` bytes. Raises BudgetError when a device is not positive or a model fits nowhere,
-    and ValueError for a size that is not a whole number of bytes ≥ 0.
+    ``splittable`` may span several devices when none holds them alone, and ``pinned`` models
+    go on the device named for them only. None: one device of ``budget`` bytes. Raises
+    BudgetError when a device is not positive or a model fits nowhere, and ValueError for a
+    size that is not a whole number of bytes ≥ 0.
     """
     bins = dict(devices) if devices else {DEVICE: budget}
     budget = sum(bins.values())
@@ -161,9 +163,19 @@ def make_plan(
         # one once sent the cost model searching forever.
         if isinstance(sizes[name], bool) or not isinstance(sizes[name], int) or sizes[name] < 0:
             raise ValueError(f'model "{name}": {sizes[name]!r} is not a size in bytes')
+        pin = (pinned or {}).get(name)
+        if pin is not None and pin not in bins:
+            raise BudgetError(f'model "{name}" is pinned to device "{pin}", which is not planned')
+        if pin is not None and sizes[name] > bins[pin]:
+            raise BudgetError(
+                f'model "{name}" needs {format_bytes(sizes[name])} but device "{pin}", which '
+                f"[models.{name}] pins it to, has {format_bytes(bins[pin])}; pin it to a larger "
+                "device, remove its device key, lower its n_ctx, or use a smaller quantization"
+            )
         _check_fits(name, sizes[name], bins, name in splittable)
     split = mask_of(i for i, n in enumerate(names) if n in splittable)
-    packer = Packer(bins, [sizes[n] for n in names], split)
+    pins = {i: (pinned or {})[n] for i, n in enumerate(names) if n in (pinned or {})}
+    packer = Packer(bins, [sizes[n] for n in names], split, pins)
     planner = _Planner(stages, names, [sizes[n] for n in names], budget, resident, packer)
     return planner.solve(where or {})
 

@@ -37,10 +37,18 @@ Assignment = dict[int, tuple[tuple[int, int], ...]]
 class Packer:
     """Packs sets of models (bit masks over ``sizes``) onto ``bins`` (device -> bytes)."""
 
-    def __init__(self, bins: Mapping[str, int], sizes: Sequence[int], splittable: int = 0) -> None:
+    def __init__(
+        self,
+        bins: Mapping[str, int],
+        sizes: Sequence[int],
+        splittable: int = 0,
+        pins: Mapping[int, str] | None = None,
+    ) -> None:
         if not bins:
             raise ValueError("at least one device is needed")
         self.names = list(bins)
+        self.pins = {i: self.names.index(d) for i, d in (pins or {}).items()}
+        """Models pinned to a device (``device = "..."`` in their table): placed there only."""
         self.caps = [bins[name] for name in self.names]
         self.sizes = list(sizes)
         largest = max(self.caps)
@@ -58,7 +66,7 @@ class Packer:
         """An assignment of ``mask``'s models to devices, or None when none exists (within the
         search's limit). ``fixed``: models already on a device (index -> device index) that stay
         there; the others are placed around them."""
-        fixed = {i: d for i, d in (fixed or {}).items() if mask >> i & 1}
+        fixed = {i: d for i, d in {**self.pins, **(fixed or {})}.items() if mask >> i & 1}
         room = list(self.caps)
         out: Assignment = {}
         for i, d in fixed.items():

@@ -5,17 +5,31 @@ decode reads the weights (bandwidth), how fast prefill computes, how fast a mode
 and how many tokens/s one stream can reach at most. Each figure of :data:`PROFILES` cites where
 it comes from. :func:`profile_for` picks the profile of the same kind as the device the caller
 read (pure: it never reads the device itself).
+
+A machine with several devices (GPUs, a GPU and its RAM, the nodes of a cluster) is timed with a
+profile per device (:func:`device_profiles`): each has its own memory and bandwidth, and the
+cost model lets calls on different devices run side by side
+(:mod:`localmoa.planning.timing`, "Several devices"). A profile is still a whole machine's
+figures (its disk, its runtime's start-up), read for the device that runs a model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from localmoa.hardware import APPLE_SMALL_FRACTION, Budget, margin
+from localmoa.hardware import APPLE_SMALL_FRACTION, Budget, Device, margin
 
-__all__ = ["MEMORY_EFFICIENCY", "PROFILES", "Profile", "profile_for"]
+__all__ = [
+    "MEMORY_EFFICIENCY",
+    "PROFILES",
+    "Profile",
+    "device_profiles",
+    "profile_for",
+    "profile_for_device",
+]
 
 GiB = 1 << 30
 GB = 10**9
@@ -161,14 +175,42 @@ def profile_for(device: Budget | None, *, name: str = "auto") -> Profile:
     if device is None:
         raise ValueError('timing profile "auto" goes by the device: pass the device\'s budget')
     if device.source == "nvml":
-        if device.bytes <= 12 * GiB:
-            base = PROFILES["laptop-8g"]
-        elif device.bytes <= 40 * GiB:
-            base = PROFILES["desktop-24g"]
-        else:
-            base = PROFILES["server-80g"]
+        base = _gpu(device.bytes)
     elif device.source == "apple":
         base = PROFILES["apple-32g"]
     else:
         base = PROFILES["cpu-16g"]
     return dataclasses.replace(base, memory_bytes=device.bytes)
+
+
+def profile_for_device(device: Device, *, name: str = "auto") -> Profile:
+    """The cost-model profile of one of several devices, with ``device.memory`` as its memory.
+
+    "auto" goes by its kind: a GPU by its memory (as :func:`profile_for`), unified memory as
+    Apple's, RAM as a CPU. ``name`` (``settings.timing_profile``) says how fast the machine's
+    GPUs or unified memory are; a device of kind "cpu" is the machine's RAM whatever they are,
+    and is timed as ``cpu-16g`` (a model placed there decodes at RAM speed)."""
+    if device.kind == "cpu":
+        base = PROFILES["cpu-16g"]
+    elif name != "auto":
+        base = PROFILES[name]
+    elif device.kind == "unified":
+        base = PROFILES["apple-32g"]
+    else:
+        base = _gpu(device.memory)
+    return dataclasses.replace(base, memory_bytes=device.memory)
+
+
+def device_profiles(devices: Sequence[Device], *, name: str = "auto") -> dict[str, Profile]:
+    """Each device's profile by its name, in order: what
+    :func:`localmoa.planning.timing.simulate_plan` takes as ``devices``."""
+    return {d.name: profile_for_device(d, name=name) for d in devices}
+
+
+def _gpu(memory: int) -> Profile:
+    """An NVIDIA GPU's profile by its memory: a laptop's, a desktop's, or a server's."""
+    if memory <= 12 * GiB:
+        return PROFILES["laptop-8g"]
+    if memory <= 40 * GiB:
+        return PROFILES["desktop-24g"]
+    return PROFILES["server-80g"]

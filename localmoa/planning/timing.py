@@ -50,32 +50,55 @@ sequence. A :class:`CallSpec` with ``sequences = B`` is such a group, each seque
   reads no file), against the batch; it keeps the search's lower bounds, which time loads from
   sizes, valid.
 
-Sharing. Streams active at the same time share the device as a fluid (:class:`Fluid`): stream i
-alone would use a fraction ``f_i`` of it (while decoding, its steps/s times a step's seconds of
-device work: ``rate·bytes / bandwidth`` for one sequence; 1 while prefilling, which saturates
-compute). If ``Σf ≤ 1`` every stream runs at its solo rate, else all
+Sharing. Streams active at the same time on one device share it as a fluid (:class:`Fluid`):
+stream i alone would use a fraction ``f_i`` of it (while decoding, its steps/s times a step's
+seconds of device work: ``rate·bytes / bandwidth`` for one sequence; 1 while prefilling, which
+saturates compute). If ``Σf ≤ 1`` every stream runs at its solo rate, else all
 slow down by ``1/Σf``. Rates are constant between events (a stream starts, changes phase or
 ends), so the simulation jumps from event to event and is exact, not time-stepped. Loads do not
 take a share: they are disk- and bus-bound.
+
+Several devices. A machine with several GPUs (or a GPU and its RAM, or the nodes of a cluster)
+is several devices, each with its own memory and its own profile: a plan places each model on
+one (:class:`WaveSpec` ``placed``; a model keeps its device while it stays resident), and
+
+- each device is its own fluid: calls of models on different devices never slow each other,
+  since each reads its own memory at its own bandwidth (``Σf`` is taken per device);
+- each device has its own budget: a load waits for room on its own device, whatever room the
+  others have;
+- a call and a load are timed with the profile of their model's device (a model placed in RAM
+  decodes at RAM speed and starts without a CUDA context);
+- a model split across devices (llama.cpp's ``tensor_split``, for a model that fits on none
+  alone) holds its share of bytes on each (``shares``) and is timed on its main device, the one
+  that holds most of it. With a split by layers each device reads its own layers in turn, so a
+  token still costs ``Σ share_d / bandwidth_d``: the main device's ``bytes / bandwidth`` when
+  the devices are alike, and the split adds no bandwidth. What is left out is that the other
+  devices are busy for their shares of each token: calls there are not slowed by it. A
+  simplification for a case the planner makes only when nothing else fits.
+
+Loads still come one at a time, in plan order, across all devices: the engine asks for them so
+(:mod:`localmoa.runtime.engine`), and the files come off one disk, whose bandwidth a second
+concurrent load would only share. So a load for a device with room waits behind a load for a
+full device that comes before it in the plan.
 
 Execution. :func:`simulate_plan` runs a plan (waves W_1..W_n, each with its resident set, its
 loads L_w in order, its unloads U_w and the calls of its stage it runs) as localmoa's engine
 does, by *dataflow*:
 
 1. loads happen one at a time in plan order (L_1 in order, then L_2...); a load of X starts when
-   the previous load has finished and the models loaded now plus X fit the budget (and X's
-   previous residency, if any, has been unloaded);
+   the previous load has finished and the models loaded now plus X fit the budget, on each
+   device X is placed on (and X's previous residency, if any, has been unloaded);
 2. a model Y of U_w is unloaded (instantly) as soon as each of its calls in waves before w has
    finished, and not waited for otherwise; what is left at the end is unloaded for free;
 3. a call of stage s on model m in wave w starts when m's load for wave w has finished (or m was
    carried from the wave before), every call of stage s-1 has finished (its references), and m
    runs no other call (one model's calls run one at a time, in plan order: wave, then call
    order);
-4. concurrent calls share the device as above.
+4. concurrent calls on one device share it as above.
 
 So a wave's second load overlaps its first model's calls, and the next wave's loads start as soon
-as memory is free rather than when the wave's last call ends. The budget is never exceeded by
-construction (the simulation checks it).
+as memory is free rather than when the wave's last call ends. No device's budget is ever exceeded
+by construction (the simulation checks it).
 """
 
 from __future__ import annotations
@@ -93,6 +116,7 @@ __all__ = [
     "BYTES_PER_PARAM",
     "PROFILES",
     "CallSpec",
+    "DeviceProfiles",
     "Fluid",
     "Phase",
     "Profile",
@@ -292,16 +316,74 @@ class WaveSpec(NamedTuple):
     unload: tuple[str, ...]
     runs: frozenset[str]
     """Models whose pending calls of ``stage`` run in this wave (all of them)."""
+    placed: tuple[tuple[str, str], ...] = ()
+    """(model, device) of every resident model, sorted: the device that runs it (a split
+    model's main device). Empty: every model on one device, the first (see "Several devices"
+    in the module docstring)."""
+    shares: tuple[tuple[str, str, int], ...] = ()
+    """(model, device, bytes) of each device a split model spans, sorted; other models hold
+    all their bytes on their device."""
 
 
 def wave_specs(plan: Plan) -> list[WaveSpec]:
-    """``plan``'s waves as the simulation reads them."""
-    return [
-        WaveSpec(
-            w.layer - 1, frozenset(w.resident), tuple(w.load), tuple(w.unload), frozenset(w.runs)
+    """``plan``'s waves as the simulation reads them, with each model's device from the
+    waves' ``devices`` (left empty for a plan on one device: the first). Raises ValueError for
+    a model listed on several devices without its shares."""
+    waves = [(w, _wave_devices(w)) for w in plan.waves]
+    used = {d for _, devices in waves for d, models in devices.items() if models}
+    first = next(iter(getattr(plan, "devices", None) or {}), None)
+    placing = len(used) > 1 or bool(first is not None and used - {first})
+    out = []
+    for w, devices in waves:
+        placed: tuple[tuple[str, str], ...] = ()
+        shares: tuple[tuple[str, str, int], ...] = ()
+        if placing:
+            placed, shares = _placement(w, devices)
+        out.append(
+            WaveSpec(
+                w.layer - 1,
+                frozenset(w.resident),
+                tuple(w.load),
+                tuple(w.unload),
+                frozenset(w.runs),
+                placed,
+                shares,
+            )
         )
-        for w in plan.waves
-    ]
+    return out
+
+
+def _wave_devices(wave: object) -> dict[str, list[str]]:
+    devices: dict[str, list[str]] | None = getattr(wave, "devices", None)
+    return devices or {}
+
+
+def _placement(
+    wave: object, devices: Mapping[str, Sequence[str]]
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str, int], ...]]:
+    """A wave's ``placed`` and ``shares`` from its ``devices`` and ``shares`` (a split model's
+    main device holds most of it; of equal shares, the first)."""
+    split: Mapping[str, Mapping[str, int]] = getattr(wave, "shares", None) or {}
+    on: dict[str, list[str]] = {}
+    for device, models in devices.items():
+        for model in models:
+            on.setdefault(model, []).append(device)
+    placed, shares = [], []
+    for model, where in on.items():
+        if len(where) == 1 and model not in split:
+            placed.append((model, where[0]))
+            continue
+        parts = split.get(model)
+        if not parts:
+            raise ValueError(f"{model!r} is on devices {where} with no shares of its bytes")
+        placed.append((model, max(parts.items(), key=lambda p: p[1])[0]))
+        shares += [(model, device, part) for device, part in parts.items()]
+    return tuple(sorted(placed)), tuple(sorted(shares))
+
+
+DeviceProfiles = Mapping[str, Profile]
+"""Each device's profile by name, in order (the first is where unplaced models go); its
+``memory_bytes`` is the bytes a plan may use on that device."""
 
 
 def simulate_plan(
@@ -311,15 +393,20 @@ def simulate_plan(
     profile: Profile,
     *,
     resident: Sequence[str] = (),
+    devices: DeviceProfiles | None = None,
 ) -> Timing:
     """Run ``plan`` in the model, by dataflow as the engine does (see the module docstring).
 
     ``calls[k]`` are stage k's calls in the order the plan was made from (its models are
     ``[c.model for c in calls[k]]``); ``resident`` models are loaded when the run starts (a
-    plan made mid-run). Raises ValueError for a plan that leaves calls unrun, loads a resident
-    model, or can never fit its budget.
+    plan made mid-run). ``profile`` is the one device's; with ``devices`` each model runs on
+    the device its waves place it on, timed by that device's profile (``profile`` is then not
+    read). Raises ValueError for a plan that leaves calls unrun, loads a resident model, places
+    a model on no device of ``devices`` or moves it while resident, or can never fit a budget.
     """
-    return simulate_waves(wave_specs(plan), calls, sizes, profile, resident=resident)
+    return simulate_waves(
+        wave_specs(plan), calls, sizes, profile, resident=resident, devices=devices
+    )
 
 
 def simulate_waves(
@@ -329,9 +416,10 @@ def simulate_waves(
     profile: Profile,
     *,
     resident: Sequence[str] = (),
+    devices: DeviceProfiles | None = None,
 ) -> Timing:
     """:func:`simulate_plan` on waves already in the simulation's form."""
-    return _PlanSimulation(waves, calls, sizes, profile, resident=resident).go()
+    return _PlanSimulation(waves, calls, sizes, profile, resident=resident, devices=devices).go()
 
 
 def simulate_prefix(
@@ -342,13 +430,21 @@ def simulate_prefix(
     *,
     release: bool,
     resident: Sequence[str] = (),
+    devices: DeviceProfiles | None = None,
 ) -> tuple[Timing, bool]:
     """The first waves of a plan, calls not placed yet left out; with ``release``, as if the
     next wave unloaded everything (the most memory any continuation could free), else as if
     every later wave kept it (the least). Also says whether that choice changed anything: an
     unload it added came before the last load started."""
     run = _PlanSimulation(
-        waves, calls, sizes, profile, partial=True, release=release, resident=resident
+        waves,
+        calls,
+        sizes,
+        profile,
+        partial=True,
+        release=release,
+        resident=resident,
+        devices=devices,
     )
     return run.go(), run.relaxed
 
@@ -358,7 +454,8 @@ class _PlanSimulation:
 
     A *residency* is one stay of a model: from the wave that loads it to the wave that unloads
     it (or the end). Loads are residencies in plan order; each call belongs to the residency of
-    its model in its wave.
+    its model in its wave. A residency has one device that runs it and the bytes it holds on
+    each device; with no ``devices`` there is one device, ``profile``'s.
     """
 
     def __init__(
@@ -371,24 +468,47 @@ class _PlanSimulation:
         partial: bool = False,
         release: bool = False,
         resident: Sequence[str] = (),
+        devices: DeviceProfiles | None = None,
     ) -> None:
-        self.sizes, self.profile = sizes, profile
+        self.sizes = sizes
         self.n_waves = len(waves)
         self.wave_stage = [wave.stage for wave in waves]
-        # Residencies: model, the wave whose unloads end it (None: kept to the end), calls left.
+        if devices is not None and not devices:
+            raise ValueError("no devices to run the plan on")
+        self.devices = list(devices or {"": profile})
+        self.profiles = list(devices.values()) if devices else [profile]
+        index = {name: d for d, name in enumerate(self.devices)} if devices else None
+        # Residencies: model, the wave whose unloads end it (None: kept to the end), calls left,
+        # the device that runs it, (device, bytes) it holds.
         self.model: list[str] = []
         self.until: list[int | None] = []
         self.left: list[int] = []
+        self.main: list[int] = []
+        self.holds: list[tuple[tuple[int, int], ...]] = []
         self.queue: list[tuple[int, int]] = []  # (residency, wave) in load order
         # Calls in plan order: spec, residency, stage, wave.
         self.calls: list[tuple[CallSpec, int, int, int]] = []
         self.stage_calls = [0] * len(calls)
         holder: dict[str, int] = {}
-        for model in resident:  # loaded before the run: residencies with no load
+        where = _Where(waves, sizes, index)
+
+        def stay(model: str, wave: int | None) -> int:
+            holds: tuple[tuple[int, int], ...]
+            if index is None:
+                main, holds = 0, ((0, sizes[model]),)
+            else:
+                main, holds = where(model, wave)
             holder[model] = len(self.model)
             self.model.append(model)
             self.until.append(None)
             self.left.append(0)
+            self.main.append(main)
+            self.holds.append(holds)
+            return holder[model]
+
+        for model in resident:  # loaded before the run: residencies with no load
+            first = waves[0] if waves else None
+            stay(model, 0 if first and model in first.resident else None)
         self.initial = len(self.model)
         pending = [list(stage) for stage in calls]
         for w, wave in enumerate(waves):
@@ -400,16 +520,19 @@ class _PlanSimulation:
             for model in wave.load:
                 if model in holder:
                     raise ValueError(f"wave {w + 1} loads {model!r}, which is resident already")
-                holder[model] = len(self.model)
-                self.model.append(model)
-                self.until.append(None)
-                self.left.append(0)
-                self.queue.append((holder[model], w))
+                self.queue.append((stay(model, w), w))
             if set(holder) != wave.resident:
                 raise ValueError(
                     f"wave {w + 1}: resident {sorted(wave.resident)} is not what its loads and "
                     f"unloads leave ({sorted(holder)})"
                 )
+            if index is not None and wave.placed:
+                for model, r in holder.items():
+                    if where(model, w)[0] != self.main[r]:
+                        raise ValueError(
+                            f"wave {w + 1} moves {model!r} to another device while it is "
+                            "resident: a model keeps its device until it is unloaded"
+                        )
             now = [c for c in pending[wave.stage] if c.model in wave.runs]
             pending[wave.stage] = [c for c in pending[wave.stage] if c.model not in wave.runs]
             for call in now:
@@ -426,8 +549,8 @@ class _PlanSimulation:
             raise ValueError("the plan leaves calls unrun")
 
     def go(self) -> Timing:
-        sizes, profile = self.sizes, self.profile
-        budget = profile.memory_bytes
+        sizes, profiles = self.sizes, self.profiles
+        budgets = [p.memory_bytes for p in profiles]
         queues: dict[str, deque[int]] = {}
         for i, (call, *_) in enumerate(self.calls):
             queues.setdefault(call.model, deque()).append(i)
@@ -435,10 +558,14 @@ class _PlanSimulation:
         # model -> its residency now loading or loaded
         holding: dict[str, int] = {self.model[r]: r for r in range(self.initial)}
         running: set[str] = set()
-        fluid = Fluid()
+        fluids = [Fluid() for _ in profiles]
+        one = fluids[0] if len(fluids) == 1 else None
         loading: tuple[int, float, float] | None = None  # residency, start, end
         t = busy_s = load_s = 0.0
-        used = sum(sizes[model] for model in holding)
+        used = [0] * len(profiles)
+        for r in range(self.initial):
+            for d, held in self.holds[r]:
+                used[d] += held
         next_load = calls_done = 0
         began: dict[int, float] = {}
         spans: list[Span] = []
@@ -454,7 +581,7 @@ class _PlanSimulation:
 
         def settle() -> None:
             """Start every unload, load and call whose conditions hold at ``t``."""
-            nonlocal used, loading, next_load
+            nonlocal loading, next_load
             moved = True
             while moved:
                 moved = False
@@ -463,19 +590,28 @@ class _PlanSimulation:
                         self.relaxed |= r in self.released and next_load < len(self.queue)
                         state[r] = _GONE
                         del holding[model]
-                        used -= sizes[model]
+                        for d, held in self.holds[r]:
+                            used[d] -= held
                         w = self.until[r]
                         stage = self.wave_stage[w] if w is not None and w < self.n_waves else -1
                         spans.append(Span("unload", model, w if w is not None else -1, stage, t, t))
                 if loading is None and next_load < len(self.queue):
                     r, _ = self.queue[next_load]
                     model = self.model[r]
-                    if model not in holding and used + sizes[model] <= budget:
-                        used += sizes[model]
-                        if used > budget:  # by construction never; a guard on the model itself
-                            raise AssertionError(f"{used} bytes loaded over a {budget} budget")
+                    holds = self.holds[r]
+                    d, held = holds[0]  # (the others only for a split model: rare)
+                    if (
+                        model not in holding
+                        and used[d] + held <= budgets[d]
+                        and (len(holds) == 1 or all(used[e] + b <= budgets[e] for e, b in holds))
+                    ):
+                        for d, held in holds:
+                            used[d] += held
+                            if used[d] > budgets[d]:  # by construction never; a guard
+                                raise AssertionError(f"{used[d]} bytes over a {budgets[d]} budget")
                         state[r], holding[model] = _LOADING, r
-                        loading = (r, t, t + load_seconds(sizes[model], profile))
+                        seconds = load_seconds(sizes[model], profiles[self.main[r]])
+                        loading = (r, t, t + seconds)
                         next_load += 1
                         moved = True
                 for model, waiting in queues.items():
@@ -487,7 +623,8 @@ class _PlanSimulation:
                         continue
                     waiting.popleft()
                     began[i] = t
-                    if fluid.start(i, phases(call, sizes[model], profile)):
+                    device = self.main[r]
+                    if fluids[device].start(i, phases(call, sizes[model], profiles[device])):
                         running.add(model)
                     else:
                         finish(i)
@@ -498,15 +635,20 @@ class _PlanSimulation:
             if calls_done == len(self.calls) and loading is None and next_load == len(self.queue):
                 break
             until_load = loading[2] - t if loading is not None else math.inf
-            dt = min(fluid.next_dt(), until_load)
+            if one is not None:  # (the searches simulate a great many one-device plans)
+                dt = min(one.next_dt(), until_load)
+                busy = one.busy()
+            else:
+                dt = min(min(fluid.next_dt() for fluid in fluids), until_load)
+                busy = any(fluid.busy() for fluid in fluids)
             if math.isinf(dt):
-                raise ValueError(
-                    f"the plan cannot go on: {self.model[self.queue[next_load][0]]!r} never fits "
-                    f"beside what is loaded within {budget} bytes"
-                )
-            if fluid.busy():
+                raise ValueError(self._stuck(next_load, used, budgets))
+            if busy:
                 busy_s += dt
-            done = fluid.advance(dt)
+            if one is not None:
+                done = one.advance(dt)
+            else:
+                done = sorted(i for fluid in fluids for i in fluid.advance(dt))
             if loading is not None and until_load <= dt:
                 r, start, t = loading
                 state[r] = _LOADED
@@ -519,6 +661,52 @@ class _PlanSimulation:
             for i in done:
                 finish(i)
         return Timing(t, len(self.queue), load_s, busy_s, tuple(spans))
+
+    def _stuck(self, next_load: int, used: list[int], budgets: list[int]) -> str:
+        """Why the next load can never start: the first device it does not fit on."""
+        r = self.queue[next_load][0]
+        full = next(d for d, held in self.holds[r] if used[d] + held > budgets[d])
+        on = f" on {self.devices[full]!r}" if self.devices[full] else ""
+        return (
+            f"the plan cannot go on: {self.model[r]!r} never fits beside what is loaded{on} "
+            f"within {budgets[full]} bytes"
+        )
+
+
+class _Where:
+    """Where wave ``w`` places a model: the device that runs it (its index in the devices) and
+    the bytes it holds on each. No wave (a model resident before the run and unloaded by the
+    first wave), no placement or no devices: all of it on the first device."""
+
+    def __init__(
+        self,
+        waves: Sequence[WaveSpec],
+        sizes: Mapping[str, int],
+        index: Mapping[str, int] | None,
+    ) -> None:
+        self.waves, self.sizes, self.index = waves, sizes, index
+        self.cache: dict[int, tuple[dict[str, str], dict[str, list[tuple[str, int]]]]] = {}
+
+    def __call__(self, model: str, w: int | None) -> tuple[int, tuple[tuple[int, int], ...]]:
+        index = self.index
+        if index is None or w is None or not self.waves[w].placed:
+            return 0, ((0, self.sizes[model]),)
+        wave = self.waves[w]
+        if w not in self.cache:
+            split: dict[str, list[tuple[str, int]]] = {}
+            for name, on, part in wave.shares:
+                split.setdefault(name, []).append((on, part))
+            self.cache[w] = dict(wave.placed), split
+        placed, split = self.cache[w]
+        device = placed.get(model)
+        if device is None:
+            raise ValueError(f"wave {w + 1} places {model!r} on no device")
+        for name in (device, *(d for d, _ in split.get(model, ()))):
+            if name not in index:
+                raise ValueError(f"wave {w + 1} places {model!r} on {name!r}, not a device")
+        if model in split:
+            return index[device], tuple((index[d], part) for d, part in split[model])
+        return index[device], ((index[device], self.sizes[model]),)
 
 
 _WAITING, _LOADING, _LOADED, _GONE = range(4)

@@ -142,3 +142,20 @@ def test_random_ensembles_place_validly_and_never_load_more_than_one_device() ->
         two = make_plan(stages, sizes, 0, devices={"gpu0": 8 * GiB, "gpu1": 8 * GiB})
         check_placement(two, sizes)
         assert two.loads <= one.loads
+
+
+def test_a_pinned_model_goes_on_its_device_only() -> None:
+    """A pinned model goes where it is pinned, the others around it (how one Ollama server per
+    GPU is planned); a pin to a device too small is refused."""
+    sizes = {"a": 3 * GiB, "b": 3 * GiB}
+    devices = {"gpu0": 4 * GiB, "gpu1": 8 * GiB}  # best fit: each model where least room is left
+    free = make_plan([["a", "b"]], sizes, 0, devices=devices)
+    assert free.waves[0].devices == {"gpu0": ["a"], "gpu1": ["b"]}  # best fit: a on the fuller
+    pinned = make_plan([["a", "b"]], sizes, 0, devices=devices, pinned={"a": "gpu1"})
+    assert pinned.waves[0].devices == {"gpu0": ["b"], "gpu1": ["a"]}
+    with pytest.raises(
+        BudgetError, match=r'"b" needs 3.0 GiB but device "gpu0", which \[models.b\] pins'
+    ):
+        make_plan(
+            [["b"]], sizes, 0, devices={"gpu0": 2 * GiB, "gpu1": 8 * GiB}, pinned={"b": "gpu0"}
+        )
