@@ -212,6 +212,11 @@ class Backend(ABC):
     """True when ``resident_bytes`` is the model's whole footprint (Ollama's /api/ps size), so
     the executor may re-plan with it; llama.cpp's logged buffers miss ggml's work buffer."""
 
+    places_models: ClassVar[bool] = False
+    """True when ``load`` puts a model where its placement says (llama.cpp, in process or on a
+    cluster node; the fake, which records it). Ollama and OpenAI-compatible servers place
+    models themselves: with several devices they are planned per device only when pinned."""
+
     supports: ClassVar[frozenset[str]] = frozenset()
     """Which of ``REQUEST_OPTIONS`` this backend honours. None by default: a backend written
     without them refuses a request that asks for one instead of ignoring it."""

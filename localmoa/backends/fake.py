@@ -73,6 +73,8 @@ def fill_reply(template: str, *, model: str, prompt: str, seed: int | None) -> s
 class FakeBackend(Backend):
     """Scripted replies, recorded events, real memory bookkeeping."""
 
+    places_models = True
+
     supports = frozenset(REQUEST_OPTIONS)
 
     def __init__(self, *, script: Script | None = None, capacity: int | None = None) -> None:

@@ -369,6 +369,8 @@ class _Loaded:
 class LlamaCppBackend(Backend):
     """Models from GGUF files, run in this process by llama.cpp."""
 
+    places_models = True
+
     supports = frozenset(REQUEST_OPTIONS)
 
     def __init__(self) -> None:

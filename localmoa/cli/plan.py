@@ -90,5 +90,6 @@ def plan_report(prepared: Prepared, zero_config: list[str]) -> PlanReport:
             ],
             "roles": prepared.roles,
             "zero_config": zero_config or None,
+            "notes": prepared.notes,
         }
     )

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from localmoa.cli.reports import SOURCE_LABELS, ModelsReport, PlanReport, RunReport
+from localmoa.planning.fewest_loads import Wave
 from localmoa.sizes import format_bytes
 
 __all__ = ["print_json", "print_models", "print_plan", "run_summary", "stderr", "stdout"]
@@ -67,7 +68,7 @@ def print_plan(console: Console, report: PlanReport) -> None:
             labels.get(wave.layer, str(wave.layer)),
             ", ".join(wave.unload) or "-",
             ", ".join(wave.load) or "-",
-            ", ".join(wave.resident),
+            _resident(wave, several=len(report.devices) > 1),
             _calls(wave.runs),
             format_bytes(wave.bytes),
         )
@@ -97,11 +98,34 @@ def print_plan(console: Console, report: PlanReport) -> None:
         if report.estimated_seconds is not None
         else ""
     )
+    devices = (
+        "\ndevices: " + ", ".join(f"{d} {format_bytes(b)}" for d, b in report.devices.items())
+        if len(report.devices) > 1
+        else ""
+    )
     console.print(
         f"loads: {report.loads} (lower bound {report.lower_bound}; {proof}), "
         f"{format_bytes(report.bytes_loaded)} read\n"
-        f"budget: {format_bytes(report.budget_bytes)} ({report.budget_source}){timed}",
+        f"budget: {format_bytes(report.budget_bytes)} ({report.budget_source}){devices}{timed}",
         markup=False,
+    )
+    for note in report.notes:
+        warning(note)
+
+
+def _resident(wave: Wave, *, several: bool) -> str:
+    """A wave's resident models; on several devices, by device ("gpu0: a, b · gpu1: c"), a
+    split model with its share on each."""
+    if not several:
+        return ", ".join(wave.resident)
+
+    def named(model: str, device: str) -> str:
+        share = wave.shares.get(model, {}).get(device)
+        return model if share is None else f"{model} ({format_bytes(share)})"
+
+    return " · ".join(
+        f"{device}: {', '.join(named(m, device) for m in models)}"
+        for device, models in wave.devices.items()
     )
 
 

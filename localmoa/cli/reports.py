@@ -132,6 +132,11 @@ class PlanReport(Plan):
         description="with no models.toml: how the ensemble was built from Ollama's models, one "
         "line per choice; null when a models.toml was used"
     )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what to know about how the run was planned (e.g. models a server places "
+        "itself, planned against the devices' sum); also printed as warnings",
+    )
 
 
 class BatchPlanReport(BaseModel):

@@ -72,6 +72,8 @@ def run_command(
             for reason in session.reasons:
                 stderr().print(f"zero-config: {reason}", markup=False)
             prepared = await plan_run(session, ensemble, memory_budget, question)
+            for note in prepared.notes:
+                warning(note)
             recording = recorder.start(
                 source="run",
                 ensemble=prepared.ensemble,
@@ -218,4 +220,5 @@ def executor_for(
         on_event=on_event,
         sizes={name: fp.total for name, fp in prepared.footprints.items()},
         policy=prepared.policy,
+        devices=prepared.devices,
     )

@@ -30,9 +30,16 @@ from localmoa.backends.base import (
 from localmoa.backends.configs import MAX_PARALLEL, context_tokens
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Config, Ensemble, LlamaCppModel, ModelConfig
-from localmoa.errors import BackendError, BudgetError, PromptTooLongError, UserError
+from localmoa.errors import (
+    BackendError,
+    BudgetError,
+    ConfigError,
+    PromptTooLongError,
+    UsageRefused,
+    UserError,
+)
 from localmoa.footprint.estimate import Footprint
-from localmoa.hardware import Budget, device_budget, resolve_budget
+from localmoa.hardware import Budget, Device, budget_of, device_budget, resolve_devices
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan
 from localmoa.planning.profiles import Profile
@@ -46,9 +53,11 @@ __all__ = [
     "check_prompt",
     "context_tokens",
     "footprints",
+    "placeable",
     "plan_policy",
     "prepare",
     "prompt_char_limit",
+    "run_devices",
     "run_models",
     "seq_window",
     "stages_for",
@@ -84,6 +93,10 @@ class Prepared:
     """The model tables as this run loads them (:func:`run_models`)."""
     roles: list[str] | None = None
     """The proposers' roles from the cache, when ``roles = "auto"`` found them there."""
+    devices: list[Device] = field(default_factory=list)
+    """The devices the plan placed models on (:func:`run_devices`, :func:`placeable`)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about how the run was planned (shown as warnings)."""
 
 
 def stages_for(
@@ -169,6 +182,61 @@ def plan_policy(config: Config, models: Sequence[str], budget: Budget) -> PlanPo
     return PlanPolicy.from_settings(config.settings, device, timed=timed)
 
 
+def run_devices(config: Config, memory_budget: str | None) -> list[Device]:
+    """The devices a run is planned on: the Ray cluster's nodes' when ``[settings.cluster]``
+    says so, else this machine's (:func:`localmoa.hardware.resolve_devices`)."""
+    if config.settings.cluster.engine == "ray":
+        if memory_budget not in (None, "auto"):
+            raise UsageRefused(
+                '--memory-budget plans one device, but [settings.cluster] engine = "ray" '
+                "plans the cluster's devices; leave --memory-budget out, or declare devices"
+            )
+        from localmoa.cluster.ray_engine import cluster_devices
+
+        return cluster_devices(config.settings)
+    return resolve_devices(memory_budget, config.settings)
+
+
+def placeable(
+    config: Config,
+    used: Sequence[str],
+    backends: Mapping[str, Backend],
+    devices: list[Device],
+) -> tuple[list[Device], dict[str, str], list[str]]:
+    """The devices to place ``used`` models on, the models pinned to one (``device = ...``),
+    and notes for the user. Several devices with a model whose backend places models itself
+    (Ollama, an OpenAI-compatible server) and that is not pinned: planned against their sum,
+    as one device, since nothing could keep a model where the plan put it."""
+    names = [d.name for d in devices]
+    pinned = {m: pin for m in used if (pin := config.models[m].device) is not None}
+    for model, pin in pinned.items():
+        if pin not in names:
+            raise ConfigError(
+                f'models.{model}.device: "{pin}" is not a device here ({", ".join(names)}); '
+                "name one of those, or declare it in [[settings.devices]]"
+            )
+    loose = [
+        m for m in used if m not in pinned and not backends[config.models[m].backend].places_models
+    ]
+    if len(devices) <= 1 or not loose:
+        return devices, pinned, []
+    total = sum(d.memory for d in devices)
+    kinds = sorted({config.models[m].backend for m in loose})
+    note = (
+        f"{' and '.join(kinds)} place models themselves ({', '.join(loose)} not pinned): "
+        f"planned against the sum of {', '.join(names)} as one device; to plan per GPU, run "
+        'one server per GPU and pin each model to its GPU with device = "..." '
+        "(README: several GPUs)"
+    )
+    one = Device(
+        name="+".join(names),
+        memory=total,
+        kind=devices[0].kind,
+        detail=f"sum of {', '.join(names)}",
+    )
+    return [one], {}, [note]
+
+
 async def footprints(
     config: Config,
     names: list[str],
@@ -218,17 +286,39 @@ async def prepare(
     sizes = await footprints(config, used, backends, models)
     if prompt is not None:
         await check_prompt(config, stages, backends, [ChatMessage(role="user", content=prompt)])
-    budget = resolve_budget(memory_budget, config.settings.memory_budget)
+    devices, pinned, notes = placeable(config, used, backends, run_devices(config, memory_budget))
+    budget = budget_of(devices)
     totals = {name: fp.total for name, fp in sizes.items()}
     policy = plan_policy(config, used, budget)
     try:
-        plan = plan_run(stages, totals, budget.bytes, policy, prompt=prompt)
+        plan = plan_run(
+            stages,
+            totals,
+            budget.bytes,
+            policy,
+            prompt=prompt,
+            devices=devices,
+            splittable=[m for m in used if getattr(models[m], "split", False)],
+            pinned=pinned,
+        )
     except BudgetError as exc:
         raise BudgetError(f"{exc} (budget from {budget.detail})") from None
     refined_on = policy.profile if policy.plan_for == "time" else None
     personas = {c.agent: c.persona for st in stages for c in st if c.persona is not None}
     roles = [personas[slot] for slot in sorted(personas)] or None
-    return Prepared(ensemble, stages, sizes, budget, plan, refined_on, policy, models, roles)
+    return Prepared(
+        ensemble,
+        stages,
+        sizes,
+        budget,
+        plan,
+        refined_on,
+        policy,
+        models,
+        roles,
+        devices,
+        notes,
+    )
 
 
 def prompt_char_limit(config: Config, stages: Sequence[Sequence[Call]]) -> int | None:

@@ -31,7 +31,16 @@ def test_done_when_plan_json_three_1gib_models_under_2_5_gib(tmp_path: Path) -> 
     assert all(w["bytes"] <= plan["budget_bytes"] for w in plan["waves"])
     assert sum(len(w["load"]) for w in plan["waves"]) == 4
     assert [w["layer"] for w in plan["waves"]][-1] == 3
-    assert set(plan["waves"][0]) == {"layer", "resident", "runs", "load", "unload", "bytes"}
+    assert set(plan["waves"][0]) == {
+        "layer",
+        "resident",
+        "runs",
+        "load",
+        "unload",
+        "bytes",
+        "devices",
+        "shares",
+    }
 
 
 def test_plan_json_is_exactly_the_plan_report(tmp_path: Path) -> None:
