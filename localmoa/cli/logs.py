@@ -5,7 +5,9 @@
   zone) and ``-q TEXT`` (every word in the prompt or the answer). ``--json`` prints the list of
   :class:`~localmoa.records.models.LoggedRun`.
 - ``localmoa logs show ID`` (ID or a unique prefix of it) prints every agent's answer by layer,
-  the plan's waves, the loads and a telemetry table; ``--json`` prints the
+  the plan's waves, the loads and a telemetry table; where the plan placed models on devices
+  (several GPUs, a cluster's nodes), each call and load also says where it ran, and a run
+  without any placement reads as it always did; ``--json`` prints the
   :class:`~localmoa.records.models.RunDetail`; ``--timeline FILE`` draws it (.svg or .png).
 - ``localmoa logs path`` prints where the log is.
 
@@ -33,7 +35,7 @@ from rich.text import Text
 from localmoa.cli.options import json_option
 from localmoa.cli.render import stderr, stdout
 from localmoa.errors import UserError
-from localmoa.records.models import LoggedCall, LoggedRun, RunDetail, RunStatus
+from localmoa.records.models import LoggedCall, LoggedLoad, LoggedRun, RunDetail, RunStatus
 from localmoa.records.store import Store, log_path
 from localmoa.sizes import format_bytes
 
@@ -294,10 +296,23 @@ def _call_line(call: LoggedCall) -> str:
     if call.references:
         seen = " · read " + ", ".join(f"{layer}.{index + 1}" for layer, index in call.references)
     who = _position(call) if call.role in ("judge", "roles") else f"{_position(call)} {call.role}"
+    place = _place(call)
+    served = call.backend if place is None else f"{call.backend} on {place}"
     return (
-        f"{who} {call.model} ({call.backend}) · "
+        f"{who} {call.model} ({served}) · "
         f"{call.tokens_in} → {call.tokens_out} tokens{ttft} · {call.seconds:.2f}s{seen}"
     )
+
+
+def _place(row: LoggedCall | LoggedLoad) -> str | None:
+    """Where a call or a load ran, compactly: its device, prefixed with its node when the
+    device's name does not say it already ("nodeB/gpu0"); None when the plan placed nothing."""
+    device, node = row.device, row.node
+    if node is None:
+        return device
+    if device is None:
+        return node
+    return device if device.startswith(f"{node}/") else f"{node}/{device}"
 
 
 def _position(call: LoggedCall) -> str:
@@ -335,11 +350,15 @@ def _loads_table(run: RunDetail) -> Table:
     table = Table(
         title="Loads (times from the run's start)", title_justify="left", box=box.SIMPLE_HEAD
     )
-    for column in ("model", "at", "seconds", "estimated", "measured", "peak", "unloaded"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    placed = any(_place(load) is not None for load in run.loads)
+    columns = ("model", "device") if placed else ("model",)
+    for column in (*columns, "at", "seconds", "estimated", "measured", "peak", "unloaded"):
+        table.add_column(column, justify="left" if column in columns else "right")
     for load in run.loads:
+        where = (_place(load) or "-",) if placed else ()
         table.add_row(
             load.model,
+            *where,
             f"{load.started_at - start:+.2f}s",
             f"{load.seconds:.2f}",
             _size(load.bytes_estimated),
@@ -352,14 +371,18 @@ def _loads_table(run: RunDetail) -> Table:
 
 def _telemetry_table(calls: list[LoggedCall]) -> Table:
     table = Table(title="Telemetry", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("call", "role", "model", "ok", "in", "out", "ttft s", "prefill/s", "decode/s"):
-        table.add_column(column, justify="left" if column in ("role", "model") else "right")
+    placed = any(_place(call) is not None for call in calls)
+    named = ("role", "model", "device") if placed else ("role", "model")
+    for column in ("call", *named, "ok", "in", "out", "ttft s", "prefill/s", "decode/s"):
+        table.add_column(column, justify="left" if column in named else "right")
     table.add_column("s", justify="right")
     for call in calls:
+        where = (_place(call) or "-",) if placed else ()
         table.add_row(
             _position(call),
             call.role,
             call.model,
+            *where,
             "yes" if call.ok else "no",
             str(call.tokens_in),
             str(call.tokens_out),

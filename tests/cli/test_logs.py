@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_config
+from records.placed import record_placed_run
 
 from localmoa.cli.logs import parse_since
 from localmoa.records.models import LoggedCall, LoggedLoad, LoggedRun, RunDetail
@@ -157,6 +158,79 @@ def test_show_prints_every_answer_by_layer_the_plan_loads_and_telemetry(
     for title in ("Plan", "Loads (times from the run's start)", "Telemetry"):
         assert title in text
     assert text.index("layer 1") < text.index("answer ─") < text.index("Telemetry")
+
+
+def header(text: str, title: str) -> list[str]:
+    """The column names of the table titled ``title`` in ``logs show``'s output."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == title)
+    row = next(line for line in lines[start + 1 :] if line.strip())
+    return row.replace("ttft s", "ttft_s").split()
+
+
+BEFORE_TELEMETRY = ["call", "role", "model", "ok", "in", "out", "ttft_s", "prefill/s",
+                    "decode/s", "s"]  # fmt: skip
+BEFORE_LOADS = ["model", "at", "seconds", "estimated", "measured", "peak", "unloaded"]
+
+
+async def test_show_says_where_each_call_and_load_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    run_id = await record_placed_run()
+    out = localmoa("logs", "show", run_id)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for layer in (1, 2):
+        assert f"{layer}.1 proposer a (fake on gpu0) · " in text
+        assert f"{layer}.2 proposer b (fake on nodeB/gpu1) · " in text  # the node, then its GPU
+        assert f"{layer}.3 proposer c (fake) · " in text  # placed nowhere: as before
+        assert f"{layer}.4 proposer d (fake on nodeC/gpu0) · " in text  # the node said once
+    assert "3.1 aggregator a (fake on gpu0) · " in text
+    assert header(text, "Telemetry") == [*BEFORE_TELEMETRY[:3], "device", *BEFORE_TELEMETRY[3:]]
+    loads = header(text, "Loads (times from the run's start)")
+    assert loads == ["model", "device", *BEFORE_LOADS[1:]]
+    rows = [line.split() for line in text.splitlines()]
+    assert ["1.2", "proposer", "b", "nodeB/gpu1", "yes"] in [row[:5] for row in rows]
+    assert ["2.3", "proposer", "c", "-", "yes"] in [row[:5] for row in rows]
+    assert ["d", "nodeC/gpu0"] in [row[:2] for row in rows]  # its load
+
+    detail = json.loads(localmoa("logs", "show", run_id, "--json").stdout)
+    assert [(c["model"], c["device"], c["node"]) for c in detail["calls"][:4]] == [
+        ("a", "gpu0", None),
+        ("b", "gpu1", "nodeB"),
+        ("c", None, None),
+        ("d", "nodeC/gpu0", "nodeC"),
+    ]
+    assert {(load["model"], load["device"], load["node"]) for load in detail["loads"]} == {
+        ("a", "gpu0", None),
+        ("b", "gpu1", "nodeB"),
+        ("c", None, None),
+        ("d", "nodeC/gpu0", "nodeC"),
+    }
+    (run,) = listed()
+    assert (run.devices, run.nodes) == (["gpu0", "gpu1", "nodeC/gpu0"], ["nodeB", "nodeC"])
+
+
+def test_a_run_placed_nowhere_reads_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single-device runs, and every run recorded before devices were, print as they did; the
+    JSON has the keys, null (empty lists in the run list)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    write_config(tmp_path, FAKE_THREE)
+    out = localmoa("run", "q", "--memory-budget", "3GiB", "--json")
+    assert out.returncode == 0, out.stderr
+    calls = json.loads(out.stdout)["calls"]
+    assert len(calls) == 7 and all(c["device"] is None and c["node"] is None for c in calls)
+    (run,) = listed()
+    assert (run.devices, run.nodes) == ([], [])
+    text = localmoa("logs", "show", run.id).stdout
+    assert header(text, "Telemetry") == BEFORE_TELEMETRY
+    assert header(text, "Loads (times from the run's start)") == BEFORE_LOADS
+    assert " on " not in text and "device " not in text.split("\n", 1)[1]
+    assert "1.1 proposer a (fake) · " in text and "3.1 aggregator a (fake) · " in text
+    detail = json.loads(localmoa("logs", "show", run.id, "--json").stdout)
+    assert all(c["device"] is None and c["node"] is None for c in detail["calls"])
+    assert all(load["device"] is None and load["node"] is None for load in detail["loads"])
 
 
 def test_show_of_a_failed_run_says_why(three_runs: list[str]) -> None:

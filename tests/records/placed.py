@@ -23,8 +23,9 @@ GiB = 1 << 30
 
 PLACES: dict[str, tuple[str | None, str | None]] = {
     "a": ("gpu0", None),  # a GPU of this machine
-    "b": ("nodeB/gpu1", "nodeB"),  # a GPU of a cluster node, named as its bin is
+    "b": ("gpu1", "nodeB"),  # a GPU of a cluster node, its name not saying the node's
     "c": (None, None),  # placed by its backend (an Ollama model): nowhere in the plan
+    "d": ("nodeC/gpu0", "nodeC"),  # a cluster node's GPU, named with its node
 }
 """Each model's (device, node)."""
 
@@ -46,12 +47,12 @@ def placing(on_event: Callable[[Event], None]) -> Callable[[Event], None]:
 
 
 async def record_placed_run() -> str:
-    """Run a fake ensemble of a, b and c (two layers, ``a`` aggregating) into the run log, each
+    """Run a fake ensemble of a, b, c and d (two layers, ``a`` aggregating) into the run log, each
     call and load placed as :data:`PLACES` says; the recorded run's id."""
     models = {name: FakeModel(backend="fake", memory=GiB) for name in PLACES}
     layer = [Agent(model=name) for name in PLACES]
     ensemble = Ensemble(layers=[layer, layer], aggregator=Agent(model="a"))
-    plan = make_plan(stages_of(ensemble), {name: GiB for name in models}, 3 * GiB)
+    plan = make_plan(stages_of(ensemble), {name: GiB for name in models}, 4 * GiB)
     question = [ChatMessage(role="user", content="where did you run?")]
     recorder = Recorder.open(Settings())
     recording = recorder.start(

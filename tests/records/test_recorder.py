@@ -153,14 +153,14 @@ async def test_where_each_call_and_load_ran_is_recorded() -> None:
     store = Store.open(create=False)
     assert store is not None
     detail = store.run(run_id)
-    assert [c.model for c in detail.calls] == ["a", "b", "c"] * 2 + ["a"]
+    assert [c.model for c in detail.calls] == ["a", "b", "c", "d"] * 2 + ["a"]
     for call in detail.calls:
         assert (call.device, call.node) == PLACES[call.model], call
-    assert sorted(load.model for load in detail.loads) == ["a", "b", "c"]
+    assert sorted(load.model for load in detail.loads) == ["a", "b", "c", "d"]
     for load in detail.loads:
         assert (load.device, load.node) == PLACES[load.model], load
     (run,) = store.list_runs()
-    assert (run.devices, run.nodes) == (["gpu0", "nodeB/gpu1"], ["nodeB"])
+    assert (run.devices, run.nodes) == (["gpu0", "gpu1", "nodeC/gpu0"], ["nodeB", "nodeC"])
 
 
 async def test_recorded_closes_a_failed_and_a_cancelled_run() -> None:
