@@ -111,6 +111,12 @@ class OllamaModel(ModelTable):
     another); Ollama holds num_ctx of KV cache per slot, which the estimate counts."""
     memory: Size | None = None
     """Overrides the estimate and any measurement."""
+    ollama_host: str | None = Field(default=None, min_length=1)
+    """The Ollama server this model is on ("127.0.0.1:11435", a URL); unset =
+    ``settings.ollama_host``, else OLLAMA_HOST, else 127.0.0.1:11434. Ollama cannot pin a
+    model to a GPU, so several GPUs are served by one ``ollama serve`` each (its own
+    ``CUDA_VISIBLE_DEVICES`` and port) and each model names its server here. A host off this
+    machine must be listed in ``settings.allowed_hosts``."""
 
 
 class OpenAIModel(ModelTable):

@@ -43,6 +43,16 @@ calls run). Ollama gives every slot its own ``num_ctx`` of KV cache (it starts l
 ``-c num_ctx·np -np np``), so the estimate counts ``num_ctx × parallel`` of context; a
 measurement from ``/api/ps`` includes the slots already, and is remembered per ``parallel``.
 
+**Several GPUs.** Ollama places models itself and cannot be told which GPU to use
+(ollama/ollama#8874: "No."), so the way to pin models is one ``ollama serve`` per GPU, each with
+its own ``CUDA_VISIBLE_DEVICES`` and port (#9637), and a model's ``ollama_host`` naming its
+server. Everything done for a model then goes to that server: /api/show and /api/tags for its
+footprint and the "not installed" error, the preload, the chat, the unload and the /api/ps reads
+that measure it; its measurement is remembered per server, since each is its own GPU. One client
+per server, made on first use; a model's own host passes the egress rule (loopback, or listed in
+``settings.allowed_hosts``) each time it is used, before anything is sent, so a refusal names
+that model's key. A model without ``ollama_host`` is on the run's server, as before.
+
 Before a load, a model's footprint is estimated like a GGUF file's
 (localmoa.footprint.estimate), from ``/api/show`` ``model_info`` and the ``/api/tags`` file
 size. localmoa never pulls, pushes or deletes models: a missing one is an error that gives the
@@ -68,6 +78,7 @@ from localmoa.backends.configs import OllamaModel
 from localmoa.egress import check_url, client_options, is_loopback, normalize_url
 from localmoa.errors import (
     BackendError,
+    EgressError,
     LocalMoaError,
     ModelNotInstalledError,
     ServerUnavailableError,
@@ -112,10 +123,21 @@ def _host_and_origin(setting: str | None) -> tuple[str, str]:
         if env
         else (DEFAULT_HOST, FROM_SETTINGS)
     )
-    url = httpx.URL(normalize_url(raw, default_port=11434))
+    return _url(raw, origin), origin
+
+
+def _url(raw: str, setting: str) -> str:
+    """``raw`` (a host, ``host:port`` or a URL) as Ollama's URL; a listen-everywhere address
+    means this machine. EgressError naming ``setting`` when it is no URL at all."""
+    try:
+        url = httpx.URL(normalize_url(raw, default_port=11434))
+    except httpx.InvalidURL as exc:
+        raise EgressError(
+            f'{setting}: not a URL: "{raw}" ({exc}); write e.g. "127.0.0.1:11435"'
+        ) from None
     if url.host in ("0.0.0.0", "::"):
         url = url.copy_with(host="127.0.0.1")
-    return str(url).rstrip("/"), origin
+    return str(url).rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -129,10 +151,136 @@ class InstalledModel:
     parameter_size: str
     capabilities: tuple[str, ...]
     facts: GGUFFacts | None
+    host: str
+    """The server that has it: a measurement holds for one server, which is one GPU when
+    each GPU has its own."""
+
+
+class _Server:
+    """One Ollama server: its client, made once its URL passes the egress rule, and the models
+    it has, listed (/api/tags) and each described (/api/show) once per backend.
+
+    ``setting`` is the key that gave the URL, which its errors blame; ``per_model`` says the key
+    is a model's ``ollama_host`` (one server per GPU), whose messages then spell out the
+    ``OLLAMA_HOST=...`` that points the ``ollama`` command at this server rather than the usual
+    one."""
+
+    def __init__(
+        self, host: str, *, allowed_hosts: list[str], setting: str, per_model: bool = False
+    ) -> None:
+        self.host = host
+        self.setting = setting
+        self.per_model = per_model
+        self.allowed_hosts = allowed_hosts
+        self._client: ollama.AsyncClient | None = None
+        self._listed: dict[str, Any] | None = None
+        self._listing = asyncio.Lock()
+        self._described: dict[str, InstalledModel] = {}
+
+    @property
+    def client(self) -> ollama.AsyncClient:
+        if self._client is None:
+            check_url(self.host, allowed_hosts=self.allowed_hosts, setting=self.setting)
+            self._client = ollama.AsyncClient(
+                host=self.host,
+                timeout=httpx.Timeout(None, connect=5.0),  # generation may take minutes
+                **client_options(self.allowed_hosts, setting=self.setting),
+            )
+        return self._client
+
+    async def installed(self) -> dict[str, InstalledModel]:
+        listed = await self.list()
+        described = await asyncio.gather(*(self.describe(tag) for tag in listed))
+        return dict(zip(listed, described, strict=True))
+
+    async def find(self, tag: str, *, setting: str) -> InstalledModel:
+        """The installed model ``tag``, or ModelNotInstalledError with the pull line."""
+        listed = await self.list()
+        found = tag if tag in listed else f"{tag}:latest" if f"{tag}:latest" in listed else None
+        if found is None:
+            raise ModelNotInstalledError(
+                f'Ollama at {self.host} has no model "{tag}" ({setting}); run '
+                f"`{self._command('pull ' + tag)}` (localmoa never downloads models itself)"
+            )
+        return await self.describe(found)
+
+    async def list(self) -> dict[str, Any]:
+        """/api/tags, read once: tag -> its listing."""
+        async with self._listing:
+            if self._listed is None:
+                tags = await self.call(self.client.list())
+                self._listed = {m.model or "": m for m in tags.models}
+        return self._listed
+
+    async def describe(self, tag: str) -> InstalledModel:
+        """/api/show for one listed model, read once."""
+        if tag not in self._described:
+            listed = (await self.list())[tag]
+            show = await self.call(self.client.show(tag))
+            details = listed.details
+            size = max(0, int(listed.size or 0))  # a broken server's negative stays out
+            self._described[tag] = InstalledModel(
+                tag=tag,
+                digest=listed.digest or "",
+                size=size,
+                family=(details.family if details else None) or "unknown",
+                parameter_size=(details.parameter_size if details else None) or "",
+                capabilities=tuple(show.capabilities or ("completion",)),
+                facts=_facts(tag, dict(show.modelinfo or {}), size),
+                host=self.host,
+            )
+        return self._described[tag]
+
+    async def running(self, tag: str) -> Any:
+        """``tag``'s entry in this server's /api/ps, or None."""
+        ps = await self.call(self.client.ps())
+        return next((m for m in ps.models if tag in (m.model, m.name)), None)
+
+    async def call(self, awaitable: Any, name: str | None = None) -> Any:
+        try:
+            return await awaitable
+        except (ollama.ResponseError, httpx.TransportError, ConnectionError) as exc:
+            raise self.translate(exc, name) from None
+
+    def translate(self, exc: Exception, name: str | None) -> LocalMoaError:
+        if isinstance(exc, ollama.ResponseError):
+            if exc.status_code == 404:
+                return ModelNotInstalledError(f"Ollama at {self.host}: {exc.error}")
+            return BackendError(name or "ollama", f"Ollama at {self.host} answered: {exc.error}")
+        where = "this machine" if is_loopback(httpx.URL(self.host).host) else "that host"
+        serve = f"`{self._command('serve')}`"
+        if self.per_model:
+            serve += " (one per GPU, each with its CUDA_VISIBLE_DEVICES)"
+            point = self.setting
+        else:
+            serve += " (or open the Ollama app)"
+            point = "OLLAMA_HOST"
+            if self.setting != FROM_ENVIRONMENT:
+                point = f"{self.setting} or {point}"
+        return ServerUnavailableError(
+            f"Ollama is not reachable at {self.host}: start it on {where} with {serve}, "
+            f"or point {point} at it"
+        )
+
+    def _command(self, args: str) -> str:
+        """The ``ollama`` command line for this server: a model's own server is not the one
+        ``ollama`` reaches by default, so OLLAMA_HOST names it (host:port, as Ollama writes
+        it; the whole URL for https)."""
+        if not self.per_model:
+            return f"ollama {args}"
+        url = httpx.URL(self.host)
+        where = self.host if url.scheme == "https" else url.netloc.decode()
+        return f"OLLAMA_HOST={where} ollama {args}"
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()  # type: ignore[no-untyped-call]
+            self._client = None
 
 
 class OllamaBackend(Backend):
-    """Models served by a local Ollama, loaded and unloaded when the plan says."""
+    """Models served by Ollama, loaded and unloaded when the plan says: each on the server its
+    ``ollama_host`` names, else on the run's (``host``)."""
 
     measures_footprint = True
     supports = frozenset(REQUEST_OPTIONS)
@@ -149,13 +297,12 @@ class OllamaBackend(Backend):
         self.setting = setting
         self.allowed_hosts = list(allowed_hosts)
         self.cache = cache or MeasurementCache()
-        self._client: ollama.AsyncClient | None = None
+        self._default = _Server(host, allowed_hosts=self.allowed_hosts, setting=setting)
+        self._servers: dict[str, _Server] = {host: self._default}  # by URL, made when first named
         self._configs: dict[str, OllamaModel] = {}  # loaded and ready for chat
         self._tags: dict[str, str] = {}  # preload sent and not undone -> the installed tag
+        self._where: dict[str, _Server] = {}  # preload sent and not undone -> its server
         self._measured: dict[str, int] = {}
-        self._listed: dict[str, Any] | None = None
-        self._listing = asyncio.Lock()
-        self._described: dict[str, InstalledModel] = {}
         self._undone: list[str] = []  # unloaded after their load was interrupted
 
     @classmethod
@@ -167,74 +314,47 @@ class OllamaBackend(Backend):
         host, origin = _host_and_origin(settings.ollama_host)
         return cls(host, allowed_hosts=settings.allowed_hosts, cache=cache, setting=origin)
 
-    @property
-    def client(self) -> ollama.AsyncClient:
-        if self._client is None:
-            check_url(self.host, allowed_hosts=self.allowed_hosts, setting=self.setting)
-            self._client = ollama.AsyncClient(
-                host=self.host,
-                timeout=httpx.Timeout(None, connect=5.0),  # generation may take minutes
-                **client_options(self.allowed_hosts, setting=self.setting),
+    def _server(self, name: str, config: OllamaModel) -> _Server:
+        """The server model ``name`` is on. A host of its own passes the egress rule here, on
+        every use and before any request, so a refusal names this model's key even when
+        another model named the same host first."""
+        if config.ollama_host is None:
+            return self._default
+        setting = f"models.{name}.ollama_host"
+        host = _url(config.ollama_host, setting)
+        check_url(host, allowed_hosts=self.allowed_hosts, setting=setting)
+        server = self._servers.get(host)
+        if server is None:
+            server = _Server(
+                host, allowed_hosts=self.allowed_hosts, setting=setting, per_model=True
             )
-        return self._client
+            self._servers[host] = server
+        return server
 
     # --- what is installed, and what it will cost -------------------------------------------
 
     async def installed(self) -> dict[str, InstalledModel]:
-        """Every model Ollama has, by tag (each described once per backend)."""
-        listed = await self._list()
-        described = await asyncio.gather(*(self._describe(tag) for tag in listed))
-        return dict(zip(listed, described, strict=True))
+        """Every model the run's Ollama (``host``) has, by tag (each described once per
+        backend). A model with its own ``ollama_host`` is looked up there when it is used."""
+        return await self._default.installed()
 
     async def find(self, tag: str, *, setting: str) -> InstalledModel:
-        """The installed model ``tag``, or ModelNotInstalledError with the pull line.
-
-        Only this model is described (/api/show), not every model Ollama has."""
-        listed = await self._list()
-        found = tag if tag in listed else f"{tag}:latest" if f"{tag}:latest" in listed else None
-        if found is None:
-            raise ModelNotInstalledError(
-                f'Ollama at {self.host} has no model "{tag}" ({setting}); run `ollama pull {tag}` '
-                "(localmoa never downloads models itself)"
-            )
-        return await self._describe(found)
-
-    async def _list(self) -> dict[str, Any]:
-        """/api/tags, read once per backend: tag -> its listing."""
-        async with self._listing:
-            if self._listed is None:
-                tags = await self._call(self.client.list())
-                self._listed = {m.model or "": m for m in tags.models}
-        return self._listed
-
-    async def _describe(self, tag: str) -> InstalledModel:
-        """/api/show for one listed model, read once per backend."""
-        if tag not in self._described:
-            listed = (await self._list())[tag]
-            show = await self._show(tag)
-            details = listed.details
-            size = max(0, int(listed.size or 0))  # a broken server's negative stays out
-            self._described[tag] = InstalledModel(
-                tag=tag,
-                digest=listed.digest or "",
-                size=size,
-                family=(details.family if details else None) or "unknown",
-                parameter_size=(details.parameter_size if details else None) or "",
-                capabilities=tuple(show.capabilities or ("completion",)),
-                facts=_facts(tag, dict(show.modelinfo or {}), size),
-            )
-        return self._described[tag]
+        """The installed model ``tag`` of the run's Ollama, or ModelNotInstalledError with the
+        pull line. Only this model is described (/api/show), not every model Ollama has."""
+        return await self._default.find(tag, setting=setting)
 
     async def footprint(self, name: str, config: Any) -> Footprint:
         assert isinstance(config, OllamaModel)
-        model = await self.find(config.model, setting=f"models.{name}.model")
+        server = self._server(name, config)
+        model = await server.find(config.model, setting=f"models.{name}.model")
         if config.memory is not None:
             return Footprint.override(config.memory)
         measured = self.measurement(model, config)
         return measured or self.estimate(model, config)
 
     def measurement(self, model: InstalledModel, config: OllamaModel) -> Footprint | None:
-        """What this model held when last loaded with these options, if it ever was."""
+        """What this model held when last loaded with these options on its server, if it
+        ever was."""
         found = self.cache.get(self._cache_key(model, config))
         if found is None:
             return None
@@ -274,18 +394,26 @@ class OllamaBackend(Backend):
     # --- the seam ------------------------------------------------------------------------------
 
     async def load(self, name: str, config: Any, placement: Placement | None = None) -> None:
+        """Preload ``name`` on its server. ``placement`` is not acted on: Ollama picks the GPU
+        itself (ollama/ollama#8874); a model is pinned by its server's CUDA_VISIBLE_DEVICES."""
         assert isinstance(config, OllamaModel)
-        model = await self.find(config.model, setting=f"models.{name}.model")
+        server = self._server(name, config)
+        model = await server.find(config.model, setting=f"models.{name}.model")
         began = time.perf_counter()
-        self._tags[name] = model.tag  # from here on Ollama may hold it, whatever happens here
+        # From here on Ollama may hold it, whatever happens here.
+        self._tags[name], self._where[name] = model.tag, server
         try:
-            await self._call(
-                self.client.generate(model=model.tag, keep_alive=-1, options=self._options(config)),
+            await server.call(
+                server.client.generate(
+                    model=model.tag, keep_alive=-1, options=self._options(config)
+                ),
                 name,
             )
-            running = await self._running(model.tag)
+            running = await self._running(name)
             if running is None:
-                raise BackendError(name, f"Ollama says it loaded {model.tag} but does not list it")
+                raise BackendError(
+                    name, f"Ollama at {server.host} says it loaded {model.tag} but does not list it"
+                )
         except BaseException as exc:
             await self._undo_load(name, interrupted=not isinstance(exc, Exception))
             raise
@@ -300,26 +428,34 @@ class OllamaBackend(Backend):
                 name,
                 100 * vram / size,
             )
-        log.debug("loaded %s in %.2fs: %d bytes", model.tag, time.perf_counter() - began, size)
+        log.debug(
+            "loaded %s on %s in %.2fs: %d bytes",
+            model.tag,
+            server.host,
+            time.perf_counter() - began,
+            size,
+        )
 
     async def unload(self, name: str) -> None:
         """Unload ``name``, loaded or with its preload sent; it leaves :meth:`loaded` only once
-        /api/ps no longer lists it, so a failed unload is tried again by :meth:`aclose`."""
+        its server's /api/ps no longer lists it, so a failed unload is tried again by
+        :meth:`aclose`."""
         self._configs.pop(name, None)
         self._measured.pop(name, None)
-        tag = self._tags.get(name)
-        if tag is None:
+        tag, server = self._tags.get(name), self._where.get(name)
+        if tag is None or server is None:
             return
         try:
             async with asyncio.timeout(UNLOAD_TIMEOUT):
-                await self._call(self.client.generate(model=tag, keep_alive=0), name)
-                while await self._running(tag) is not None:  # freed only once ps forgets it
+                await server.call(server.client.generate(model=tag, keep_alive=0), name)
+                while await self._running(name) is not None:  # freed only once ps forgets it
                     await asyncio.sleep(POLL_INTERVAL)
         except TimeoutError:
             raise BackendError(
-                name, f"Ollama did not unload {tag} within {UNLOAD_TIMEOUT:g} s"
+                name, f"Ollama at {server.host} did not unload {tag} within {UNLOAD_TIMEOUT:g} s"
             ) from None
         self._tags.pop(name, None)
+        self._where.pop(name, None)
 
     async def _undo_load(self, name: str, *, interrupted: bool) -> None:
         """Unload ``name`` after its load failed or was ``interrupted`` (cancelled), to the end
@@ -349,6 +485,7 @@ class OllamaBackend(Backend):
         if config is None:
             raise BackendError(name, "called while not loaded")
         self.refuse_unsupported(name, request)
+        server = self._where[name]
         options: dict[str, Any] = {
             **self._options(config),
             "temperature": request.temperature,
@@ -358,8 +495,8 @@ class OllamaBackend(Backend):
             options["stop"] = request.stop
         if request.seed is not None:
             options["seed"] = request.seed
-        stream = await self._call(
-            self.client.chat(
+        stream = await server.call(
+            server.client.chat(
                 model=self._tags[name],
                 messages=[m.model_dump() for m in request.messages],
                 options=options,
@@ -386,7 +523,7 @@ class OllamaBackend(Backend):
                 counted += 1
                 yield ChatDelta(text, 1)
         except (ollama.ResponseError, httpx.TransportError, ConnectionError) as exc:
-            raise self._translate(exc, name) from None
+            raise server.translate(exc, name) from None
         finally:
             await stream.aclose()
 
@@ -394,26 +531,26 @@ class OllamaBackend(Backend):
         return self._measured.get(name)
 
     def load_peak_bytes(self, name: str) -> int | None:
-        """What the load took: the ``/api/ps`` size read after it (the runner's whole
-        footprint, GPU and CPU parts together)."""
+        """What the load took: the ``/api/ps`` size its server reported after it (the runner's
+        whole footprint, GPU and CPU parts together)."""
         return self._measured.get(name)
 
     def loaded(self) -> list[str]:
-        """Every model Ollama may hold because of this backend: loaded, loading, or whose
-        unload failed."""
+        """Every model any of this backend's servers may hold because of it: loaded, loading,
+        or whose unload failed."""
         return list(self._tags)
 
     async def aclose(self) -> list[str]:
-        """Unload what is loaded (see :meth:`Backend.aclose`); the names returned include the
-        models unloaded after their load was interrupted, which happened on the way out too."""
+        """Unload what is loaded, on every server (see :meth:`Backend.aclose`); the names
+        returned include the models unloaded after their load was interrupted, which happened
+        on the way out too."""
         try:
             unloaded = await super().aclose()
             undone, self._undone = self._undone, []
             return [*dict.fromkeys([*undone, *unloaded])]
         finally:
-            if self._client is not None:
-                await self._client.close()  # type: ignore[no-untyped-call]
-                self._client = None
+            for server in self._servers.values():
+                await server.aclose()
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -422,38 +559,17 @@ class OllamaBackend(Backend):
         """The runner options pinned for this model: identical on every request."""
         return {"num_ctx": config.num_ctx}
 
-    def _cache_key(self, model: InstalledModel, config: OllamaModel) -> str:
-        """A measurement holds for one model, context and number of slots (each slot holds
-        its own KV cache). One slot keeps the key it had before slots were declared."""
+    @staticmethod
+    def _cache_key(model: InstalledModel, config: OllamaModel) -> str:
+        """A measurement holds for one model on one server (each its own GPU), context and
+        number of slots (each slot holds its own KV cache). One slot keeps the key it had
+        before slots were declared."""
         slots = f"|parallel={config.parallel}" if config.parallel > 1 else ""
-        return f"ollama|{self.host}|{model.digest or model.tag}|num_ctx={config.num_ctx}{slots}"
+        return f"ollama|{model.host}|{model.digest or model.tag}|num_ctx={config.num_ctx}{slots}"
 
-    async def _show(self, tag: str) -> Any:
-        return await self._call(self.client.show(tag))
-
-    async def _running(self, tag: str) -> Any:
-        ps = await self._call(self.client.ps())
-        return next((m for m in ps.models if tag in (m.model, m.name)), None)
-
-    async def _call(self, awaitable: Any, name: str | None = None) -> Any:
-        try:
-            return await awaitable
-        except (ollama.ResponseError, httpx.TransportError, ConnectionError) as exc:
-            raise self._translate(exc, name) from None
-
-    def _translate(self, exc: Exception, name: str | None) -> LocalMoaError:
-        if isinstance(exc, ollama.ResponseError):
-            if exc.status_code == 404:
-                return ModelNotInstalledError(f"Ollama at {self.host}: {exc.error}")
-            return BackendError(name or "ollama", f"Ollama answered: {exc.error}")
-        where = "this machine" if is_loopback(httpx.URL(self.host).host) else "that host"
-        point = "OLLAMA_HOST"
-        if self.setting != FROM_ENVIRONMENT:
-            point = f"{self.setting} or {point}"
-        return ServerUnavailableError(
-            f"Ollama is not reachable at {self.host}: start it on {where} with `ollama serve` "
-            f"(or open the Ollama app), or point {point} at it"
-        )
+    async def _running(self, name: str) -> Any:
+        """Model ``name``'s entry in its server's /api/ps, or None."""
+        return await self._where[name].running(self._tags[name])
 
 
 def _rate(count: int | None, nanoseconds: int | None) -> float | None:
