@@ -1,7 +1,8 @@
 """The models.toml schema, where the file is looked up, and how its problems are reported.
 
-The file has three tables: ``[settings]``, ``[models.NAME]`` (one per model, tagged by
-``backend``) and ``[ensembles.NAME]`` (layers of agents plus an aggregator). Every table
+The file has three tables: ``[settings]`` (with ``[[settings.devices]]``, the devices declared
+by hand, and ``[settings.cluster]``), ``[models.NAME]`` (one per model, tagged by ``backend``)
+and ``[ensembles.NAME]`` (layers of agents plus an aggregator). Every table
 forbids unknown keys, because a misspelt key silently ignored (``n_ctxx = 8192``) is a run that
 quietly overflows memory later.
 
@@ -10,9 +11,9 @@ of them, tagged by ``backend``, and the backends an error message lists are deri
 backend registry (:mod:`localmoa.backends.registry`), so a new backend is added in one place.
 Their classes are re-exported here for callers that build configs in code.
 
-Sizes (``memory_budget``, ``memory``) go through :func:`localmoa.sizes.parse_size`, which refuses
-``inf``, ``nan``, ``1e400`` and anything over 1 PiB with a ValueError, so each becomes a line
-naming its key.
+Sizes (``memory_budget``, a model's or a device's ``memory``) go through
+:func:`localmoa.sizes.parse_size`, which refuses ``inf``, ``nan``, ``1e400`` and anything over
+1 PiB with a ValueError, so each becomes a line naming its key.
 
 Errors are collected, not raised one at a time: schema problems from pydantic and reference
 problems (an agent naming a model that does not exist) are reported together, each with its key
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -34,12 +36,16 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     Field,
+    NonNegativeInt,
     PositiveInt,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from localmoa.backends.base import ResponseFormat, Seed, StopList
 from localmoa.backends.configs import (
@@ -53,11 +59,15 @@ from localmoa.backends.configs import (
 from localmoa.backends.configs import StrictModel as _Strict
 from localmoa.backends.configs import size_or_auto as _size
 from localmoa.backends.registry import NAMES, REGISTRY
+from localmoa.cluster.settings import ClusterSettings
 from localmoa.errors import ConfigError, ConfigNotFoundError
+from localmoa.hardware import DeviceKind
+from localmoa.sizes import parse_size
 
 __all__ = [
     "Agent",
     "Config",
+    "DeviceDeclaration",
     "Ensemble",
     "FakeModel",
     "Judge",
@@ -73,6 +83,80 @@ __all__ = [
 ]
 
 CONFIG_NAME = "models.toml"
+
+_AT = "localmoa_key"
+"""The error type of :func:`_at`, which :func:`_describe` reads."""
+
+
+def _at(key: str, message: str) -> PydanticCustomError:
+    """A problem a table's own validator finds in one of its keys. Pydantic files a model
+    validator's error under the table (settings.devices[0]); ``key`` (".index") names the key."""
+    return PydanticCustomError(_AT, message, {"key": key})
+
+
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9_./:-]+")
+_BYTE_SIZE = TypeAdapter(ByteSize)
+
+
+def _device_name(name: str) -> str:
+    if not name:
+        raise ValueError('empty: name the device, e.g. name = "gpu0"')
+    if not _DEVICE_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a device name: use letters, digits and - _ . : only, "
+            'e.g. "gpu0" or "node2:gpu1"'
+        )
+    return name
+
+
+def _device_memory(value: Any) -> int:
+    try:
+        return parse_size(value)
+    except ValueError:
+        if _is_nothing(value):
+            raise ValueError(
+                f"{value!r} is no memory: give the bytes models may use on the device, above 0, "
+                'e.g. memory = "24GiB" (to keep a GPU free, leave it out of settings.devices)'
+            ) from None
+        raise
+
+
+def _is_nothing(value: Any) -> bool:
+    """Is ``value`` a size, but of zero or fewer bytes (0, "0GiB")?"""
+    if isinstance(value, bool):
+        return False
+    try:
+        return int(_BYTE_SIZE.validate_python(value)) <= 0
+    except (ValidationError, ValueError, OverflowError):
+        return False
+
+
+class DeviceDeclaration(_Strict):
+    """One ``[[settings.devices]]`` table: a device the planner may place models on, declared
+    by hand rather than read from the machine. For planning on paper (a machine you do not
+    have), for tests, and to keep a GPU out of localmoa's hands (declare the others only)."""
+
+    name: Annotated[str, AfterValidator(_device_name)]
+    """How plans, ``--json`` and the records name it ("gpu0"). Letters, digits and - _ . :
+    only: it is a JSON key and a column of ``localmoa plan``, and must read as one word."""
+    memory: Annotated[int, BeforeValidator(_device_memory)]
+    """Bytes of models it may hold at once ("24GiB"), used exactly as given (no margin is
+    taken off a declared size)."""
+    kind: DeviceKind = "gpu"
+    """"gpu" (a discrete GPU), "unified" (Apple unified memory) or "cpu" (RAM)."""
+    index: NonNegativeInt | None = None
+    """A gpu's CUDA ordinal (as the process sees it, after CUDA_VISIBLE_DEVICES): llama.cpp's
+    ``main_gpu`` for models placed on it. Unset: models placed on it are not pinned."""
+
+    @model_validator(mode="after")
+    def _index_is_a_gpus(self) -> DeviceDeclaration:
+        if self.index is not None and self.kind != "gpu":
+            raise _at(
+                ".index",
+                f'only a gpu device has an index, and this one is kind = "{self.kind}"; remove '
+                'index, or set kind = "gpu"',
+            )
+        return self
 
 
 class Settings(_Strict):
@@ -111,6 +195,17 @@ class Settings(_Strict):
     timings, token counts and errors, but no prompt, message or answer text anywhere in the
     file; "off" = nothing is written, no file is even created. The LOCALMOA_RECORD environment
     variable, when set, overrides this."""
+    devices: list[DeviceDeclaration] = Field(default_factory=list)
+    """``[[settings.devices]]``: the devices plans use, in this order, instead of the ones
+    detected (localmoa.hardware.resolve_devices); empty = detect them. Not together with
+    ``memory_budget``, which stands for one device."""
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    """``[settings.cluster]``: which engine runs the models, and where (localmoa.cluster)."""
+
+    def device_problems(self) -> list[str]:
+        """What :func:`parse_config` would say of ``devices`` between tables (a name or GPU
+        declared twice, ``memory_budget`` beside them): for settings made in code."""
+        return _device_problems(self.model_dump(include={"devices", "memory_budget"}))
 
 
 if TYPE_CHECKING:
@@ -295,6 +390,7 @@ def parse_config(raw: Mapping[str, Any], *, source: Path | None = None) -> Confi
         problems.extend(_describe(error, raw) for error in exc.errors())
     problems.extend(_reference_problems(raw))
     problems.extend(_variant_problems(raw))
+    problems.extend(_device_problems(raw.get("settings")))
     if problems:
         where = str(source) if source else CONFIG_NAME
         unique = list(dict.fromkeys(problems))
@@ -331,10 +427,17 @@ def _describe(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
     path = _key_path(loc) or "(top level)"
     kind, ctx = error["type"], error.get("ctx") or {}
     choices = ", ".join(BACKENDS)
+    keys = tuple(part for part in loc if not isinstance(part, int))
+    if kind == _AT:
+        return f"{path}{ctx['key']}: {error['msg']}"
     if kind == "extra_forbidden":
         return f"{path}: unknown key{_allowed_keys(loc, raw)}"
+    if kind == "missing" and keys in _MISSING_HINTS:
+        return f"{path}: required key is missing: {_MISSING_HINTS[keys]}"
     if kind == "missing":
         return f"{path}: required key is missing"
+    if kind == "list_type" and keys == ("settings", "devices"):
+        return f"{path}: write one [[settings.devices]] table per device (double brackets)"
     if kind == "union_tag_invalid":
         return f'{path}.backend: unknown backend "{ctx.get("tag")}" (choose one of: {choices})'
     if kind == "union_tag_not_found":
@@ -349,9 +452,22 @@ def _describe(error: Mapping[str, Any], raw: Mapping[str, Any]) -> str:
     return f"{path}: {message}"
 
 
+_MISSING_HINTS = {
+    ("settings", "devices", "name"): 'name the device, e.g. name = "gpu0"',
+    ("settings", "devices", "memory"): (
+        'give the bytes models may use on the device, e.g. memory = "24GiB"'
+    ),
+}
+"""What to write where a required key is missing, by key path without list positions."""
+
+
 def _allowed_keys(loc: Sequence[int | str], raw: Mapping[str, Any]) -> str:
     owner: type[BaseModel] | None = None
-    if loc[:1] == ["settings"]:
+    if loc[:2] == ["settings", "devices"] and len(loc) == 4:
+        owner = DeviceDeclaration
+    elif loc[:2] == ["settings", "cluster"] and len(loc) == 3:
+        owner = ClusterSettings
+    elif loc[:1] == ["settings"]:
         owner = Settings
     elif loc[:1] == ["models"] and len(loc) >= 3:
         model = raw.get("models", {}).get(loc[1], {})
@@ -441,6 +557,51 @@ def _variant_problems(raw: Mapping[str, Any]) -> list[str]:
                     f"({answers} answers), so the judge would leave nothing out; use a top_k "
                     f"below {answers}, or remove the judge"
                 )
+    return problems
+
+
+def _device_problems(settings: Any) -> list[str]:
+    """What ``settings.devices`` says wrong across its tables: a device declared twice (by name,
+    or a gpu by index), or ``memory_budget`` set beside it. Read from the raw tables, tolerating
+    malformed shapes, so that these are reported with every other problem of the file at once
+    (a table's own mistakes are :class:`DeviceDeclaration`'s to report)."""
+    if not isinstance(settings, Mapping):
+        return []
+    devices = settings.get("devices")
+    if not isinstance(devices, list) or not devices:
+        return []
+    problems = []
+    budget = settings.get("memory_budget")
+    if budget is not None and budget != "auto":
+        problems.append(
+            "settings.memory_budget: set together with settings.devices; keep one "
+            "(settings.devices declares every device a plan may use, memory_budget is the "
+            'size of one): remove memory_budget or set it to "auto"'
+        )
+    names: dict[str, int] = {}
+    gpus: dict[int, int] = {}
+    for position, device in enumerate(devices):
+        if not isinstance(device, Mapping):
+            continue
+        where = f"settings.devices[{position}]"
+        name = device.get("name")
+        if isinstance(name, str) and name in names:
+            problems.append(
+                f'{where}.name: "{name}" is declared twice (also settings.devices'
+                f"[{names[name]}]); give each device its own name"
+            )
+        elif isinstance(name, str):
+            names[name] = position
+        index = device.get("index")
+        if device.get("kind", "gpu") != "gpu" or not isinstance(index, int):
+            continue
+        if index in gpus:
+            problems.append(
+                f"{where}.index: GPU {index} is declared twice (also settings.devices"
+                f"[{gpus[index]}]); give each device its own GPU index"
+            )
+        else:
+            gpus[index] = position
     return problems
 
 

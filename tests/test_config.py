@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 from conftest import write_config
 
-from localmoa.config import Agent, FakeModel, LlamaCppModel, find_config, load_config, parse_config
+from localmoa.config import (
+    Agent,
+    DeviceDeclaration,
+    FakeModel,
+    LlamaCppModel,
+    find_config,
+    load_config,
+    parse_config,
+)
 from localmoa.errors import ConfigError
+
+GiB = 1 << 30
 
 GOOD = """
 [settings]
@@ -62,7 +72,8 @@ def test_every_problem_is_listed_with_its_key_path(tmp_path: Path) -> None:
         load_config(write_config(tmp_path, bad))
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'models.toml'}: 4 problems:")
-    assert "models.qwen.n_ctxx: unknown key (allowed: backend, path, n_ctx," in message
+    allowed = message.split("models.qwen.n_ctxx: unknown key (allowed: ")[1].split(")")[0]
+    assert {"backend", "path", "n_ctx"} <= set(allowed.split(", "))
     assert "ensembles.default.layers[1][1].modle: unknown key" in message
     assert (
         'ensembles.default.layers[0][2]: unknown model "gemmma" (defined: gemma, llama, qwen)'
@@ -141,6 +152,169 @@ def test_example_models_toml_in_the_repository_is_valid() -> None:
     assert {"default", "sparse", "self"} <= set(config.ensembles)
     assert config.ensembles["sparse"].judge is not None
     assert config.ensembles["self"].layers[0][0].samples == 4
+
+
+def test_the_examples_declared_devices_parse_once_uncommented(tmp_path: Path) -> None:
+    example = (Path(__file__).parents[1] / "models.toml").read_text(encoding="utf-8")
+    lines = example.splitlines()
+    start = lines.index("# [[settings.devices]]")
+    end = start + next(i for i, line in enumerate(lines[start:]) if not line.startswith("# "))
+    lines[start:end] = [line.removeprefix("# ") for line in lines[start:end]]
+    config = load_config(write_config(tmp_path, "\n".join(lines)))
+    devices = config.settings.devices
+    assert [(d.name, d.memory, d.kind, d.index) for d in devices] == [
+        ("gpu0", 22 * GiB, "gpu", 0),
+        ("gpu1", 22 * GiB, "gpu", 1),
+    ]
+
+
+TWO_DEVICES = """
+[settings]
+max_parallel_calls = 4
+
+[[settings.devices]]
+name = "gpu0"
+memory = "8GiB"
+index = 0
+
+[[settings.devices]]
+name = "ram"
+memory = 17179869184
+kind = "cpu"
+
+[settings.cluster]
+engine = "ray"
+address = "127.0.0.1:6379"
+
+[models.a]
+backend = "fake"
+memory = "1GiB"
+"""
+
+
+def test_declared_devices_and_the_cluster_table_parse(tmp_path: Path) -> None:
+    settings = load_config(write_config(tmp_path, TWO_DEVICES)).settings
+    assert settings.devices == [
+        DeviceDeclaration(name="gpu0", memory=8 * GiB, kind="gpu", index=0),
+        DeviceDeclaration(name="ram", memory=16 * GiB, kind="cpu", index=None),
+    ]
+    assert (settings.cluster.engine, settings.cluster.address) == ("ray", "127.0.0.1:6379")
+    assert settings.device_problems() == []
+    plain = load_config(write_config(tmp_path, GOOD)).settings
+    assert plain.devices == [] and plain.cluster.engine == "local"
+
+
+def device_file(*tables: str, settings: str = "") -> str:
+    """A models.toml declaring ``tables`` (each the body of one [[settings.devices]])."""
+    devices = "".join(f"[[settings.devices]]\n{body}\n" for body in tables)
+    return f'[settings]\n{settings}\n{devices}[models.a]\nbackend = "fake"\nmemory = 1\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            device_file(
+                'name = "gpu0"\nmemory = "8GiB"',
+                'name = "gpu1"\nmemory = "8GiB"',
+                'name = "gpu0"\nmemory = "4GiB"',
+            ),
+            'settings.devices[2].name: "gpu0" is declared twice (also settings.devices[0]); '
+            "give each device its own name",
+        ),
+        (
+            device_file(
+                'name = "a"\nmemory = "8GiB"\nindex = 1', 'name = "b"\nmemory = "8GiB"\nindex = 1'
+            ),
+            "settings.devices[1].index: GPU 1 is declared twice (also settings.devices[0]); "
+            "give each device its own GPU index",
+        ),
+        (
+            device_file('name = "gpu0"'),
+            "settings.devices[0].memory: required key is missing: give the bytes models may use "
+            'on the device, e.g. memory = "24GiB"',
+        ),
+        (
+            device_file('name = "gpu0"\nmemory = 0'),
+            "settings.devices[0].memory: 0 is no memory: give the bytes models may use on the "
+            'device, above 0, e.g. memory = "24GiB" (to keep a GPU free, leave it out of '
+            "settings.devices)",
+        ),
+        (
+            device_file('name = "gpu0"\nmemory = "0GiB"'),
+            "settings.devices[0].memory: '0GiB' is no memory: give the bytes",
+        ),
+        (
+            device_file('name = "gpu0"\nmemory = "lots"'),
+            "settings.devices[0].memory: not a size: 'lots' (write e.g.",
+        ),
+        (
+            device_file('name = "gpu0"\nmemory = "8GiB"', settings='memory_budget = "12GiB"'),
+            "settings.memory_budget: set together with settings.devices; keep one",
+        ),
+        (
+            device_file('memory = "8GiB"'),
+            'settings.devices[0].name: required key is missing: name the device, e.g. name = "gpu0"',
+        ),
+        (
+            device_file('name = ""\nmemory = "8GiB"'),
+            'settings.devices[0].name: empty: name the device, e.g. name = "gpu0"',
+        ),
+        (
+            device_file('name = "my gpu"\nmemory = "8GiB"'),
+            "settings.devices[0].name: 'my gpu' is not a device name: use letters, digits and "
+            "- _ . : only",
+        ),
+        (
+            device_file('name = "ram"\nmemory = "8GiB"\nkind = "cpu"\nindex = 0'),
+            "settings.devices[0].index: only a gpu device has an index, and this one is kind = "
+            '"cpu"; remove index, or set kind = "gpu"',
+        ),
+        (
+            device_file('name = "gpu0"\nmemory = "8GiB"\nindex = -1'),
+            "settings.devices[0].index: Input should be greater than or equal to 0",
+        ),
+        (
+            device_file('name = "gpu0"\nmemory = "8GiB"\nkind = "tpu"'),
+            "settings.devices[0].kind: Input should be 'gpu', 'unified' or 'cpu'",
+        ),
+        (
+            device_file('name = "gpu0"\nmemory = "8GiB"\nmem = 1'),
+            "settings.devices[0].mem: unknown key (allowed: name, memory, kind, index)",
+        ),
+        (
+            '[settings.devices]\nname = "gpu0"\nmemory = "8GiB"\n[models.a]\nbackend = "fake"\nmemory = 1',
+            "settings.devices: write one [[settings.devices]] table per device (double brackets)",
+        ),
+        (
+            '[settings.cluster]\nadress = "h:1"\n[models.a]\nbackend = "fake"\nmemory = 1',
+            "settings.cluster.adress: unknown key (allowed: engine, address)",
+        ),
+        (
+            '[settings.cluster]\nengine = "slurm"\n[models.a]\nbackend = "fake"\nmemory = 1',
+            "settings.cluster.engine: Input should be 'local' or 'ray'",
+        ),
+    ],
+)
+def test_bad_devices_name_the_key_and_what_to_do(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, text))
+    assert expected in str(caught.value)
+
+
+def test_every_device_problem_is_listed_at_once(tmp_path: Path) -> None:
+    text = device_file(
+        'name = "a"\nmemory = "8GiB"\nindex = 0',
+        'name = "a"\nmemory = "8GiB"\nindex = 0',
+        'name = "b"',
+        settings='memory_budget = "12GiB"',
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_config(tmp_path, text))
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'models.toml'}: 4 problems:")
+    for key in ("memory_budget", "devices[1].name", "devices[1].index", "devices[2].memory"):
+        assert f"  settings.{key}: " in message
 
 
 def test_agents_take_stop_seed_and_response_format(tmp_path: Path) -> None:
