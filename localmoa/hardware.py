@@ -180,7 +180,7 @@ def resolve_devices(flag: str | None, settings: Settings) -> list[Device]:
     if flag is not None and flag != "auto":
         return [_sized_device(_flag_size(flag), FLAG_DETAIL)]
     if flag is None and settings.devices:
-        problems = settings.device_problems()  # parse_config checked a file; these were built
+        problems = settings.device_problems()  # parse_config checks a file; these may be code
         if problems:
             raise ConfigError("; ".join(problems))
         return [
