@@ -29,13 +29,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from localmoa.backends.base import Backend
 from localmoa.config import Agent, Config, Ensemble, LlamaCppModel, ModelConfig
 from localmoa.errors import BudgetError, PromptTooLongError, UserError
 from localmoa.footprint.estimate import Footprint
-from localmoa.hardware import Budget, resolve_budget
+from localmoa.hardware import Budget, Device, budget_of
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave
 from localmoa.records.recorder import Recorder, RunRecording
@@ -54,7 +54,9 @@ from localmoa.runtime.moa import Call, batched, calls_for, stage_label
 from localmoa.runtime.prepare import (
     check_prompt,
     footprints,
+    placeable,
     plan_policy,
+    run_devices,
     run_models,
     stages_for,
 )
@@ -156,6 +158,20 @@ class BatchPlan:
     sequences: int | None = None
     """The most sequences a llama.cpp model holds, when a chunk's groups had to be capped to
     fit (their calls then decode in rounds); None: each as many as its largest group."""
+    placing: Placing = field(default_factory=lambda: Placing())
+    """The devices every chunk is placed on, and the models pinned or split."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about how the batch was planned."""
+
+
+@dataclass(frozen=True)
+class Placing:
+    """Where plans place models: the devices, the models pinned to one, those that may span
+    several (:func:`localmoa.runtime.prepare.placeable`)."""
+
+    devices: list[Device] = field(default_factory=list)
+    pinned: dict[str, str] = field(default_factory=dict)
+    splittable: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -200,8 +216,11 @@ async def plan_batch(
 ) -> BatchPlan:
     """Decide the chunk (``chunk``, or :func:`choose_chunk`) and plan a full one; raises
     BudgetError when not even one prompt fits, naming where the budget came from."""
-    budget = resolve_budget(memory_budget, config.settings.memory_budget)
     used = list(dict.fromkeys(c.model for s in systems for st in s.stages for c in st))
+    devices, pinned, notes = placeable(config, used, backends, run_devices(config, memory_budget))
+    budget = budget_of(devices)
+    splittable = [m for m in used if getattr(config.models[m], "split", False)]
+    placing = Placing(devices, pinned, splittable)
     policy = plan_policy(config, used, budget)
     prompts = max(prompts, 1)
 
@@ -213,11 +232,13 @@ async def plan_batch(
         following = merged if prompts > size else None
         try:
             plan = await asyncio.to_thread(
-                chunk_plan, merged, following, sizes, budget.bytes, policy
+                chunk_plan, merged, following, sizes, budget.bytes, policy, placing=placing
             )
         except BudgetError:
             return None
-        loads = await asyncio.to_thread(_batch_loads, merged, sizes, budget.bytes, prompts, size)
+        loads = await asyncio.to_thread(
+            _batch_loads, merged, sizes, budget.bytes, prompts, size, placing
+        )
         return _Attempt(plan, loads, models, found, cap)
 
     async def best_for(size: int, fewest: int | None) -> _Attempt | None:
@@ -258,7 +279,14 @@ async def plan_batch(
         tables = _capped(run_models(config.models, merged), 1)
         least = await footprints(config, used, backends, tables)
         try:
-            plan_run(merged, {n: fp.total for n, fp in least.items()}, budget.bytes, policy)
+            chunk_plan(
+                merged,
+                None,
+                {n: fp.total for n, fp in least.items()},
+                budget.bytes,
+                policy,
+                placing=placing,
+            )
         except BudgetError as exc:
             more = "" if chunk is None or chunk == 1 else "; try a smaller --chunk"
             raise BudgetError(f"{exc} (budget from {budget.detail}){more}") from None
@@ -278,6 +306,8 @@ async def plan_batch(
         policy=policy,
         tried=tried,
         sequences=chosen.cap,
+        placing=placing,
+        notes=notes,
     )
 
 
@@ -337,13 +367,26 @@ def chunk_plan(
     *,
     resident: Sequence[str] = (),
     prompt: str | None = None,
+    placing: Placing | None = None,
+    where: Mapping[str, str] | None = None,
 ) -> Plan:
     """The plan of one chunk's ``stages``, made knowing the ``following`` chunk's (None for the
     last): planned as one run and cut after this chunk's stages, so a model the next chunk
     needs stays loaded when the budget allows, rather than being unloaded because this chunk
-    is done with it and loaded again."""
+    is done with it and loaded again. ``placing``: the devices (None: one of ``budget``),
+    ``where`` the device of each resident model."""
+    placing = placing or Placing()
     plan = plan_run(
-        stages + (following or []), sizes, budget, policy, resident=resident, prompt=prompt
+        stages + (following or []),
+        sizes,
+        budget,
+        policy,
+        resident=resident,
+        prompt=prompt,
+        devices=placing.devices or None,
+        splittable=placing.splittable,
+        pinned=placing.pinned,
+        where=where,
     )
     if not following:
         return plan
@@ -366,24 +409,46 @@ def _batch_loads(
     budget: int,
     prompts: int,
     size: int,
+    placing: Placing | None = None,
 ) -> int:
     """Loads of the whole batch in chunks of ``size``, as :func:`run_batch` plans them: the
     first chunk, then the second from what the first leaves loaded, which every later chunk
     repeats (the last, shorter one counted as a full one)."""
     chunks = math.ceil(prompts / size)
     untimed = PlanPolicy(None)
-    first = chunk_plan(merged, merged if chunks > 1 else None, sizes, budget, untimed)
+    first = chunk_plan(
+        merged, merged if chunks > 1 else None, sizes, budget, untimed, placing=placing
+    )
     if chunks == 1:
         return _loads(first.waves)
     left = _resident_after(first)
     second = chunk_plan(
-        merged, merged if chunks > 2 else None, sizes, budget, untimed, resident=left
+        merged,
+        merged if chunks > 2 else None,
+        sizes,
+        budget,
+        untimed,
+        resident=left,
+        placing=placing,
+        where=_where_after(first),
     )
     return _loads(first.waves) + (chunks - 1) * _loads(second.waves)
 
 
 def _loads(waves: Sequence[Wave]) -> int:
     return sum(len(wave.load) for wave in waves)
+
+
+def _where_after(plan: Plan) -> dict[str, str]:
+    """The device of each model the plan's last wave holds (its main one, when split)."""
+    last = plan.waves[-1]
+    out: dict[str, str] = {}
+    for device, models in last.devices.items():
+        for model in models:
+            shares = last.shares.get(model)
+            if shares is None or device == max(shares, key=lambda d: shares[d]):
+                out[model] = device
+    return out
 
 
 def _resident_after(plan: Plan) -> list[str]:
@@ -442,8 +507,11 @@ async def run_batch(
         max_calls_per_second=settings.max_calls_per_second,
         sizes=planned.sizes,
         policy=planned.policy,
+        devices=planned.placing.devices,
     )
-    admission = _KeepAdmission(executor.models, executor.backend, planned.sizes, planned.budget)
+    admission = _KeepAdmission(
+        executor.models, executor.backend, planned.sizes, planned.budget, planned.placing.devices
+    )
     try:
         for first in range(0, len(jobs), planned.chunk):
             outcomes: dict[tuple[int, int], Outcome] = {
@@ -489,6 +557,8 @@ async def _run_chunk(
         planned.policy,
         resident=resident,
         prompt=_prompt(units[0][1]),
+        placing=planned.placing,
+        where={m: p.device.name for m, p in admission.where().items()},
     )
     keep = set(plan.waves[0].resident) - set(plan.waves[0].load)
     for model in resident:
@@ -582,8 +652,9 @@ class _KeepAdmission(BudgetAdmission):
         backend: Callable[[str], Backend],
         sizes: Mapping[str, int],
         budget: Budget,
+        devices: Sequence[Device] = (),
     ) -> None:
-        super().__init__(models, backend, sizes, budget.bytes)
+        super().__init__(models, backend, sizes, budget.bytes, devices)
 
     async def finish(self) -> list[str]:
         return []  # kept for the next chunk

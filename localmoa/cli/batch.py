@@ -129,7 +129,7 @@ async def _planned(
     session: Session, system: System, prompts: int, memory_budget: str | None, chunk: int | None
 ) -> BatchPlan:
     """The one place ``batch`` plans, with or without ``--plan``."""
-    return await plan_batch(
+    planned = await plan_batch(
         session.config,
         [system],
         prompts,
@@ -137,6 +137,9 @@ async def _planned(
         memory_budget=memory_budget,
         chunk=chunk,
     )
+    for note in planned.notes:
+        warning(note)
+    return planned
 
 
 def _plan_report(

@@ -347,7 +347,7 @@ class _Planner:
         first = self.demand[k] & step.start
         rest = self.demand[k] & ~step.start & ~step.keep
         if not self.packer.single:
-            return self._pack_devices(step.carry, first & ~step.carry, step.keep, rest)
+            return self._pack_devices(step.carry, first, step.keep, rest)
         return self.pack(
             self.budget - self.bytes_of(step.carry),
             self.bytes_of(first & ~step.carry),
@@ -395,6 +395,8 @@ class _Planner:
         loads, so an exact packing is not worth its cost here."""
         fits = self.fits
         specials: list[tuple[str, int]] = []
+        # ``first``: the stage's models resident at its start (carried ones too): when there
+        # are any, the stage's first wave runs them, even with nothing else in it.
         if first and keep and fits(carry | first | keep):
             specials.append(("both", first | keep))
         else:

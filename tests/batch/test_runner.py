@@ -282,3 +282,19 @@ def test_when_every_prompt_stops_early_a_model_only_later_layers_need_never_load
     chunks, _, fake = run(config, plan(config, 3), todo)
     assert all(o.ok for chunk in chunks for o in chunk)
     assert "c" not in [m for kind, m in fake.events if kind == "load"]
+
+
+def test_a_batch_places_its_models_on_several_devices(tmp_path: Path) -> None:
+    """Two 6 GiB models on a declared 2 x 8 GiB machine: every chunk keeps both side by side,
+    one per device (2 loads for 8 prompts in chunks of 2); one 8 GiB device reloads."""
+    from tests.cli.test_placement_cli import TWO_DEVICES
+
+    config = config_of(tmp_path, TWO_DEVICES)
+    two = plan(config, 8, chunk=2)
+    one = plan(config, 8, chunk=2, memory_budget="8GiB")
+    assert two.loads == 2 and one.loads > two.loads
+    assert [d.name for d in two.placing.devices] == ["gpu0", "gpu1"]
+    chunks, loads, fake = run(config, two, jobs(8))
+    assert loads == 2 and all(o.ok for chunk in chunks for o in chunk)
+    where = {m: p.device.name for m, p in fake.placements.items() if p is not None}
+    assert where == {"a": "gpu0", "b": "gpu1"}

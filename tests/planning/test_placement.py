@@ -130,18 +130,35 @@ def test_packer_agrees_with_exhaustive_assignment() -> None:
         assert packer.fits(mask) == exact_fits(sizes, caps, mask), (caps, sizes, mask)
 
 
+def check_covers(plan: Plan, stages: list[list[str]]) -> None:
+    """Every call of every stage runs in a wave of its stage, with its model resident."""
+    for k, stage in enumerate(stages, start=1):
+        ran = [m for w in plan.waves if w.layer == k for m in w.runs]
+        assert sorted(ran) == sorted(stage), (k, ran, stage)
+    for wave in plan.waves:
+        assert set(wave.runs) <= set(wave.resident)
+
+
 def test_random_ensembles_place_validly_and_never_load_more_than_one_device() -> None:
     """On 2 x B the fewest loads is never more than on 1 x B (each device alone is a valid
-    plan's room), and every wave is placed within every device."""
+    plan's room), every call runs in its stage, and every wave is placed within every device,
+    also when the plan starts from models already resident."""
     rng = random.Random(7)
-    for _ in range(60):
+    for _ in range(80):
         models = [f"m{i}" for i in range(rng.randint(2, 5))]
         sizes = {m: rng.randint(1, 8) * GiB for m in models}
         stages = [rng.sample(models, rng.randint(1, len(models))) for _ in range(rng.randint(1, 4))]
+        resident = [m for m in models if rng.random() < 0.3]
+        devices = {"gpu0": 8 * GiB, "gpu1": 8 * GiB}
+        where = {m: rng.choice(list(devices)) for m in resident}
         one = make_plan(stages, sizes, 8 * GiB)
-        two = make_plan(stages, sizes, 0, devices={"gpu0": 8 * GiB, "gpu1": 8 * GiB})
+        two = make_plan(stages, sizes, 0, devices=devices)
         check_placement(two, sizes)
+        check_covers(two, stages)
         assert two.loads <= one.loads
+        warm = make_plan(stages, sizes, 0, devices=devices, resident=resident, where=where)
+        check_placement(warm, sizes)
+        check_covers(warm, stages)
 
 
 def test_a_pinned_model_goes_on_its_device_only() -> None:
