@@ -503,7 +503,7 @@ async def test_ollama_s_own_timings_are_the_rates_and_the_request_is_unchanged(
 
 
 async def test_a_run_on_ollama_records_its_rates_and_the_load_s_size(tmp_path: Path) -> None:
-    ensemble = Ensemble(layers=[["qwen"]], aggregator=Agent(model="qwen"))
+    ensemble = Ensemble(layers=[[Agent(model="qwen")]], aggregator=Agent(model="qwen"))
     models = {"qwen": model()}
     events: list[Event] = []
     with FakeOllama([QWEN], token_seconds=0.002) as fake:
