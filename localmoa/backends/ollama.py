@@ -189,13 +189,13 @@ class _Server:
         return self._client
 
     async def installed(self) -> dict[str, InstalledModel]:
-        listed = await self.list()
+        listed = await self.listing()
         described = await asyncio.gather(*(self.describe(tag) for tag in listed))
         return dict(zip(listed, described, strict=True))
 
     async def find(self, tag: str, *, setting: str) -> InstalledModel:
         """The installed model ``tag``, or ModelNotInstalledError with the pull line."""
-        listed = await self.list()
+        listed = await self.listing()
         found = tag if tag in listed else f"{tag}:latest" if f"{tag}:latest" in listed else None
         if found is None:
             raise ModelNotInstalledError(
@@ -204,7 +204,7 @@ class _Server:
             )
         return await self.describe(found)
 
-    async def list(self) -> dict[str, Any]:
+    async def listing(self) -> dict[str, Any]:
         """/api/tags, read once: tag -> its listing."""
         async with self._listing:
             if self._listed is None:
@@ -215,7 +215,7 @@ class _Server:
     async def describe(self, tag: str) -> InstalledModel:
         """/api/show for one listed model, read once."""
         if tag not in self._described:
-            listed = (await self.list())[tag]
+            listed = (await self.listing())[tag]
             show = await self.call(self.client.show(tag))
             details = listed.details
             size = max(0, int(listed.size or 0))  # a broken server's negative stays out
