@@ -62,6 +62,8 @@ tokens per sequence (:func:`kv_per_token`; 128 KiB a token for llama3.1:8b and m
 
 The summary gives, per profile, the median and worst (largest) ratio of the batch's makespan
 to each other policy's, and every policy's loads (median and most).
+
+``scripts/bench_devices.py`` plans this suite on 1 × 24 GiB, 2 × 24 GiB and 1 × 48 GiB.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # policies.py, beside this file
 
@@ -94,6 +96,7 @@ from policies import (
 
 from localmoa.config import Settings
 from localmoa.errors import BudgetError
+from localmoa.hardware import Device
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan as PlanModel
 from localmoa.planning.fewest_loads import make_plan
@@ -239,10 +242,17 @@ def shipped(
 
 
 def shipped_plan(
-    instance: Instance, speeds: Profile | None = None, *, min_gain: float = MIN_GAIN
+    instance: Instance,
+    speeds: Profile | None = None,
+    *,
+    min_gain: float = MIN_GAIN,
+    devices: Sequence[Device] | None = None,
+    plan_for: Literal["time", "loads"] = "time",
 ) -> PlanModel:
     """The plan ``localmoa run`` makes on ``speeds`` (the instance's own profile unless given),
-    from what is known before the run: every call writing ``max_tokens``."""
+    from what is known before the run: every call writing ``max_tokens``. With ``devices``,
+    on those devices instead of the profile's memory, every model allowed to split
+    (``scripts/bench_devices.py``)."""
     calls, profile = instance.calls, instance.profile
     stages = [
         [
@@ -251,9 +261,17 @@ def shipped_plan(
         ]
         for k, stage in enumerate(calls)
     ]
-    policy = PlanPolicy(speeds or profile, "time", min_gain)
+    policy = PlanPolicy(speeds or profile, plan_for, min_gain)
     prompt = "x" * (PROMPT_TOKENS * 4)
-    return plan_run(stages, SIZES, profile.memory_bytes, policy, prompt=prompt)
+    return plan_run(
+        stages,
+        SIZES,
+        profile.memory_bytes,
+        policy,
+        prompt=prompt,
+        devices=devices,
+        splittable=SIZES if devices else (),
+    )
 
 
 def run(
