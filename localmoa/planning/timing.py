@@ -77,9 +77,10 @@ one (:class:`WaveSpec` ``placed``; a model keeps its device while it stays resid
   simplification for a case the planner makes only when nothing else fits.
 
 Loads still come one at a time, in plan order, across all devices: the engine asks for them so
-(:mod:`localmoa.runtime.engine`), and the files come off one disk, whose bandwidth a second
-concurrent load would only share. So a load for a device with room waits behind a load for a
-full device that comes before it in the plan.
+(:mod:`localmoa.runtime.engine`), and on one machine the files come off one disk, whose
+bandwidth a second concurrent load would only share. So a load for a device with room waits
+behind a load for a full device that comes before it in the plan. (The nodes of a cluster have
+a disk each; as long as the engine asks one load at a time, so does this model.)
 
 Execution. :func:`simulate_plan` runs a plan (waves W_1..W_n, each with its resident set, its
 loads L_w in order, its unloads U_w and the calls of its stage it runs) as localmoa's engine
