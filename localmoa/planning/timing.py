@@ -110,7 +110,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from localmoa.planning.fewest_loads import Plan
+from localmoa.planning.fewest_loads import Plan, Wave
 from localmoa.planning.profiles import PROFILES, Profile
 
 __all__ = [
@@ -330,16 +330,15 @@ def wave_specs(plan: Plan) -> list[WaveSpec]:
     """``plan``'s waves as the simulation reads them, with each model's device from the
     waves' ``devices`` (left empty for a plan on one device: the first). Raises ValueError for
     a model listed on several devices without its shares."""
-    waves = [(w, _wave_devices(w)) for w in plan.waves]
-    used = {d for _, devices in waves for d, models in devices.items() if models}
-    first = next(iter(getattr(plan, "devices", None) or {}), None)
+    used = {d for w in plan.waves for d, models in w.devices.items() if models}
+    first = next(iter(plan.devices), None)
     placing = len(used) > 1 or bool(first is not None and used - {first})
     out = []
-    for w, devices in waves:
+    for w in plan.waves:
         placed: tuple[tuple[str, str], ...] = ()
         shares: tuple[tuple[str, str, int], ...] = ()
         if placing:
-            placed, shares = _placement(w, devices)
+            placed, shares = _placement(w)
         out.append(
             WaveSpec(
                 w.layer - 1,
@@ -354,27 +353,21 @@ def wave_specs(plan: Plan) -> list[WaveSpec]:
     return out
 
 
-def _wave_devices(wave: object) -> dict[str, list[str]]:
-    devices: dict[str, list[str]] | None = getattr(wave, "devices", None)
-    return devices or {}
-
-
 def _placement(
-    wave: object, devices: Mapping[str, Sequence[str]]
+    wave: Wave,
 ) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str, int], ...]]:
     """A wave's ``placed`` and ``shares`` from its ``devices`` and ``shares`` (a split model's
     main device holds most of it; of equal shares, the first)."""
-    split: Mapping[str, Mapping[str, int]] = getattr(wave, "shares", None) or {}
     on: dict[str, list[str]] = {}
-    for device, models in devices.items():
+    for device, models in wave.devices.items():
         for model in models:
             on.setdefault(model, []).append(device)
     placed, shares = [], []
     for model, where in on.items():
-        if len(where) == 1 and model not in split:
+        if len(where) == 1 and model not in wave.shares:
             placed.append((model, where[0]))
             continue
-        parts = split.get(model)
+        parts = wave.shares.get(model)
         if not parts:
             raise ValueError(f"{model!r} is on devices {where} with no shares of its bytes")
         placed.append((model, max(parts.items(), key=lambda p: p[1])[0]))
