@@ -105,6 +105,15 @@ class BackendKind:
 
 
 def _llamacpp(settings: Settings) -> Backend:
+    if settings.cluster.engine == "ray":
+        # Checked before Ray is imported: a missing Ray, an address not allowed or no token
+        # authentication is one line naming the key (localmoa.cluster.checks).
+        from localmoa.cluster.checks import check_cluster
+
+        check_cluster(settings)
+        from localmoa.cluster.backend import RayLlamaCppBackend
+
+        return RayLlamaCppBackend(settings)
     return LlamaCppBackend()
 
 
