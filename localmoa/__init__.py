@@ -21,6 +21,7 @@ from localmoa.errors import (
     BudgetError,
     ConfigError,
     ConfigNotFoundError,
+    DeviceLost,
     EgressError,
     LayerFailedError,
     LocalMoaError,
@@ -35,7 +36,7 @@ from localmoa.errors import (
     UserError,
 )
 from localmoa.footprint.estimate import Footprint, estimate, read_gguf
-from localmoa.hardware import Budget, detect_budget
+from localmoa.hardware import Budget, Device, Placement, detect_budget, detect_devices
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave, make_plan
 from localmoa.runtime.engine import Executor
@@ -58,6 +59,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigNotFoundError",
+    "Device",
+    "DeviceLost",
     "EgressError",
     "Executor",
     "FakeBackend",
@@ -71,6 +74,7 @@ __all__ = [
     "ModelPool",
     "OllamaBackend",
     "OpenAIBackend",
+    "Placement",
     "Plan",
     "PlanPolicy",
     "Prepared",
@@ -83,6 +87,7 @@ __all__ = [
     "UserError",
     "Wave",
     "detect_budget",
+    "detect_devices",
     "estimate",
     "load_config",
     "make_backends",

@@ -16,6 +16,7 @@
     │   └── UsageRefused          a request localmoa will not carry out as asked (unsafe)
     └── RunError                  exit 1: something failed while the ensemble ran
         ├── BackendError          a backend could not load a model or answer a call
+        │   └── DeviceLost        the device or cluster node a model was on is gone
         └── LayerFailedError      every agent of a layer failed, so nothing can be passed on
 
 Messages name the thing (file, key path, model), say what is wrong, and say what to do next.

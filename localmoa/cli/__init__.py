@@ -33,6 +33,7 @@ from localmoa.cli.run import run_command
 from localmoa.cli.serve import serve_command
 from localmoa.cli.signals import Stopped
 from localmoa.errors import LocalMoaError, UserError
+from localmoa.hardware import pin_cuda_order
 
 __all__ = ["cli", "main"]
 
@@ -59,6 +60,9 @@ class _Group(click.Group):
 @click.version_option(package_name="localmoa")
 def cli() -> None:
     """Run a Mixture-of-Agents ensemble of local models, planned against your memory."""
+    # GPUs numbered as NVML and nvidia-smi number them, before llama.cpp first asks CUDA: the
+    # devices a plan names are the ones llama.cpp's main_gpu picks (localmoa.hardware).
+    pin_cuda_order()
     handler = RichHandler(console=stderr(), show_time=False, show_path=False)
     logging.getLogger("localmoa").addHandler(handler)
     logging.getLogger("localmoa").setLevel(logging.WARNING)

@@ -197,8 +197,9 @@ def _check_fits(name: str, size: int, bins: Mapping[str, int], splittable: bool)
     if not splittable:
         raise BudgetError(
             f'model "{name}" needs {format_bytes(size)} but the largest device, "{biggest}", '
-            f"has {format_bytes(largest)}; set split = true on [models.{name}] to spread it "
-            "over several devices (llama.cpp), lower its n_ctx, or use a smaller quantization"
+            f"has {format_bytes(largest)}; lower its n_ctx, use a smaller quantization, or, for "
+            f"a llama.cpp model, set split = true on [models.{name}] to spread it over several "
+            "devices"
         )
     if size > sum(bins.values()):
         raise BudgetError(

@@ -45,6 +45,7 @@ __all__ = [
     "BudgetAdmission",
     "Changes",
     "LoadOutcome",
+    "overridden",
     "still_loaded",
     "timed_load",
     "too_large",
@@ -163,6 +164,14 @@ def _load_error(model: str, exc: Exception) -> str:
     return f'model "{model}" could not load: {type(exc).__name__}: {exc}'
 
 
+def overridden(table: Any) -> bool:
+    """Does the model's table set the optional ``memory`` override (Ollama's, llama.cpp's)?
+    Then the plan keeps that figure whatever a backend measures; a table whose ``memory`` is
+    its size (the fake's) is not an override."""
+    field = getattr(type(table), "model_fields", {}).get("memory")
+    return field is not None and not field.is_required() and table.memory is not None
+
+
 def still_loaded(backend: Backend, model: str) -> bool:
     """After a load was cancelled: does the backend hold the model anyway (a load that
     completed before the cancellation reached it)? Then the caller must unload it."""
@@ -255,7 +264,11 @@ class BudgetAdmission(Admission):
             raise
         if outcome.error is not None:
             self._forget(model)
-        elif outcome.measured is not None and backend.measures_footprint:
+        elif (
+            outcome.measured is not None
+            and backend.measures_footprint
+            and not overridden(self.models[model])
+        ):
             self.loaded[model] = outcome.measured
             if shares:
                 self.on[model] = self._shares(model, outcome.measured, placement)

@@ -83,7 +83,13 @@ from localmoa.backends.registry import backend_for
 from localmoa.hardware import Device, Placement
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave
-from localmoa.runtime.admission import Admission, BudgetAdmission, Changes, LoadOutcome
+from localmoa.runtime.admission import (
+    Admission,
+    BudgetAdmission,
+    Changes,
+    LoadOutcome,
+    overridden,
+)
 from localmoa.runtime.events import (
     CallFinished,
     CallPiece,
@@ -488,6 +494,8 @@ class _Dataflow:
         larger than assumed (the rest might not fit) or smaller by more than REPLAN_SLACK."""
         if measured is None or not self.executor.backend(model).measures_footprint:
             return False
+        if overridden(self.executor.models[model]):
+            return False  # the user's figure overrides any measurement
         planned, self.sizes[model] = self.sizes[model], measured
         return measured > planned or measured < planned * (1 - REPLAN_SLACK)
 

@@ -331,3 +331,17 @@ def test_a_run_with_a_model_host_not_allowed_exits_2_naming_the_key(
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert 'models.b.ollama_host: "10.20.30.40" is not on this machine' in out.stderr
     assert gpu0.events == [] and default.requests == []
+
+
+def test_a_declared_memory_overrides_what_ollama_measures(
+    gpus: tuple[FakeOllama, FakeOllama, FakeOllama], tmp_path: Path
+) -> None:
+    """The models measure more than the 3 GB declared (and more than a 4 GB device) once
+    loaded; ``memory`` overrides any measurement, so the plan holds: no re-plan, 2 loads."""
+    _, gpu0, gpu1 = gpus
+    write_config(tmp_path, two_gpus(gpu0.url, gpu1.url))
+    out = localmoa("run", "Why is the sky blue?", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["loads"] == 2 and result["replans"] == 0
+    assert all(c["ok"] for c in result["calls"])
