@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from localmoa.hardware import Budget, Device
 from localmoa.planning.fewest_loads import Plan, make_plan
-from localmoa.planning.profiles import Profile, profile_for
+from localmoa.planning.profiles import Profile, device_profiles, profile_for
 from localmoa.planning.refine import refine, timed
 from localmoa.runtime.moa import Call
 
@@ -40,6 +40,9 @@ class PlanPolicy:
     """"time": refine the fewest-loads plan for time; "loads": keep it (but still time it)."""
     min_gain: float = 0.05
     """The estimated gain (a fraction) a plan with extra loads must bring (settings.min_gain)."""
+    timing_profile: str = "auto"
+    """settings.timing_profile: with several devices, each is timed on its own profile
+    (:func:`~localmoa.planning.profiles.device_profiles`) named by it or by its kind."""
 
     @classmethod
     def from_settings(cls, settings: Settings, device: Budget | None, *, timed: bool) -> PlanPolicy:
@@ -52,7 +55,7 @@ class PlanPolicy:
             if device is None and settings.timing_profile == "auto":
                 raise ValueError("a timed policy with timing_profile 'auto' needs the device")
             profile = profile_for(device, name=settings.timing_profile)
-        return cls(profile, settings.plan_for, settings.min_gain)
+        return cls(profile, settings.plan_for, settings.min_gain, settings.timing_profile)
 
 
 def plan_run(
@@ -99,7 +102,12 @@ def plan_run(
     )
     if policy.profile is None:
         return plan
-    if policy.plan_for == "loads" or len(plan.devices) > 1:
+    if devices and len(plan.devices) > 1:
+        profiles = device_profiles(devices, name=policy.timing_profile)
+        return timed(
+            plan, stages, sizes, policy.profile, prompt=prompt, resident=resident, devices=profiles
+        )
+    if policy.plan_for == "loads":
         return timed(plan, stages, sizes, policy.profile, prompt=prompt, resident=resident)
     return refine(
         plan,

@@ -105,15 +105,19 @@ def timed(
     *,
     prompt: str | None = None,
     resident: Sequence[str] = (),
+    devices: Mapping[str, Profile] | None = None,
 ) -> Plan:
     """``plan`` as it is, with the cost model's estimate of it on ``profile`` (within the plan's
-    budget, whatever ``profile`` holds)."""
+    budget, whatever ``profile`` holds), or on each of several ``devices``' own profiles."""
     profile = dataclasses.replace(profile, memory_bytes=plan.budget_bytes)
     calls = calls_as_planned(stages, prompt)
-    estimate = simulate_waves(wave_specs(plan), calls, sizes, profile, resident=resident)
-    return plan.model_copy(
-        update={"estimated_seconds": estimate.makespan_s, "timed_for": profile.name}
+    estimate = simulate_waves(
+        wave_specs(plan), calls, sizes, profile, resident=resident, devices=devices
     )
+    named = profile.name
+    if devices:
+        named = ", ".join(dict.fromkeys(p.name for p in devices.values()))
+    return plan.model_copy(update={"estimated_seconds": estimate.makespan_s, "timed_for": named})
 
 
 def refine(

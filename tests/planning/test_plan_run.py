@@ -142,7 +142,8 @@ def test_plan_run_is_deterministic_and_reads_nothing(monkeypatch: pytest.MonkeyP
 
     for module, name in (
         (localmoa.hardware, "detect_budget"),
-        (localmoa.hardware, "_ram_budget"),
+        (localmoa.hardware, "detect_devices"),
+        (localmoa.hardware, "_ram_device"),
         (builtins, "open"),
         (time, "time"),
         (time, "monotonic"),
@@ -182,3 +183,25 @@ def test_the_policy_follows_the_settings_and_the_device_given() -> None:
     assert policy.profile == PROFILES["apple-32g"] and policy.min_gain == Settings().min_gain
     with pytest.raises(ValueError, match="device"):
         PlanPolicy.from_settings(Settings(), None, timed=True)
+
+
+def test_several_devices_are_timed_each_on_its_own_profile() -> None:
+    """Two 6 GB models on 2 x 8 GB: side by side, each on its own GPU's bandwidth, estimated
+    faster than on one 16 GB device of the same speed where they share one; with
+    timing_profile "auto" each GPU is timed by its size."""
+    from localmoa.hardware import Device
+
+    stages = stages_of([["a", "b"], ["a"]])
+    sizes = {"a": 6 * GB, "b": 6 * GB}
+    policy = PlanPolicy(PROFILES["desktop-24g"], "loads", timing_profile="desktop-24g")
+    two = [Device(name="gpu0", memory=8 * GB, index=0), Device(name="gpu1", memory=8 * GB, index=1)]
+    split = plan_run(stages, sizes, 0, policy, devices=two)
+    shared = plan_run(stages, sizes, 16 * GB, policy)
+    assert split.loads == shared.loads == 2
+    assert split.estimated_seconds is not None and shared.estimated_seconds is not None
+    assert split.estimated_seconds < shared.estimated_seconds
+    assert split.timed_for == "desktop-24g"
+    auto = plan_run(
+        stages, sizes, 0, dataclasses.replace(policy, timing_profile="auto"), devices=two
+    )
+    assert auto.timed_for == "laptop-8g"  # an 8 GB GPU is timed as a laptop's
