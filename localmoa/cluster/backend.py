@@ -12,7 +12,9 @@ is read in a thread.
 
 **When a node dies.** A call or a load whose actor's node is gone raises
 :class:`~localmoa.errors.DeviceLost` naming the placement's devices, and :meth:`lost` then
-names every device of that node, so the engine plans the rest of the run without them. Which
+names every device of that node, so the engine plans the rest of the run without them. Every
+model loaded on that node is no longer loaded (:meth:`loaded`), and a call to one raises
+DeviceLost too, until it is loaded again elsewhere. Which
 failures are the node's is decided by :func:`~localmoa.cluster.ray_engine.node_gone`: Ray's node
 table says so, or the node's inventory stops answering; an actor that died on a node that still
 answers (a crash, Ray's out-of-memory killer) is a plain BackendError.
@@ -101,6 +103,9 @@ class RayLlamaCppBackend(Backend):
         self._here = make()
         """The same backend in this process, for files readable here (headers, tokens)."""
         self._hosts: dict[str, _Host] = {}
+        self._gone: dict[str, _Host] = {}
+        """Models that were loaded on a node now gone: no longer loaded, and a call to one
+        raises DeviceLost (not "not loaded"), until it is loaded again."""
         self._lost: set[str] = set()
         self._lost_nodes: set[str] = set()
 
@@ -158,6 +163,7 @@ class RayLlamaCppBackend(Backend):
     async def load(self, name: str, config: Any, placement: Placement | None = None) -> None:
         if name in self._hosts:
             raise BackendError(name, "already loaded")
+        self._gone.pop(name, None)
         node_id = placement.device.node if placement is not None else None
         if placement is None or node_id is None:
             raise BackendError(
@@ -189,14 +195,11 @@ class RayLlamaCppBackend(Backend):
         self._hosts[name] = host
 
     async def unload(self, name: str) -> None:
+        self._gone.pop(name, None)  # its memory went with its node
         host = self._hosts.pop(name, None)
         if host is None:
             return
         timeout = self._settings.cluster.node_timeout
-        if host.node in self._lost_nodes:  # its memory went with the node
-            with contextlib.suppress(Exception):
-                ray.kill(host.actor)
-            return
         try:  # llama.cpp's own close first: the model's buffers, freed in order
             await asyncio.wait_for(host.actor.unload.remote(name), timeout)
         except (ray.exceptions.RayError, TimeoutError) as exc:
@@ -255,9 +258,12 @@ class RayLlamaCppBackend(Backend):
 
     def _host(self, name: str) -> _Host:
         host = self._hosts.get(name)
-        if host is None:
-            raise BackendError(name, "called while not loaded")
-        return host
+        if host is not None:
+            return host
+        gone = self._gone.get(name)
+        if gone is not None:
+            raise DeviceLost(name, gone.placement.names, f"node {label_of(gone.node)} is gone")
+        raise BackendError(name, "called while not loaded")
 
     async def _answer(self, name: str, ref: Any) -> Any:
         try:
@@ -279,14 +285,24 @@ class RayLlamaCppBackend(Backend):
         if isinstance(exc, _NODE_FAILURES):
             timeout = self._settings.cluster.node_timeout
             if host.node in self._lost_nodes or await node_gone(host.node, timeout):
-                self._lost_nodes.add(host.node)
-                self._lost.update(host.placement.names, node_devices(host.node))
+                self._node_lost(host)
                 return DeviceLost(
                     name, host.placement.names, f"node {label} is gone: {reason(exc)}"
                 )
         if isinstance(cause, Exception):  # raised by the node's code: say what it was
             return BackendError(name, f"failed on node {label}: {type(cause).__name__}: {cause}")
         return BackendError(name, f"failed on node {label}: {reason(exc)}")
+
+    def _node_lost(self, host: _Host) -> None:
+        """``host``'s node is gone: its devices are lost, and every model on it with them."""
+        self._lost_nodes.add(host.node)
+        self._lost.update(host.placement.names, node_devices(host.node))
+        for name, other in list(self._hosts.items()):
+            if other.node == host.node:
+                del self._hosts[name]
+                self._gone[name] = other
+                with contextlib.suppress(Exception):
+                    ray.kill(other.actor)
 
     # -- books ------------------------------------------------------------------------------
 

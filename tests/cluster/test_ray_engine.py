@@ -200,4 +200,8 @@ async def test_a_node_stopped_mid_run_fails_its_calls_and_its_devices_are_lost(
         await backend.load(
             "again", FakeModel(backend="fake", memory=MIB), device(devices, "box-c/gpu0")
         )
-    assert await backend.aclose() == ["talker"]  # its memory went with the node
+    # Its models went with it: none is loaded, and a call to one says why.
+    assert backend.loaded() == []
+    with pytest.raises(DeviceLost, match='model "talker": node box-c is gone'):
+        await anext(aiter(backend.chat("talker", HI)))
+    assert await backend.aclose() == []
