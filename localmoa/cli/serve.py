@@ -22,7 +22,7 @@ from localmoa.cli.render import stderr, warning
 from localmoa.cli.session import open_session
 from localmoa.cli.signals import arun, unloads
 from localmoa.errors import AddressInUseError, UsageRefused, UserError
-from localmoa.hardware import resolve_budget
+from localmoa.hardware import budget_of, resolve_devices
 from localmoa.sizes import format_bytes
 
 __all__ = ["SHUTDOWN_SECONDS", "listen", "serve_command"]
@@ -118,7 +118,15 @@ def serve_command(
         async with open_session(config_path, memory_budget) as session:
             for reason in session.reasons:
                 stderr().print(f"zero-config: {reason}", markup=False)
-            budget = resolve_budget(memory_budget, session.config.settings.memory_budget)
+            # A server's pool keeps one budget and places nothing: it plans on one device, the
+            # largest found or declared (the backends place the models themselves).
+            devices = resolve_devices(memory_budget, session.config.settings)
+            budget = budget_of([max(devices, key=lambda d: d.memory)])
+            if len(devices) > 1:
+                warning(
+                    f"serve plans on one device, the largest of {len(devices)} "
+                    f"({budget.detail}); `localmoa run` and `batch` place models on each"
+                )
             server = MoaServer(
                 session.config,
                 session.backends,

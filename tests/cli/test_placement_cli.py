@@ -7,6 +7,7 @@ from pathlib import Path
 
 from conftest import write_config
 from fake_ollama import FakeOllama, FakeOllamaModel
+from servers import free_port
 
 from .invoke import GiB, localmoa
 
@@ -107,3 +108,18 @@ def test_servers_that_place_models_themselves_plan_against_the_sum_with_a_warnin
         placed = json.loads(pinned.stdout)
         assert placed["devices"] == {"gpu0": 8 * GiB, "gpu1": 8 * GiB} and not placed["notes"]
         assert placed["waves"][0]["devices"] == {"gpu0": ["a"], "gpu1": ["b"]}
+
+
+def test_serve_plans_on_the_largest_device_and_says_so(tmp_path: Path) -> None:
+    """A server's pool keeps one budget: with two devices it plans on the largest, and says so
+    (a model file missing stops it right after)."""
+    config = TWO_DEVICES.replace('memory = "8GiB"\nindex = 1', 'memory = "12GiB"\nindex = 1')
+    config = config.replace(
+        '[models.b]\nbackend = "fake"\nmemory = "6GiB"',
+        '[models.b]\nbackend = "llamacpp"\npath = "missing.gguf"',
+    )
+    write_config(tmp_path, config)
+    out = localmoa("serve", "--port", str(free_port()))
+    assert out.returncode == 2, out.stderr
+    assert "serve plans on one device, the largest of 2" in out.stderr
+    assert "missing.gguf" in out.stderr
