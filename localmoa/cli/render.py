@@ -98,15 +98,10 @@ def print_plan(console: Console, report: PlanReport) -> None:
         if report.estimated_seconds is not None
         else ""
     )
-    devices = (
-        "\ndevices: " + ", ".join(f"{d} {format_bytes(b)}" for d, b in report.devices.items())
-        if len(report.devices) > 1
-        else ""
-    )
     console.print(
         f"loads: {report.loads} (lower bound {report.lower_bound}; {proof}), "
         f"{format_bytes(report.bytes_loaded)} read\n"
-        f"budget: {format_bytes(report.budget_bytes)} ({report.budget_source}){devices}{timed}",
+        f"budget: {format_bytes(report.budget_bytes)} ({report.budget_source}){timed}",
         markup=False,
     )
     for note in report.notes:

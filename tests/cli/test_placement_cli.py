@@ -52,7 +52,7 @@ def test_two_8_gib_devices_hold_two_6_gib_models_where_one_would_swap(tmp_path: 
     table = localmoa("plan")
     assert table.returncode == 0, table.stderr
     assert "gpu0: a · gpu1: b" in table.stdout
-    assert "devices: gpu0 8.0 GiB, gpu1 8.0 GiB" in table.stdout
+    assert "budget: 16.0 GiB (2 devices: gpu0 8.0 GiB, gpu1 8.0 GiB)" in table.stdout
 
 
 def test_run_json_calls_say_their_device(tmp_path: Path) -> None:
