@@ -236,12 +236,21 @@ def label_of(node_id: str) -> str:
     return _session.labels.get(node_id, node_id[:8])
 
 
+ALL_GPUS_VISIBLE = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+"""Keeps Ray from setting ``CUDA_VISIBLE_DEVICES`` in localmoa's actors. They ask for no GPU
+(``num_gpus=0``), and Ray before ray#62492 (2026) then hid every GPU from them (an empty
+``CUDA_VISIBLE_DEVICES``); with this (the flag vLLM sets for the same reason) each actor sees
+the node's GPUs as the node does, and the placement's ``main_gpu`` picks one."""
+
+
 def pinned(node_id: str) -> dict[str, Any]:
     """Ray actor options that run an actor on node ``node_id`` and nowhere else, asking Ray
-    for no resources (the plan decided that it fits; module docstring)."""
+    for no resources (the plan decided that it fits; module docstring) and seeing every GPU
+    of the node (:data:`ALL_GPUS_VISIBLE`)."""
     return {
         "num_cpus": 0,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        "runtime_env": {"env_vars": dict(ALL_GPUS_VISIBLE)},
     }
 
 

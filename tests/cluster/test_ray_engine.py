@@ -5,6 +5,7 @@ the model's process, and a node stopped mid-run."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ async def test_a_model_loads_on_its_node_streams_and_unloads(
     host = backend.host_of("tiny-a")
     assert host is not None and host.node == ray_cluster.node.node_id  # the actor said so
     assert backend.loaded() == ["tiny-a"] and backend.resident_bytes("tiny-a")
+    # Ray leaves the node's GPUs visible to it, though it asked Ray for none.
+    actor = backend._hosts["tiny-a"].actor
+    flag = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+    assert await actor.__ray_call__.remote(lambda _: os.environ.get(flag)) == "1"
 
     deltas = [delta async for delta in backend.chat("tiny-a", HI)]
     assert len(deltas) > 1 and sum(d.tokens for d in deltas) > 1
