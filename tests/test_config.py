@@ -288,7 +288,7 @@ def device_file(*tables: str, settings: str = "") -> str:
         ),
         (
             '[settings.cluster]\nadress = "h:1"\n[models.a]\nbackend = "fake"\nmemory = 1',
-            "settings.cluster.adress: unknown key (allowed: engine, address)",
+            "settings.cluster.adress: unknown key (allowed: engine, address, ",
         ),
         (
             '[settings.cluster]\nengine = "slurm"\n[models.a]\nbackend = "fake"\nmemory = 1',
