@@ -140,23 +140,21 @@ def token_problem(environ: Mapping[str, str], home: Path | None = None) -> str |
     if environ.get("RAY_AUTH_TOKEN", ""):
         return None
     named = environ.get("RAY_AUTH_TOKEN_PATH", "")
-    if named:
+    if named and not _has_text(Path(named)):  # Ray refuses to start then; so do we
         return (
-            None
-            if _has_text(Path(named))
-            else (
-                f"RAY_AUTH_TOKEN_PATH names {named}, which is missing, unreadable or empty; "
-                "put the cluster's token there (`ray get-auth-token` prints it on the head)"
-            )
+            f"RAY_AUTH_TOKEN_PATH names {named}, which is missing, unreadable or empty; "
+            "put the cluster's token there (`ray get-auth-token` prints it on the head)"
         )
+    if named:
+        return None
     if home is None:
         home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
-    folder = home
-    if _has_text(folder / DEFAULT_TOKEN_FILE):
+    default = home / DEFAULT_TOKEN_FILE
+    if _has_text(default):
         return None
     return (
         "RAY_AUTH_MODE=token, but no token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a "
-        f"file holding it, or put it in {folder / DEFAULT_TOKEN_FILE}"
+        f"file holding it, or put it in {default}"
     )
 
 
