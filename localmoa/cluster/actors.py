@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ class Relayed(Exception):
 
 
 @contextlib.contextmanager
-def _relayed() -> Any:
+def _relayed() -> Iterator[None]:
     try:
         yield
     except LocalMoaError as error:
@@ -86,7 +86,6 @@ class NodeReport:
     devices: list[Device]
     """Its devices as :func:`localmoa.hardware.detect_devices` reads them (names unqualified),
     or none when the caller declared them."""
-    pid: int
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ class Inventory:
     async def report(self, detect: bool) -> NodeReport:
         """The node's authentication mode, and its devices when ``detect``."""
         devices = await asyncio.to_thread(detect_devices) if detect else []
-        return NodeReport(auth_mode(), devices, os.getpid())
+        return NodeReport(auth_mode(), devices)
 
     async def ping(self) -> int:
         return os.getpid()
