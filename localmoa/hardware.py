@@ -122,6 +122,12 @@ class Device(BaseModel):
     )
     detail: str = Field(default="", description="where the figure came from, for the plan")
 
+    @property
+    def node_label(self) -> str | None:
+        """The cluster node as plans and records name it (``name`` is "LABEL/DEVICE"); None for
+        a device of this machine. ``node`` is Ray's id, for pinning."""
+        return None if self.node is None else self.name.split("/", 1)[0]
+
 
 class Placement(BaseModel):
     """Where one model loads: one device, or (a model too large for any one device, that allows

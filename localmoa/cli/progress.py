@@ -54,7 +54,9 @@ class Progress:
                 k = wave.layer - 1
                 stage = self.labels[k] if 0 <= k < len(self.labels) else f"stage {wave.layer}"
                 runs = ", ".join(dict.fromkeys(wave.runs))
-                self._say(f"wave {n + 1}/{self.n_waves} · {stage}: {runs}")
+                # A re-plan (a measurement, a device lost) can add waves the first plan had not.
+                of = f"/{self.n_waves}" if n < self.n_waves else " (re-planned)"
+                self._say(f"wave {n + 1}{of} · {stage}: {runs}")
             case ModelLoaded(model=model, seconds=seconds):
                 self._say(f"  loaded {model} in {seconds:.2f}s")
             case LoadFailed(error=error):

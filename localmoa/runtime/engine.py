@@ -285,17 +285,17 @@ class Executor:
 
     def placement(self, plan: Plan, wave: Wave, model: str) -> Placement | None:
         """Where ``wave`` placed ``model``, as the backend loads it; None when the plan placed
-        nothing a backend should act on: one device that is not a numbered GPU (a budget, RAM),
-        where the backend's own placement is what it was before devices were planned."""
+        nothing a backend should act on: one device of this machine that is not a numbered GPU
+        (a budget, RAM), where the backend's own placement is what it was before devices were
+        planned."""
         known = {d.name: d for d in self.devices}
         names = [d for d, models in wave.devices.items() if model in models]
         if not names or any(name not in known for name in names):
             return None
         devices = tuple(known[name] for name in names)
-        if len(plan.devices) <= 1 and not (
-            devices[0].kind == "gpu" and devices[0].index is not None
-        ):
-            return None
+        pinnable = devices[0].kind == "gpu" and devices[0].index is not None
+        if len(plan.devices) <= 1 and not pinnable and devices[0].node is None:
+            return None  # (a cluster node's device is always placed: the model runs there)
         share = wave.shares.get(model, {})
         return Placement(devices=devices, shares=tuple(share[n] for n in names) if share else ())
 
@@ -408,9 +408,10 @@ class _Dataflow:
                     while shown <= number:
                         self._show(plan.waves[shown], live)
                         shown += 1
-                    self.stopped = await self._load(
+                    replan = await self._load(
                         model, after.get((number, model)), placed.get((number, model))
                     )
+                    self.stopped = self.stopped or replan  # a call may have stopped it meanwhile
                 ready[number, model].set()
             if self.stopped:
                 self.changes.notify()  # calls waiting for answers: start nothing new
@@ -484,7 +485,7 @@ class _Dataflow:
                 estimated,
                 outcome.peak,
                 device=None if where is None else where.device.name,
-                node=None if where is None else where.device.node,
+                node=None if where is None else where.device.node_label,
             )
         )
         return self._remeasure(model, outcome.measured)
@@ -533,6 +534,7 @@ class _Dataflow:
         records = await self._make(calls, stage, self.executor.now())  # ready: queued now
         if self._lost(model) and self.state.has_pending():
             self.stopped = True  # its device is gone: plan the rest on what remains
+            self.changes.notify()
         closed = False
         for call, record in zip(calls, records, strict=True):
             job_closed, stage_closed = self.state.record(call, record)

@@ -204,7 +204,7 @@ class Turns:
                         index=call.index,
                         model=call.model,
                         device=None if where is None else where.device.name,
-                        node=None if where is None else where.device.node,
+                        node=None if where is None else where.device.node_label,
                         ok=error is None,
                         error=error,
                         seconds=seconds,

@@ -16,7 +16,8 @@ token cache (Ray's own test helper, ``reset_auth_token_state``).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +44,10 @@ class LocalCluster:
         return self.cluster.add_node(num_cpus=1, node_name=name, resources=resources)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[LocalCluster]:
+@contextmanager
+def local_cluster(nodes: Sequence[tuple[str, dict[str, float]]]) -> Iterator[LocalCluster]:
+    """A local cluster of ``nodes`` (name, declared resources), the first the head; the second
+    is the ``node`` of the result."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         patch.setenv("RAY_AUTH_MODE", "token")
@@ -60,22 +63,30 @@ def ray_cluster() -> Iterator[LocalCluster]:
         from localmoa.cluster import ray_engine
 
         cluster: Any = Cluster()
+        added = []
         try:
+            (head_name, head_resources), *rest = nodes
             cluster.add_node(
-                num_cpus=1,
-                node_name="box-a",
-                include_dashboard=False,
-                resources={"localmoa_mib_ram": HEAD_RAM_MIB},
+                num_cpus=1, node_name=head_name, include_dashboard=False, resources=head_resources
             )
-            node = cluster.add_node(
-                num_cpus=1, node_name="box-b", resources={"localmoa_mib_gpu0": NODE_GPU_MIB}
-            )
+            for name, resources in rest:
+                added.append(cluster.add_node(num_cpus=1, node_name=name, resources=resources))
         except Exception as exc:
             cluster.shutdown()
-            pytest.fail(f"could not start a local Ray cluster of two nodes: {exc!r}")
+            pytest.fail(f"could not start a local Ray cluster of {len(nodes)} nodes: {exc!r}")
         try:
-            yield LocalCluster(cluster, cluster.head_node, node)
+            yield LocalCluster(cluster, cluster.head_node, added[0] if added else None)
         finally:
             ray_engine.disconnect()
             cluster.shutdown()
     reset_auth_token_state()  # as this process's environment is again
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[LocalCluster]:
+    nodes = [
+        ("box-a", {"localmoa_mib_ram": HEAD_RAM_MIB}),
+        ("box-b", {"localmoa_mib_gpu0": NODE_GPU_MIB}),
+    ]
+    with local_cluster(nodes) as cluster:
+        yield cluster
