@@ -99,6 +99,7 @@ def plan_run(
         splittable=splittable,
         where=where,
         pinned=pinned,
+        nodes={d.name: d.node for d in devices} if devices else None,
     )
     if policy.profile is None:
         return plan

@@ -133,6 +133,7 @@ def make_plan(
     splittable: Collection[str] = (),
     where: Mapping[str, str] | None = None,
     pinned: Mapping[str, str] | None = None,
+    nodes: Mapping[str, str | None] | None = None,
 ) -> Plan:
     """Plan ``stages`` (model names per call, in call order) under ``budget`` bytes.
 
@@ -144,7 +145,8 @@ def make_plan(
     ignored for their sum, a resident set must pack onto them (:mod:`~localmoa.planning.
     placement`), ``where`` says which device each resident model is on, and the models in
     ``splittable`` may span several devices when none holds them alone, and ``pinned`` models
-    go on the device named for them only. None: one device of ``budget`` bytes. Raises
+    go on the device named for them only; ``nodes`` says which cluster node each device is on
+    (a split stays on one). None: one device of ``budget`` bytes. Raises
     BudgetError when a device is not positive or a model fits nowhere, and ValueError for a
     size that is not a whole number of bytes ≥ 0.
     """
@@ -172,15 +174,21 @@ def make_plan(
                 f"[models.{name}] pins it to, has {format_bytes(bins[pin])}; pin it to a larger "
                 "device, remove its device key, lower its n_ctx, or use a smaller quantization"
             )
-        _check_fits(name, sizes[name], bins, name in splittable)
+        _check_fits(name, sizes[name], bins, name in splittable, nodes or {})
     split = mask_of(i for i, n in enumerate(names) if n in splittable)
     pins = {i: (pinned or {})[n] for i, n in enumerate(names) if n in (pinned or {})}
-    packer = Packer(bins, [sizes[n] for n in names], split, pins)
+    packer = Packer(bins, [sizes[n] for n in names], split, pins, nodes)
     planner = _Planner(stages, names, [sizes[n] for n in names], budget, resident, packer)
     return planner.solve(where or {})
 
 
-def _check_fits(name: str, size: int, bins: Mapping[str, int], splittable: bool) -> None:
+def _check_fits(
+    name: str,
+    size: int,
+    bins: Mapping[str, int],
+    splittable: bool,
+    nodes: Mapping[str, str | None],
+) -> None:
     """A model that fits no device alone (nor all of them together, when it may be split)
     can never be loaded: say so before planning, with what to do."""
     largest = max(bins.values())
@@ -201,11 +209,15 @@ def _check_fits(name: str, size: int, bins: Mapping[str, int], splittable: bool)
             f"a llama.cpp model, set split = true on [models.{name}] to spread it over several "
             "devices"
         )
-    if size > sum(bins.values()):
+    together: dict[str | None, int] = {}
+    for device, memory in bins.items():
+        together[nodes.get(device)] = together.get(nodes.get(device), 0) + memory
+    most = max(together.values())
+    if size > most:
+        where = f"all {len(bins)} devices" if len(together) == 1 else "any one node's devices"
         raise BudgetError(
-            f'model "{name}" needs {format_bytes(size)}, more than all {len(bins)} devices '
-            f"together ({format_bytes(sum(bins.values()))}); lower its n_ctx or use a smaller "
-            "quantization"
+            f'model "{name}" needs {format_bytes(size)}, more than {where} together '
+            f"({format_bytes(most)}); lower its n_ctx or use a smaller quantization"
         )
 
 

@@ -43,12 +43,20 @@ class Packer:
         sizes: Sequence[int],
         splittable: int = 0,
         pins: Mapping[int, str] | None = None,
+        nodes: Mapping[str, str | None] | None = None,
     ) -> None:
         if not bins:
             raise ValueError("at least one device is needed")
         self.names = list(bins)
         self.pins = {i: self.names.index(d) for i, d in (pins or {}).items()}
         """Models pinned to a device (``device = "..."`` in their table): placed there only."""
+        node_of = [(nodes or {}).get(name) for name in self.names]
+        self.groups = [
+            [d for d in range(len(self.names)) if node_of[d] == node]
+            for node in dict.fromkeys(node_of)
+        ]
+        """Devices a split model may span together: one machine's (a split never crosses
+        nodes: its layers talk on every token)."""
         self.caps = [bins[name] for name in self.names]
         self.sizes = list(sizes)
         largest = max(self.caps)
@@ -87,7 +95,11 @@ class Packer:
         for i in sorted(bits(mask & self.split), key=lambda i: (-self.sizes[i], i)):
             if i in fixed:
                 continue
-            spans = self._pour(self.sizes[i], room)
+            spans = None
+            for group in sorted(self.groups, key=lambda g: -sum(max(room[d], 0) for d in g)):
+                spans = self._pour(self.sizes[i], room, group)
+                if spans is not None:
+                    break
             if spans is None:
                 return None
             out[i] = spans
@@ -135,13 +147,13 @@ class Packer:
         return chosen
 
     @staticmethod
-    def _pour(size: int, room: list[int]) -> tuple[tuple[int, int], ...] | None:
-        """A split model's bytes over the devices with the most room, fewest devices first."""
-        if sum(max(r, 0) for r in room) < size:
+    def _pour(size: int, room: list[int], group: list[int]) -> tuple[tuple[int, int], ...] | None:
+        """A split model's bytes over ``group``'s devices with the most room, fewest first."""
+        if sum(max(room[d], 0) for d in group) < size:
             return None
         spans: list[tuple[int, int]] = []
         need = size
-        for d in sorted(range(len(room)), key=lambda d: (-room[d], d)):
+        for d in sorted(group, key=lambda d: (-room[d], d)):
             take = min(need, room[d])
             if take > 0:
                 spans.append((d, take))

@@ -176,3 +176,17 @@ def test_a_pinned_model_goes_on_its_device_only() -> None:
         make_plan(
             [["b"]], sizes, 0, devices={"gpu0": 2 * GiB, "gpu1": 8 * GiB}, pinned={"b": "gpu0"}
         )
+
+
+def test_a_split_stays_on_one_node() -> None:
+    """Two nodes of 2 x 8 GiB: a 12 GiB model splits over one node's GPUs, never across nodes;
+    one larger than any node's devices together is refused though the cluster could hold it."""
+    devices = {"a/gpu0": 8 * GiB, "a/gpu1": 8 * GiB, "b/gpu0": 8 * GiB, "b/gpu1": 8 * GiB}
+    nodes = {name: name.split("/")[0] for name in devices}
+    sizes = {"huge": 12 * GiB, "x": 7 * GiB}
+    plan = make_plan([["huge", "x"]], sizes, 0, devices=devices, splittable=["huge"], nodes=nodes)
+    check_placement(plan, sizes)
+    (spans,) = plan.waves[0].shares.values()
+    assert len({device.split("/")[0] for device in spans}) == 1
+    with pytest.raises(BudgetError, match="more than any one node's devices together"):
+        make_plan([["x"]], {"x": 20 * GiB}, 0, devices=devices, splittable=["x"], nodes=nodes)
