@@ -25,6 +25,13 @@ loaded (load time is proportional to bytes), then by fewer waves (more concurren
 stage come from an exact bin packing of the stage's loads around C, P (resident models that run
 first and then leave) and E.
 
+Several devices change one thing: "within the budget" becomes "packs onto the devices" (each
+model on one device whose remaining memory holds it; :mod:`~localmoa.planning.placement`), so
+every test above of bytes against the budget asks the packer instead, and the waves within a
+stage are packed first-fit. The same argument holds (a subset of a feasible set is feasible, a
+model that fits no device beside C is loaded in a wave of its own beside C). Once the plan is
+made, devices are assigned wave by wave, each model kept where it is while it stays resident.
+
 Beyond small ensembles the enumeration is capped: a stage whose choices number more than
 ``MAX_WORK`` in all (2 to the power of the models that could stay, summed over states) tries a few
 greedy choices per state instead (soonest next use first, as Belady's rule, then smallest first),

@@ -123,3 +123,14 @@ def test_serve_plans_on_the_largest_device_and_says_so(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     assert "serve plans on one device, the largest of 2" in out.stderr
     assert "missing.gguf" in out.stderr
+
+
+def test_a_cluster_address_not_allowed_exits_2_before_connecting(tmp_path: Path) -> None:
+    models = TWO_DEVICES[TWO_DEVICES.index("[models.a]") :]
+    write_config(
+        tmp_path, f'[settings.cluster]\nengine = "ray"\naddress = "10.20.30.40:6379"\n{models}'
+    )
+    out = localmoa("plan")
+    assert out.returncode == 2, out.stderr
+    assert 'settings.cluster.address: "10.20.30.40" is not on this machine' in out.stderr
+    assert "Traceback" not in out.stderr
