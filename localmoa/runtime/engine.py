@@ -80,6 +80,7 @@ from typing import Any
 from localmoa.backends.base import Backend, ChatMessage, ChatRequest
 from localmoa.backends.configs import context_tokens
 from localmoa.backends.registry import backend_for
+from localmoa.errors import RunError
 from localmoa.hardware import Device, Placement
 from localmoa.planning import PlanPolicy, plan_run
 from localmoa.planning.fewest_loads import Plan, Wave
@@ -283,6 +284,13 @@ class Executor:
         """The models that may span several devices (``split = true``)."""
         return {name for name, table in self.models.items() if getattr(table, "split", False)}
 
+    def pinned(self) -> dict[str, str]:
+        """The models pinned to one of the devices (``device = "..."``); a pin to a device the
+        plans do not name (a server's sum of devices) does not hold."""
+        names = {d.name for d in self.devices}
+        pins = {name: getattr(table, "device", None) for name, table in self.models.items()}
+        return {name: pin for name, pin in pins.items() if pin in names}
+
     def placement(self, plan: Plan, wave: Wave, model: str) -> Placement | None:
         """Where ``wave`` placed ``model``, as the backend loads it; None when the plan placed
         nothing a backend should act on: one device of this machine that is not a numbered GPU
@@ -329,6 +337,7 @@ class _Dataflow:
         self.changes = Changes()  # a stage closed, or the flow stopped
         self.stopped = False  # a measurement or a verdict asked for a re-plan: start nothing new
         self.horizon: int | None = None  # see _horizon
+        self.gone: set[str] = set()  # devices found gone during the run
 
     async def run(self, plan: Plan) -> None:
         current, live = plan, list(range(len(self.state.stages)))
@@ -454,6 +463,7 @@ class _Dataflow:
         if not gone:
             return False
         self.executor.devices = [d for d in self.executor.devices if d.name not in gone]
+        self.gone |= gone
         for lost, placement in self.admission.where().items():
             if set(placement.names) & gone:
                 self.held.discard(lost)
@@ -658,6 +668,11 @@ class _Dataflow:
         """The rest of the run, planned again from what is resident with what was measured,
         on the devices that remain, each resident model where it is."""
         live = self.state.live_stages()
+        if self.gone and not self.executor.devices:
+            raise RunError(
+                f"every device of the run is gone ({', '.join(sorted(self.gone))}: their "
+                "cluster nodes stopped); restart the nodes, or run on this machine"
+            )
         self.state.replans += 1
         log.info("re-planned the rest of the run (%d)", self.state.replans)
         prompt = "\n".join(m.content for m in self.state.jobs[0].conversation)
@@ -671,6 +686,7 @@ class _Dataflow:
             prompt=prompt,
             devices=self.executor.devices or None,
             splittable=self.executor.splittable(),
+            pinned=self.executor.pinned(),
             where={m: p.device.name for m, p in self.admission.where().items()},
         )
         return plan, live

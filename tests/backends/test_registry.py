@@ -54,7 +54,9 @@ def test_config_messages_list_the_registrys_backends(monkeypatch: pytest.MonkeyP
     )
     with pytest.raises(ConfigError) as caught:
         parse_config({"models": {"a": {"backend": "fake", "memory": 1, "path": "x"}}})
-    assert "models.a.path: unknown key (allowed: backend, device, memory, reply," in str(caught.value)
+    assert "models.a.path: unknown key (allowed: backend, device, memory, reply," in str(
+        caught.value
+    )
 
 
 def test_backends_are_made_when_first_asked_for() -> None:

@@ -125,3 +125,40 @@ async def test_a_lost_device_fails_its_calls_and_the_rest_is_planned_on_what_rem
     first_b = backend.history.index(("b", "gpu1"))
     later = backend.history[first_b + 1 :]
     assert later and all(device == "gpu0" for _, device in later), backend.history
+
+
+class LosesEverything(PerDevice):
+    """Every device goes away as the first answer ends (the whole cluster stopped)."""
+
+    def __init__(self, devices: list[Device], **kwargs: Any) -> None:
+        super().__init__(devices, **kwargs)
+        self.gone: frozenset[str] = frozenset()
+
+    async def chat(self, name: str, request: ChatRequest) -> AsyncIterator[ChatDelta]:
+        if self.gone:
+            raise DeviceLost(name, ["gpu0", "gpu1"], "node is gone")
+        async for piece in super().chat(name, request):
+            yield piece
+        self.gone = frozenset({"gpu0", "gpu1"})
+
+    def lost(self) -> frozenset[str]:
+        return self.gone
+
+
+async def test_when_every_device_is_gone_the_run_says_so() -> None:
+    import pytest
+
+    from localmoa.errors import RunError
+
+    with pytest.raises(RunError, match="every device of the run is gone"):
+        await run_on(TWO, LosesEverything(TWO))
+
+
+def test_pins_hold_only_to_devices_the_plans_name() -> None:
+    models = {
+        "a": FakeModel(backend="fake", memory=GiB, device="gpu1"),
+        "b": FakeModel(backend="fake", memory=GiB, device="gpu0+gpu1"),
+        "c": FakeModel(backend="fake", memory=GiB),
+    }
+    executor = Executor(models, {"fake": FakeBackend()}, devices=TWO)
+    assert executor.pinned() == {"a": "gpu1"}
