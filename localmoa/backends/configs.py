@@ -16,6 +16,7 @@ stay a sane number of bytes.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,7 +37,9 @@ __all__ = [
     "Size",
     "StrictModel",
     "context_tokens",
+    "pinned_models",
     "size_or_auto",
+    "split_models",
 ]
 
 
@@ -165,3 +168,18 @@ def context_tokens(model: ModelTable) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def split_models(tables: Mapping[str, ModelTable]) -> list[str]:
+    """The models that may span several devices (``split = true``)."""
+    return [name for name, table in tables.items() if getattr(table, "split", False)]
+
+
+def pinned_models(tables: Mapping[str, ModelTable], devices: Collection[str]) -> dict[str, str]:
+    """The models pinned (``device = "..."``) to one of ``devices``: a pin to a device that the
+    plans do not name (several devices planned as their sum) does not hold."""
+    return {
+        name: table.device
+        for name, table in tables.items()
+        if table.device is not None and table.device in devices
+    }

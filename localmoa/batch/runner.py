@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from localmoa.backends.base import Backend
+from localmoa.backends.configs import pinned_models, split_models
 from localmoa.config import Agent, Config, Ensemble, LlamaCppModel, ModelConfig
 from localmoa.errors import BudgetError, PromptTooLongError, UserError
 from localmoa.footprint.estimate import Footprint
@@ -130,6 +131,16 @@ def one_call_system(
 
 
 @dataclass(frozen=True)
+class Placing:
+    """Where plans place models: the devices, the models pinned to one, those that may span
+    several (:func:`localmoa.runtime.prepare.placeable`)."""
+
+    devices: list[Device] = field(default_factory=list)
+    pinned: dict[str, str] = field(default_factory=dict)
+    splittable: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     """A batch decided before anything loads: the chunk, the plan of a full chunk, and how
     many loads the whole batch is expected to make."""
@@ -158,20 +169,10 @@ class BatchPlan:
     sequences: int | None = None
     """The most sequences a llama.cpp model holds, when a chunk's groups had to be capped to
     fit (their calls then decode in rounds); None: each as many as its largest group."""
-    placing: Placing = field(default_factory=lambda: Placing())
+    placing: Placing = field(default_factory=Placing)
     """The devices every chunk is placed on, and the models pinned or split."""
     notes: list[str] = field(default_factory=list)
     """What the user should know about how the batch was planned."""
-
-
-@dataclass(frozen=True)
-class Placing:
-    """Where plans place models: the devices, the models pinned to one, those that may span
-    several (:func:`localmoa.runtime.prepare.placeable`)."""
-
-    devices: list[Device] = field(default_factory=list)
-    pinned: dict[str, str] = field(default_factory=dict)
-    splittable: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -217,10 +218,10 @@ async def plan_batch(
     """Decide the chunk (``chunk``, or :func:`choose_chunk`) and plan a full one; raises
     BudgetError when not even one prompt fits, naming where the budget came from."""
     used = list(dict.fromkeys(c.model for s in systems for st in s.stages for c in st))
-    devices, pinned, notes = placeable(config, used, backends, run_devices(config, memory_budget))
+    devices, notes = placeable(config, used, backends, run_devices(config, memory_budget))
     budget = budget_of(devices)
-    splittable = [m for m in used if getattr(config.models[m], "split", False)]
-    placing = Placing(devices, pinned, splittable)
+    names = [d.name for d in devices]
+    placing = Placing(devices, pinned_models(config.models, names), split_models(config.models))
     policy = plan_policy(config, used, budget)
     prompts = max(prompts, 1)
 

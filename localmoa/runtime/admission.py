@@ -220,7 +220,7 @@ class BudgetAdmission(Admission):
         """Where each placed model was loaded (the records' device and node)."""
         self.changes = Changes()
 
-    def _shares(self, model: str, size: int, placement: Placement | None) -> dict[str, int]:
+    def _shares(self, size: int, placement: Placement | None) -> dict[str, int]:
         if placement is None or not self.devices:
             return {}
         if placement.shares:
@@ -244,7 +244,7 @@ class BudgetAdmission(Admission):
         if model in self.loaded:
             return Admitted()
         size = self.sizes[model]
-        shares = self._shares(model, size, placement)
+        shares = self._shares(size, placement)
         over = next((d for d, b in shares.items() if b > self.devices.get(d, b)), None)
         if size > self.budget or over is not None:
             room = self.budget if over is None else self.devices[over]
@@ -271,7 +271,7 @@ class BudgetAdmission(Admission):
         ):
             self.loaded[model] = outcome.measured
             if shares:
-                self.on[model] = self._shares(model, outcome.measured, placement)
+                self.on[model] = self._shares(outcome.measured, placement)
         return Admitted(outcome=outcome)
 
     @contextlib.asynccontextmanager

@@ -78,7 +78,7 @@ from dataclasses import replace
 from typing import Any
 
 from localmoa.backends.base import Backend, ChatMessage, ChatRequest
-from localmoa.backends.configs import context_tokens
+from localmoa.backends.configs import context_tokens, pinned_models, split_models
 from localmoa.backends.registry import backend_for
 from localmoa.errors import RunError
 from localmoa.hardware import Device, Placement
@@ -279,17 +279,6 @@ class Executor:
         """The run owns the plan's budget, and each of its devices' memory."""
         devices = [d for d in self.devices if d.name in plan.devices]
         return BudgetAdmission(self.models, self.backend, sizes, plan.budget_bytes, devices)
-
-    def splittable(self) -> set[str]:
-        """The models that may span several devices (``split = true``)."""
-        return {name for name, table in self.models.items() if getattr(table, "split", False)}
-
-    def pinned(self) -> dict[str, str]:
-        """The models pinned to one of the devices (``device = "..."``); a pin to a device the
-        plans do not name (a server's sum of devices) does not hold."""
-        names = {d.name for d in self.devices}
-        pins = {name: getattr(table, "device", None) for name, table in self.models.items()}
-        return {name: pin for name, pin in pins.items() if pin in names}
 
     def placement(self, plan: Plan, wave: Wave, model: str) -> Placement | None:
         """Where ``wave`` placed ``model``, as the backend loads it; None when the plan placed
@@ -685,8 +674,8 @@ class _Dataflow:
             resident=self.admission.resident(),
             prompt=prompt,
             devices=self.executor.devices or None,
-            splittable=self.executor.splittable(),
-            pinned=self.executor.pinned(),
+            splittable=split_models(self.executor.models),
+            pinned=pinned_models(self.executor.models, [d.name for d in self.executor.devices]),
             where={m: p.device.name for m, p in self.admission.where().items()},
         )
         return plan, live

@@ -27,7 +27,7 @@ from localmoa.backends.base import (
     ChatMessage,
     estimate_tokens,
 )
-from localmoa.backends.configs import MAX_PARALLEL, context_tokens
+from localmoa.backends.configs import MAX_PARALLEL, context_tokens, pinned_models, split_models
 from localmoa.backends.llamacpp import LlamaCppBackend
 from localmoa.config import Config, Ensemble, LlamaCppModel, ModelConfig
 from localmoa.errors import (
@@ -202,11 +202,12 @@ def placeable(
     used: Sequence[str],
     backends: Mapping[str, Backend],
     devices: list[Device],
-) -> tuple[list[Device], dict[str, str], list[str]]:
-    """The devices to place ``used`` models on, the models pinned to one (``device = ...``),
-    and notes for the user. Several devices with a model whose backend places models itself
-    (Ollama, an OpenAI-compatible server) and that is not pinned: planned against their sum,
-    as one device, since nothing could keep a model where the plan put it."""
+) -> tuple[list[Device], list[str]]:
+    """The devices to place ``used`` models on, and notes for the user; a pin (``device =
+    ...``) to a device not there is refused. Several devices with a model whose backend places
+    models itself (Ollama, an OpenAI-compatible server) and that is not pinned: planned against
+    their sum, as one device, since nothing could keep a model where the plan put it (and the
+    pins then no longer hold: :func:`~localmoa.backends.configs.pinned_models`)."""
     names = [d.name for d in devices]
     pinned = {m: pin for m in used if (pin := config.models[m].device) is not None}
     for model, pin in pinned.items():
@@ -219,7 +220,7 @@ def placeable(
         m for m in used if m not in pinned and not backends[config.models[m].backend].places_models
     ]
     if len(devices) <= 1 or not loose:
-        return devices, pinned, []
+        return devices, []
     total = sum(d.memory for d in devices)
     kinds = sorted({config.models[m].backend for m in loose})
     note = (
@@ -234,7 +235,7 @@ def placeable(
         kind=devices[0].kind,
         detail=f"sum of {', '.join(names)}",
     )
-    return [one], {}, [note]
+    return [one], [note]
 
 
 async def footprints(
@@ -286,7 +287,7 @@ async def prepare(
     sizes = await footprints(config, used, backends, models)
     if prompt is not None:
         await check_prompt(config, stages, backends, [ChatMessage(role="user", content=prompt)])
-    devices, pinned, notes = placeable(config, used, backends, run_devices(config, memory_budget))
+    devices, notes = placeable(config, used, backends, run_devices(config, memory_budget))
     budget = budget_of(devices)
     totals = {name: fp.total for name, fp in sizes.items()}
     policy = plan_policy(config, used, budget)
@@ -298,8 +299,8 @@ async def prepare(
             policy,
             prompt=prompt,
             devices=devices,
-            splittable=[m for m in used if getattr(models[m], "split", False)],
-            pinned=pinned,
+            splittable=split_models(models),
+            pinned=pinned_models(models, [d.name for d in devices]),
         )
     except BudgetError as exc:
         raise BudgetError(f"{exc} (budget from {budget.detail})") from None

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from localmoa.backends.base import ChatDelta, ChatMessage, ChatRequest
+from localmoa.backends.configs import pinned_models
 from localmoa.backends.fake import FakeBackend
 from localmoa.config import Agent, Ensemble, FakeModel
 from localmoa.errors import DeviceLost
@@ -160,5 +161,4 @@ def test_pins_hold_only_to_devices_the_plans_name() -> None:
         "b": FakeModel(backend="fake", memory=GiB, device="gpu0+gpu1"),
         "c": FakeModel(backend="fake", memory=GiB),
     }
-    executor = Executor(models, {"fake": FakeBackend()}, devices=TWO)
-    assert executor.pinned() == {"a": "gpu1"}
+    assert pinned_models(models, [d.name for d in TWO]) == {"a": "gpu1"}
